@@ -1,0 +1,170 @@
+//! Types shared by the kernel programs (`mesh-ebpf`) and the node agent.
+//!
+//! Every struct here is a key or value of a pinned map, so its layout is ABI:
+//! `#[repr(C)]`, explicit padding, and a compile-time size check. Changing a
+//! layout means bumping [`MAP_LAYOUT_VERSION`], so an agent never misreads maps
+//! pinned by an older one.
+#![no_std]
+#![deny(unsafe_code)]
+
+/// Bumped whenever a map's key or value layout changes. Pinned state lives in
+/// a directory named after it, so an incompatible older pin set is replaced
+/// deliberately instead of being reused.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Map names (the kernel keeps 15 characters).
+pub mod maps {
+    /// cgroup id -> [`crate::Workload`]: the enrolled pods of this node.
+    pub const WORKLOADS: &str = "mesh_workloads";
+    /// IPv4 address -> [`crate::Endpoint`]: where each meshed pod runs.
+    pub const ENDPOINTS: &str = "mesh_endpoints";
+    /// One [`crate::Config`]: the node's capture settings.
+    pub const CONFIG: &str = "mesh_config";
+    /// socket cookie -> [`crate::OrigDst`], written at `connect()`.
+    pub const COOKIES: &str = "mesh_cookies";
+    /// [`crate::SockKey`] -> [`crate::OrigDst`], re-keyed on establish so the agent
+    /// can find it from the accepted socket's addresses.
+    pub const FLOWS: &str = "mesh_flows";
+    /// [`crate::SockKey`] -> socket: the sockets whose payload is spliced.
+    pub const SOCKS: &str = "mesh_socks";
+    /// Per-CPU [`crate::SpliceStats`].
+    pub const SPLICE: &str = "mesh_splice";
+    /// Per-CPU [`crate::CaptureStats`].
+    pub const CAPTURE: &str = "mesh_capture";
+}
+
+/// Program names, as the kernel and `bpftool prog` show them.
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const SOCKOPS: &str = "mesh_sockops";
+    pub const SK_MSG: &str = "mesh_sk_msg";
+}
+
+/// Port the agent's outbound capture listener uses unless configured otherwise.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// An enrolled pod on this node, found by the cgroup id of the connecting
+/// process (kernel-attested: a pod cannot forge it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// Agent-assigned id, stable for the pod's lifetime; names it in logs.
+    pub workload_id: u32,
+    /// The pod's IPv4 address, network byte order.
+    pub ipv4: u32,
+}
+
+/// A meshed pod somewhere in the cluster, found by destination address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload_id: u32,
+    /// Index of the node the pod runs on (agent-assigned).
+    pub node_id: u32,
+    /// 1 when the pod runs on this node: no rewrite, the sockets are spliced.
+    pub same_node: u32,
+    pub _pad: u32,
+}
+
+/// Capture settings of this node; array index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Address of the agent's outbound listener, network byte order.
+    pub agent_ipv4: u32,
+    /// Port of the agent's outbound listener, host byte order.
+    pub agent_port: u16,
+    /// 1: when the agent is not alive, let captured connections go direct.
+    pub fail_open: u8,
+    /// 1: emit aya-log debug lines from the kernel programs.
+    pub debug: u8,
+    /// CLOCK_MONOTONIC nanoseconds until which the agent counts as alive;
+    /// it pushes this forward on a timer. Only read when `fail_open` is 1.
+    pub alive_until_ns: u64,
+}
+
+/// The original destination of a captured connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network byte order.
+    pub ipv4: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The connecting pod, from its cgroup.
+    pub workload_id: u32,
+    pub _pad2: u32,
+}
+
+/// A TCP socket as seen from its own side. Addresses in network byte order,
+/// ports in host byte order. Loopback sockets are never keyed (two network
+/// namespaces can hold the same loopback 4-tuple).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_ipv4: u32,
+    pub remote_ipv4: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end of the same connection.
+    #[inline(always)]
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            local_ipv4: self.remote_ipv4,
+            remote_ipv4: self.local_ipv4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Payload spliced socket to socket by `mesh_sk_msg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceStats {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// What `mesh_connect4` did with the connects it saw from enrolled pods.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Rewritten to the agent's outbound listener.
+    pub redirected: u64,
+    /// Same-node destination, left alone (spliced once established).
+    pub same_node: u64,
+    /// Destination outside the mesh, left alone.
+    pub passthrough: u64,
+    /// Agent not alive and fail-open set: left alone.
+    pub failed_open: u64,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<Workload>() == 8);
+    assert!(core::mem::size_of::<Endpoint>() == 16);
+    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<OrigDst>() == 16);
+    assert!(core::mem::size_of::<SockKey>() == 12);
+    assert!(core::mem::size_of::<SpliceStats>() == 16);
+    assert!(core::mem::size_of::<CaptureStats>() == 32);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (for all impls): plain #[repr(C)] integers with explicit padding,
+    // valid for every bit pattern, as aya::Pod requires.
+    #![allow(unsafe_code)]
+    use super::*;
+    unsafe impl aya::Pod for Workload {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SpliceStats {}
+    unsafe impl aya::Pod for CaptureStats {}
+}

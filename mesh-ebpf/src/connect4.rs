@@ -1,0 +1,81 @@
+//! `connect()` capture for enrolled pods (cgroup/connect4).
+//!
+//! Same-node meshed destinations are left alone (sockops splices them);
+//! other-node meshed destinations are rewritten to the agent's outbound
+//! listener and the original destination is recorded by socket cookie.
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use mesh_common::{CaptureStats, OrigDst};
+
+use crate::maps::{config, mesh_capture, mesh_cookies, mesh_endpoints, mesh_workloads};
+
+/// The verdict that lets connect() proceed; this program never denies yet.
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx);
+    ALLOW
+}
+
+fn count(field: fn(&mut CaptureStats) -> &mut u64) {
+    if let Some(stats) = mesh_capture.get_ptr_mut(0) {
+        // Per-CPU slot: no other writer runs on this CPU meanwhile.
+        *field(unsafe { &mut *stats }) += 1;
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) {
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return;
+    }
+    // The cgroup of the calling task: kernel-attested, a pod cannot forge it.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let Some(workload) = (unsafe { mesh_workloads.get(&cgroup_id) }) else {
+        return; // not an enrolled pod
+    };
+    let dst_ip = sa.user_ip4;
+    let dst_port = u16::from_be(sa.user_port as u16);
+    let Some(endpoint) = (unsafe { mesh_endpoints.get(&dst_ip) }) else {
+        count(|s| &mut s.passthrough);
+        return;
+    };
+    if endpoint.same_node != 0 {
+        count(|s| &mut s.same_node);
+        return;
+    }
+    let Some(cfg) = config() else { return };
+    if cfg.agent_ipv4 == 0 {
+        return; // no agent has configured this node yet
+    }
+    if cfg.fail_open != 0 && unsafe { bpf_ktime_get_ns() } > cfg.alive_until_ns {
+        count(|s| &mut s.failed_open);
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let orig = OrigDst {
+        ipv4: dst_ip,
+        port: dst_port,
+        _pad: 0,
+        workload_id: workload.workload_id,
+        _pad2: 0,
+    };
+    if mesh_cookies.insert(&cookie, &orig, 0).is_err() {
+        // Without the record the agent could not route the flow; leave it.
+        count(|s| &mut s.passthrough);
+        return;
+    }
+    if cfg.debug != 0 {
+        debug!(ctx, "capture workload {} -> {:i}:{}", workload.workload_id, u32::from_be(dst_ip), dst_port);
+    }
+    sa.user_ip4 = cfg.agent_ipv4;
+    sa.user_port = u32::from(cfg.agent_port.to_be());
+    count(|s| &mut s.redirected);
+}

@@ -1,0 +1,21 @@
+//! The mesh's kernel programs. One module per attach point; the maps they
+//! share live in `maps`. Every map is pinned by name so the agent can restart
+//! (or be upgraded) without dropping the state the kernel is using.
+#![no_std]
+#![no_main]
+
+mod connect4;
+mod maps;
+mod sk_msg;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// GPL-compatible: sockmap and cgroup helpers are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,34 @@
+//! Socket-to-socket splicing (sk_msg verdict on `mesh_socks`).
+//!
+//! A message sent on a spliced socket goes straight to the peer socket's
+//! receive queue, skipping TCP/IP. If the peer is not in the map (not yet
+//! established, or not spliced), the message takes the normal stack.
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use mesh_common::SockKey;
+
+use crate::maps::{mesh_socks, mesh_splice};
+
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    let md = unsafe { &*ctx.msg };
+    let me = SockKey {
+        local_ipv4: md.local_ip4,
+        remote_ipv4: md.remote_ip4,
+        local_port: md.local_port as u16,
+        remote_port: u16::from_be((md.remote_port >> 16) as u16),
+    };
+    let mut peer = me.peer();
+    if mesh_socks.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        if let Some(stats) = mesh_splice.get_ptr_mut(0) {
+            let stats = unsafe { &mut *stats };
+            stats.messages += 1;
+            stats.bytes += u64::from(ctx.size());
+        }
+    }
+    // Never drop: an unspliced message simply takes the TCP/IP path.
+    SK_PASS
+}

@@ -1,0 +1,68 @@
+//! Socket bookkeeping on established TCP connections (sockops).
+//!
+//! Active side: a captured connection's cookie record is re-keyed by the
+//! socket's addresses (the agent only sees those), and the socket joins the
+//! splice map when its peer is the agent or a same-node pod.
+//! Passive side: the agent's accepted sockets and same-node pods' accepted
+//! sockets join the splice map, so both directions are spliced.
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_NOEXIST},
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use mesh_common::SockKey;
+
+use crate::maps::{config, is_loopback, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks};
+
+const AF_INET: u32 = 2;
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    try_sockops(&ctx);
+    0
+}
+
+fn try_sockops(ctx: &SockOpsContext) {
+    if ctx.family() != AF_INET {
+        return;
+    }
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return;
+    }
+    let mut key = SockKey {
+        local_ipv4: ctx.local_ip4(),
+        remote_ipv4: ctx.remote_ip4(),
+        local_port: ctx.local_port() as u16,
+        // remote_port holds the network-order port in its upper 16 bits.
+        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+    };
+    // Two network namespaces can hold the same loopback 4-tuple: never key those.
+    if is_loopback(key.local_ipv4) || is_loopback(key.remote_ipv4) {
+        return;
+    }
+    let Some(cfg) = config() else { return };
+    let splice = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if let Some(orig) = unsafe { mesh_cookies.get(&cookie) } {
+            let orig = *orig;
+            let _ = mesh_flows.insert(&key, &orig, 0);
+            let _ = mesh_cookies.remove(&cookie);
+        }
+        (key.remote_ipv4 == cfg.agent_ipv4 && key.remote_port == cfg.agent_port)
+            || is_same_node_pod(key.remote_ipv4)
+    } else {
+        (key.local_ipv4 == cfg.agent_ipv4 && key.local_port == cfg.agent_port)
+            || (is_same_node_pod(key.remote_ipv4) && is_same_node_pod(key.local_ipv4))
+    };
+    if splice {
+        // Failure (map full) only means this socket is not spliced.
+        let _ = mesh_socks.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST));
+    }
+}
+
+#[inline(always)]
+fn is_same_node_pod(ipv4: u32) -> bool {
+    matches!(unsafe { mesh_endpoints.get(&ipv4) }, Some(ep) if ep.same_node != 0)
+}
