@@ -1,5 +1,60 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
-    let mut bpf = aya::Ebpf::load(obj).unwrap();
-    println!("{}", bpf.programs().count());
+//! mesh-agent: the node agent of a sidecarless, eBPF-accelerated service mesh.
+#![forbid(unsafe_code)]
+
+mod app;
+mod config;
+mod preflight;
+mod redirect;
+mod source;
+mod state;
+mod tunnel;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    let cli = config::Cli::parse();
+    match cli.command {
+        config::Command::Run(args) => {
+            let settings = match config::Settings::from_args(args) {
+                Ok(s) => s,
+                Err(err) => {
+                    eprintln!("mesh-agent: {err}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            init_tracing(&settings.log);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(settings.worker_threads)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match runtime.block_on(app::run(settings)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(err) => {
+                    // One line an operator can act on; the chain says what to check.
+                    tracing::error!(error = %format!("{err:#}"), "mesh-agent stopped");
+                    eprintln!("mesh-agent: {err:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        config::Command::Version => {
+            println!(
+                "mesh-agent {} (map layout v{})",
+                env!("CARGO_PKG_VERSION"),
+                mesh_common::MAP_LAYOUT_VERSION
+            );
+            std::process::ExitCode::SUCCESS
+        }
+    }
+}
+
+fn init_tracing(log: &config::LogSettings) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        config::LogFormat::Text => builder.init(),
+    }
 }

@@ -70,6 +70,9 @@ pub struct Endpoint {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
+    /// [`MAP_LAYOUT_VERSION`] of the agent that wrote it; first field in every
+    /// layout so a newer agent can recognise pins it must not reuse.
+    pub layout_version: u32,
     /// Address of the agent's outbound listener, network byte order.
     pub agent_ipv4: u32,
     /// Port of the agent's outbound listener, host byte order.
@@ -78,6 +81,10 @@ pub struct Config {
     pub fail_open: u8,
     /// 1: emit aya-log debug lines from the kernel programs.
     pub debug: u8,
+    /// 1: splice same-node sockets with sockops + sk_msg (see README,
+    /// "Known limitations", for what a spliced blocking socket can see).
+    pub splice: u8,
+    pub _pad: [u8; 3],
     /// CLOCK_MONOTONIC nanoseconds until which the agent counts as alive;
     /// it pushes this forward on a timer. Only read when `fail_open` is 1.
     pub alive_until_ns: u64,
@@ -147,7 +154,7 @@ pub struct CaptureStats {
 const _: () = {
     assert!(core::mem::size_of::<Workload>() == 8);
     assert!(core::mem::size_of::<Endpoint>() == 16);
-    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<Config>() == 24);
     assert!(core::mem::size_of::<OrigDst>() == 16);
     assert!(core::mem::size_of::<SockKey>() == 12);
     assert!(core::mem::size_of::<SpliceStats>() == 16);

@@ -43,13 +43,21 @@ fn try_sockops(ctx: &SockOpsContext) {
         return;
     }
     let Some(cfg) = config() else { return };
-    let splice = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let active = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+    if active {
+        // Re-key the capture record even when splicing is off: the agent
+        // needs it to route the flow.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         if let Some(orig) = unsafe { mesh_cookies.get(&cookie) } {
             let orig = *orig;
             let _ = mesh_flows.insert(&key, &orig, 0);
             let _ = mesh_cookies.remove(&cookie);
         }
+    }
+    if cfg.splice == 0 {
+        return;
+    }
+    let splice = if active {
         (key.remote_ipv4 == cfg.agent_ipv4 && key.remote_port == cfg.agent_port)
             || is_same_node_pod(key.remote_ipv4)
     } else {

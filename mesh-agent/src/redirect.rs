@@ -1,0 +1,397 @@
+//! Loads, attaches and pins the kernel programs, and is the only writer of
+//! the kernel maps.
+//!
+//! State outlives the agent: maps and links are pinned under the bpffs
+//! directory, so while the agent restarts, same-node connections stay spliced
+//! and captured connects are refused at once (fail closed). A new agent
+//! adopts the pins: it reuses the maps and swaps its programs in before
+//! letting go of the old ones, so there is no moment without capture.
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::File,
+    net::Ipv4Addr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        cgroup_sock_addr::CgroupSockAddrLink,
+        links::{FdLink, PinnedLink},
+    },
+};
+use mesh_common::{
+    CaptureStats, Config, Endpoint, MAP_LAYOUT_VERSION, OrigDst, SockKey, SpliceStats, Workload, maps, programs,
+};
+
+use crate::state::Snapshot;
+
+/// The BPF object built from `mesh-ebpf` by build.rs.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("loading the eBPF object failed: {0} (is this kernel >= 6.6 with BTF and BPF JIT?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected program {name}: {err} (run with RUST_LOG=debug for the verifier log)")]
+    Program { name: &'static str, #[source] err: aya::programs::ProgramError },
+    #[error("cannot attach {name} to cgroup {cgroup}: {err}")]
+    Attach { name: &'static str, cgroup: PathBuf, #[source] err: aya::programs::ProgramError },
+    #[error("cannot open cgroup {0}: {1} (check that it exists on the cgroup2 mount)")]
+    Cgroup(PathBuf, #[source] std::io::Error),
+    #[error("pinning {0} failed: {1} (is the bpffs directory writable?)")]
+    Pin(PathBuf, String),
+    #[error(
+        "maps pinned in {dir} have layout v{found} (4294967295: unreadable), this agent uses v{ours}: run `mesh-agent uninstall` \
+         (or remove {dir}) to replace them deliberately"
+    )]
+    IncompatiblePins { dir: PathBuf, found: u32, ours: u32 },
+    #[error("map {0} missing from the eBPF object (agent and mesh-ebpf out of sync; rebuild)")]
+    MissingMap(&'static str),
+    #[error("map {name}: {err}")]
+    Map { name: &'static str, #[source] err: aya::maps::MapError },
+}
+
+/// Settings the kernel programs need.
+pub struct RedirectOptions<'a> {
+    pub bpffs_dir: &'a Path,
+    pub pod_cgroup_root: &'a Path,
+    /// The agent's own cgroup: its accepted sockets are spliced to the pods'.
+    pub agent_cgroup: &'a Path,
+    pub capture_ip: Ipv4Addr,
+    pub outbound_port: u16,
+    pub fail_open: bool,
+    pub kernel_debug: bool,
+    pub splice: bool,
+}
+
+/// bpf_link cgroup attachments are always multi-attach; the kernel rejects
+/// any flag (EINVAL), which aya's `Single` maps to.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// Names the pinned links in the bpffs directory.
+const LINK_CONNECT4: &str = "link_connect4";
+const LINK_SOCKOPS_PODS: &str = "link_sockops_pods";
+const LINK_SOCKOPS_AGENT: &str = "link_sockops_agent";
+const LINK_SK_MSG: &str = "link_sk_msg";
+
+pub struct Redirect {
+    // Kept for the programs' lifetime; links are pinned, so dropping this
+    // does not detach anything.
+    _ebpf: Ebpf,
+    _links: Vec<PinnedLink>,
+    config: Mutex<Array<MapData, Config>>,
+    config_value: Mutex<Config>,
+    workloads: Mutex<HashMap<MapData, u64, Workload>>,
+    endpoints: Mutex<HashMap<MapData, u32, Endpoint>>,
+    flows: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    splice: PerCpuArray<MapData, SpliceStats>,
+    capture: PerCpuArray<MapData, CaptureStats>,
+    pub kernel_logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(RedirectError::MissingMap(name))?;
+    T::try_from(map).map_err(|err| RedirectError::Map { name, err })
+}
+
+fn open_cgroup(path: &Path) -> Result<File, RedirectError> {
+    File::open(path).map_err(|e| RedirectError::Cgroup(path.into(), e))
+}
+
+/// Refuses pins written with another map layout (see `MAP_LAYOUT_VERSION`).
+fn check_pinned_layout(dir: &Path) -> Result<(), RedirectError> {
+    let path = dir.join(maps::CONFIG);
+    if !path.exists() {
+        return Ok(());
+    }
+    let found = MapData::from_pin(&path)
+        .ok()
+        .and_then(|data| Array::<MapData, Config>::try_from(aya::maps::Map::Array(data)).ok())
+        .and_then(|arr| arr.get(&0, 0).ok())
+        // A value of another size is another layout, whatever it says.
+        .map_or(u32::MAX, |c| c.layout_version);
+    // 0: maps were created but no agent finished configuring them.
+    if found != 0 && found != MAP_LAYOUT_VERSION {
+        return Err(RedirectError::IncompatiblePins { dir: dir.into(), found, ours: MAP_LAYOUT_VERSION });
+    }
+    Ok(())
+}
+
+impl Redirect {
+    pub fn load(opts: &RedirectOptions<'_>) -> Result<Self, RedirectError> {
+        let dir = opts.bpffs_dir;
+        check_pinned_layout(dir)?;
+        // aya-log level lives in the object; 0 silences the kernel side.
+        let log_level: u8 = if opts.kernel_debug { 4 } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .load(BPF_OBJECT)
+            .map_err(RedirectError::Load)?;
+        let kernel_logger = if opts.kernel_debug {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel debug logging unavailable");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let pods = open_cgroup(opts.pod_cgroup_root)?;
+        let agent = open_cgroup(opts.agent_cgroup)?;
+        let mut links = Vec::new();
+
+        // connect4: swap the program inside the pinned link atomically, so
+        // pods are never uncaptured during an agent restart.
+        {
+            let name = programs::CONNECT4;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|err| RedirectError::Program { name, err })?;
+            let pin = dir.join(LINK_CONNECT4);
+            let adopted = PinnedLink::from_pin(&pin)
+                .ok()
+                .and_then(|p| CgroupSockAddrLink::try_from(FdLink::from(p)).ok());
+            let id = match adopted {
+                Some(old) => {
+                    tracing::info!(link = %pin.display(), "adopting pinned connect4 link");
+                    prog.attach_to_link(old)
+                }
+                None => prog.attach(&pods, LINK_MODE),
+            }
+            .map_err(|err| RedirectError::Attach { name, cgroup: opts.pod_cgroup_root.into(), err })?;
+            let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+            links.push(repin(FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?, &pin)?);
+        }
+
+        // sockops: no in-place update in aya, so attach the new program next
+        // to the old one (multi-attach), then release the old link.
+        {
+            let name = programs::SOCKOPS;
+            let prog: &mut SockOps = program(&mut ebpf, name)?;
+            prog.load().map_err(|err| RedirectError::Program { name, err })?;
+            for (cgroup, cgroup_path, pin_name) in
+                [(&pods, opts.pod_cgroup_root, LINK_SOCKOPS_PODS), (&agent, opts.agent_cgroup, LINK_SOCKOPS_AGENT)]
+            {
+                let pin = dir.join(pin_name);
+                let old = PinnedLink::from_pin(&pin).ok();
+                let id = prog
+                    .attach(cgroup, LINK_MODE)
+                    .map_err(|err| RedirectError::Attach { name, cgroup: cgroup_path.into(), err })?;
+                let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+                let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
+                release(old);
+                links.push(repin(fd, &pin)?);
+            }
+        }
+
+        // sk_msg attaches to the sockhash, one program per map: release the
+        // old one first. Sockets already in the map keep the program they
+        // were added with, so established splices are unaffected.
+        {
+            let name = programs::SK_MSG;
+            let pin = dir.join(LINK_SK_MSG);
+            release(PinnedLink::from_pin(&pin).ok());
+            let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, maps::SOCKS)?;
+            let prog: &mut SkMsg = program(&mut ebpf, name)?;
+            prog.load().map_err(|err| RedirectError::Program { name, err })?;
+            let id = prog
+                .attach(socks.fd())
+                .map_err(|err| RedirectError::Attach { name, cgroup: dir.join(maps::SOCKS), err })?;
+            let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+            let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
+            links.push(repin(fd, &pin)?);
+        }
+
+        let config = Config {
+            layout_version: MAP_LAYOUT_VERSION,
+            agent_ipv4: u32::from_ne_bytes(opts.capture_ip.octets()),
+            agent_port: opts.outbound_port,
+            fail_open: u8::from(opts.fail_open),
+            debug: u8::from(opts.kernel_debug),
+            splice: u8::from(opts.splice),
+            _pad: [0; 3],
+            alive_until_ns: monotonic_ns() + ALIVE_WINDOW_NS,
+        };
+        let redirect = Redirect {
+            config: Mutex::new(take_map(&mut ebpf, maps::CONFIG)?),
+            config_value: Mutex::new(config),
+            workloads: Mutex::new(take_map(&mut ebpf, maps::WORKLOADS)?),
+            endpoints: Mutex::new(take_map(&mut ebpf, maps::ENDPOINTS)?),
+            flows: Mutex::new(take_map(&mut ebpf, maps::FLOWS)?),
+            splice: take_map(&mut ebpf, maps::SPLICE)?,
+            capture: take_map(&mut ebpf, maps::CAPTURE)?,
+            _ebpf: ebpf,
+            _links: links,
+            kernel_logger,
+        };
+        redirect.write_config()?;
+        Ok(redirect)
+    }
+
+    fn write_config(&self) -> Result<(), RedirectError> {
+        let value = *self.config_value.lock().expect("config lock");
+        self.config
+            .lock()
+            .expect("config lock")
+            .set(0, &value, 0)
+            .map_err(|err| RedirectError::Map { name: maps::CONFIG, err })
+    }
+
+    /// Tells the kernel the agent is alive for the next few seconds; only
+    /// consulted in fail-open mode.
+    pub fn heartbeat(&self) -> Result<(), RedirectError> {
+        self.config_value.lock().expect("config lock").alive_until_ns = monotonic_ns() + ALIVE_WINDOW_NS;
+        self.write_config()
+    }
+
+    /// Makes the kernel maps match the snapshot: this node's pods are
+    /// enrolled by cgroup id, every pod is a known endpoint.
+    pub fn sync(&self, snap: &Snapshot, node: &str, pod_cgroup_root: &Path) -> Result<SyncReport, RedirectError> {
+        let ids = snap.workload_ids();
+        let mut want_workloads = BTreeMap::new();
+        let mut want_endpoints = BTreeMap::new();
+        let mut report = SyncReport::default();
+        for (key, pod) in &snap.pods {
+            let id = ids[key];
+            let ipv4 = u32::from_ne_bytes(pod.ip.octets());
+            let same_node = pod.node == node;
+            want_endpoints.insert(ipv4, Endpoint { workload_id: id, node_id: 0, same_node: u32::from(same_node), _pad: 0 });
+            if same_node {
+                let dir = pod_cgroup_root.join(format!("{}_{}", pod.namespace, pod.name));
+                match std::fs::metadata(&dir) {
+                    // On cgroup2 the directory's inode number is the cgroup id
+                    // that bpf_get_current_cgroup_id() returns.
+                    Ok(meta) => {
+                        want_workloads.insert(meta.ino(), Workload { workload_id: id, ipv4 });
+                        report.enrolled += 1;
+                    }
+                    Err(_) => report.missing_cgroup.push(dir),
+                }
+            }
+        }
+        replace_all(&mut self.workloads.lock().expect("lock"), &want_workloads, maps::WORKLOADS)?;
+        replace_all(&mut self.endpoints.lock().expect("lock"), &want_endpoints, maps::ENDPOINTS)?;
+        report.endpoints = want_endpoints.len();
+        Ok(report)
+    }
+
+    /// Takes the capture record of an accepted connection: `client` is the
+    /// pod's address (the accepted socket's peer), `listener` the local one.
+    pub fn take_flow(&self, client: std::net::SocketAddrV4, listener: std::net::SocketAddrV4) -> Option<OrigDst> {
+        let key = SockKey {
+            local_ipv4: u32::from_ne_bytes(client.ip().octets()),
+            remote_ipv4: u32::from_ne_bytes(listener.ip().octets()),
+            local_port: client.port(),
+            remote_port: listener.port(),
+        };
+        let mut flows = self.flows.lock().expect("flows lock");
+        let orig = flows.get(&key, 0).ok()?;
+        let _ = flows.remove(&key);
+        Some(orig)
+    }
+
+    pub fn splice_stats(&self) -> SpliceStats {
+        let mut total = SpliceStats::default();
+        if let Ok(per_cpu) = self.splice.get(&0, 0) {
+            for s in per_cpu.iter() {
+                total.messages += s.messages;
+                total.bytes += s.bytes;
+            }
+        }
+        total
+    }
+
+    pub fn capture_stats(&self) -> CaptureStats {
+        let mut total = CaptureStats::default();
+        if let Ok(per_cpu) = self.capture.get(&0, 0) {
+            for s in per_cpu.iter() {
+                total.redirected += s.redirected;
+                total.same_node += s.same_node;
+                total.passthrough += s.passthrough;
+                total.failed_open += s.failed_open;
+            }
+        }
+        total
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub enrolled: usize,
+    pub endpoints: usize,
+    /// Pods of this node whose cgroup does not exist (yet).
+    pub missing_cgroup: Vec<PathBuf>,
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(RedirectError::MissingMap(name))?;
+    prog.try_into().map_err(|err| RedirectError::Program { name, err })
+}
+
+/// Pins a fresh link at `pin`, replacing whatever link was pinned there.
+fn repin(link: FdLink, pin: &Path) -> Result<PinnedLink, RedirectError> {
+    let pinned_id = PinnedLink::from_pin(pin).ok().and_then(|p| link_id(&FdLink::from(p)));
+    if pinned_id.is_some() && pinned_id == link_id(&link) {
+        // The adopted link itself: already pinned at that path.
+        return PinnedLink::from_pin(pin).map_err(|e| RedirectError::Pin(pin.into(), e.to_string()));
+    }
+    let _ = std::fs::remove_file(pin);
+    link.pin(pin).map_err(|e| RedirectError::Pin(pin.into(), e.to_string()))
+}
+
+fn link_id(link: &FdLink) -> Option<u32> {
+    link.info().ok().map(|i| i.id())
+}
+
+/// Unpins and closes an old link, which detaches it.
+fn release(old: Option<PinnedLink>) {
+    if let Some(old) = old {
+        match old.unpin() {
+            Ok(fd) => drop(fd),
+            Err(e) => tracing::warn!(error = %e, "could not unpin an old link"),
+        }
+    }
+}
+
+fn replace_all<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    want: &BTreeMap<K, V>,
+    name: &'static str,
+) -> Result<(), RedirectError>
+where
+    K: aya::Pod + Ord + std::hash::Hash + Eq,
+    V: aya::Pod + PartialEq,
+{
+    let have: HashSet<K> = map.keys().filter_map(Result::ok).collect();
+    for stale in have.iter().filter(|k| !want.contains_key(k)) {
+        let _ = map.remove(stale);
+    }
+    for (k, v) in want {
+        if map.get(k, 0).ok().as_ref() != Some(v) {
+            map.insert(k, v, 0).map_err(|err| RedirectError::Map { name, err })?;
+        }
+    }
+    Ok(())
+}
+
+const ALIVE_WINDOW_NS: u64 = 3_000_000_000;
+
+/// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads.
+fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}

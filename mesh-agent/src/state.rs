@@ -1,0 +1,102 @@
+//! What the agent knows about the cluster: the meshed pods (workloads), with
+//! stable ids the kernel programs use. Sources produce a [`Snapshot`]; the
+//! rest of the agent reads the latest one from a watch channel.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use tokio::sync::watch;
+
+/// A meshed pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Pod {
+    /// `namespace/name`, how logs and the admin API name a workload.
+    pub fn workload_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One consistent view of the cluster, as a source last read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Keyed by `namespace/name`.
+    pub pods: BTreeMap<String, Pod>,
+    /// Source generation, bumped on every accepted change.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// Workload ids for every pod: FNV-1a of `namespace/name`, so they survive
+    /// an agent restart (records written by the kernel before the restart
+    /// still name the right pod); collisions probe to the next free id.
+    pub fn workload_ids(&self) -> BTreeMap<String, u32> {
+        let mut used: HashMap<u32, ()> = HashMap::new();
+        let mut ids = BTreeMap::new();
+        for key in self.pods.keys() {
+            let mut id = fnv1a(key.as_bytes()).max(1);
+            while used.contains_key(&id) {
+                id = id.wrapping_add(1).max(1);
+            }
+            used.insert(id, ());
+            ids.insert(key.clone(), id);
+        }
+        ids
+    }
+
+    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
+        self.pods.values().find(|p| p.ip == ip)
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+pub type SnapshotRx = watch::Receiver<Arc<Snapshot>>;
+pub type SnapshotTx = watch::Sender<Arc<Snapshot>>;
+
+pub fn channel() -> (SnapshotTx, SnapshotRx) {
+    watch::channel(Arc::new(Snapshot::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, ip: [u8; 4]) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            service_account: "default".into(),
+            node: "n1".into(),
+            ip: Ipv4Addr::from(ip),
+        }
+    }
+
+    #[test]
+    fn workload_ids_are_stable_unique_and_nonzero() {
+        let mut s = Snapshot::default();
+        for i in 0..500u16 {
+            let p = pod("ns", &format!("p{i}"), [198, 18, (i >> 8) as u8, i as u8]);
+            s.pods.insert(p.workload_name(), p);
+        }
+        let a = s.workload_ids();
+        let b = s.clone().workload_ids();
+        assert_eq!(a, b);
+        let mut seen: Vec<u32> = a.values().copied().collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 500);
+        assert!(!seen.contains(&0));
+    }
+}

@@ -1,0 +1,182 @@
+//! A tiny traffic tool run inside lab pods: a server that hashes what it
+//! receives, a client that sends deterministic bytes and checks the hash,
+//! and a connect probe that times how a connect ends.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use sha2::{Digest as _, Sha256};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept connections forever; for each, read to EOF and answer one JSON
+    /// line: {"sha256", "bytes", "peer"}.
+    Serve {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Send `bytes` pseudo-random bytes (from `seed`), half-close, read the
+    /// server's answer; print JSON and exit 1 if the hash differs.
+    Send {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Keep the connection open this long before sending.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+    /// Try to connect; print JSON {"ok", "error", "elapsed_ms"}.
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+fn main() {
+    match Cli::parse().cmd {
+        Cmd::Serve { port } => serve(port),
+        Cmd::Send { to, bytes, seed, hold_ms } => std::process::exit(send(to, bytes, seed, hold_ms)),
+        Cmd::Connect { to, timeout_ms } => {
+            let start = Instant::now();
+            let r = TcpStream::connect_timeout(&to, Duration::from_millis(timeout_ms));
+            let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
+            let out = serde_json::json!({
+                "ok": r.is_ok(),
+                "error": r.as_ref().err().map(|e| e.to_string()),
+                "elapsed_ms": elapsed_ms,
+            });
+            println!("{out}");
+        }
+    }
+}
+
+fn serve(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            let mut stream = stream;
+            let mut hasher = Sha256::new();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match read_retrying(&mut stream, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        hasher.update(&buf[..n]);
+                        total += n as u64;
+                    }
+                    Err(_) => return,
+                }
+            }
+            let line = serde_json::json!({"sha256": hex(&hasher.finalize()), "bytes": total, "peer": peer});
+            let _ = writeln!(stream, "{line}");
+        });
+    }
+}
+
+/// xorshift64*: fast, deterministic, and no two seeds give the same stream.
+fn fill(state: &mut u64, buf: &mut [u8]) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        let v = state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64) -> i32 {
+    let start = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{}", serde_json::json!({"ok": false, "error": format!("connect: {e}")}));
+            return 1;
+        }
+    };
+    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    let mut state = seed.max(1);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        fill(&mut state, &mut buf[..n]);
+        hasher.update(&buf[..n]);
+        if let Err(e) = stream.write_all(&buf[..n]) {
+            println!("{}", serde_json::json!({"ok": false, "error": format!("write: {e}")}));
+            return 1;
+        }
+        left -= n as u64;
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    let sent = hex(&hasher.finalize());
+    let mut reply_bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let read = loop {
+        match read_retrying(&mut stream, &mut chunk) {
+            Ok(0) => break Ok(reply_bytes.len()),
+            Ok(n) => {
+                reply_bytes.extend_from_slice(&chunk[..n]);
+                if reply_bytes.contains(&b'\n') {
+                    break Ok(reply_bytes.len());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+        if Instant::now() > deadline {
+            break Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        }
+    };
+    let line = String::from_utf8_lossy(&reply_bytes).to_string();
+    let reply: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or(serde_json::Value::Null);
+    let ok = reply["sha256"] == sent.as_str() && reply["bytes"] == bytes;
+    let out = serde_json::json!({
+        "ok": ok, "sent_sha256": sent, "bytes": bytes, "local": local, "reply": reply,
+        "read": match read { Ok(n) => format!("{n} bytes"), Err(e) => e.to_string() },
+        "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
+    });
+    println!("{out}");
+    if ok { 0 } else { 1 }
+}
+
+/// A read that retries EAGAIN on a blocking socket. A socket in a sockmap
+/// (spliced) reads through the kernel's tcp_bpf_recvmsg, which returns EAGAIN
+/// on a spurious wakeup (e.g. its own FIN being acked) even when blocking;
+/// event-loop apps (epoll, tokio, Go) retry anyway, so the tool does the same.
+/// README.md, "Known limitations", has the details.
+fn read_retrying(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream.read(buf) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+                if Instant::now() > deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
