@@ -37,6 +37,12 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
     },
+    /// Bring up the test lab, then wait forever (a test kills this process to
+    /// check that `lab down` cleans up after a crashed run).
+    LabUpAndHang {
+        #[arg(long)]
+        agent_bin: std::path::PathBuf,
+    },
     /// Try to connect; print JSON {"ok", "error", "elapsed_ms"}.
     Connect {
         #[arg(long)]
@@ -50,6 +56,22 @@ fn main() {
     match Cli::parse().cmd {
         Cmd::Serve { port } => serve(port),
         Cmd::Send { to, bytes, seed, hold_ms } => std::process::exit(send(to, bytes, seed, hold_ms)),
+        Cmd::LabUpAndHang { agent_bin } => {
+            let topo: xtask::lab::Topology = serde_json::from_value(serde_json::json!({
+                "nodes": [{"name": "node-a"}, {"name": "node-b"}],
+                "pods": [
+                    {"name": "pod-a", "namespace": "t", "node": "node-a"},
+                    {"name": "pod-c", "namespace": "t", "node": "node-b"},
+                ],
+            }))
+            .expect("topology");
+            let opts = xtask::lab::UpOptions { agent_bin, policy_dir: None, start_agents: true, agent_args: vec![] };
+            xtask::lab::Lab::up(&topo, &opts).expect("lab up");
+            println!("up");
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        }
         Cmd::Connect { to, timeout_ms } => {
             let start = Instant::now();
             let r = TcpStream::connect_timeout(&to, Duration::from_millis(timeout_ms));
