@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Debian bookworm, root, Linux >= 6.6):
+#
+#   ./run.sh demo     set up, then run the lab demo
+#   ./run.sh test     set up, then run the unit and end-to-end tests
+#   ./run.sh setup    set up only
+#   ./run.sh <any cargo xtask arguments>, e.g. ./run.sh lab status
+#
+# Set-up is idempotent and takes seconds when everything is already there:
+# Debian packages, the pinned Rust toolchain (with rust-src, to build `core`
+# for the BPF target) and bpf-linker built against LLVM 22.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TOOLCHAIN=1.98.0            # must match rust-toolchain.toml and mesh-agent/build.rs
+BPF_LINKER_VERSION=0.13.0
+LLVM=22                     # an eBPF toolchain on LLVM 23 fails with "Invalid record"
+PACKAGES=(bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat)
+
+say() { printf '\n=== %s\n' "$*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "run.sh: needs root (eBPF, network namespaces, cgroups): run it with sudo" >&2
+    exit 1
+fi
+
+setup_packages() {
+    local missing=()
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        say "setup: installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+setup_toolchain() {
+    # rustup will not install a toolchain on demand here (RUSTUP_AUTO_INSTALL=0).
+    if ! rustup toolchain list | grep -q "^${TOOLCHAIN}-"; then
+        say "setup: installing Rust ${TOOLCHAIN} (minimal, with rust-src)"
+        rustup toolchain install "$TOOLCHAIN" --profile minimal -c rust-src
+    elif ! rustup component list --toolchain "$TOOLCHAIN" --installed | grep -q '^rust-src'; then
+        rustup component add rust-src --toolchain "$TOOLCHAIN"
+    fi
+}
+
+setup_bpf_linker() {
+    local bin
+    bin=$(command -v bpf-linker || true)
+    if [[ -n $bin ]] && bpf-linker --version | grep -q " ${BPF_LINKER_VERSION}\$" \
+        && ldd "$bin" | grep -q "libLLVM.so.${LLVM}"; then
+        return
+    fi
+    say "setup: building bpf-linker ${BPF_LINKER_VERSION} against LLVM ${LLVM} (about a minute)"
+    LLVM_PREFIX="/usr/lib/llvm-${LLVM}" cargo "+${TOOLCHAIN}" install bpf-linker \
+        --version "$BPF_LINKER_VERSION" --locked --no-default-features --features "llvm-${LLVM}" --force
+}
+
+setup_packages
+setup_toolchain
+export PATH="$HOME/.cargo/bin:$PATH"
+setup_bpf_linker
+
+if [[ ${1:-} == setup ]]; then
+    say "setup: done"
+    exit 0
+fi
+exec cargo xtask "$@"
