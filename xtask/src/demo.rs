@@ -62,7 +62,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let after = probe::splice_counters(&lab, "node-a")?;
     report(&r)?;
     eprintln!(
-        "    kernel mesh_splice on node-a: +{} messages, +{} bytes spliced (payload {SIZE} bytes each way incl. reply)",
+        "    kernel mesh_splice on node-a: +{} messages, +{} bytes spliced (the {SIZE}-byte payload plus web's one-line reply)",
         after.0 - before.0,
         after.1 - before.1
     );
@@ -96,7 +96,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
 
     eprintln!("\nInspect the datapath yourself (with --keep):");
     eprintln!("    bpftool map dump pinned {}", lab.pin_dir("node-a").join("mesh_splice").display());
-    eprintln!("    cargo xtask lab exec client -- curl ...   |   cargo xtask lab status   |   cargo xtask lab down");
+    eprintln!("    cargo xtask lab exec client -- ip addr   |   cargo xtask lab status   |   cargo xtask lab down");
     eprintln!("\nNot in this demo yet: SMI policy enforcement (allowed/denied) and mTLS tunnels; see the open issues.");
     Ok(())
 }
