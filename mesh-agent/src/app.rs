@@ -47,7 +47,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Err(err) => tracing::error!(error = %err, "source: initial read failed; keeping the kernel's current state"),
     }
     tokio::spawn(source::file::watch(s.source_dir.clone(), tx));
-    tokio::spawn(sync_loop(redirect.clone(), rx.clone(), s.node_name.clone(), s.pod_cgroup_root.clone()));
+    tokio::spawn(sync_loop(
+        redirect.clone(),
+        rx.clone(),
+        s.node_name.clone(),
+        s.pod_cgroup_root.clone(),
+    ));
     tokio::spawn(heartbeat(redirect.clone()));
 
     tracing::info!(
@@ -101,13 +106,15 @@ async fn sync_loop(redirect: Arc<Redirect>, mut rx: state::SnapshotRx, node: Str
 async fn heartbeat(redirect: Arc<Redirect>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = None;
-    for n in 0u64.. {
+    let mut n = 0u64;
+    loop {
         tick.tick().await;
+        n += 1;
         if let Err(err) = redirect.heartbeat() {
             tracing::warn!(error = %err, "heartbeat to the kernel failed");
         }
         // The kernel's own counters, logged when they move (metrics later).
-        if n % 10 == 0 {
+        if n % 10 == 1 {
             let (splice, capture) = (redirect.splice_stats(), redirect.capture_stats());
             let now = (splice, capture);
             if last != Some(now) {
@@ -131,15 +138,17 @@ async fn heartbeat(redirect: Arc<Redirect>) {
 fn forward_kernel_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd as _;
-    std::thread::spawn(move || loop {
-        let ready = {
-            let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
-            poll(&mut fds, PollTimeout::from(1000u16))
-        };
-        if ready.is_err() {
-            return;
+    std::thread::spawn(move || {
+        loop {
+            let ready = {
+                let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, PollTimeout::from(1000u16))
+            };
+            if ready.is_err() {
+                return;
+            }
+            logger.flush();
         }
-        logger.flush();
     });
 }
 
@@ -147,7 +156,11 @@ fn forward_kernel_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 /// root here may lack CAP_SYS_RESOURCE, so failure is only worth a debug line.
 fn raise_memlock_limit() {
     use nix::sys::resource::{Resource, setrlimit};
-    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, nix::libc::RLIM_INFINITY, nix::libc::RLIM_INFINITY) {
+    if let Err(e) = setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        nix::libc::RLIM_INFINITY,
+        nix::libc::RLIM_INFINITY,
+    ) {
         tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK (harmless with memcg accounting)");
     }
 }

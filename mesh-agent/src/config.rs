@@ -153,7 +153,10 @@ impl Settings {
             kernel_debug: a.kernel_debug,
             splice: a.splice,
             worker_threads: a.worker_threads,
-            log: LogSettings { level: a.log_level, format: a.log_format },
+            log: LogSettings {
+                level: a.log_level,
+                format: a.log_format,
+            },
         })
     }
 }
@@ -164,8 +167,16 @@ mod tests {
 
     fn args(extra: &[&str]) -> Result<Settings, String> {
         let mut argv = vec![
-            "mesh-agent", "run", "--node-name", "n1", "--source-dir", "/tmp", "--pod-cgroup-root",
-            "/sys/fs/cgroup/pods", "--capture-ip", "198.18.1.1",
+            "mesh-agent",
+            "run",
+            "--node-name",
+            "n1",
+            "--source-dir",
+            "/tmp",
+            "--pod-cgroup-root",
+            "/sys/fs/cgroup/pods",
+            "--capture-ip",
+            "198.18.1.1",
         ];
         argv.extend_from_slice(extra);
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
@@ -186,8 +197,16 @@ mod tests {
     #[test]
     fn out_of_range_values_are_refused_with_the_flag_named() {
         assert!(args(&["--outbound-port", "0"]).unwrap_err().contains("--outbound-port"));
-        assert!(args(&["--capture-ip", "127.0.0.1"]).unwrap_err().contains("--capture-ip"));
-        assert!(args(&["--worker-threads", "0"]).unwrap_err().contains("--worker-threads"));
+        assert!(
+            args(&["--capture-ip", "127.0.0.1"])
+                .unwrap_err()
+                .contains("--capture-ip")
+        );
+        assert!(
+            args(&["--worker-threads", "0"])
+                .unwrap_err()
+                .contains("--worker-threads")
+        );
         assert!(args(&["--bpffs-dir", "rel"]).unwrap_err().contains("--bpffs-dir"));
         assert!(args(&["--no-such-flag"]).is_err());
     }

@@ -6,15 +6,23 @@ use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
-    #[error("mesh-agent must run as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN to load and attach eBPF programs)")]
+    #[error(
+        "mesh-agent must run as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN to load and attach eBPF programs)"
+    )]
     NotRoot,
-    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): use a kernel built with CONFIG_DEBUG_INFO_BTF=y (>= 6.6)")]
+    #[error(
+        "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): use a kernel built with CONFIG_DEBUG_INFO_BTF=y (>= 6.6)"
+    )]
     NoBtf,
     #[error("{0} is not on a bpffs and mounting one failed ({1}): mount it with `mount -t bpf bpf /sys/fs/bpf`")]
     NoBpffs(PathBuf, nix::Error),
-    #[error("pod cgroup root {0} does not exist: check --pod-cgroup-root (a cgroup2 directory with one sub-directory per pod)")]
+    #[error(
+        "pod cgroup root {0} does not exist: check --pod-cgroup-root (a cgroup2 directory with one sub-directory per pod)"
+    )]
     NoPodCgroup(PathBuf),
-    #[error("pod cgroup root {0} is not on cgroup2: mount cgroup2 (e.g. at /sys/fs/cgroup or /sys/fs/cgroup/unified) and point --pod-cgroup-root into it")]
+    #[error(
+        "pod cgroup root {0} is not on cgroup2: mount cgroup2 (e.g. at /sys/fs/cgroup or /sys/fs/cgroup/unified) and point --pod-cgroup-root into it"
+    )]
     NotCgroup2(PathBuf),
 }
 
@@ -39,10 +47,20 @@ pub fn check(bpffs_dir: &Path, pod_cgroup_root: &Path) -> Result<(), PreflightEr
 /// DESIGN.md section 7: mount bpffs at /sys/fs/bpf when it is not mounted.
 fn ensure_bpffs(bpffs_dir: &Path) -> Result<(), PreflightError> {
     let mount_point = Path::new("/sys/fs/bpf");
-    let is_bpffs = |p: &Path| statfs(p).map(|fs| fs.filesystem_type() == BPF_FS_MAGIC).unwrap_or(false);
+    let is_bpffs = |p: &Path| {
+        statfs(p)
+            .map(|fs| fs.filesystem_type() == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
     if !is_bpffs(mount_point) {
-        nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| PreflightError::NoBpffs(mount_point.into(), e))?;
+        nix::mount::mount(
+            Some("bpf"),
+            mount_point,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| PreflightError::NoBpffs(mount_point.into(), e))?;
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
     std::fs::create_dir_all(bpffs_dir).ok();

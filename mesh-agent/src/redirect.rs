@@ -38,9 +38,18 @@ pub enum RedirectError {
     #[error("loading the eBPF object failed: {0} (is this kernel >= 6.6 with BTF and BPF JIT?)")]
     Load(#[source] aya::EbpfError),
     #[error("the kernel rejected program {name}: {err} (run with RUST_LOG=debug for the verifier log)")]
-    Program { name: &'static str, #[source] err: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        #[source]
+        err: aya::programs::ProgramError,
+    },
     #[error("cannot attach {name} to cgroup {cgroup}: {err}")]
-    Attach { name: &'static str, cgroup: PathBuf, #[source] err: aya::programs::ProgramError },
+    Attach {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        err: aya::programs::ProgramError,
+    },
     #[error("cannot open cgroup {0}: {1} (check that it exists on the cgroup2 mount)")]
     Cgroup(PathBuf, #[source] std::io::Error),
     #[error("pinning {0} failed: {1} (is the bpffs directory writable?)")]
@@ -53,7 +62,11 @@ pub enum RedirectError {
     #[error("map {0} missing from the eBPF object (agent and mesh-ebpf out of sync; rebuild)")]
     MissingMap(&'static str),
     #[error("map {name}: {err}")]
-    Map { name: &'static str, #[source] err: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        err: aya::maps::MapError,
+    },
 }
 
 /// Settings the kernel programs need.
@@ -120,7 +133,11 @@ fn check_pinned_layout(dir: &Path) -> Result<(), RedirectError> {
         .map_or(u32::MAX, |c| c.layout_version);
     // 0: maps were created but no agent finished configuring them.
     if found != 0 && found != MAP_LAYOUT_VERSION {
-        return Err(RedirectError::IncompatiblePins { dir: dir.into(), found, ours: MAP_LAYOUT_VERSION });
+        return Err(RedirectError::IncompatiblePins {
+            dir: dir.into(),
+            found,
+            ours: MAP_LAYOUT_VERSION,
+        });
     }
     Ok(())
 }
@@ -169,9 +186,16 @@ impl Redirect {
                 }
                 None => prog.attach(&pods, LINK_MODE),
             }
-            .map_err(|err| RedirectError::Attach { name, cgroup: opts.pod_cgroup_root.into(), err })?;
+            .map_err(|err| RedirectError::Attach {
+                name,
+                cgroup: opts.pod_cgroup_root.into(),
+                err,
+            })?;
             let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
-            links.push(repin(FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?, &pin)?);
+            links.push(repin(
+                FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?,
+                &pin,
+            )?);
         }
 
         // sockops: no in-place update in aya, so attach the new program next
@@ -180,14 +204,17 @@ impl Redirect {
             let name = programs::SOCKOPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
             prog.load().map_err(|err| RedirectError::Program { name, err })?;
-            for (cgroup, cgroup_path, pin_name) in
-                [(&pods, opts.pod_cgroup_root, LINK_SOCKOPS_PODS), (&agent, opts.agent_cgroup, LINK_SOCKOPS_AGENT)]
-            {
+            for (cgroup, cgroup_path, pin_name) in [
+                (&pods, opts.pod_cgroup_root, LINK_SOCKOPS_PODS),
+                (&agent, opts.agent_cgroup, LINK_SOCKOPS_AGENT),
+            ] {
                 let pin = dir.join(pin_name);
                 let old = PinnedLink::from_pin(&pin).ok();
-                let id = prog
-                    .attach(cgroup, LINK_MODE)
-                    .map_err(|err| RedirectError::Attach { name, cgroup: cgroup_path.into(), err })?;
+                let id = prog.attach(cgroup, LINK_MODE).map_err(|err| RedirectError::Attach {
+                    name,
+                    cgroup: cgroup_path.into(),
+                    err,
+                })?;
                 let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
                 let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
                 release(old);
@@ -205,9 +232,11 @@ impl Redirect {
             let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, maps::SOCKS)?;
             let prog: &mut SkMsg = program(&mut ebpf, name)?;
             prog.load().map_err(|err| RedirectError::Program { name, err })?;
-            let id = prog
-                .attach(socks.fd())
-                .map_err(|err| RedirectError::Attach { name, cgroup: dir.join(maps::SOCKS), err })?;
+            let id = prog.attach(socks.fd()).map_err(|err| RedirectError::Attach {
+                name,
+                cgroup: dir.join(maps::SOCKS),
+                err,
+            })?;
             let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
             let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
             links.push(repin(fd, &pin)?);
@@ -245,7 +274,10 @@ impl Redirect {
             .lock()
             .expect("config lock")
             .set(0, &value, 0)
-            .map_err(|err| RedirectError::Map { name: maps::CONFIG, err })
+            .map_err(|err| RedirectError::Map {
+                name: maps::CONFIG,
+                err,
+            })
     }
 
     /// Tells the kernel the agent is alive for the next few seconds; only
@@ -266,7 +298,15 @@ impl Redirect {
             let id = ids[key];
             let ipv4 = u32::from_ne_bytes(pod.ip.octets());
             let same_node = pod.node == node;
-            want_endpoints.insert(ipv4, Endpoint { workload_id: id, node_id: 0, same_node: u32::from(same_node), _pad: 0 });
+            want_endpoints.insert(
+                ipv4,
+                Endpoint {
+                    workload_id: id,
+                    node_id: 0,
+                    same_node: u32::from(same_node),
+                    _pad: 0,
+                },
+            );
             if same_node {
                 let dir = pod_cgroup_root.join(format!("{}_{}", pod.namespace, pod.name));
                 match std::fs::metadata(&dir) {
@@ -280,8 +320,16 @@ impl Redirect {
                 }
             }
         }
-        replace_all(&mut self.workloads.lock().expect("lock"), &want_workloads, maps::WORKLOADS)?;
-        replace_all(&mut self.endpoints.lock().expect("lock"), &want_endpoints, maps::ENDPOINTS)?;
+        replace_all(
+            &mut self.workloads.lock().expect("lock"),
+            &want_workloads,
+            maps::WORKLOADS,
+        )?;
+        replace_all(
+            &mut self.endpoints.lock().expect("lock"),
+            &want_endpoints,
+            maps::ENDPOINTS,
+        )?;
         report.endpoints = want_endpoints.len();
         Ok(report)
     }

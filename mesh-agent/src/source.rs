@@ -15,5 +15,9 @@ pub enum SourceError {
     #[error("{file}: document {doc}: {reason}")]
     Invalid { file: PathBuf, doc: usize, reason: String },
     #[error("pods {first} and {second} both claim IP {ip}; fix one of them")]
-    DuplicateIp { first: String, second: String, ip: std::net::Ipv4Addr },
+    DuplicateIp {
+        first: String,
+        second: String,
+        ip: std::net::Ipv4Addr,
+    },
 }

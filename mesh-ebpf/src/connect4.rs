@@ -73,7 +73,13 @@ fn try_connect4(ctx: &SockAddrContext) {
         return;
     }
     if cfg.debug != 0 {
-        debug!(ctx, "capture workload {} -> {:i}:{}", workload.workload_id, u32::from_be(dst_ip), dst_port);
+        debug!(
+            ctx,
+            "capture workload {} -> {:i}:{}",
+            workload.workload_id,
+            u32::from_be(dst_ip),
+            dst_port
+        );
     }
     sa.user_ip4 = cfg.agent_ipv4;
     sa.user_port = u32::from(cfg.agent_port.to_be());

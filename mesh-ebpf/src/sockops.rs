@@ -6,7 +6,7 @@
 //! Passive side: the agent's accepted sockets and same-node pods' accepted
 //! sockets join the splice map, so both directions are spliced.
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_NOEXIST},
+    bindings::{BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
@@ -58,8 +58,7 @@ fn try_sockops(ctx: &SockOpsContext) {
         return;
     }
     let splice = if active {
-        (key.remote_ipv4 == cfg.agent_ipv4 && key.remote_port == cfg.agent_port)
-            || is_same_node_pod(key.remote_ipv4)
+        (key.remote_ipv4 == cfg.agent_ipv4 && key.remote_port == cfg.agent_port) || is_same_node_pod(key.remote_ipv4)
     } else {
         (key.local_ipv4 == cfg.agent_ipv4 && key.local_port == cfg.agent_port)
             || (is_same_node_pod(key.remote_ipv4) && is_same_node_pod(key.local_ipv4))

@@ -57,12 +57,15 @@ impl TestLab {
         );
         lab::down().expect("clean slate");
         let topo: Topology = serde_yaml_from(TOPOLOGY);
-        let lab = Lab::up(&topo, &UpOptions {
-            agent_bin: agent_bin(),
-            policy_dir: None,
-            start_agents: true,
-            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
-        })
+        let lab = Lab::up(
+            &topo,
+            &UpOptions {
+                agent_bin: agent_bin(),
+                policy_dir: None,
+                start_agents: true,
+                agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+            },
+        )
         .expect("lab up");
         let mut t = TestLab { lab, servers: vec![] };
         for pod in ["pod-b", "pod-c"] {
@@ -73,7 +76,10 @@ impl TestLab {
     }
 
     fn traffic(&self) -> Traffic<'_> {
-        Traffic { lab: &self.lab, labtool: PathBuf::from(env!("CARGO_BIN_EXE_labtool")) }
+        Traffic {
+            lab: &self.lab,
+            labtool: PathBuf::from(env!("CARGO_BIN_EXE_labtool")),
+        }
     }
 
     fn addr(&self, pod: &str) -> SocketAddr {
@@ -122,11 +128,18 @@ fn same_node_traffic_is_spliced_in_the_kernel_and_never_reaches_the_agent() {
     let spliced = after.1 - before.1;
     // Payload one way plus the server's one-line reply the other way.
     assert!(spliced >= size, "spliced {spliced} bytes, payload {size}: {r}");
-    assert!(spliced < size + 4096, "spliced {spliced} bytes: more than this flow sent");
+    assert!(
+        spliced < size + 4096,
+        "spliced {spliced} bytes: more than this flow sent"
+    );
     assert!(after.0 > before.0);
     // The agent saw no connection at all.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(t.proxied("node-a").is_empty(), "agent proxied a same-node flow: {:?}", t.proxied("node-a"));
+    assert!(
+        t.proxied("node-a").is_empty(),
+        "agent proxied a same-node flow: {:?}",
+        t.proxied("node-a")
+    );
     // The server saw the pod's own address: nothing in between.
     assert_eq!(r["reply"]["peer"], r["local"]);
 }
@@ -148,7 +161,10 @@ fn cross_node_traffic_goes_through_the_agent_which_names_the_source_workload() {
     assert_eq!(rec["client"], r["local"], "{rec}");
     // pod-c saw node-a's agent, which dialled it from node-a's fabric address.
     let peer = r["reply"]["peer"].as_str().unwrap();
-    assert!(peer.starts_with(&format!("{}:", t.lab.node("node-a").unwrap().fabric_ip)), "{peer}");
+    assert!(
+        peer.starts_with(&format!("{}:", t.lab.node("node-a").unwrap().fabric_ip)),
+        "{peer}"
+    );
     // The pod-to-agent hop was spliced too.
     let (_, spliced) = probe::splice_counters(&t.lab, "node-a").unwrap();
     assert!(spliced >= size, "pod-to-agent hop spliced only {spliced} bytes");
@@ -169,7 +185,11 @@ fn unenrolled_processes_and_the_agents_own_connections_are_not_captured() {
     assert_intact(&r);
     assert_eq!(t.wait_proxied("node-a", 1).len(), 1);
     let capture = probe::dump_map(&t.lab, "node-a", "mesh_capture").unwrap();
-    assert_eq!(probe::per_cpu_sum(&capture, "redirected"), 1, "exactly one connect was redirected: {capture}");
+    assert_eq!(
+        probe::per_cpu_sum(&capture, "redirected"),
+        1,
+        "exactly one connect was redirected: {capture}"
+    );
 }
 
 #[test]
@@ -188,7 +208,10 @@ fn with_the_agent_down_captured_connects_fail_at_once_and_recover_on_restart() {
 
     t.lab.start_agent("node-a").unwrap();
     let log = std::fs::read_to_string(t.lab.agent_log("node-a")).unwrap();
-    assert!(log.contains("adopting pinned connect4 link"), "restarted agent did not adopt the pins");
+    assert!(
+        log.contains("adopting pinned connect4 link"),
+        "restarted agent did not adopt the pins"
+    );
     let r = t.traffic().send("pod-a", dst, 1 << 20).unwrap();
     assert_intact(&r);
 }
@@ -202,7 +225,10 @@ fn fail_open_lets_captured_connects_through_while_the_agent_is_down() {
     std::thread::sleep(Duration::from_millis(3500));
     let r = t.traffic().send("pod-a", dst, 1 << 16).unwrap();
     assert_intact(&r);
-    assert_eq!(r["reply"]["peer"], r["local"], "fail-open traffic should go direct: {r}");
+    assert_eq!(
+        r["reply"]["peer"], r["local"],
+        "fail-open traffic should go direct: {r}"
+    );
 }
 
 #[test]
@@ -223,7 +249,15 @@ fn bpftool_prints_every_map_as_typed_structs() {
         .lab
         .exec("pod-a", env!("CARGO_BIN_EXE_labtool"))
         .unwrap()
-        .args(["send", "--to", &t.addr("pod-b").to_string(), "--bytes", "10", "--hold-ms", "3000"])
+        .args([
+            "send",
+            "--to",
+            &t.addr("pod-b").to_string(),
+            "--bytes",
+            "10",
+            "--hold-ms",
+            "3000",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -238,25 +272,52 @@ fn bpftool_prints_every_map_as_typed_structs() {
     ];
     for (map, field) in expect {
         let path = t.lab.pin_dir("node-a").join(map);
-        let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&path).output().unwrap();
+        let out = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(&path)
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "bpftool on {map}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "bpftool on {map}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(text.contains(field), "{map}: no field {field} in\n{text}");
     }
     // The kernel gives sockhash maps no BTF: bpftool prints their keys as
     // bytes. pod-a's address (198.18.1.10 = c6 12 01 0a) must be among them.
     let path = t.lab.pin_dir("node-a").join("mesh_socks");
-    let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&path).output().unwrap();
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("key:") && text.contains("c6 12 01 0a"), "mesh_socks holds no pod-a socket:\n{text}");
+    assert!(
+        text.contains("key:") && text.contains("c6 12 01 0a"),
+        "mesh_socks holds no pod-a socket:\n{text}"
+    );
     // Short-lived maps are usually empty; their BTF still names the types.
     for (map, ty) in [("mesh_cookies", "OrigDst"), ("mesh_flows", "SockKey")] {
         let path = t.lab.pin_dir("node-a").join(map);
-        let out = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&path).output().unwrap();
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&path)
+            .output()
+            .unwrap();
         let info: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let btf_id = info["btf_id"].as_u64().unwrap_or_else(|| panic!("{map} has no BTF: {info}"));
-        let out = Command::new("bpftool").args(["btf", "dump", "id", &btf_id.to_string()]).output().unwrap();
-        assert!(String::from_utf8_lossy(&out.stdout).contains(ty), "{map}: BTF lacks {ty}");
+        let btf_id = info["btf_id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{map} has no BTF: {info}"));
+        let out = Command::new("bpftool")
+            .args(["btf", "dump", "id", &btf_id.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(ty),
+            "{map}: BTF lacks {ty}"
+        );
     }
     let _ = held.0.wait();
 }

@@ -10,7 +10,15 @@ fn agent_bin() -> PathBuf {
 
 fn run_agent(extra: &[&str]) -> (bool, String) {
     let out = Command::new(agent_bin())
-        .args(["run", "--node-name", "n1", "--source-dir", "/nonexistent", "--capture-ip", "198.18.99.1"])
+        .args([
+            "run",
+            "--node-name",
+            "n1",
+            "--source-dir",
+            "/nonexistent",
+            "--capture-ip",
+            "198.18.99.1",
+        ])
         .args(["--bpffs-dir", "/sys/fs/bpf/mesh-preflight-test", "--log-format", "text"])
         .args(extra)
         .output()
@@ -31,7 +39,15 @@ fn without_root_the_agent_says_so_and_stops() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&copy)
-        .args(["run", "--node-name", "n1", "--source-dir", "/nonexistent", "--capture-ip", "198.18.99.1"])
+        .args([
+            "run",
+            "--node-name",
+            "n1",
+            "--source-dir",
+            "/nonexistent",
+            "--capture-ip",
+            "198.18.99.1",
+        ])
         .args(["--pod-cgroup-root", "/sys/fs/cgroup", "--log-format", "text"])
         .output()
         .expect("run agent");
@@ -45,7 +61,10 @@ fn without_root_the_agent_says_so_and_stops() {
 fn a_missing_pod_cgroup_is_named_with_the_flag_to_fix() {
     let (ok, err) = run_agent(&["--pod-cgroup-root", "/sys/fs/cgroup/unified/no-such-pods"]);
     assert!(!ok);
-    assert!(err.contains("no-such-pods") && err.contains("--pod-cgroup-root"), "{err}");
+    assert!(
+        err.contains("no-such-pods") && err.contains("--pod-cgroup-root"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir("/sys/fs/bpf/mesh-preflight-test");
 }
 

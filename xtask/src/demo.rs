@@ -40,12 +40,15 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let root = crate::workspace_root();
     let topo = Topology::from_file(&root.join("deploy/lab/topology.yaml"))?;
     let _teardown = Teardown(keep);
-    let lab = Lab::up(&topo, &UpOptions {
-        agent_bin,
-        policy_dir: Some(root.join("deploy/lab/policy")),
-        start_agents: true,
-        agent_args: vec![],
-    })?;
+    let lab = Lab::up(
+        &topo,
+        &UpOptions {
+            agent_bin,
+            policy_dir: Some(root.join("deploy/lab/policy")),
+            start_agents: true,
+            agent_args: vec![],
+        },
+    )?;
     print!("{}", lab.status());
     let t = Traffic { lab: &lab, labtool };
     let web = lab.pod("web")?;
@@ -56,7 +59,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     const TOTAL: usize = 4;
     const SIZE: u64 = 16 << 20;
 
-    step(1, TOTAL, "same node: client -> web (node-a), spliced socket to socket by mesh_sk_msg");
+    step(
+        1,
+        TOTAL,
+        "same node: client -> web (node-a), spliced socket to socket by mesh_sk_msg",
+    );
     let before = probe::splice_counters(&lab, "node-a")?;
     let r = t.send("client", web_addr, SIZE)?;
     let after = probe::splice_counters(&lab, "node-a")?;
@@ -67,7 +74,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         after.1 - before.1
     );
 
-    step(2, TOTAL, "cross node: client (node-a) -> db (node-b), captured at connect() and proxied by node-a's agent");
+    step(
+        2,
+        TOTAL,
+        "cross node: client (node-a) -> db (node-b), captured at connect() and proxied by node-a's agent",
+    );
     let r = t.send("client", db_addr, SIZE)?;
     report(&r)?;
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -79,23 +90,43 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     }
     eprintln!("    (plaintext between nodes for now: the mTLS tunnel is the next issue)");
 
-    step(3, TOTAL, "unmeshed: a node-a host process -> db, not captured (the agent sees nothing)");
+    step(
+        3,
+        TOTAL,
+        "unmeshed: a node-a host process -> db, not captured (the agent sees nothing)",
+    );
     let n = probe::proxied_connections(&lab, "node-a").len();
     let r = t.send_from_node("node-a", db_addr, 1 << 20)?;
     report(&r)?;
     std::thread::sleep(std::time::Duration::from_millis(200));
-    eprintln!("    db saw peer {} (node-a's own address); node-a agent proxied {} new connections", r["reply"]["peer"], probe::proxied_connections(&lab, "node-a").len() - n);
+    eprintln!(
+        "    db saw peer {} (node-a's own address); node-a agent proxied {} new connections",
+        r["reply"]["peer"],
+        probe::proxied_connections(&lab, "node-a").len() - n
+    );
 
-    step(4, TOTAL, "fail closed: node-a's agent stopped, client -> db is refused at once; restarted, it flows again");
+    step(
+        4,
+        TOTAL,
+        "fail closed: node-a's agent stopped, client -> db is refused at once; restarted, it flows again",
+    );
     lab.stop_agent("node-a")?;
     let r = t.connect("client", db_addr, 3000)?;
-    eprintln!("    agent down: connect ok={} error={} after {:.1} ms", r["ok"], r["error"], r["elapsed_ms"].as_f64().unwrap_or(0.0));
+    eprintln!(
+        "    agent down: connect ok={} error={} after {:.1} ms",
+        r["ok"],
+        r["error"],
+        r["elapsed_ms"].as_f64().unwrap_or(0.0)
+    );
     lab.start_agent("node-a")?;
     let r = t.send("client", db_addr, 1 << 20)?;
     report(&r)?;
 
     eprintln!("\nInspect the datapath yourself (with --keep):");
-    eprintln!("    bpftool map dump pinned {}", lab.pin_dir("node-a").join("mesh_splice").display());
+    eprintln!(
+        "    bpftool map dump pinned {}",
+        lab.pin_dir("node-a").join("mesh_splice").display()
+    );
     eprintln!("    cargo xtask lab exec client -- ip addr   |   cargo xtask lab status   |   cargo xtask lab down");
     eprintln!("\nNot in this demo yet: SMI policy enforcement (allowed/denied) and mTLS tunnels; see the open issues.");
     Ok(())
@@ -112,4 +143,3 @@ fn report(r: &serde_json::Value) -> anyhow::Result<()> {
     ensure!(r["ok"] == true, "transfer failed: {r}");
     Ok(())
 }
-

@@ -70,14 +70,34 @@ impl Topology {
         ensure!(self.nodes.len() <= 200, "at most 200 nodes (198.18.N.0/24 per node)");
         let mut seen = std::collections::HashSet::new();
         for n in &self.nodes {
-            ensure!(valid_name(&n.name), "node name {:?}: use lowercase letters, digits and '-', up to 20 chars", n.name);
+            ensure!(
+                valid_name(&n.name),
+                "node name {:?}: use lowercase letters, digits and '-', up to 20 chars",
+                n.name
+            );
             ensure!(seen.insert(n.name.clone()), "node {} listed twice", n.name);
         }
         let mut pods = std::collections::HashSet::new();
         for p in &self.pods {
-            ensure!(valid_name(&p.name) && valid_name(&p.namespace), "pod {}/{}: use lowercase letters, digits and '-'", p.namespace, p.name);
-            ensure!(self.nodes.iter().any(|n| n.name == p.node), "pod {}/{} is on unknown node {}", p.namespace, p.name, p.node);
-            ensure!(pods.insert((p.namespace.clone(), p.name.clone())), "pod {}/{} listed twice", p.namespace, p.name);
+            ensure!(
+                valid_name(&p.name) && valid_name(&p.namespace),
+                "pod {}/{}: use lowercase letters, digits and '-'",
+                p.namespace,
+                p.name
+            );
+            ensure!(
+                self.nodes.iter().any(|n| n.name == p.node),
+                "pod {}/{} is on unknown node {}",
+                p.namespace,
+                p.name,
+                p.node
+            );
+            ensure!(
+                pods.insert((p.namespace.clone(), p.name.clone())),
+                "pod {}/{} listed twice",
+                p.namespace,
+                p.name
+            );
         }
         ensure!(self.pods.len() <= 200, "at most 200 pods");
         Ok(())
@@ -85,7 +105,10 @@ impl Topology {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    !s.is_empty()
+        && s.len() <= 20
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The lab as built: every address and name, saved in the state directory.
@@ -133,7 +156,10 @@ pub struct UpOptions {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -229,11 +255,12 @@ impl Lab {
         self.nodes.len() == topo.nodes.len()
             && self.nodes.iter().zip(&topo.nodes).all(|(a, b)| a.name == b.name)
             && self.pods.len() == topo.pods.len()
-            && self
-                .pods
-                .iter()
-                .zip(&topo.pods)
-                .all(|(a, b)| a.name == b.name && a.namespace == b.namespace && a.node == b.node && a.service_account == b.service_account)
+            && self.pods.iter().zip(&topo.pods).all(|(a, b)| {
+                a.name == b.name
+                    && a.namespace == b.namespace
+                    && a.node == b.node
+                    && a.service_account == b.service_account
+            })
     }
 
     fn plan(topo: &Topology, opts: &UpOptions, cgroup_root: PathBuf) -> anyhow::Result<Lab> {
@@ -288,15 +315,35 @@ impl Lab {
             // Create the pair inside the fabric, then move one end: no veth
             // ever appears in the host namespace.
             let fab_if = format!("vf{}", n.index);
-            ip_in(FABRIC_NETNS, &["link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", &n.netns])?;
+            ip_in(
+                FABRIC_NETNS,
+                &[
+                    "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", &n.netns,
+                ],
+            )?;
             ip_in(FABRIC_NETNS, &["link", "set", &fab_if, "master", "br0", "up"])?;
-            ip_in(&n.netns, &["addr", "add", &format!("{}/24", n.fabric_ip), "dev", "eth0"])?;
+            ip_in(
+                &n.netns,
+                &["addr", "add", &format!("{}/24", n.fabric_ip), "dev", "eth0"],
+            )?;
             ip_in(&n.netns, &["link", "set", "eth0", "up"])?;
             ip_in(&n.netns, &["link", "add", "cni0", "type", "bridge"])?;
-            ip_in(&n.netns, &["addr", "add", &format!("{}/24", n.gateway_ip), "dev", "cni0"])?;
+            ip_in(
+                &n.netns,
+                &["addr", "add", &format!("{}/24", n.gateway_ip), "dev", "cni0"],
+            )?;
             ip_in(&n.netns, &["link", "set", "cni0", "up"])?;
             for other in self.nodes.iter().filter(|o| o.name != n.name) {
-                ip_in(&n.netns, &["route", "add", &format!("198.18.{}.0/24", other.index), "via", &other.fabric_ip.to_string()])?;
+                ip_in(
+                    &n.netns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("198.18.{}.0/24", other.index),
+                        "via",
+                        &other.fabric_ip.to_string(),
+                    ],
+                )?;
             }
             // Forwarding on inside the node namespace only; the host keeps its own setting.
             run(in_netns(&n.netns, "sysctl").args(["-q", "-w", "net.ipv4.ip_forward=1"]))?;
@@ -311,11 +358,19 @@ impl Lab {
             ip(&["netns", "add", &p.netns])?;
             ip_in(&p.netns, &["link", "set", "lo", "up"])?;
             let host_if = format!("vp{k}");
-            ip_in(&node.netns, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &p.netns])?;
+            ip_in(
+                &node.netns,
+                &[
+                    "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &p.netns,
+                ],
+            )?;
             ip_in(&node.netns, &["link", "set", &host_if, "master", "cni0", "up"])?;
             ip_in(&p.netns, &["addr", "add", &format!("{}/24", p.ip), "dev", "eth0"])?;
             ip_in(&p.netns, &["link", "set", "eth0", "up"])?;
-            ip_in(&p.netns, &["route", "add", "default", "via", &node.gateway_ip.to_string()])?;
+            ip_in(
+                &p.netns,
+                &["route", "add", "default", "via", &node.gateway_ip.to_string()],
+            )?;
             let cg = self.pod_cgroup(p);
             fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
         }
@@ -352,7 +407,10 @@ impl Lab {
     }
 
     pub fn node(&self, name: &str) -> anyhow::Result<&LabNode> {
-        self.nodes.iter().find(|n| n.name == name).with_context(|| format!("no node {name} in the lab"))
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name} in the lab"))
     }
 
     /// A pod by `name` or `namespace/name`.
@@ -365,7 +423,10 @@ impl Lab {
     }
 
     pub fn pod_cgroup(&self, p: &LabPod) -> PathBuf {
-        self.cgroup_root.join(&p.node).join("pods").join(format!("{}_{}", p.namespace, p.name))
+        self.cgroup_root
+            .join(&p.node)
+            .join("pods")
+            .join(format!("{}_{}", p.namespace, p.name))
     }
 
     pub fn pin_dir(&self, node: &str) -> PathBuf {
@@ -408,10 +469,17 @@ impl Lab {
 
     pub fn start_agent(&self, node: &str) -> anyhow::Result<()> {
         let n = self.node(node)?;
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.agent_log(node))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log(node))?;
         // Only lines written by this start count for readiness.
         let log_start = log.metadata()?.len() as usize;
-        let mut cmd = self.wrapped(&n.netns, &self.cgroup_root.join(&n.name).join("agent"), &self.agent_bin.to_string_lossy());
+        let mut cmd = self.wrapped(
+            &n.netns,
+            &self.cgroup_root.join(&n.name).join("agent"),
+            &self.agent_bin.to_string_lossy(),
+        );
         cmd.args(["run", "--node-name", &n.name])
             .arg("--source-dir")
             .arg(&self.source_dir)
@@ -426,7 +494,9 @@ impl Lab {
             .stderr(log);
         // Own process group: Ctrl-C on the lab command does not hit the agents.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().with_context(|| format!("starting {}", self.agent_bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.agent_bin.display()))?;
         fs::write(self.agent_pid_file(node), child.id().to_string())?;
         // Ready when it logs so, or dead with a reason.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -434,24 +504,38 @@ impl Lab {
             let text = fs::read_to_string(self.agent_log(node)).unwrap_or_default();
             let text = text.get(log_start..).unwrap_or("");
             let pid = child.id();
-            if text.lines().any(|l| l.contains("agent ready") && l.contains(&format!("\"node\":\"{node}\""))) && pid_alive(pid) {
+            if text
+                .lines()
+                .any(|l| l.contains("agent ready") && l.contains(&format!("\"node\":\"{node}\"")))
+                && pid_alive(pid)
+            {
                 eprintln!("lab: agent on {node} ready (pid {pid})");
                 std::mem::forget(child);
                 return Ok(());
             }
             if !pid_alive(pid) {
                 let tail: Vec<&str> = text.lines().rev().take(5).collect();
-                bail!("agent on {node} exited; last log lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                bail!(
+                    "agent on {node} exited; last log lines:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             if Instant::now() > deadline {
-                bail!("agent on {node} not ready after 20s; see {}", self.agent_log(node).display());
+                bail!(
+                    "agent on {node} not ready after 20s; see {}",
+                    self.agent_log(node).display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
-        let pid: u32 = fs::read_to_string(self.agent_pid_file(node)).ok()?.trim().parse().ok()?;
+        let pid: u32 = fs::read_to_string(self.agent_pid_file(node))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         pid_alive(pid).then_some(pid)
     }
 
@@ -479,9 +563,17 @@ impl Lab {
                 Some(pid) => format!("agent pid {pid}"),
                 None => "agent DOWN".into(),
             };
-            s.push_str(&format!("node {:<10} {:<14} pods 198.18.{}.0/24  {agent}\n", n.name, n.fabric_ip, n.index));
+            s.push_str(&format!(
+                "node {:<10} {:<14} pods 198.18.{}.0/24  {agent}\n",
+                n.name, n.fabric_ip, n.index
+            ));
             for p in self.pods.iter().filter(|p| p.node == n.name) {
-                s.push_str(&format!("  pod {:<24} {:<14} sa={}\n", format!("{}/{}", p.namespace, p.name), p.ip, p.service_account));
+                s.push_str(&format!(
+                    "  pod {:<24} {:<14} sa={}\n",
+                    format!("{}/{}", p.namespace, p.name),
+                    p.ip,
+                    p.service_account
+                ));
             }
         }
         s
@@ -510,9 +602,15 @@ pub fn pid_alive(pid: u32) -> bool {
 
 fn preflight() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
-    ensure!(unsafe { libc::geteuid() } == 0, "the lab needs root (network namespaces, cgroups, eBPF)");
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the lab needs root (network namespaces, cgroups, eBPF)"
+    );
     for tool in ["ip", "nsenter", "sysctl", "ss"] {
-        ensure!(which(tool), "{tool} not found: run ./run.sh setup (installs iproute2, util-linux, procps)");
+        ensure!(
+            which(tool),
+            "{tool} not found: run ./run.sh setup (installs iproute2, util-linux, procps)"
+        );
     }
     // The agents pin under /sys/fs/bpf; mount bpffs there if nothing is.
     let is_bpffs = fs::read_to_string("/proc/self/mounts")
@@ -539,23 +637,26 @@ pub fn down() -> anyhow::Result<()> {
     let mut problems = Vec::new();
     // 1. Processes: every process in the lab cgroup tree (agents, pod
     //    workloads), then anything still inside a lab netns.
-    if let Ok(cg) = lab_cgroup() {
-        if cg.exists() {
-            let _ = fs::write(cg.join("cgroup.kill"), "1");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !cgroup_pids(&cg).is_empty() && Instant::now() < deadline {
-                for pid in cgroup_pids(&cg) {
-                    signal(pid, libc::SIGKILL);
-                    reap(pid);
-                }
-                std::thread::sleep(Duration::from_millis(20));
+    if let Ok(cg) = lab_cgroup()
+        && cg.exists()
+    {
+        let _ = fs::write(cg.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cgroup_pids(&cg).is_empty() && Instant::now() < deadline {
+            for pid in cgroup_pids(&cg) {
+                signal(pid, libc::SIGKILL);
+                reap(pid);
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     let namespaces = lab_netns();
     for ns in &namespaces {
         if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()) {
+            for pid in String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+            {
                 signal(pid, libc::SIGKILL);
                 reap(pid);
             }
@@ -568,32 +669,36 @@ pub fn down() -> anyhow::Result<()> {
         }
     }
     // 3. cgroups, deepest first (rmdir only removes empty ones).
-    if let Ok(cg) = lab_cgroup() {
-        if cg.exists() {
-            let mut dirs = Vec::new();
-            collect_dirs(&cg, &mut dirs);
-            dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-            for d in dirs {
-                let mut tries = 0;
-                while let Err(e) = fs::remove_dir(&d) {
-                    tries += 1;
-                    if tries > 100 {
-                        problems.push(format!("rmdir {}: {e}", d.display()));
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+    if let Ok(cg) = lab_cgroup()
+        && cg.exists()
+    {
+        let mut dirs = Vec::new();
+        collect_dirs(&cg, &mut dirs);
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs {
+            let mut tries = 0;
+            while let Err(e) = fs::remove_dir(&d) {
+                tries += 1;
+                if tries > 100 {
+                    problems.push(format!("rmdir {}: {e}", d.display()));
+                    break;
                 }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
     // 4. Pins (removing a link's last pin detaches it), then state.
-    if Path::new(BPFFS_DIR).exists() {
-        if let Err(e) = fs::remove_dir_all(BPFFS_DIR) {
-            problems.push(format!("removing {BPFFS_DIR}: {e}"));
-        }
+    if Path::new(BPFFS_DIR).exists()
+        && let Err(e) = fs::remove_dir_all(BPFFS_DIR)
+    {
+        problems.push(format!("removing {BPFFS_DIR}: {e}"));
     }
     let _ = fs::remove_dir_all(STATE_DIR);
-    ensure!(problems.is_empty(), "lab down left something behind:\n{}", problems.join("\n"));
+    ensure!(
+        problems.is_empty(),
+        "lab down left something behind:\n{}",
+        problems.join("\n")
+    );
     Ok(())
 }
 
@@ -638,7 +743,12 @@ mod tests {
         )
         .unwrap();
         topo.validate().unwrap();
-        let opts = UpOptions { agent_bin: "x".into(), policy_dir: None, start_agents: false, agent_args: vec![] };
+        let opts = UpOptions {
+            agent_bin: "x".into(),
+            policy_dir: None,
+            start_agents: false,
+            agent_args: vec![],
+        };
         let lab = Lab::plan(&topo, &opts, "/cg".into()).unwrap();
         let bench = ipnet_contains;
         for n in &lab.nodes {

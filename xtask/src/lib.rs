@@ -11,7 +11,10 @@ use std::process::Command;
 use anyhow::{Context as _, ensure};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// Builds the agent (which builds the eBPF object) and returns its path.
@@ -25,9 +28,13 @@ pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
     eprintln!("xtask: building mesh-agent{}", if release { " (release)" } else { "" });
     let status = cmd.status().context("running cargo build")?;
     ensure!(status.success(), "building mesh-agent failed");
-    Ok(target_dir().join(if release { "release" } else { "debug" }).join("mesh-agent"))
+    Ok(target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("mesh-agent"))
 }
 
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }

@@ -84,18 +84,27 @@ fn main() -> anyhow::Result<()> {
 
 fn lab_cmd(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { topology, policy, agent_bin, release, no_agents } => {
+        LabCmd::Up {
+            topology,
+            policy,
+            agent_bin,
+            release,
+            no_agents,
+        } => {
             let agent_bin = match agent_bin {
                 Some(p) => p,
                 None => xtask::build_agent(release)?,
             };
             let topo = Topology::from_file(&topology)?;
-            let lab = Lab::up(&topo, &UpOptions {
-                agent_bin,
-                policy_dir: policy.exists().then_some(policy),
-                start_agents: !no_agents,
-                agent_args: vec![],
-            })?;
+            let lab = Lab::up(
+                &topo,
+                &UpOptions {
+                    agent_bin,
+                    policy_dir: policy.exists().then_some(policy),
+                    start_agents: !no_agents,
+                    agent_args: vec![],
+                },
+            )?;
             print!("{}", lab.status());
         }
         LabCmd::Down => {

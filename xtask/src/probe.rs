@@ -32,7 +32,9 @@ impl Traffic<'_> {
         let netns = &self.lab.pod(pod)?.netns;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let out = in_netns(netns, "ss").args(["-Hltn", &format!("sport = :{port}")]).output()?;
+            let out = in_netns(netns, "ss")
+                .args(["-Hltn", &format!("sport = :{port}")])
+                .output()?;
             if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
                 return Ok(child);
             }
@@ -46,8 +48,12 @@ impl Traffic<'_> {
     fn json(cmd: &mut Command) -> anyhow::Result<Value> {
         let out = cmd.stdin(Stdio::null()).output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(text.trim())
-            .with_context(|| format!("labtool printed {text:?}, stderr {:?}", String::from_utf8_lossy(&out.stderr)))
+        serde_json::from_str(text.trim()).with_context(|| {
+            format!(
+                "labtool printed {text:?}, stderr {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// Sends `bytes` from a pod; the result has `ok`, hashes, and `local`.
@@ -86,9 +92,17 @@ impl Traffic<'_> {
 /// `bpftool -j map dump pinned <pin>`.
 pub fn dump_map(lab: &Lab, node: &str, map: &str) -> anyhow::Result<Value> {
     let path = lab.pin_dir(node).join(map);
-    let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output().context("running bpftool")?;
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .context("running bpftool")?;
     if !out.status.success() {
-        bail!("bpftool map dump {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "bpftool map dump {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }

@@ -15,10 +15,14 @@ struct Tally {
 
 impl Tally {
     fn add_line(&mut self, line: &str) {
-        let Some(rest) = line.strip_prefix("test result: ") else { return };
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
         for part in rest.split(';') {
             let mut words = part.split_whitespace().rev();
-            let (Some(label), Some(n)) = (words.next(), words.next()) else { continue };
+            let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
             let n: u64 = n.parse().unwrap_or(0);
             match label {
                 "passed" => self.passed += n,
@@ -47,7 +51,9 @@ pub fn run() -> anyhow::Result<()> {
     let mut tally = Tally::default();
     eprintln!("\n=== [1/3] unit tests (mesh-common, mesh-agent, xtask)");
     let unit_ok = cargo_test(
-        Command::new(&cargo).current_dir(&root).args(["test", "-p", "mesh-common", "-p", "mesh-agent", "-p", "xtask"]),
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["test", "-p", "mesh-common", "-p", "mesh-agent", "-p", "xtask"]),
         &mut tally,
     )?;
 
@@ -57,7 +63,10 @@ pub fn run() -> anyhow::Result<()> {
 
     eprintln!("\n=== [3/3] end-to-end tests in the lab (root, one at a time)");
     // SAFETY: geteuid has no preconditions.
-    ensure!(unsafe { libc::geteuid() } == 0, "the end-to-end tests need root: they build a lab of network namespaces and load eBPF");
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the end-to-end tests need root: they build a lab of network namespaces and load eBPF"
+    );
     let e2e_ok = cargo_test(
         Command::new(&cargo)
             .current_dir(&root)

@@ -24,23 +24,33 @@ pub fn load(dir: &Path) -> Result<Snapshot, SourceError> {
     let mut snapshot = Snapshot::default();
     let mut by_ip: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     for file in yaml_files(dir)? {
-        let text = std::fs::read_to_string(&file)
-            .map_err(|err| SourceError::ReadFile { file: file.clone(), err })?;
+        let text = std::fs::read_to_string(&file).map_err(|err| SourceError::ReadFile {
+            file: file.clone(),
+            err,
+        })?;
         for (doc, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let invalid = |reason: String| SourceError::Invalid { file: file.clone(), doc: doc + 1, reason };
+            let invalid = |reason: String| SourceError::Invalid {
+                file: file.clone(),
+                doc: doc + 1,
+                reason,
+            };
             let value = serde_yaml::Value::deserialize(de).map_err(|e| invalid(format!("not YAML: {e}")))?;
             if value.is_null() {
                 continue; // empty document, e.g. a trailing `---`
             }
-            let head: TypeMeta = serde_yaml::from_value(value.clone())
-                .map_err(|e| invalid(format!("missing apiVersion/kind: {e}")))?;
+            let head: TypeMeta =
+                serde_yaml::from_value(value.clone()).map_err(|e| invalid(format!("missing apiVersion/kind: {e}")))?;
             if (head.api_version.as_str(), head.kind.as_str()) != ("v1", "Pod") {
                 continue;
             }
             let doc_pod: PodDoc = serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Pod: {e}")))?;
             let pod = doc_pod.into_pod().map_err(invalid)?;
             if let Some(first) = by_ip.insert(pod.ip, pod.workload_name()) {
-                return Err(SourceError::DuplicateIp { first, second: pod.workload_name(), ip: pod.ip });
+                return Err(SourceError::DuplicateIp {
+                    first,
+                    second: pod.workload_name(),
+                    ip: pod.ip,
+                });
             }
             snapshot.pods.insert(pod.workload_name(), pod);
         }
@@ -145,9 +155,17 @@ fn default_ns() -> String {
 impl PodDoc {
     fn into_pod(self) -> Result<Pod, String> {
         let name = self.metadata.name;
-        let node = self.spec.node_name.ok_or_else(|| format!("Pod {name}: spec.nodeName is required"))?;
-        let ip = self.status.pod_ip.ok_or_else(|| format!("Pod {name}: status.podIP is required"))?;
-        let ip: Ipv4Addr = ip.parse().map_err(|_| format!("Pod {name}: status.podIP {ip:?} is not an IPv4 address"))?;
+        let node = self
+            .spec
+            .node_name
+            .ok_or_else(|| format!("Pod {name}: spec.nodeName is required"))?;
+        let ip = self
+            .status
+            .pod_ip
+            .ok_or_else(|| format!("Pod {name}: status.podIP is required"))?;
+        let ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("Pod {name}: status.podIP {ip:?} is not an IPv4 address"))?;
         Ok(Pod {
             namespace: self.metadata.namespace,
             service_account: self.spec.service_account_name.unwrap_or_else(|| "default".into()),
@@ -174,7 +192,11 @@ mod tests {
         pub struct Dir(pub std::path::PathBuf);
         impl Dir {
             pub fn new() -> Self {
-                let p = std::env::temp_dir().join(format!("mesh-src-{}-{:?}", std::process::id(), std::thread::current().id()));
+                let p = std::env::temp_dir().join(format!(
+                    "mesh-src-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
                 let _ = std::fs::remove_dir_all(&p);
                 std::fs::create_dir_all(&p).unwrap();
                 Dir(p)
@@ -191,24 +213,45 @@ mod tests {
 
     #[test]
     fn reads_pods_and_skips_other_kinds() {
-        let d = dir_with(&[("pods.yaml", PODS), ("tt.yaml", "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {name: x}\n"), ("notes.txt", "ignored")]);
+        let d = dir_with(&[
+            ("pods.yaml", PODS),
+            (
+                "tt.yaml",
+                "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {name: x}\n",
+            ),
+            ("notes.txt", "ignored"),
+        ]);
         let s = load(&d.0).unwrap();
         assert_eq!(s.pods.len(), 2);
         let a = &s.pods["shop/a"];
-        assert_eq!((a.service_account.as_str(), a.node.as_str(), a.ip), ("web", "n1", Ipv4Addr::new(198, 18, 1, 10)));
+        assert_eq!(
+            (a.service_account.as_str(), a.node.as_str(), a.ip),
+            ("web", "n1", Ipv4Addr::new(198, 18, 1, 10))
+        );
         assert_eq!(s.pods["default/b"].service_account, "default");
     }
 
     #[test]
     fn bad_documents_name_the_file_and_document() {
-        let d = dir_with(&[("pods.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n1}\nstatus: {podIP: 300.1.1.1}\n")]);
+        let d = dir_with(&[(
+            "pods.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n1}\nstatus: {podIP: 300.1.1.1}\n",
+        )]);
         let err = load(&d.0).unwrap_err().to_string();
-        assert!(err.contains("pods.yaml") && err.contains("document 1") && err.contains("podIP"), "{err}");
+        assert!(
+            err.contains("pods.yaml") && err.contains("document 1") && err.contains("podIP"),
+            "{err}"
+        );
         let d = dir_with(&[("pods.yaml", "kind: [unclosed")]);
         assert!(load(&d.0).unwrap_err().to_string().contains("not YAML"));
         let dup = PODS.replace("198.18.2.10", "198.18.1.10");
         let d = dir_with(&[("pods.yaml", &dup)]);
-        assert!(load(&d.0).unwrap_err().to_string().contains("both claim IP 198.18.1.10"));
+        assert!(
+            load(&d.0)
+                .unwrap_err()
+                .to_string()
+                .contains("both claim IP 198.18.1.10")
+        );
     }
 
     #[tokio::test]
@@ -218,11 +261,18 @@ mod tests {
         let task = tokio::spawn(watch(d.0.clone(), tx));
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow().pods.len(), 2);
-        std::fs::write(d.0.join("pods.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n").unwrap();
+        std::fs::write(
+            d.0.join("pods.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n",
+        )
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert_eq!(rx.borrow().pods.len(), 2, "invalid edit must not replace the snapshot");
         std::fs::write(d.0.join("pods.yaml"), PODS.split("---").next().unwrap()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(rx.borrow().pods.len(), 1);
         task.abort();
     }

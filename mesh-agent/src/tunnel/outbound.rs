@@ -21,7 +21,9 @@ use crate::{redirect::Redirect, state::SnapshotRx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
-    #[error("cannot listen on {addr}: {err} (is another agent running on this node, or --capture-ip not an address of this node?)")]
+    #[error(
+        "cannot listen on {addr}: {err} (is another agent running on this node, or --capture-ip not an address of this node?)"
+    )]
     Bind { addr: SocketAddr, err: std::io::Error },
 }
 
@@ -29,7 +31,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn bind(ip: Ipv4Addr, port: u16) -> Result<TcpListener, OutboundError> {
     let addr = SocketAddr::from((ip, port));
-    TcpListener::bind(addr).await.map_err(|err| OutboundError::Bind { addr, err })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| OutboundError::Bind { addr, err })
 }
 
 pub async fn serve(listener: TcpListener, redirect: Arc<Redirect>, snapshots: SnapshotRx) {
@@ -47,7 +51,9 @@ pub async fn serve(listener: TcpListener, redirect: Arc<Redirect>, snapshots: Sn
         let snapshots = snapshots.clone();
         tokio::spawn(async move {
             let Ok(local) = stream.local_addr() else { return };
-            let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else { return };
+            let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else {
+                return;
+            };
             let Some(orig) = redirect.take_flow(peer, local) else {
                 tracing::warn!(client = %peer, "no capture record for this connection (it did not come through mesh_connect4); closing");
                 return;
@@ -76,7 +82,10 @@ async fn proxy(mut downstream: TcpStream, dst: SocketAddrV4) {
             return;
         }
         Err(_) => {
-            tracing::warn!(timeout_ms = CONNECT_TIMEOUT.as_millis() as u64, "connect to original destination timed out");
+            tracing::warn!(
+                timeout_ms = CONNECT_TIMEOUT.as_millis() as u64,
+                "connect to original destination timed out"
+            );
             return;
         }
     };
@@ -100,7 +109,12 @@ async fn proxy(mut downstream: TcpStream, dst: SocketAddrV4) {
     let duration_ms = started.elapsed().as_millis() as u64;
     match (sent, received) {
         (Ok(sent), Ok(received)) => {
-            tracing::info!(bytes_sent = sent, bytes_received = received, duration_ms, "connection closed")
+            tracing::info!(
+                bytes_sent = sent,
+                bytes_received = received,
+                duration_ms,
+                "connection closed"
+            )
         }
         (sent, received) => tracing::info!(
             upstream = ?sent.map_err(|e| e.to_string()),

@@ -55,7 +55,12 @@ enum Cmd {
 fn main() {
     match Cli::parse().cmd {
         Cmd::Serve { port } => serve(port),
-        Cmd::Send { to, bytes, seed, hold_ms } => std::process::exit(send(to, bytes, seed, hold_ms)),
+        Cmd::Send {
+            to,
+            bytes,
+            seed,
+            hold_ms,
+        } => std::process::exit(send(to, bytes, seed, hold_ms)),
         Cmd::LabUpAndHang { agent_bin } => {
             let topo: xtask::lab::Topology = serde_json::from_value(serde_json::json!({
                 "nodes": [{"name": "node-a"}, {"name": "node-b"}],
@@ -65,7 +70,12 @@ fn main() {
                 ],
             }))
             .expect("topology");
-            let opts = xtask::lab::UpOptions { agent_bin, policy_dir: None, start_agents: true, agent_args: vec![] };
+            let opts = xtask::lab::UpOptions {
+                agent_bin,
+                policy_dir: None,
+                start_agents: true,
+                agent_args: vec![],
+            };
             xtask::lab::Lab::up(&topo, &opts).expect("lab up");
             println!("up");
             loop {
@@ -188,7 +198,12 @@ fn read_retrying(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usiz
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match stream.read(buf) {
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
                 if Instant::now() > deadline {
                     return Err(e);
                 }
