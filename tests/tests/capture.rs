@@ -270,30 +270,27 @@ fn bpftool_prints_every_map_as_typed_structs() {
         ("mesh_splice", "messages"),
         ("mesh_capture", "redirected"),
     ];
-    for (map, field) in expect {
+    let dump = |map: &str| {
         let path = t.lab.pin_dir("node-a").join(map);
         let out = Command::new("bpftool")
             .args(["map", "dump", "pinned"])
             .arg(&path)
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
             "bpftool on {map}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    for (map, field) in expect {
+        let text = dump(map);
         assert!(text.contains(field), "{map}: no field {field} in\n{text}");
     }
     // The kernel gives sockhash maps no BTF: bpftool prints their keys as
     // bytes. pod-a's address (198.18.1.10 = c6 12 01 0a) must be among them.
-    let path = t.lab.pin_dir("node-a").join("mesh_socks");
-    let out = Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = dump("mesh_socks");
     assert!(
         text.contains("key:") && text.contains("c6 12 01 0a"),
         "mesh_socks holds no pod-a socket:\n{text}"

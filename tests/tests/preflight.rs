@@ -8,22 +8,25 @@ fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| xtask::probe::built_binary("mesh-agent"))
 }
 
-fn run_agent(extra: &[&str]) -> (bool, String) {
-    let out = Command::new(agent_bin())
-        .args([
-            "run",
-            "--node-name",
-            "n1",
-            "--source-dir",
-            "/nonexistent",
-            "--capture-ip",
-            "198.18.99.1",
-        ])
-        .args(["--bpffs-dir", "/sys/fs/bpf/mesh-preflight-test", "--log-format", "text"])
+/// Runs `mesh-agent run` (optionally through a wrapper such as setpriv) with
+/// settings that pass validation, plus `extra`.
+fn run_agent_via(wrapper: &[&str], agent: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(wrapper.first().map_or(agent.as_os_str(), |w| w.as_ref()));
+    if !wrapper.is_empty() {
+        cmd.args(&wrapper[1..]).arg(agent);
+    }
+    let out = cmd
+        .args(["run", "--node-name", "n1", "--source-dir", "/nonexistent"])
+        .args(["--capture-ip", "198.18.99.1", "--log-format", "text"])
+        .args(["--bpffs-dir", "/sys/fs/bpf/mesh-preflight-test"])
         .args(extra)
         .output()
         .expect("run agent");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+fn run_agent(extra: &[&str]) -> (bool, String) {
+    run_agent_via(&[], &agent_bin(), extra)
 }
 
 #[test]
@@ -36,23 +39,9 @@ fn without_root_the_agent_says_so_and_stops() {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&copy)
-        .args([
-            "run",
-            "--node-name",
-            "n1",
-            "--source-dir",
-            "/nonexistent",
-            "--capture-ip",
-            "198.18.99.1",
-        ])
-        .args(["--pod-cgroup-root", "/sys/fs/cgroup", "--log-format", "text"])
-        .output()
-        .expect("run agent");
+    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+    let (ok, err) = run_agent_via(&nobody, &copy, &["--pod-cgroup-root", "/sys/fs/cgroup"]);
     let _ = std::fs::remove_dir_all(&dir);
-    let (ok, err) = (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string());
     assert!(!ok);
     assert!(err.contains("must run as root"), "{err}");
 }
