@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(2);
                 }
             };
-            init_tracing(&settings.log);
+            init_tracing(&settings.log, settings.kernel_debug);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(settings.worker_threads)
                 .enable_all()
@@ -49,9 +49,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_tracing(log: &config::LogSettings) {
+fn init_tracing(log: &config::LogSettings, kernel_debug: bool) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Kernel lines arrive through aya-log under the `mesh` target at debug
+    // level; asking for them should be enough to see them.
+    let directives = if kernel_debug { format!("{},mesh=debug", log.level) } else { log.level.clone() };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match log.format {
         config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),

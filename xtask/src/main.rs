@@ -47,6 +47,9 @@ enum LabCmd {
         /// Create the network without starting agents.
         #[arg(long)]
         no_agents: bool,
+        /// Extra flag for every agent, repeatable: --agent-arg=--kernel-debug
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Remove every namespace, veth, cgroup, pin and process the lab made.
     Down,
@@ -90,6 +93,7 @@ fn lab_cmd(cmd: LabCmd) -> anyhow::Result<()> {
             agent_bin,
             release,
             no_agents,
+            agent_args,
         } => {
             let agent_bin = match agent_bin {
                 Some(p) => p,
@@ -102,7 +106,7 @@ fn lab_cmd(cmd: LabCmd) -> anyhow::Result<()> {
                     agent_bin,
                     policy_dir: policy.exists().then_some(policy),
                     start_agents: !no_agents,
-                    agent_args: vec![],
+                    agent_args,
                 },
             )?;
             print!("{}", lab.status());
