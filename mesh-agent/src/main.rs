@@ -3,6 +3,7 @@
 
 mod app;
 mod config;
+mod identity;
 mod preflight;
 mod redirect;
 mod source;

@@ -1,0 +1,216 @@
+//! `mesh-agent ca serve`: the mesh CA's gRPC API on 15012, TLS 1.3 only.
+//!
+//! Every request is authenticated as a node (a bearer credential: in
+//! Kubernetes a ServiceAccount token for TokenReview, in the lab a per-node
+//! bootstrap token listed in the credentials file) and authorized against
+//! the workloads scheduled on that node. Every decision is one audit line.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use super::{
+    SpiffeId,
+    authority::Authority,
+    proto::{
+        CreateCertificateRequest, CreateCertificateResponse,
+        certificate_authority_server::{CertificateAuthority, CertificateAuthorityServer},
+    },
+    provider::CA_SERVER_NAME,
+};
+use crate::state::SnapshotRx;
+
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The node credentials file: who may authenticate as which node.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    credentials: Vec<Credential>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Credential {
+    node: String,
+    /// Hex SHA-256 of the token: the file never holds the token itself.
+    token_sha256: String,
+    /// Unix seconds after which the credential is refused.
+    expires_unix: Option<u64>,
+}
+
+pub struct CaService {
+    authority: Arc<Authority>,
+    credentials: PathBuf,
+    snapshots: SnapshotRx,
+    trust_domain: String,
+}
+
+impl CaService {
+    pub fn new(authority: Arc<Authority>, credentials: PathBuf, snapshots: SnapshotRx, trust_domain: String) -> Self {
+        CaService { authority, credentials, snapshots, trust_domain }
+    }
+
+    /// The node this request speaks for. The file is re-read per request
+    /// (it is small), so rotating or revoking a credential needs no restart.
+    fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, Status> {
+        let token = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing node credential: send `authorization: Bearer <token>`"))?;
+        let text = std::fs::read_to_string(&self.credentials).map_err(|e| {
+            tracing::error!(file = %self.credentials.display(), error = %e, "cannot read node credentials");
+            Status::unavailable("the CA cannot read its node credentials; see the CA log")
+        })?;
+        let file: CredentialsFile = serde_yaml::from_str(&text).map_err(|e| {
+            tracing::error!(file = %self.credentials.display(), error = %e, "node credentials file is invalid");
+            Status::unavailable("the CA's node credentials file is invalid; see the CA log")
+        })?;
+        let hash = super::authority::hex(&Sha256::digest(token.trim().as_bytes()));
+        let cred = file
+            .credentials
+            .iter()
+            .find(|c| c.token_sha256.eq_ignore_ascii_case(&hash))
+            .ok_or_else(|| Status::unauthenticated("unknown node credential"))?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        if let Some(exp) = cred.expires_unix {
+            if now >= exp {
+                return Err(Status::unauthenticated(format!(
+                    "node credential for {} expired at unix time {exp}; issue the node a fresh one",
+                    cred.node
+                )));
+            }
+        }
+        Ok(cred.node.clone())
+    }
+
+    /// Nodes that run a workload with this identity.
+    fn nodes_running(&self, id: &SpiffeId) -> BTreeSet<String> {
+        let snap = self.snapshots.borrow().clone();
+        snap.pods
+            .values()
+            .filter(|p| p.namespace == id.namespace && p.service_account == id.service_account)
+            .map(|p| p.node.clone())
+            .collect()
+    }
+
+    fn decide(&self, request: Request<CreateCertificateRequest>) -> Result<(String, SpiffeId, CreateCertificateResponse, String), (Option<String>, Status)> {
+        let node = self.authenticate(request.metadata()).map_err(|s| (None, s))?;
+        let req = request.into_inner();
+        let deny = |s: Status| (Some(node.clone()), s);
+        let id = SpiffeId::parse_in(&req.identity, &self.trust_domain)
+            .map_err(|e| deny(Status::invalid_argument(e.to_string())))?;
+        let nodes = self.nodes_running(&id);
+        if !nodes.contains(&node) {
+            let where_ = if nodes.is_empty() {
+                "no node".to_string()
+            } else {
+                nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+            };
+            return Err(deny(Status::permission_denied(format!(
+                "node {node} may only obtain identities of workloads scheduled on it; {id} runs on {where_}"
+            ))));
+        }
+        let ttl = if req.ttl_seconds == 0 { DEFAULT_TTL } else { Duration::from_secs(req.ttl_seconds) };
+        let issued = self
+            .authority
+            .sign(&id, &req.csr_der, ttl)
+            .map_err(|e| deny(Status::invalid_argument(e.to_string())))?;
+        let serial = issued.serial.clone();
+        let resp = CreateCertificateResponse {
+            cert_chain_der: issued.chain.into_iter().map(|c| c.to_vec()).collect(),
+            root_der: issued.root.to_vec(),
+        };
+        Ok((node, id, resp, serial))
+    }
+}
+
+#[tonic::async_trait]
+impl CertificateAuthority for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<CreateCertificateRequest>,
+    ) -> Result<Response<CreateCertificateResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let identity = request.get_ref().identity.clone();
+        match self.decide(request) {
+            Ok((node, id, resp, serial)) => {
+                tracing::info!(target: "audit", kind = "ca_issue", verdict = "allow", node = %node, identity = %id, serial = %serial, peer = %peer, "certificate issued");
+                Ok(Response::new(resp))
+            }
+            Err((node, status)) => {
+                tracing::warn!(target: "audit", kind = "ca_issue", verdict = "deny", node = node.as_deref().unwrap_or(""), identity = %identity, code = ?status.code(), reason = %status.message(), peer = %peer, "certificate refused");
+                Err(status)
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {err} (is the port free and the address on this host?)")]
+    Bind { addr: SocketAddr, err: std::io::Error },
+    #[error("cannot make the CA's serving certificate: {0}")]
+    Cert(String),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves the CA until the future is dropped.
+pub async fn serve(service: CaService, listen: SocketAddr) -> Result<(), ServeError> {
+    let (chain, key) = service
+        .authority
+        .server_certificate(&[CA_SERVER_NAME.to_string()], &[listen.ip()])
+        .map_err(|e| ServeError::Cert(e.to_string()))?;
+    let key = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| ServeError::Cert(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServeError::Cert(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| ServeError::Cert(e.to_string()))?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind(listen).await.map_err(|err| ServeError::Bind { addr: listen, err })?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Handshakes run in their own tasks with a deadline: a client that sends
+    // garbage or stalls mid-handshake never holds up anyone else.
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(peer = %peer, error = %e, "CA: TLS handshake failed"),
+                    Err(_) => tracing::warn!(peer = %peer, "CA: TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tracing::info!(listen = %listen, "mesh CA serving");
+    tonic::transport::Server::builder()
+        .add_service(CertificateAuthorityServer::new(service))
+        .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?;
+    Ok(())
+}
+
+/// The credential a node agent presents, read from its token file.
+pub fn token_hash(token: &str) -> String {
+    super::authority::hex(&Sha256::digest(token.trim().as_bytes()))
+}
+
