@@ -5,9 +5,21 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tokio::signal::unix::SignalKind;
 
+use std::collections::BTreeSet;
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
 use crate::{
-    config::Settings,
-    preflight,
+    config::{CaCommand, CertSource, Settings},
+    identity::{
+        SpiffeId,
+        authority::Authority,
+        manager::{IdentityManager, Timing},
+        provider::{CertificateProvider, LocalCa, MeshCaClient},
+        server::{CaService, serve as serve_ca},
+    },
+    metrics, preflight,
     redirect::{Redirect, RedirectOptions},
     source, state,
     tunnel::outbound,
@@ -55,6 +67,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     ));
     tokio::spawn(heartbeat(redirect.clone()));
 
+    let mut registry = Registry::default();
+    let identities = start_identities(&s, rx.clone(), &mut registry)?;
+    let metrics_listener = metrics::bind(s.metrics_addr).await?;
+    tokio::spawn(metrics::serve(metrics_listener, Arc::new(registry)));
+
     tracing::info!(
         node = %s.node_name,
         outbound = %format!("{}:{}", s.capture_ip, s.outbound_port),
@@ -63,6 +80,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         bpffs = %s.bpffs_dir.display(),
         fail_open = s.fail_open,
         splice = s.splice,
+        identities = identities.is_some(),
+        metrics = %s.metrics_addr,
         "agent ready"
     );
 
@@ -73,6 +92,140 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("terminated; pins stay in place"),
     }
     Ok(())
+}
+
+/// Starts the identity manager when a certificate source is configured.
+fn start_identities(
+    s: &Settings,
+    snapshots: state::SnapshotRx,
+    registry: &mut Registry,
+) -> anyhow::Result<Option<Arc<IdentityManager>>> {
+    let Some(source) = &s.identity.source else {
+        tracing::info!("no --ca-addr or --local-ca-dir: running without workload certificates");
+        return Ok(None);
+    };
+    let provider: Arc<dyn CertificateProvider> = match source {
+        CertSource::MeshCa { addr, root, token_file } => {
+            let pem =
+                std::fs::read(root).with_context(|| format!("reading the CA root {} (--ca-root)", root.display()))?;
+            Arc::new(MeshCaClient::new(addr, &pem, token_file.clone())?)
+        }
+        CertSource::LocalCa { dir } => Arc::new(LocalCa::new(Arc::new(Authority::load(dir)?))),
+    };
+    let manager = IdentityManager::new(provider, Timing::for_ttl(s.identity.ttl));
+    manager.metrics.register(registry);
+    let (tx, rx) = watch::channel(BTreeSet::new());
+    tokio::spawn(manager.clone().run(rx));
+    tokio::spawn(wanted_identities(
+        snapshots,
+        s.node_name.clone(),
+        s.identity.trust_domain.clone(),
+        tx,
+    ));
+    Ok(Some(manager))
+}
+
+/// The identities this node needs: the ServiceAccounts of its pods.
+async fn wanted_identities(
+    mut snapshots: state::SnapshotRx,
+    node: String,
+    trust_domain: String,
+    tx: watch::Sender<BTreeSet<SpiffeId>>,
+) {
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        let want: BTreeSet<SpiffeId> = snap
+            .pods
+            .values()
+            .filter(|p| p.node == node)
+            .filter_map(
+                |p| match SpiffeId::new(&trust_domain, &p.namespace, &p.service_account) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tracing::warn!(pod = %p.workload_name(), error = %e, "pod has no valid identity");
+                        None
+                    }
+                },
+            )
+            .collect();
+        tx.send_if_modified(|cur| {
+            let changed = *cur != want;
+            *cur = want;
+            changed
+        });
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `mesh-agent ca ...`.
+pub async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init { dir, trust_domain } => {
+            let cert = Authority::init(&dir, &trust_domain)?;
+            println!(
+                "created a root CA for trust domain {trust_domain}:\n  certificate {}\n  private key {} (mode 0600; keep it secret)\nserve it with: mesh-agent ca serve --dir {} --node-credentials FILE --source-dir DIR",
+                cert.display(),
+                dir.join(crate::identity::authority::CA_KEY).display(),
+                dir.display()
+            );
+            Ok(())
+        }
+        CaCommand::Serve {
+            dir,
+            listen,
+            node_credentials,
+            source_dir,
+            trust_domain,
+            ..
+        } => {
+            let authority = Arc::new(Authority::load(&dir)?);
+            let (tx, rx) = state::channel();
+            match source::file::load(&source_dir) {
+                Ok(mut snap) => {
+                    snap.generation = 1;
+                    let _ = tx.send(Arc::new(snap));
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "source: initial read failed; refusing every request until it reads")
+                }
+            }
+            tokio::spawn(source::file::watch(source_dir, tx));
+            let service = CaService::new(authority, node_credentials, rx, trust_domain);
+            let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+            tokio::select! {
+                r = serve_ca(service, listen) => r?,
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            Ok(())
+        }
+        CaCommand::Request {
+            ca_addr,
+            ca_root,
+            node_token_file,
+            identity,
+            ttl,
+        } => {
+            let pem = std::fs::read(&ca_root).with_context(|| format!("reading {}", ca_root.display()))?;
+            let client = MeshCaClient::new(&ca_addr, &pem, node_token_file)?;
+            let id: SpiffeId = identity.parse()?;
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let csr = crate::identity::authority::csr_for(&id, &key)?;
+            let issued = client.issue(&id, csr, ttl).await?;
+            let not_after = issued
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            println!(
+                "{}",
+                serde_json::json!({"identity": id.uri(), "serial": issued.serial, "not_after_unix": not_after})
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Re-applies the latest snapshot when it changes, and every second so pods

@@ -1,6 +1,6 @@
 //! Command line and settings. Every flag has an environment fallback so the
 //! DaemonSet can configure the agent from its pod spec.
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -22,8 +22,59 @@ pub enum Command {
     /// Run the node agent: load and attach the eBPF programs, enroll this
     /// node's pods, and serve the outbound capture listener.
     Run(RunArgs),
+    /// The mesh CA: `ca init` creates a root, `ca serve` runs the gRPC
+    /// certificate-signing API, `ca request` asks it for a certificate as a node.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Print the agent version and its kernel map layout version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a new self-signed root CA (ca.crt, ca.key with mode 0600) in DIR.
+    Init {
+        #[arg(long, env = "MESH_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Serve the certificate-signing API (gRPC over TLS 1.3).
+    Serve {
+        /// Directory with ca.crt and ca.key (and root.crt when ca.crt is an
+        /// intermediate): files, or a mounted Kubernetes Secret.
+        #[arg(long, env = "MESH_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddr,
+        /// YAML list of node credentials: `credentials: [{node, tokenSha256, expiresUnix}]`.
+        #[arg(long, env = "MESH_NODE_CREDENTIALS")]
+        node_credentials: PathBuf,
+        /// Where the CA learns which workloads run on which node (file source).
+        #[arg(long, env = "MESH_SOURCE_DIR")]
+        source_dir: PathBuf,
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+        log_format: LogFormat,
+    },
+    /// Request a certificate as a node (operators and tests): prints the
+    /// serial and expiry, or the CA's refusal.
+    Request {
+        #[arg(long, env = "MESH_CA_ADDR")]
+        ca_addr: String,
+        #[arg(long, env = "MESH_CA_ROOT")]
+        ca_root: PathBuf,
+        #[arg(long, env = "MESH_NODE_TOKEN_FILE")]
+        node_token_file: PathBuf,
+        /// spiffe://<trust-domain>/ns/<ns>/sa/<sa>
+        #[arg(long)]
+        identity: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +115,37 @@ pub struct RunArgs {
     /// sockops + sk_msg. `--splice=false` sends them through TCP/IP instead.
     #[arg(long, env = "MESH_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
     pub splice: bool,
+
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Mesh CA address (host:port). With it, the agent obtains a certificate
+    /// for every workload identity on this node.
+    #[arg(long, env = "MESH_CA_ADDR", requires_all = ["ca_root", "node_token_file"])]
+    pub ca_addr: Option<String>,
+
+    /// PEM root the mesh CA's certificates chain to.
+    #[arg(long, env = "MESH_CA_ROOT")]
+    pub ca_root: Option<PathBuf>,
+
+    /// File holding this node's credential for the CA (in Kubernetes the
+    /// projected ServiceAccount token).
+    #[arg(long, env = "MESH_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
+
+    /// Sign workload certificates in-process from this CA directory instead of
+    /// asking a CA service (single node, no CA Deployment).
+    #[arg(long, env = "MESH_LOCAL_CA_DIR", conflicts_with = "ca_addr")]
+    pub local_ca_dir: Option<PathBuf>,
+
+    /// Workload certificate lifetime (1m to 7d); renewed at half-life.
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+
+    /// Prometheus /metrics listener.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: std::net::SocketAddr,
 
     /// Forward the kernel programs' aya-log debug lines to the agent log.
     #[arg(long, env = "MESH_KERNEL_DEBUG", default_value_t = false)]
@@ -106,12 +188,38 @@ pub struct Settings {
     pub fail_open: bool,
     pub kernel_debug: bool,
     pub splice: bool,
+    pub identity: IdentitySettings,
+    pub metrics_addr: std::net::SocketAddr,
     pub worker_threads: usize,
     pub log: LogSettings,
 }
 
+/// Where workload certificates come from.
+#[derive(Debug)]
+pub struct IdentitySettings {
+    pub trust_domain: String,
+    pub source: Option<CertSource>,
+    pub ttl: Duration,
+}
+
+#[derive(Debug)]
+pub enum CertSource {
+    MeshCa {
+        addr: String,
+        root: PathBuf,
+        token_file: PathBuf,
+    },
+    LocalCa {
+        dir: PathBuf,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--cert-ttl must be between 1m and 7d, got {0:?}")]
+    CertTtl(Duration),
+    #[error("--trust-domain {0:?} is not a valid trust domain")]
+    TrustDomain(String),
     #[error("--node-name must not be empty: set it to this node's Kubernetes name (NODE_NAME)")]
     EmptyNodeName,
     #[error("--outbound-port must be 1-65535")]
@@ -139,6 +247,12 @@ impl Settings {
         if !(1..=64).contains(&a.worker_threads) {
             return Err(ConfigError::WorkerThreads(a.worker_threads));
         }
+        if !(Duration::from_secs(60)..=Duration::from_secs(7 * 24 * 3600)).contains(&a.cert_ttl) {
+            return Err(ConfigError::CertTtl(a.cert_ttl));
+        }
+        if crate::identity::SpiffeId::new(&a.trust_domain, "x", "x").is_err() {
+            return Err(ConfigError::TrustDomain(a.trust_domain));
+        }
         if !a.bpffs_dir.is_absolute() {
             return Err(ConfigError::RelativeBpffs(a.bpffs_dir));
         }
@@ -152,6 +266,18 @@ impl Settings {
             fail_open: a.fail_open,
             kernel_debug: a.kernel_debug,
             splice: a.splice,
+            identity: IdentitySettings {
+                trust_domain: a.trust_domain,
+                source: match (a.ca_addr, a.ca_root, a.node_token_file, a.local_ca_dir) {
+                    (Some(addr), Some(root), Some(token_file), _) => {
+                        Some(CertSource::MeshCa { addr, root, token_file })
+                    }
+                    (_, _, _, Some(dir)) => Some(CertSource::LocalCa { dir }),
+                    _ => None,
+                },
+                ttl: a.cert_ttl,
+            },
+            metrics_addr: a.metrics_addr,
             worker_threads: a.worker_threads,
             log: LogSettings {
                 level: a.log_level,
@@ -209,5 +335,19 @@ mod tests {
         );
         assert!(args(&["--bpffs-dir", "rel"]).unwrap_err().contains("--bpffs-dir"));
         assert!(args(&["--no-such-flag"]).is_err());
+        assert!(args(&["--cert-ttl", "30s"]).unwrap_err().contains("--cert-ttl"));
+        assert!(
+            args(&["--trust-domain", "Bad_Domain"])
+                .unwrap_err()
+                .contains("--trust-domain")
+        );
+        assert!(
+            args(&["--ca-addr", "1.2.3.4:15012"]).is_err(),
+            "a CA address needs the root and a credential"
+        );
+        assert_eq!(
+            args(&["--cert-ttl", "1m"]).unwrap().identity.ttl,
+            Duration::from_secs(60)
+        );
     }
 }

@@ -4,6 +4,7 @@
 mod app;
 mod config;
 mod identity;
+mod metrics;
 mod preflight;
 mod redirect;
 mod source;
@@ -39,6 +40,29 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        config::Command::Ca { command } => {
+            if let config::CaCommand::Serve { log_format, .. } = &command {
+                init_tracing(
+                    &config::LogSettings {
+                        level: "info".into(),
+                        format: *log_format,
+                    },
+                    false,
+                );
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match runtime.block_on(app::run_ca(command)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("mesh-agent ca: {err:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
         config::Command::Version => {
             println!(
                 "mesh-agent {} (map layout v{})",
@@ -54,7 +78,11 @@ fn init_tracing(log: &config::LogSettings, kernel_debug: bool) {
     use tracing_subscriber::{EnvFilter, fmt};
     // Kernel lines arrive through aya-log under the `mesh` target at debug
     // level; asking for them should be enough to see them.
-    let directives = if kernel_debug { format!("{},mesh=debug", log.level) } else { log.level.clone() };
+    let directives = if kernel_debug {
+        format!("{},mesh=debug", log.level)
+    } else {
+        log.level.clone()
+    };
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match log.format {

@@ -1,1 +1,136 @@
-//! End-to-end tests live in tests/; labtool is in src/bin.
+//! Shared pieces of the end-to-end tests: the per-test lab and its traffic.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xtask::{
+    lab::{self, Lab, Topology, UpOptions},
+    probe::{self, Traffic},
+};
+
+pub const TOPOLOGY: &str = "
+nodes: [{name: node-a}, {name: node-b}]
+pods:
+  - {name: pod-a, namespace: t, serviceAccount: sa-a, node: node-a}
+  - {name: pod-b, namespace: t, serviceAccount: sa-b, node: node-a}
+  - {name: pod-c, namespace: t, serviceAccount: sa-c, node: node-b}
+";
+pub const PORT: u16 = 8080;
+
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("MESH_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| probe::built_binary("mesh-agent"))
+}
+
+/// The lab for one test; removed on drop, also when the test panics.
+pub struct TestLab {
+    pub lab: Lab,
+    servers: Vec<Child>,
+    labtool: PathBuf,
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        lab::down().expect("lab down");
+    }
+}
+
+impl TestLab {
+    pub fn up(agent_args: &[&str], labtool: &str) -> TestLab {
+        assert!(
+            std::fs::metadata(agent_bin()).is_ok(),
+            "agent binary {} missing: run through `cargo xtask test`",
+            agent_bin().display()
+        );
+        lab::down().expect("clean slate");
+        let topo: Topology = serde_yaml_from(TOPOLOGY);
+        let lab = Lab::up(
+            &topo,
+            &UpOptions {
+                agent_bin: agent_bin(),
+                policy_dir: None,
+                start_agents: true,
+                agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+        .expect("lab up");
+        let mut t = TestLab {
+            lab,
+            servers: vec![],
+            labtool: PathBuf::from(labtool),
+        };
+        for pod in ["pod-b", "pod-c"] {
+            let child = t.traffic().serve(pod, PORT).expect("server");
+            t.servers.push(child);
+        }
+        t
+    }
+
+    pub fn traffic(&self) -> Traffic<'_> {
+        Traffic {
+            lab: &self.lab,
+            labtool: self.labtool.clone(),
+        }
+    }
+
+    pub fn addr(&self, pod: &str) -> SocketAddr {
+        SocketAddr::from((self.lab.pod(pod).unwrap().ip, PORT))
+    }
+
+    pub fn proxied(&self, node: &str) -> Vec<Value> {
+        probe::proxied_connections(&self.lab, node)
+    }
+
+    /// Waits (briefly) for the agent's "connection closed" records to reach `n`.
+    pub fn wait_proxied(&self, node: &str, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let recs = self.proxied(node);
+            if recs.len() >= n || Instant::now() > deadline {
+                return recs;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn serde_yaml_from(text: &str) -> Topology {
+    // The lab's own parser (via a file) keeps one code path for topologies.
+    let path = std::env::temp_dir().join(format!("mesh-topology-{}.yaml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let topo = Topology::from_file(&path).unwrap();
+    let _ = std::fs::remove_file(path);
+    topo
+}
+
+pub fn assert_intact(r: &Value) {
+    assert_eq!(r["ok"], true, "transfer not intact: {r}");
+    assert_eq!(r["sent_sha256"], r["reply"]["sha256"], "{r}");
+}
+
+/// Waits until `f` holds, polling; panics with `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// JSON log records of a file (agents and the CA log JSON lines).
+pub fn log_records(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

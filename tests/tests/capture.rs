@@ -5,121 +5,26 @@
 //! Every test builds its own lab and removes it in a guard's Drop, so a
 //! failing assertion still cleans up.
 use std::{
-    net::SocketAddr,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use mesh_tests::{TestLab, agent_bin, assert_intact};
 use serde_json::Value;
 use xtask::{
-    lab::{self, Lab, Topology, UpOptions},
-    probe::{self, Traffic},
+    lab::{self, Lab},
+    probe,
 };
 
-const TOPOLOGY: &str = "
-nodes: [{name: node-a}, {name: node-b}]
-pods:
-  - {name: pod-a, namespace: t, serviceAccount: sa-a, node: node-a}
-  - {name: pod-b, namespace: t, serviceAccount: sa-b, node: node-a}
-  - {name: pod-c, namespace: t, serviceAccount: sa-c, node: node-b}
-";
-const PORT: u16 = 8080;
+const LABTOOL: &str = env!("CARGO_BIN_EXE_labtool");
 
-fn agent_bin() -> PathBuf {
-    std::env::var_os("MESH_AGENT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| probe::built_binary("mesh-agent"))
-}
-
-/// The lab for one test; removed on drop, also when the test panics.
-struct TestLab {
-    lab: Lab,
-    servers: Vec<Child>,
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        for s in &mut self.servers {
-            let _ = s.kill();
-            let _ = s.wait();
-        }
-        lab::down().expect("lab down");
-    }
-}
-
-impl TestLab {
-    fn up(agent_args: &[&str]) -> TestLab {
-        assert!(
-            std::fs::metadata(agent_bin()).is_ok(),
-            "agent binary {} missing: run through `cargo xtask test`",
-            agent_bin().display()
-        );
-        lab::down().expect("clean slate");
-        let topo: Topology = serde_yaml_from(TOPOLOGY);
-        let lab = Lab::up(
-            &topo,
-            &UpOptions {
-                agent_bin: agent_bin(),
-                policy_dir: None,
-                start_agents: true,
-                agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
-            },
-        )
-        .expect("lab up");
-        let mut t = TestLab { lab, servers: vec![] };
-        for pod in ["pod-b", "pod-c"] {
-            let child = t.traffic().serve(pod, PORT).expect("server");
-            t.servers.push(child);
-        }
-        t
-    }
-
-    fn traffic(&self) -> Traffic<'_> {
-        Traffic {
-            lab: &self.lab,
-            labtool: PathBuf::from(env!("CARGO_BIN_EXE_labtool")),
-        }
-    }
-
-    fn addr(&self, pod: &str) -> SocketAddr {
-        SocketAddr::from((self.lab.pod(pod).unwrap().ip, PORT))
-    }
-
-    fn proxied(&self, node: &str) -> Vec<Value> {
-        probe::proxied_connections(&self.lab, node)
-    }
-
-    /// Waits (briefly) for the agent's "connection closed" records to reach `n`.
-    fn wait_proxied(&self, node: &str, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let recs = self.proxied(node);
-            if recs.len() >= n || Instant::now() > deadline {
-                return recs;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn serde_yaml_from(text: &str) -> Topology {
-    // The lab's own parser (via a file) keeps one code path for topologies.
-    let path = std::env::temp_dir().join(format!("mesh-topology-{}.yaml", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    let topo = Topology::from_file(&path).unwrap();
-    let _ = std::fs::remove_file(path);
-    topo
-}
-
-fn assert_intact(r: &Value) {
-    assert_eq!(r["ok"], true, "transfer not intact: {r}");
-    assert_eq!(r["sent_sha256"], r["reply"]["sha256"], "{r}");
+fn up(agent_args: &[&str]) -> TestLab {
+    TestLab::up(agent_args, LABTOOL)
 }
 
 #[test]
 fn same_node_traffic_is_spliced_in_the_kernel_and_never_reaches_the_agent() {
-    let t = TestLab::up(&[]);
+    let t = up(&[]);
     let size: u64 = 8 << 20;
     let before = probe::splice_counters(&t.lab, "node-a").unwrap();
     let r = t.traffic().send("pod-a", t.addr("pod-b"), size).unwrap();
@@ -146,7 +51,7 @@ fn same_node_traffic_is_spliced_in_the_kernel_and_never_reaches_the_agent() {
 
 #[test]
 fn cross_node_traffic_goes_through_the_agent_which_names_the_source_workload() {
-    let t = TestLab::up(&[]);
+    let t = up(&[]);
     let size: u64 = 8 << 20;
     let r = t.traffic().send("pod-a", t.addr("pod-c"), size).unwrap();
     assert_intact(&r);
@@ -172,7 +77,7 @@ fn cross_node_traffic_goes_through_the_agent_which_names_the_source_workload() {
 
 #[test]
 fn unenrolled_processes_and_the_agents_own_connections_are_not_captured() {
-    let t = TestLab::up(&[]);
+    let t = up(&[]);
     // A node process outside every pod cgroup reaches pod-c directly.
     let r = t.traffic().send_from_node("node-a", t.addr("pod-c"), 1 << 20).unwrap();
     assert_intact(&r);
@@ -194,7 +99,7 @@ fn unenrolled_processes_and_the_agents_own_connections_are_not_captured() {
 
 #[test]
 fn with_the_agent_down_captured_connects_fail_at_once_and_recover_on_restart() {
-    let t = TestLab::up(&[]);
+    let t = up(&[]);
     let dst = t.addr("pod-c");
     assert_intact(&t.traffic().send("pod-a", dst, 1 << 16).unwrap());
     t.lab.stop_agent("node-a").unwrap();
@@ -218,7 +123,7 @@ fn with_the_agent_down_captured_connects_fail_at_once_and_recover_on_restart() {
 
 #[test]
 fn fail_open_lets_captured_connects_through_while_the_agent_is_down() {
-    let t = TestLab::up(&["--fail-open"]);
+    let t = up(&["--fail-open"]);
     let dst = t.addr("pod-c");
     t.lab.stop_agent("node-a").unwrap();
     // The agent's liveness window (3 s) must lapse first.
@@ -233,7 +138,7 @@ fn fail_open_lets_captured_connects_through_while_the_agent_is_down() {
 
 #[test]
 fn splicing_can_be_turned_off() {
-    let t = TestLab::up(&["--splice=false"]);
+    let t = up(&["--splice=false"]);
     let r = t.traffic().send("pod-a", t.addr("pod-b"), 1 << 20).unwrap();
     assert_intact(&r);
     let r = t.traffic().send("pod-a", t.addr("pod-c"), 1 << 20).unwrap();
@@ -243,7 +148,7 @@ fn splicing_can_be_turned_off() {
 
 #[test]
 fn bpftool_prints_every_map_as_typed_structs() {
-    let t = TestLab::up(&[]);
+    let t = up(&[]);
     // Hold a same-node connection open so the sockhash has an entry.
     let held = t
         .lab

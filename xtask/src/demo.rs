@@ -56,7 +56,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let web_addr = SocketAddr::from((web.ip, 8080));
     let db_addr = SocketAddr::from((db.ip, 8080));
     let _servers = [t.serve("web", 8080)?, t.serve("db", 8080)?];
-    const TOTAL: usize = 4;
+    const TOTAL: usize = 5;
     const SIZE: u64 = 16 << 20;
 
     step(
@@ -122,13 +122,30 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let r = t.send("client", db_addr, 1 << 20)?;
     report(&r)?;
 
+    step(5, TOTAL, "identities: each agent holds SPIFFE certificates for its own pods only (in memory)");
+    for n in &lab.nodes {
+        for r in probe::agent_records(&lab, &n.name).iter().filter(|r| r["message"] == "certificate issued") {
+            eprintln!("    {}: {} serial {} (expires in {} s)", n.name, r["identity"], r["serial"], r["expires_in_s"]);
+        }
+    }
+    let out = lab
+        .node_exec("node-a", &lab.agent_bin.to_string_lossy())?
+        .args(["ca", "request", "--ca-addr", &format!("{}:{}", lab::CA_IP, lab::CA_PORT)])
+        .arg("--ca-root")
+        .arg(lab.ca_dir().join("ca.crt"))
+        .arg("--node-token-file")
+        .arg(lab.node_token_file("node-a"))
+        .args(["--identity", "spiffe://cluster.local/ns/demo/sa/db"])
+        .output()?;
+    eprintln!("    node-a asks the CA for db's identity: {}", String::from_utf8_lossy(&out.stderr).trim());
+
     eprintln!("\nInspect the datapath yourself (with --keep):");
     eprintln!(
         "    bpftool map dump pinned {}",
         lab.pin_dir("node-a").join("mesh_splice").display()
     );
     eprintln!("    cargo xtask lab exec client -- ip addr   |   cargo xtask lab status   |   cargo xtask lab down");
-    eprintln!("\nNot in this demo yet: SMI policy enforcement (allowed/denied) and mTLS tunnels; see the open issues.");
+    eprintln!("\nNot in this demo yet: SMI policy enforcement (allowed/denied) and mTLS tunnels between nodes; see the open issues.");
     Ok(())
 }
 

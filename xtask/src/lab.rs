@@ -20,11 +20,16 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 pub const PREFIX: &str = "mesh-lab";
 pub const STATE_DIR: &str = "/run/mesh-lab";
 pub const BPFFS_DIR: &str = "/sys/fs/bpf/mesh-lab";
 pub const FABRIC_NETNS: &str = "mesh-lab-fabric";
+/// The mesh CA runs in its own namespace on the fabric, as a Deployment would.
+pub const CA_NETNS: &str = "mesh-lab-ca";
+pub const CA_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CA_PORT: u16 = 15012;
 
 /// The topology file: nodes, and pods placed on them.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -225,6 +230,9 @@ impl Lab {
             if existing.matches(topo) {
                 eprintln!("lab: already up");
                 if opts.start_agents {
+                    if existing.ca_pid().is_none() {
+                        existing.start_ca()?;
+                    }
                     for n in &existing.nodes {
                         if existing.agent_pid(&n.name).is_none() {
                             existing.start_agent(&n.name)?;
@@ -308,6 +316,20 @@ impl Lab {
         ip_in(FABRIC_NETNS, &["link", "set", "lo", "up"])?;
         ip_in(FABRIC_NETNS, &["link", "add", "br0", "type", "bridge"])?;
         ip_in(FABRIC_NETNS, &["link", "set", "br0", "up"])?;
+        eprintln!("lab: CA namespace ({CA_IP})");
+        ip(&["netns", "add", CA_NETNS])?;
+        ip_in(CA_NETNS, &["link", "set", "lo", "up"])?;
+        ip_in(
+            FABRIC_NETNS,
+            &[
+                "link", "add", "vca", "type", "veth", "peer", "name", "eth0", "netns", CA_NETNS,
+            ],
+        )?;
+        ip_in(FABRIC_NETNS, &["link", "set", "vca", "master", "br0", "up"])?;
+        ip_in(CA_NETNS, &["addr", "add", &format!("{CA_IP}/24"), "dev", "eth0"])?;
+        ip_in(CA_NETNS, &["link", "set", "eth0", "up"])?;
+        fs::create_dir_all(self.cgroup_root.join("ca"))?;
+        self.write_ca_material()?;
         for n in &self.nodes {
             eprintln!("lab: node {} ({}, pods 198.18.{}.0/24)", n.name, n.fabric_ip, n.index);
             ip(&["netns", "add", &n.netns])?;
@@ -376,6 +398,7 @@ impl Lab {
         }
         self.write_source(opts.policy_dir.as_deref())?;
         if opts.start_agents {
+            self.start_ca()?;
             for n in &self.nodes {
                 self.start_agent(&n.name)?;
             }
@@ -468,18 +491,19 @@ impl Lab {
     }
 
     pub fn start_agent(&self, node: &str) -> anyhow::Result<()> {
+        self.start_agent_wrapped(node, &[])
+    }
+
+    /// Starts a node's agent, optionally under a wrapper command (e.g.
+    /// strace) placed between the netns switch and the agent.
+    pub fn start_agent_wrapped(&self, node: &str, wrapper: &[&str]) -> anyhow::Result<()> {
         let n = self.node(node)?;
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.agent_log(node))?;
-        // Only lines written by this start count for readiness.
-        let log_start = log.metadata()?.len() as usize;
-        let mut cmd = self.wrapped(
-            &n.netns,
-            &self.cgroup_root.join(&n.name).join("agent"),
-            &self.agent_bin.to_string_lossy(),
-        );
+        let agent = self.agent_bin.to_string_lossy().to_string();
+        let program = wrapper.first().map(|s| s.to_string()).unwrap_or_else(|| agent.clone());
+        let mut cmd = self.wrapped(&n.netns, &self.cgroup_root.join(&n.name).join("agent"), &program);
+        if !wrapper.is_empty() {
+            cmd.args(&wrapper[1..]).arg(&agent);
+        }
         cmd.args(["run", "--node-name", &n.name])
             .arg("--source-dir")
             .arg(&self.source_dir)
@@ -488,46 +512,143 @@ impl Lab {
             .args(["--capture-ip", &n.gateway_ip.to_string()])
             .arg("--bpffs-dir")
             .arg(self.pin_dir(node))
-            .args(&self.agent_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // Own process group: Ctrl-C on the lab command does not hit the agents.
+            .args(["--ca-addr", &format!("{CA_IP}:{CA_PORT}")])
+            .arg("--ca-root")
+            .arg(self.ca_dir().join("ca.crt"))
+            .arg("--node-token-file")
+            .arg(self.node_token_file(node))
+            .args(&self.agent_args);
+        let ready = format!("\"node\":\"{node}\"");
+        self.spawn_logged(
+            cmd,
+            &self.agent_log(node),
+            &self.agent_pid_file(node),
+            &ready,
+            &format!("agent on {node}"),
+        )
+    }
+
+    /// Spawns a lab daemon with its output appended to `log`, and waits
+    /// until a line written by this start contains "ready"/`marker`.
+    fn spawn_logged(
+        &self,
+        mut cmd: Command,
+        log_path: &Path,
+        pid_file: &Path,
+        marker: &str,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+        // Only lines written by this start count for readiness.
+        let log_start = log.metadata()?.len() as usize;
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        // Own process group: Ctrl-C on the lab command does not hit the daemons.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {}", self.agent_bin.display()))?;
-        fs::write(self.agent_pid_file(node), child.id().to_string())?;
-        // Ready when it logs so, or dead with a reason.
+            .with_context(|| format!("starting {what} ({})", self.agent_bin.display()))?;
+        let pid = child.id();
+        fs::write(pid_file, pid.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let text = fs::read_to_string(self.agent_log(node)).unwrap_or_default();
+            let text = fs::read_to_string(log_path).unwrap_or_default();
             let text = text.get(log_start..).unwrap_or("");
-            let pid = child.id();
-            if text
+            let ready = text
                 .lines()
-                .any(|l| l.contains("agent ready") && l.contains(&format!("\"node\":\"{node}\"")))
-                && pid_alive(pid)
-            {
-                eprintln!("lab: agent on {node} ready (pid {pid})");
-                std::mem::forget(child);
+                .any(|l| (l.contains("agent ready") || l.contains("mesh CA serving")) && l.contains(marker));
+            if ready && pid_alive(pid) {
+                eprintln!("lab: {what} ready (pid {pid})");
                 return Ok(());
             }
             if !pid_alive(pid) {
                 let tail: Vec<&str> = text.lines().rev().take(5).collect();
                 bail!(
-                    "agent on {node} exited; last log lines:\n{}",
+                    "{what} exited; last log lines:\n{}",
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
             if Instant::now() > deadline {
-                bail!(
-                    "agent on {node} not ready after 20s; see {}",
-                    self.agent_log(node).display()
-                );
+                bail!("{what} not ready after 20s; see {}", log_path.display());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        Path::new(STATE_DIR).join("ca")
+    }
+
+    pub fn ca_log(&self) -> PathBuf {
+        Path::new(STATE_DIR).join("ca.log")
+    }
+
+    pub fn node_token_file(&self, node: &str) -> PathBuf {
+        Path::new(STATE_DIR).join(format!("node-{node}.token"))
+    }
+
+    pub fn node_credentials_file(&self) -> PathBuf {
+        self.ca_dir().join("node-credentials.yaml")
+    }
+
+    /// A root CA (made by `mesh-agent ca init`) and one bootstrap credential
+    /// per node: the token for the node's agent, its hash for the CA.
+    fn write_ca_material(&self) -> anyhow::Result<()> {
+        run(Command::new(&self.agent_bin)
+            .arg("ca")
+            .arg("init")
+            .arg("--dir")
+            .arg(self.ca_dir()))?;
+        let mut creds = String::from("# node bootstrap credentials (hashes only), made by `lab up`\ncredentials:\n");
+        for n in &self.nodes {
+            let token = random_hex(32)?;
+            write_secret(&self.node_token_file(&n.name), token.as_bytes())?;
+            let hash: String = sha2::Sha256::digest(token.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            creds.push_str(&format!("  - node: {}\n    tokenSha256: {hash}\n", n.name));
+        }
+        fs::write(self.node_credentials_file(), creds)?;
+        Ok(())
+    }
+
+    /// Starts the mesh CA in its namespace and cgroup.
+    pub fn start_ca(&self) -> anyhow::Result<()> {
+        let mut cmd = self.wrapped(
+            CA_NETNS,
+            &self.cgroup_root.join("ca"),
+            &self.agent_bin.to_string_lossy(),
+        );
+        cmd.args(["ca", "serve", "--listen", &format!("{CA_IP}:{CA_PORT}")])
+            .arg("--dir")
+            .arg(self.ca_dir())
+            .arg("--node-credentials")
+            .arg(self.node_credentials_file())
+            .arg("--source-dir")
+            .arg(&self.source_dir);
+        self.spawn_logged(
+            cmd,
+            &self.ca_log(),
+            &Path::new(STATE_DIR).join("ca.pid"),
+            "mesh CA serving",
+            "CA",
+        )
+    }
+
+    pub fn ca_pid(&self) -> Option<u32> {
+        let pid: u32 = fs::read_to_string(Path::new(STATE_DIR).join("ca.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        pid_alive(pid).then_some(pid)
+    }
+
+    pub fn stop_ca(&self) -> anyhow::Result<()> {
+        if let Some(pid) = self.ca_pid() {
+            stop_pid(pid);
+        }
+        Ok(())
     }
 
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
@@ -541,23 +662,20 @@ impl Lab {
 
     /// Stops a node's agent (SIGTERM, then SIGKILL), leaving its pins.
     pub fn stop_agent(&self, node: &str) -> anyhow::Result<()> {
-        let Some(pid) = self.agent_pid(node) else { return Ok(()) };
-        signal(pid, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pid_alive(pid) && Instant::now() < deadline {
-            reap(pid);
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(pid) = self.agent_pid(node) {
+            stop_pid(pid);
         }
-        if pid_alive(pid) {
-            signal(pid, libc::SIGKILL);
-        }
-        reap(pid);
         let _ = fs::remove_file(self.agent_pid_file(node));
         Ok(())
     }
 
     pub fn status(&self) -> String {
         let mut s = String::new();
+        let ca = match self.ca_pid() {
+            Some(pid) => format!("pid {pid}"),
+            None => "DOWN".into(),
+        };
+        s.push_str(&format!("mesh CA {CA_IP}:{CA_PORT}  {ca}\n"));
         for n in &self.nodes {
             let agent = match self.agent_pid(&n.name) {
                 Some(pid) => format!("agent pid {pid}"),
@@ -578,6 +696,38 @@ impl Lab {
         }
         s
     }
+}
+
+/// SIGTERM, a grace period, then SIGKILL.
+fn stop_pid(pid: u32) {
+    signal(pid, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if pid_alive(pid) {
+        signal(pid, libc::SIGKILL);
+    }
+    reap(pid);
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; bytes];
+    fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    Ok(())
 }
 
 fn signal(pid: u32, sig: i32) {

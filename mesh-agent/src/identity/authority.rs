@@ -31,7 +31,11 @@ pub enum AuthorityError {
     #[error("cannot read {path}: {err} (give the CA directory with --dir; create one with `mesh-agent ca init`)")]
     Read { path: PathBuf, err: std::io::Error },
     #[error("{path} does not hold a usable PEM {what}: {err}")]
-    Parse { path: PathBuf, what: &'static str, err: String },
+    Parse {
+        path: PathBuf,
+        what: &'static str,
+        err: String,
+    },
     #[error("{0} already exists: refusing to overwrite a CA (remove it first if you mean it)")]
     Exists(PathBuf),
     #[error("cannot write {path}: {err}")]
@@ -79,7 +83,11 @@ fn read(path: &Path) -> Result<String, AuthorityError> {
 
 fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, AuthorityError> {
     let text = read(path)?;
-    let parse_err = |err: String| AuthorityError::Parse { path: path.into(), what: "certificate", err };
+    let parse_err = |err: String| AuthorityError::Parse {
+        path: path.into(),
+        what: "certificate",
+        err,
+    };
     let blocks = pem::parse_many(text.as_bytes()).map_err(|e| parse_err(e.to_string()))?;
     let certs: Vec<_> = blocks
         .into_iter()
@@ -119,7 +127,11 @@ impl Authority {
         } else {
             (Vec::new(), certs[0].clone())
         };
-        Ok(Authority { issuer, intermediates, root })
+        Ok(Authority {
+            issuer,
+            intermediates,
+            root,
+        })
     }
 
     /// Creates a new self-signed root in `dir` (key mode 0600). Never
@@ -140,17 +152,25 @@ impl Authority {
         dn.push(DnType::CommonName, format!("mesh root CA ({trust_domain})"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(AuthorityError::Generate)?;
         write_private(&key_path, key.serialize_pem().as_bytes())?;
-        std::fs::write(&cert_path, cert.pem()).map_err(|err| AuthorityError::Write { path: cert_path.clone(), err })?;
+        std::fs::write(&cert_path, cert.pem()).map_err(|err| AuthorityError::Write {
+            path: cert_path.clone(),
+            err,
+        })?;
         Ok(cert_path)
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn root(&self) -> &CertificateDer<'static> {
         &self.root
     }
@@ -158,11 +178,12 @@ impl Authority {
     /// Signs a workload leaf for `identity` from a CSR that must carry
     /// exactly that one URI SAN and a valid self-signature.
     pub fn sign(&self, identity: &SpiffeId, csr_der: &[u8], ttl: Duration) -> Result<Issued, CsrError> {
-        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
-            .map_err(|e| match e {
+        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der)).map_err(
+            |e| match e {
                 rcgen::Error::InvalidCertificationRequestSignature => CsrError::Signature,
                 other => CsrError::Malformed(other.to_string()),
-            })?;
+            },
+        )?;
         let expected = identity.uri();
         let sans: Vec<String> = csr.params.subject_alt_names.iter().map(describe_san).collect();
         let only_uri = match csr.params.subject_alt_names.as_slice() {
@@ -172,7 +193,11 @@ impl Authority {
         if !only_uri {
             return Err(CsrError::San {
                 expected,
-                found: if sans.is_empty() { "none".into() } else { sans.join(", ") },
+                found: if sans.is_empty() {
+                    "none".into()
+                } else {
+                    sans.join(", ")
+                },
             });
         }
         if !matches!(csr.params.is_ca, IsCa::NoCa | IsCa::ExplicitNoCa) {
@@ -194,10 +219,17 @@ impl Authority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let leaf = params.signed_by(&csr.public_key, &self.issuer).map_err(|e| CsrError::Sign(e.to_string()))?;
+        let leaf = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| CsrError::Sign(e.to_string()))?;
         let mut chain = vec![leaf.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
-        Ok(Issued { chain, root: self.root.clone(), not_after, serial: serial_hex })
+        Ok(Issued {
+            chain,
+            root: self.root.clone(),
+            not_after,
+            serial: serial_hex,
+        })
     }
 
     /// A TLS server certificate for the CA's own gRPC endpoint.
@@ -208,7 +240,9 @@ impl Authority {
     ) -> Result<(Vec<CertificateDer<'static>>, KeyPair), rcgen::Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(dns_names.to_vec())?;
-        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + time::Duration::days(30);
@@ -251,7 +285,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AuthorityError> {
         .mode(0o600)
         .open(path)
         .map_err(|err| AuthorityError::Write { path: path.into(), err })?;
-    f.write_all(bytes).map_err(|err| AuthorityError::Write { path: path.into(), err })
+    f.write_all(bytes)
+        .map_err(|err| AuthorityError::Write { path: path.into(), err })
 }
 
 /// A CSR for `identity` signed by `key`: exactly one URI SAN, nothing else.
@@ -297,7 +332,14 @@ pub mod tests {
     #[test]
     fn issues_a_leaf_with_exactly_the_requested_identity() {
         let ca = TempCa::new("issue");
-        let issued = ca.authority.sign(&id("web"), &csr_for(&id("web"), &key()).unwrap(), Duration::from_secs(120)).unwrap();
+        let issued = ca
+            .authority
+            .sign(
+                &id("web"),
+                &csr_for(&id("web"), &key()).unwrap(),
+                Duration::from_secs(120),
+            )
+            .unwrap();
         let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
         let san = leaf.subject_alternative_name().unwrap().unwrap().value;
         assert_eq!(san.general_names.len(), 1);
@@ -313,11 +355,17 @@ pub mod tests {
         let ca = TempCa::new("refuse");
         let k = key();
         // SAN for another identity.
-        let err = ca.authority.sign(&id("web"), &csr_for(&id("db"), &k).unwrap(), MIN_TTL).unwrap_err();
+        let err = ca
+            .authority
+            .sign(&id("web"), &csr_for(&id("db"), &k).unwrap(), MIN_TTL)
+            .unwrap_err();
         assert!(matches!(err, CsrError::San { .. }), "{err}");
         assert!(err.to_string().contains("sa/db"));
         // Garbage bytes.
-        assert!(matches!(ca.authority.sign(&id("web"), b"garbage", MIN_TTL), Err(CsrError::Malformed(_))));
+        assert!(matches!(
+            ca.authority.sign(&id("web"), b"garbage", MIN_TTL),
+            Err(CsrError::Malformed(_))
+        ));
         // A CSR whose signature was made by another key (tampered body).
         let mut csr = csr_for(&id("web"), &k).unwrap();
         let n = csr.len();
@@ -326,16 +374,24 @@ pub mod tests {
         assert!(matches!(err, CsrError::Signature | CsrError::Malformed(_)), "{err}");
         // Extra DNS SAN.
         let mut params = CertificateParams::default();
-        params.subject_alt_names =
-            vec![SanType::URI(id("web").uri().try_into().unwrap()), SanType::DnsName("evil.example".try_into().unwrap())];
+        params.subject_alt_names = vec![
+            SanType::URI(id("web").uri().try_into().unwrap()),
+            SanType::DnsName("evil.example".try_into().unwrap()),
+        ];
         let csr = params.serialize_request(&k).unwrap().der().to_vec();
-        assert!(matches!(ca.authority.sign(&id("web"), &csr, MIN_TTL), Err(CsrError::San { .. })));
+        assert!(matches!(
+            ca.authority.sign(&id("web"), &csr, MIN_TTL),
+            Err(CsrError::San { .. })
+        ));
     }
 
     #[test]
     fn init_never_overwrites_and_load_explains_missing_files() {
         let ca = TempCa::new("init");
-        assert!(matches!(Authority::init(&ca.dir, "cluster.local"), Err(AuthorityError::Exists(_))));
+        assert!(matches!(
+            Authority::init(&ca.dir, "cluster.local"),
+            Err(AuthorityError::Exists(_))
+        ));
         let err = Authority::load(Path::new("/nonexistent-ca")).err().unwrap().to_string();
         assert!(err.contains("ca init"), "{err}");
         std::fs::write(ca.dir.join(CA_CERT), "not a certificate").unwrap();

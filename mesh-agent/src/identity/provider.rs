@@ -46,7 +46,9 @@ impl LocalCa {
 #[tonic::async_trait]
 impl CertificateProvider for LocalCa {
     async fn issue(&self, identity: &SpiffeId, csr_der: Vec<u8>, ttl: Duration) -> Result<Issued, ProviderError> {
-        self.authority.sign(identity, &csr_der, ttl).map_err(|e| ProviderError::Local(e.to_string()))
+        self.authority
+            .sign(identity, &csr_der, ttl)
+            .map_err(|e| ProviderError::Local(e.to_string()))
     }
 
     fn describe(&self) -> String {
@@ -66,8 +68,13 @@ pub const CA_SERVER_NAME: &str = "mesh-ca";
 
 impl MeshCaClient {
     pub fn new(addr: &str, root_pem: &[u8], token_file: PathBuf) -> Result<Self, ProviderError> {
-        let unavailable = |detail: String| ProviderError::Unavailable { addr: addr.into(), detail };
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root_pem)).domain_name(CA_SERVER_NAME);
+        let unavailable = |detail: String| ProviderError::Unavailable {
+            addr: addr.into(),
+            detail,
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(root_pem))
+            .domain_name(CA_SERVER_NAME);
         let channel = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| unavailable(e.to_string()))?
             .tls_config(tls)
@@ -76,7 +83,11 @@ impl MeshCaClient {
             .timeout(Duration::from_secs(10))
             // Connect on first use: an agent must start while the CA is down.
             .connect_lazy();
-        Ok(MeshCaClient { addr: addr.into(), channel, token_file })
+        Ok(MeshCaClient {
+            addr: addr.into(),
+            channel,
+            token_file,
+        })
     }
 }
 
@@ -84,8 +95,10 @@ impl MeshCaClient {
 impl CertificateProvider for MeshCaClient {
     async fn issue(&self, identity: &SpiffeId, csr_der: Vec<u8>, ttl: Duration) -> Result<Issued, ProviderError> {
         // Re-read each time: the credential file may be rotated underneath us.
-        let token = std::fs::read_to_string(&self.token_file)
-            .map_err(|err| ProviderError::Credential { path: self.token_file.clone(), err })?;
+        let token = std::fs::read_to_string(&self.token_file).map_err(|err| ProviderError::Credential {
+            path: self.token_file.clone(),
+            err,
+        })?;
         let mut req = tonic::Request::new(CreateCertificateRequest {
             identity: identity.uri(),
             csr_der,
@@ -93,18 +106,32 @@ impl CertificateProvider for MeshCaClient {
         });
         let bearer = format!("Bearer {}", token.trim())
             .parse()
-            .map_err(|_| ProviderError::Credential { path: self.token_file.clone(), err: std::io::Error::other("not ASCII") })?;
+            .map_err(|_| ProviderError::Credential {
+                path: self.token_file.clone(),
+                err: std::io::Error::other("not ASCII"),
+            })?;
         req.metadata_mut().insert("authorization", bearer);
-        let resp = CertificateAuthorityClient::new(self.channel.clone()).create_certificate(req).await.map_err(|s| {
-            match s.code() {
+        let resp = CertificateAuthorityClient::new(self.channel.clone())
+            .create_certificate(req)
+            .await
+            .map_err(|s| match s.code() {
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                    ProviderError::Unavailable { addr: self.addr.clone(), detail: s.message().to_string() }
+                    ProviderError::Unavailable {
+                        addr: self.addr.clone(),
+                        detail: s.message().to_string(),
+                    }
                 }
-                code => ProviderError::Refused { code, message: s.message().to_string() },
-            }
-        })?;
+                code => ProviderError::Refused {
+                    code,
+                    message: s.message().to_string(),
+                },
+            })?;
         let resp = resp.into_inner();
-        let chain: Vec<_> = resp.cert_chain_der.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
+        let chain: Vec<_> = resp
+            .cert_chain_der
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect();
         let leaf = chain.first().ok_or_else(|| ProviderError::Refused {
             code: tonic::Code::Internal,
             message: "CA answered with an empty chain".into(),
@@ -113,9 +140,15 @@ impl CertificateProvider for MeshCaClient {
             code: tonic::Code::Internal,
             message: format!("CA answered with an unparsable leaf: {e}"),
         })?;
-        let not_after = std::time::UNIX_EPOCH + Duration::from_secs(x509.validity().not_after.timestamp().max(0) as u64);
+        let not_after =
+            std::time::UNIX_EPOCH + Duration::from_secs(x509.validity().not_after.timestamp().max(0) as u64);
         let serial = super::authority::hex(x509.raw_serial());
-        Ok(Issued { chain: chain.clone(), root: resp.root_der.into(), not_after, serial })
+        Ok(Issued {
+            chain: chain.clone(),
+            root: resp.root_der.into(),
+            not_after,
+            serial,
+        })
     }
 
     fn describe(&self) -> String {

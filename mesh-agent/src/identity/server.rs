@@ -57,7 +57,12 @@ pub struct CaService {
 
 impl CaService {
     pub fn new(authority: Arc<Authority>, credentials: PathBuf, snapshots: SnapshotRx, trust_domain: String) -> Self {
-        CaService { authority, credentials, snapshots, trust_domain }
+        CaService {
+            authority,
+            credentials,
+            snapshots,
+            trust_domain,
+        }
     }
 
     /// The node this request speaks for. The file is re-read per request
@@ -82,7 +87,10 @@ impl CaService {
             .iter()
             .find(|c| c.token_sha256.eq_ignore_ascii_case(&hash))
             .ok_or_else(|| Status::unauthenticated("unknown node credential"))?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         if let Some(exp) = cred.expires_unix {
             if now >= exp {
                 return Err(Status::unauthenticated(format!(
@@ -104,7 +112,10 @@ impl CaService {
             .collect()
     }
 
-    fn decide(&self, request: Request<CreateCertificateRequest>) -> Result<(String, SpiffeId, CreateCertificateResponse, String), (Option<String>, Status)> {
+    fn decide(
+        &self,
+        request: Request<CreateCertificateRequest>,
+    ) -> Result<(String, SpiffeId, CreateCertificateResponse, String), (Option<String>, Status)> {
         let node = self.authenticate(request.metadata()).map_err(|s| (None, s))?;
         let req = request.into_inner();
         let deny = |s: Status| (Some(node.clone()), s);
@@ -121,7 +132,11 @@ impl CaService {
                 "node {node} may only obtain identities of workloads scheduled on it; {id} runs on {where_}"
             ))));
         }
-        let ttl = if req.ttl_seconds == 0 { DEFAULT_TTL } else { Duration::from_secs(req.ttl_seconds) };
+        let ttl = if req.ttl_seconds == 0 {
+            DEFAULT_TTL
+        } else {
+            Duration::from_secs(req.ttl_seconds)
+        };
         let issued = self
             .authority
             .sign(&id, &req.csr_der, ttl)
@@ -172,7 +187,8 @@ pub async fn serve(service: CaService, listen: SocketAddr) -> Result<(), ServeEr
         .authority
         .server_certificate(&[CA_SERVER_NAME.to_string()], &[listen.ip()])
         .map_err(|e| ServeError::Cert(e.to_string()))?;
-    let key = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| ServeError::Cert(e.to_string()))?;
+    let key =
+        rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| ServeError::Cert(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ServeError::Cert(e.to_string()))?
@@ -181,13 +197,17 @@ pub async fn serve(service: CaService, listen: SocketAddr) -> Result<(), ServeEr
         .map_err(|e| ServeError::Cert(e.to_string()))?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = TcpListener::bind(listen).await.map_err(|err| ServeError::Bind { addr: listen, err })?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|err| ServeError::Bind { addr: listen, err })?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     // Handshakes run in their own tasks with a deadline: a client that sends
     // garbage or stalls mid-handshake never holds up anyone else.
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else { continue };
+            let Ok((tcp, peer)) = listener.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -208,9 +228,3 @@ pub async fn serve(service: CaService, listen: SocketAddr) -> Result<(), ServeEr
         .await?;
     Ok(())
 }
-
-/// The credential a node agent presents, read from its token file.
-pub fn token_hash(token: &str) -> String {
-    super::authority::hex(&Sha256::digest(token.trim().as_bytes()))
-}
-

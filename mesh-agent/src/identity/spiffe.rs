@@ -16,9 +16,17 @@ pub enum SpiffeError {
     #[error("{0:?}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     Shape(String),
     #[error("{id:?}: {part} {value:?} is not a valid name (lowercase letters, digits, '-', '.'; no wildcards)")]
-    Name { id: String, part: &'static str, value: String },
+    Name {
+        id: String,
+        part: &'static str,
+        value: String,
+    },
     #[error("{id}: trust domain {found:?} is not this mesh's ({expected:?})")]
-    TrustDomain { id: String, found: String, expected: String },
+    TrustDomain {
+        id: String,
+        found: String,
+        expected: String,
+    },
 }
 
 impl SpiffeId {
@@ -47,7 +55,11 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -56,7 +68,8 @@ impl fmt::Display for SpiffeId {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
 }
@@ -65,17 +78,27 @@ impl FromStr for SpiffeId {
     type Err = SpiffeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s.strip_prefix("spiffe://").ok_or_else(|| SpiffeError::Scheme(s.into()))?;
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| SpiffeError::Scheme(s.into()))?;
         let parts: Vec<&str> = rest.split('/').collect();
         let [td, "ns", ns, "sa", sa] = parts.as_slice() else {
             return Err(SpiffeError::Shape(s.into()));
         };
         for (part, value) in [("trust domain", td), ("namespace", ns), ("service account", sa)] {
             if !valid_name(value) {
-                return Err(SpiffeError::Name { id: s.into(), part, value: (*value).into() });
+                return Err(SpiffeError::Name {
+                    id: s.into(),
+                    part,
+                    value: (*value).into(),
+                });
             }
         }
-        Ok(SpiffeId { trust_domain: (*td).into(), namespace: (*ns).into(), service_account: (*sa).into() })
+        Ok(SpiffeId {
+            trust_domain: (*td).into(),
+            namespace: (*ns).into(),
+            service_account: (*sa).into(),
+        })
     }
 }
 
@@ -86,7 +109,14 @@ mod tests {
     #[test]
     fn round_trips() {
         let id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
-        assert_eq!((id.trust_domain.as_str(), id.namespace.as_str(), id.service_account.as_str()), ("cluster.local", "demo", "web"));
+        assert_eq!(
+            (
+                id.trust_domain.as_str(),
+                id.namespace.as_str(),
+                id.service_account.as_str()
+            ),
+            ("cluster.local", "demo", "web")
+        );
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/demo/sa/web");
         assert_eq!(SpiffeId::new("cluster.local", "demo", "web").unwrap(), id);
     }

@@ -2,6 +2,9 @@
 //! root (webpki), and the leaf must carry exactly one URI SAN, a SPIFFE ID in
 //! our trust domain. The client side also demands the exact identity it
 //! expects: "signed by the CA" alone is never enough.
+// The tunnel (next issue) is the production user; until then the tests are.
+#![cfg_attr(not(test), allow(dead_code))]
+
 use std::sync::Arc;
 
 use rustls::{
@@ -59,8 +62,16 @@ impl TrustBundle {
         usage: webpki::KeyUsage,
     ) -> Result<SpiffeId, rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        cert.verify_for_usage(self.algorithms.all, &self.anchors, intermediates, now, usage, None, None)
-            .map_err(pki_error)?;
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(pki_error)?;
         spiffe_id_of(end_entity, &self.trust_domain)
             .map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))
     }
@@ -99,7 +110,10 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<Spi
         [GeneralName::URI(uri)] => {
             SpiffeId::parse_in(uri, trust_domain).map_err(|e| PeerError::NoIdentity(e.to_string()))
         }
-        other => Err(PeerError::NoIdentity(format!("expected exactly one URI SAN, found {}", other.len()))),
+        other => Err(PeerError::NoIdentity(format!(
+            "expected exactly one URI SAN, found {}",
+            other.len()
+        ))),
     }
 }
 
@@ -125,10 +139,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let found = self.bundle.verify(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        let found = self
+            .bundle
+            .verify(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
         if found != self.expected {
-            let e = PeerError::WrongIdentity { found, expected: self.expected.clone() };
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))));
+            let e = PeerError::WrongIdentity {
+                found,
+                expected: self.expected.clone(),
+            };
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                Arc::new(e),
+            ))));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -140,7 +161,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // Mesh connections are TLS 1.3 only.
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -181,7 +204,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.bundle.verify(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        self.bundle
+            .verify(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -191,7 +215,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -220,7 +246,10 @@ mod tests {
 
     fn leaf(ca: &TempCa, sa: &str) -> Vec<CertificateDer<'static>> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        ca.authority.sign(&id(sa), &csr_for(&id(sa), &key).unwrap(), Duration::from_secs(600)).unwrap().chain
+        ca.authority
+            .sign(&id(sa), &csr_for(&id(sa), &key).unwrap(), Duration::from_secs(600))
+            .unwrap()
+            .chain
     }
 
     fn verifier(ca: &TempCa, expected: &str) -> SpiffeServerVerifier {
@@ -230,7 +259,8 @@ mod tests {
 
     fn check(v: &SpiffeServerVerifier, chain: &[CertificateDer<'static>]) -> Result<(), rustls::Error> {
         let name = ServerName::try_from("mesh").unwrap();
-        v.verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now()).map(|_| ())
+        v.verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+            .map(|_| ())
     }
 
     #[test]
