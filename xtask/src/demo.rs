@@ -124,8 +124,13 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
 
     step(5, TOTAL, "identities: each agent holds SPIFFE certificates for its own pods only (in memory)");
     for n in &lab.nodes {
-        for r in probe::agent_records(&lab, &n.name).iter().filter(|r| r["message"] == "certificate issued") {
-            eprintln!("    {}: {} serial {} (expires in {} s)", n.name, r["identity"], r["serial"], r["expires_in_s"]);
+        // The latest per identity (node-a's agent restarted in step 4 and made new keys).
+        let mut latest = std::collections::BTreeMap::new();
+        for r in probe::agent_records(&lab, &n.name).into_iter().filter(|r| r["message"] == "certificate issued") {
+            latest.insert(r["identity"].to_string(), r);
+        }
+        for (id, r) in latest {
+            eprintln!("    {}: {id} serial {} (expires in {} s)", n.name, r["serial"], r["expires_in_s"]);
         }
     }
     let out = lab
