@@ -16,6 +16,7 @@ use crate::{
         SpiffeId,
         authority::Authority,
         manager::{IdentityManager, Timing},
+        node_auth::{CredentialsFile, NodeAuthenticator, TokenReviewer},
         provider::{CertificateProvider, LocalCa, MeshCaClient},
         server::{CaService, serve as serve_ca},
     },
@@ -176,10 +177,22 @@ pub async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             dir,
             listen,
             node_credentials,
+            token_review_user,
+            token_audience,
             source_dir,
             trust_domain,
             ..
         } => {
+            let nodes: Arc<dyn NodeAuthenticator> = match node_credentials {
+                Some(path) => Arc::new(CredentialsFile { path }),
+                None => Arc::new(TokenReviewer {
+                    client: kube::Client::try_default()
+                        .await
+                        .context("connecting to the Kubernetes API for TokenReview (in-cluster or kubeconfig)")?,
+                    agent_users: token_review_user,
+                    audiences: vec![token_audience],
+                }),
+            };
             let authority = Arc::new(Authority::load(&dir)?);
             let (tx, rx) = state::channel();
             match source::file::load(&source_dir) {
@@ -192,7 +205,7 @@ pub async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                 }
             }
             tokio::spawn(source::file::watch(source_dir, tx));
-            let service = CaService::new(authority, node_credentials, rx, trust_domain);
+            let service = CaService::new(authority, nodes, rx, trust_domain);
             let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
             tokio::select! {
                 r = serve_ca(service, listen) => r?,

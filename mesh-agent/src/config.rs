@@ -49,9 +49,18 @@ pub enum CaCommand {
         dir: PathBuf,
         #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
         listen: std::net::SocketAddr,
-        /// YAML list of node credentials: `credentials: [{node, tokenSha256, expiresUnix}]`.
-        #[arg(long, env = "MESH_NODE_CREDENTIALS")]
-        node_credentials: PathBuf,
+        /// Authenticate nodes with this YAML list of credentials:
+        /// `credentials: [{node, tokenSha256, expiresUnix}]` (the lab's way).
+        #[arg(long, env = "MESH_NODE_CREDENTIALS", required_unless_present = "token_review_user")]
+        node_credentials: Option<PathBuf>,
+        /// Authenticate nodes with Kubernetes TokenReview instead: tokens of
+        /// these users (repeatable, e.g. system:serviceaccount:mesh-system:mesh-agent),
+        /// pod-bound, whose node the API server names.
+        #[arg(long, env = "MESH_TOKEN_REVIEW_USER", conflicts_with = "node_credentials")]
+        token_review_user: Vec<String>,
+        /// Audience the agents' projected tokens are minted for.
+        #[arg(long, env = "MESH_TOKEN_AUDIENCE", default_value = "mesh-ca")]
+        token_audience: String,
         /// Where the CA learns which workloads run on which node (file source).
         #[arg(long, env = "MESH_SOURCE_DIR")]
         source_dir: PathBuf,

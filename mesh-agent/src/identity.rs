@@ -3,6 +3,7 @@
 //! verifiers that check peers against an exact SPIFFE ID.
 pub mod authority;
 pub mod manager;
+pub mod node_auth;
 pub mod provider;
 pub mod server;
 pub mod spiffe;

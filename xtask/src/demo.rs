@@ -122,27 +122,45 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let r = t.send("client", db_addr, 1 << 20)?;
     report(&r)?;
 
-    step(5, TOTAL, "identities: each agent holds SPIFFE certificates for its own pods only (in memory)");
+    step(
+        5,
+        TOTAL,
+        "identities: each agent holds SPIFFE certificates for its own pods only (in memory)",
+    );
     for n in &lab.nodes {
         // The latest per identity (node-a's agent restarted in step 4 and made new keys).
         let mut latest = std::collections::BTreeMap::new();
-        for r in probe::agent_records(&lab, &n.name).into_iter().filter(|r| r["message"] == "certificate issued") {
+        for r in probe::agent_records(&lab, &n.name)
+            .into_iter()
+            .filter(|r| r["message"] == "certificate issued")
+        {
             latest.insert(r["identity"].to_string(), r);
         }
         for (id, r) in latest {
-            eprintln!("    {}: {id} serial {} (expires in {} s)", n.name, r["serial"], r["expires_in_s"]);
+            eprintln!(
+                "    {}: {id} serial {} (expires in {} s)",
+                n.name, r["serial"], r["expires_in_s"]
+            );
         }
     }
     let out = lab
         .node_exec("node-a", &lab.agent_bin.to_string_lossy())?
-        .args(["ca", "request", "--ca-addr", &format!("{}:{}", lab::CA_IP, lab::CA_PORT)])
+        .args([
+            "ca",
+            "request",
+            "--ca-addr",
+            &format!("{}:{}", lab::CA_IP, lab::CA_PORT),
+        ])
         .arg("--ca-root")
         .arg(lab.ca_dir().join("ca.crt"))
         .arg("--node-token-file")
         .arg(lab.node_token_file("node-a"))
         .args(["--identity", "spiffe://cluster.local/ns/demo/sa/db"])
         .output()?;
-    eprintln!("    node-a asks the CA for db's identity: {}", String::from_utf8_lossy(&out.stderr).trim());
+    eprintln!(
+        "    node-a asks the CA for db's identity: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 
     eprintln!("\nInspect the datapath yourself (with --keep):");
     eprintln!(
@@ -150,7 +168,9 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         lab.pin_dir("node-a").join("mesh_splice").display()
     );
     eprintln!("    cargo xtask lab exec client -- ip addr   |   cargo xtask lab status   |   cargo xtask lab down");
-    eprintln!("\nNot in this demo yet: SMI policy enforcement (allowed/denied) and mTLS tunnels between nodes; see the open issues.");
+    eprintln!(
+        "\nNot in this demo yet: SMI policy enforcement (allowed/denied) and mTLS tunnels between nodes; see the open issues."
+    );
     Ok(())
 }
 

@@ -4,22 +4,15 @@
 //! Kubernetes a ServiceAccount token for TokenReview, in the lab a per-node
 //! bootstrap token listed in the credentials file) and authorized against
 //! the workloads scheduled on that node. Every decision is one audit line.
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
-use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use super::{
     SpiffeId,
     authority::Authority,
+    node_auth::NodeAuthenticator,
     proto::{
         CreateCertificateRequest, CreateCertificateResponse,
         certificate_authority_server::{CertificateAuthority, CertificateAuthorityServer},
@@ -31,75 +24,35 @@ use crate::state::SnapshotRx;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The node credentials file: who may authenticate as which node.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CredentialsFile {
-    credentials: Vec<Credential>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Credential {
-    node: String,
-    /// Hex SHA-256 of the token: the file never holds the token itself.
-    token_sha256: String,
-    /// Unix seconds after which the credential is refused.
-    expires_unix: Option<u64>,
-}
-
 pub struct CaService {
     authority: Arc<Authority>,
-    credentials: PathBuf,
+    nodes: Arc<dyn NodeAuthenticator>,
     snapshots: SnapshotRx,
     trust_domain: String,
 }
 
 impl CaService {
-    pub fn new(authority: Arc<Authority>, credentials: PathBuf, snapshots: SnapshotRx, trust_domain: String) -> Self {
+    pub fn new(
+        authority: Arc<Authority>,
+        nodes: Arc<dyn NodeAuthenticator>,
+        snapshots: SnapshotRx,
+        trust_domain: String,
+    ) -> Self {
         CaService {
             authority,
-            credentials,
+            nodes,
             snapshots,
             trust_domain,
         }
     }
 
-    /// The node this request speaks for. The file is re-read per request
-    /// (it is small), so rotating or revoking a credential needs no restart.
-    fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, Status> {
-        let token = metadata
+    fn bearer(metadata: &tonic::metadata::MetadataMap) -> Result<String, Status> {
+        metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing node credential: send `authorization: Bearer <token>`"))?;
-        let text = std::fs::read_to_string(&self.credentials).map_err(|e| {
-            tracing::error!(file = %self.credentials.display(), error = %e, "cannot read node credentials");
-            Status::unavailable("the CA cannot read its node credentials; see the CA log")
-        })?;
-        let file: CredentialsFile = serde_yaml::from_str(&text).map_err(|e| {
-            tracing::error!(file = %self.credentials.display(), error = %e, "node credentials file is invalid");
-            Status::unavailable("the CA's node credentials file is invalid; see the CA log")
-        })?;
-        let hash = super::authority::hex(&Sha256::digest(token.trim().as_bytes()));
-        let cred = file
-            .credentials
-            .iter()
-            .find(|c| c.token_sha256.eq_ignore_ascii_case(&hash))
-            .ok_or_else(|| Status::unauthenticated("unknown node credential"))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        if let Some(exp) = cred.expires_unix {
-            if now >= exp {
-                return Err(Status::unauthenticated(format!(
-                    "node credential for {} expired at unix time {exp}; issue the node a fresh one",
-                    cred.node
-                )));
-            }
-        }
-        Ok(cred.node.clone())
+            .map(String::from)
+            .ok_or_else(|| Status::unauthenticated("missing node credential: send `authorization: Bearer <token>`"))
     }
 
     /// Nodes that run a workload with this identity.
@@ -112,11 +65,12 @@ impl CaService {
             .collect()
     }
 
-    fn decide(
+    async fn decide(
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<(String, SpiffeId, CreateCertificateResponse, String), (Option<String>, Status)> {
-        let node = self.authenticate(request.metadata()).map_err(|s| (None, s))?;
+        let token = Self::bearer(request.metadata()).map_err(|s| (None, s))?;
+        let node = self.nodes.node_of(&token).await.map_err(|s| (None, s))?;
         let req = request.into_inner();
         let deny = |s: Status| (Some(node.clone()), s);
         let id = SpiffeId::parse_in(&req.identity, &self.trust_domain)
@@ -158,7 +112,7 @@ impl CertificateAuthority for CaService {
     ) -> Result<Response<CreateCertificateResponse>, Status> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let identity = request.get_ref().identity.clone();
-        match self.decide(request) {
+        match self.decide(request).await {
             Ok((node, id, resp, serial)) => {
                 tracing::info!(target: "audit", kind = "ca_issue", verdict = "allow", node = %node, identity = %id, serial = %serial, peer = %peer, "certificate issued");
                 Ok(Response::new(resp))
