@@ -25,20 +25,8 @@ fn main() -> std::process::ExitCode {
                 }
             };
             init_tracing(&settings.log, settings.kernel_debug);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(settings.worker_threads)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            match runtime.block_on(app::run(settings)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(err) => {
-                    // One line an operator can act on; the chain says what to check.
-                    tracing::error!(error = %format!("{err:#}"), "mesh-agent stopped");
-                    eprintln!("mesh-agent: {err:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+            let threads = settings.worker_threads;
+            run_to_exit("mesh-agent", threads, app::run(settings))
         }
         config::Command::Ca { command } => {
             if let config::CaCommand::Serve { log_format, .. } = &command {
@@ -50,18 +38,7 @@ fn main() -> std::process::ExitCode {
                     false,
                 );
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            match runtime.block_on(app::run_ca(command)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("mesh-agent ca: {err:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+            run_to_exit("mesh-agent ca", 2, app::run_ca(command))
         }
         config::Command::Version => {
             println!(
@@ -70,6 +47,28 @@ fn main() -> std::process::ExitCode {
                 mesh_common::MAP_LAYOUT_VERSION
             );
             std::process::ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Runs `job` on a tokio runtime; a failure is one line an operator can act
+/// on (the error chain says what to check), logged and printed.
+fn run_to_exit(
+    what: &str,
+    threads: usize,
+    job: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(job) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "{what} stopped");
+            eprintln!("{what}: {err:#}");
+            std::process::ExitCode::FAILURE
         }
     }
 }
