@@ -23,8 +23,18 @@ use crate::{
     metrics, preflight,
     redirect::{Redirect, RedirectOptions},
     source, state,
-    tunnel::outbound,
+    tunnel::{
+        TunnelMetrics,
+        hbone::Hbone,
+        inbound::{AllowAll, Inbound},
+        outbound::{self, Outbound, Tunnels},
+        quic::Quic,
+        tls::TunnelTls,
+    },
 };
+use rustls_pki_types::CertificateDer;
+
+use crate::identity::verify::TrustBundle;
 
 pub async fn run(s: Settings) -> anyhow::Result<()> {
     preflight::check(&s.bpffs_dir, &s.pod_cgroup_root)?;
@@ -70,6 +80,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let identities = start_identities(&s, rx.clone(), &mut registry)?;
+    let tunnels = match &identities {
+        Some((manager, roots)) => Some(start_tunnels(&s, manager.clone(), roots, rx.clone(), &mut registry).await?),
+        None => None,
+    };
     let metrics_listener = metrics::bind(s.metrics_addr).await?;
     tokio::spawn(metrics::serve(metrics_listener, Arc::new(registry)));
 
@@ -88,30 +102,92 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
-        () = outbound::serve(listener, redirect.clone(), rx) => {}
+        () = outbound::serve(listener, Arc::new(Outbound { redirect: redirect.clone(), snapshots: rx, tunnels })) => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; pins stay in place"),
         _ = term.recv() => tracing::info!("terminated; pins stay in place"),
     }
     Ok(())
 }
 
-/// Starts the identity manager when a certificate source is configured.
+/// Binds both tunnel listeners (QUIC on UDP, HTTP/2 CONNECT on TCP) and
+/// returns what outbound flows use.
+async fn start_tunnels(
+    s: &Settings,
+    manager: Arc<IdentityManager>,
+    roots: &[CertificateDer<'static>],
+    snapshots: state::SnapshotRx,
+    registry: &mut Registry,
+) -> anyhow::Result<Arc<Tunnels>> {
+    let bundle = Arc::new(
+        TrustBundle::new(roots, &s.identity.trust_domain).context("the CA root is not a usable trust anchor")?,
+    );
+    let tls = TunnelTls { manager, bundle };
+    let metrics = TunnelMetrics::default();
+    metrics.register(registry);
+    let inbound = Arc::new(Inbound {
+        node: s.node_name.clone(),
+        trust_domain: s.identity.trust_domain.clone(),
+        snapshots,
+        authorizer: Arc::new(AllowAll),
+        metrics: metrics.clone(),
+    });
+    let addr = std::net::SocketAddr::from((s.tunnel.addr, s.tunnel.port));
+    let quic = Quic::bind(addr, tls.clone(), metrics.clone())
+        .with_context(|| format!("binding the QUIC tunnel on UDP {addr} (is another agent running?)"))?;
+    tokio::spawn(quic.clone().serve(inbound.clone()));
+    let hbone = Hbone::new(tls, metrics.clone());
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the mTLS tunnel on TCP {addr} (is another agent running?)"))?;
+    tokio::spawn(hbone.clone().serve(tcp, inbound));
+    tracing::info!(listen = %addr, outbound_transport = ?s.tunnel.transport, "tunnels serving (UDP and TCP)");
+    Ok(Arc::new(Tunnels {
+        transport: s.tunnel.transport,
+        quic: Some(quic),
+        hbone,
+        trust_domain: s.identity.trust_domain.clone(),
+        port: s.tunnel.port,
+        metrics,
+    }))
+}
+
+/// PEM certificates from a file (the CA root bundle).
+fn pem_certificates(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let text = std::fs::read(path).with_context(|| format!("reading the CA root {} (--ca-root)", path.display()))?;
+    let certs: Vec<_> = pem::parse_many(&text)
+        .with_context(|| format!("{} is not PEM", path.display()))?
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| CertificateDer::from(b.into_contents()))
+        .collect();
+    anyhow::ensure!(!certs.is_empty(), "{} holds no CERTIFICATE", path.display());
+    Ok(certs)
+}
+
+type Identities = (Arc<IdentityManager>, Vec<CertificateDer<'static>>);
+
+/// Starts the identity manager when a certificate source is configured;
+/// returns it with the roots peers are verified against.
 fn start_identities(
     s: &Settings,
     snapshots: state::SnapshotRx,
     registry: &mut Registry,
-) -> anyhow::Result<Option<Arc<IdentityManager>>> {
+) -> anyhow::Result<Option<Identities>> {
     let Some(source) = &s.identity.source else {
         tracing::info!("no --ca-addr or --local-ca-dir: running without workload certificates");
         return Ok(None);
     };
-    let provider: Arc<dyn CertificateProvider> = match source {
+    let (provider, roots): (Arc<dyn CertificateProvider>, _) = match source {
         CertSource::MeshCa { addr, root, token_file } => {
             let pem =
                 std::fs::read(root).with_context(|| format!("reading the CA root {} (--ca-root)", root.display()))?;
-            Arc::new(MeshCaClient::new(addr, &pem, token_file.clone())?)
+            (Arc::new(MeshCaClient::new(addr, &pem, token_file.clone())?), pem_certificates(root)?)
         }
-        CertSource::LocalCa { dir } => Arc::new(LocalCa::new(Arc::new(Authority::load(dir)?))),
+        CertSource::LocalCa { dir } => {
+            let authority = Arc::new(Authority::load(dir)?);
+            let roots = vec![authority.root().clone()];
+            (Arc::new(LocalCa::new(authority)), roots)
+        }
     };
     let manager = IdentityManager::new(provider, Timing::for_ttl(s.identity.ttl));
     manager.metrics.register(registry);
@@ -123,7 +199,7 @@ fn start_identities(
         s.identity.trust_domain.clone(),
         tx,
     ));
-    Ok(Some(manager))
+    Ok(Some((manager, roots)))
 }
 
 /// The identities this node needs: the ServiceAccounts of its pods.

@@ -152,6 +152,19 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
 
+    /// Transport for outbound tunnels: QUIC (UDP) or mTLS over TCP (HTTP/2
+    /// CONNECT) for networks that drop UDP. Both are always served inbound.
+    #[arg(long, env = "MESH_TUNNEL_TRANSPORT", value_enum, default_value_t = crate::tunnel::Transport::Quic)]
+    pub tunnel_transport: crate::tunnel::Transport,
+
+    /// Address the tunnel listeners (UDP and TCP) bind to.
+    #[arg(long, env = "MESH_TUNNEL_ADDR", default_value = "0.0.0.0")]
+    pub tunnel_addr: Ipv4Addr,
+
+    /// Tunnel port, on this node and on every peer.
+    #[arg(long, env = "MESH_TUNNEL_PORT", default_value_t = 15008)]
+    pub tunnel_port: u16,
+
     /// Prometheus /metrics listener.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: std::net::SocketAddr,
@@ -198,9 +211,17 @@ pub struct Settings {
     pub kernel_debug: bool,
     pub splice: bool,
     pub identity: IdentitySettings,
+    pub tunnel: TunnelSettings,
     pub metrics_addr: std::net::SocketAddr,
     pub worker_threads: usize,
     pub log: LogSettings,
+}
+
+#[derive(Debug)]
+pub struct TunnelSettings {
+    pub transport: crate::tunnel::Transport,
+    pub addr: Ipv4Addr,
+    pub port: u16,
 }
 
 /// Where workload certificates come from.
@@ -231,7 +252,7 @@ pub enum ConfigError {
     TrustDomain(String),
     #[error("--node-name must not be empty: set it to this node's Kubernetes name (NODE_NAME)")]
     EmptyNodeName,
-    #[error("--outbound-port must be 1-65535")]
+    #[error("--outbound-port and --tunnel-port must be 1-65535")]
     ZeroPort,
     #[error("--capture-ip {0} is not a unicast address pods can reach")]
     BadCaptureIp(Ipv4Addr),
@@ -246,7 +267,7 @@ impl Settings {
         if a.node_name.trim().is_empty() {
             return Err(ConfigError::EmptyNodeName);
         }
-        if a.outbound_port == 0 {
+        if a.outbound_port == 0 || a.tunnel_port == 0 {
             return Err(ConfigError::ZeroPort);
         }
         let ip = a.capture_ip;
@@ -286,6 +307,7 @@ impl Settings {
                 },
                 ttl: a.cert_ttl,
             },
+            tunnel: TunnelSettings { transport: a.tunnel_transport, addr: a.tunnel_addr, port: a.tunnel_port },
             metrics_addr: a.metrics_addr,
             worker_threads: a.worker_threads,
             log: LogSettings {

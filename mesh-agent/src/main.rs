@@ -1,15 +1,7 @@
 //! mesh-agent: the node agent of a sidecarless, eBPF-accelerated service mesh.
 #![forbid(unsafe_code)]
 
-mod app;
-mod config;
-mod identity;
-mod metrics;
-mod preflight;
-mod redirect;
-mod source;
-mod state;
-mod tunnel;
+use mesh_agent::{app, config};
 
 use clap::Parser as _;
 

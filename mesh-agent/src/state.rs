@@ -31,6 +31,8 @@ impl Pod {
 pub struct Snapshot {
     /// Keyed by `namespace/name`.
     pub pods: BTreeMap<String, Pod>,
+    /// Node name -> the address its agent's tunnel listens on (InternalIP).
+    pub nodes: BTreeMap<String, Ipv4Addr>,
     /// Source generation, bumped on every accepted change.
     pub generation: u64,
 }
@@ -55,6 +57,11 @@ impl Snapshot {
 
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
         self.pods.values().find(|p| p.ip == ip)
+    }
+
+    pub fn pod_by_workload_id(&self, id: u32) -> Option<&Pod> {
+        let ids = self.workload_ids();
+        ids.iter().find(|(_, v)| **v == id).and_then(|(k, _)| self.pods.get(k))
     }
 }
 

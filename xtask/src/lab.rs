@@ -411,6 +411,12 @@ impl Lab {
     /// policy directory's YAML files.
     fn write_source(&self, policy_dir: Option<&Path>) -> anyhow::Result<()> {
         let mut docs = String::new();
+        for n in &self.nodes {
+            docs.push_str(&format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n    - {{type: InternalIP, address: {}}}\n",
+                n.name, n.fabric_ip
+            ));
+        }
         for p in &self.pods {
             docs.push_str(&format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\nstatus:\n  podIP: {}\n",

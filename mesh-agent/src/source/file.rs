@@ -40,6 +40,12 @@ pub fn load(dir: &Path) -> Result<Snapshot, SourceError> {
             }
             let head: TypeMeta =
                 serde_yaml::from_value(value.clone()).map_err(|e| invalid(format!("missing apiVersion/kind: {e}")))?;
+            if (head.api_version.as_str(), head.kind.as_str()) == ("v1", "Node") {
+                let node: NodeDoc = serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Node: {e}")))?;
+                let (name, ip) = node.internal_ip().map_err(invalid)?;
+                snapshot.nodes.insert(name, ip);
+                continue;
+            }
             if (head.api_version.as_str(), head.kind.as_str()) != ("v1", "Pod") {
                 continue;
             }
@@ -94,7 +100,10 @@ pub async fn watch(dir: PathBuf, tx: SnapshotTx) {
             last_seen = Some(fp);
             match load(&dir) {
                 Ok(mut snap) => {
-                    let changed = tx.borrow().pods != snap.pods;
+                    let changed = {
+                        let cur = tx.borrow();
+                        cur.pods != snap.pods || cur.nodes != snap.nodes
+                    };
                     if changed {
                         generation += 1;
                         snap.generation = generation;
@@ -116,6 +125,43 @@ pub async fn watch(dir: PathBuf, tx: SnapshotTx) {
 struct TypeMeta {
     api_version: String,
     kind: String,
+}
+
+#[derive(Deserialize)]
+struct NodeDoc {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: NodeStatus,
+}
+
+#[derive(Default, Deserialize)]
+struct NodeStatus {
+    #[serde(default)]
+    addresses: Vec<NodeAddress>,
+}
+
+#[derive(Deserialize)]
+struct NodeAddress {
+    #[serde(rename = "type")]
+    kind: String,
+    address: String,
+}
+
+impl NodeDoc {
+    fn internal_ip(self) -> Result<(String, Ipv4Addr), String> {
+        let name = self.metadata.name;
+        let addr = self
+            .status
+            .addresses
+            .iter()
+            .find(|a| a.kind == "InternalIP")
+            .ok_or_else(|| format!("Node {name}: status.addresses has no InternalIP"))?;
+        let ip = addr
+            .address
+            .parse()
+            .map_err(|_| format!("Node {name}: InternalIP {:?} is not an IPv4 address", addr.address))?;
+        Ok((name, ip))
+    }
 }
 
 #[derive(Deserialize)]
@@ -229,6 +275,14 @@ mod tests {
             ("web", "n1", Ipv4Addr::new(198, 18, 1, 10))
         );
         assert_eq!(s.pods["default/b"].service_account, "default");
+    }
+
+    #[test]
+    fn reads_node_addresses() {
+        let d = dir_with(&[("nodes.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 198.18.0.11}]}\n")]);
+        assert_eq!(load(&d.0).unwrap().nodes["n1"], Ipv4Addr::new(198, 18, 0, 11));
+        let d = dir_with(&[("nodes.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: []}\n")]);
+        assert!(load(&d.0).unwrap_err().to_string().contains("InternalIP"));
     }
 
     #[test]

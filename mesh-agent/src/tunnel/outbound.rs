@@ -2,22 +2,27 @@
 //!
 //! `mesh_connect4` rewrote the pod's connect() to this listener and recorded
 //! the original destination; here we take that record by the accepted
-//! socket's addresses, connect to the destination, and copy both ways with
-//! half-close preserved. The agent's own sockets are never captured: capture
-//! is attached to the pods' cgroup subtree, and the agent is not in it.
+//! socket's addresses and carry the flow to the destination node's agent
+//! through a tunnel that authenticates the source workload (its client
+//! certificate) and the destination workload (the certificate the peer must
+//! present). The agent's own sockets are never captured: capture is attached
+//! to the pods' cgroup subtree, and the agent is not in it.
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::AsyncWriteExt as _,
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
-use crate::{redirect::Redirect, state::SnapshotRx};
+use super::{
+    PeerKey, Transport, TunnelError, TunnelMetrics, copy,
+    hbone::Hbone,
+    header::{FlowHeader, Protocol},
+    quic::Quic,
+};
+use crate::{identity::SpiffeId, redirect::Redirect, state::SnapshotRx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -27,16 +32,29 @@ pub enum OutboundError {
     Bind { addr: SocketAddr, err: std::io::Error },
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub async fn bind(ip: Ipv4Addr, port: u16) -> Result<TcpListener, OutboundError> {
     let addr = SocketAddr::from((ip, port));
-    TcpListener::bind(addr)
-        .await
-        .map_err(|err| OutboundError::Bind { addr, err })
+    TcpListener::bind(addr).await.map_err(|err| OutboundError::Bind { addr, err })
 }
 
-pub async fn serve(listener: TcpListener, redirect: Arc<Redirect>, snapshots: SnapshotRx) {
+/// The tunnel side of outbound flows; absent when the agent has no source
+/// of workload certificates, in which case cross-node flows are refused.
+pub struct Tunnels {
+    pub transport: Transport,
+    pub quic: Option<Arc<Quic>>,
+    pub hbone: Arc<Hbone>,
+    pub trust_domain: String,
+    pub port: u16,
+    pub metrics: TunnelMetrics,
+}
+
+pub struct Outbound {
+    pub redirect: Arc<Redirect>,
+    pub snapshots: SnapshotRx,
+    pub tunnels: Option<Arc<Tunnels>>,
+}
+
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -47,80 +65,138 @@ pub async fn serve(listener: TcpListener, redirect: Arc<Redirect>, snapshots: Sn
                 continue;
             }
         };
-        let redirect = redirect.clone();
-        let snapshots = snapshots.clone();
-        tokio::spawn(async move {
-            let Ok(local) = stream.local_addr() else { return };
-            let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else {
-                return;
-            };
-            let Some(orig) = redirect.take_flow(peer, local) else {
-                tracing::warn!(client = %peer, "no capture record for this connection (it did not come through mesh_connect4); closing");
-                return;
-            };
-            let dst = SocketAddrV4::new(Ipv4Addr::from(orig.ipv4.to_ne_bytes()), orig.port);
-            let snap = snapshots.borrow().clone();
-            let ids = snap.workload_ids();
-            let source = ids
-                .iter()
-                .find(|(_, id)| **id == orig.workload_id)
-                .map(|(name, _)| name.clone())
-                .unwrap_or_else(|| format!("unknown(id={})", orig.workload_id));
-            let destination = snap.pod_by_ip(*dst.ip()).map(|p| p.workload_name()).unwrap_or_default();
-            let span = tracing::info_span!("outbound", source_workload = %source, client = %peer, original_dst = %dst, destination_workload = %destination);
-            proxy(stream, dst).instrument(span).await;
-        });
+        let outbound = outbound.clone();
+        tokio::spawn(async move { outbound.handle(stream, peer).await });
     }
 }
 
-async fn proxy(mut downstream: TcpStream, dst: SocketAddrV4) {
-    let started = Instant::now();
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "connect to original destination failed");
+/// Where a captured flow goes, resolved from the capture record.
+struct Route {
+    source_name: String,
+    source: Option<SpiffeId>,
+    destination_name: String,
+    destination: Option<SpiffeId>,
+    node_ip: Option<Ipv4Addr>,
+    dst: SocketAddrV4,
+}
+
+impl Outbound {
+    async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
+        let Ok(local) = stream.local_addr() else { return };
+        let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else { return };
+        let Some(orig) = self.redirect.take_flow(peer, local) else {
+            tracing::warn!(client = %peer, "no capture record for this connection (it did not come through mesh_connect4); closing");
             return;
-        }
-        Err(_) => {
-            tracing::warn!(
-                timeout_ms = CONNECT_TIMEOUT.as_millis() as u64,
-                "connect to original destination timed out"
-            );
-            return;
-        }
-    };
-    let _ = downstream.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    let (mut down_r, mut down_w) = downstream.split();
-    let (mut up_r, mut up_w) = upstream.split();
-    // Each direction shuts down its write side when its read side hits EOF,
-    // so a half-close travels end to end.
-    let to_upstream = async {
-        let n = tokio::io::copy(&mut down_r, &mut up_w).await;
-        let _ = up_w.shutdown().await;
-        n
-    };
-    let to_downstream = async {
-        let n = tokio::io::copy(&mut up_r, &mut down_w).await;
-        let _ = down_w.shutdown().await;
-        n
-    };
-    let (sent, received) = tokio::join!(to_upstream, to_downstream);
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match (sent, received) {
-        (Ok(sent), Ok(received)) => {
-            tracing::info!(
-                bytes_sent = sent,
-                bytes_received = received,
-                duration_ms,
-                "connection closed"
-            )
-        }
-        (sent, received) => tracing::info!(
-            upstream = ?sent.map_err(|e| e.to_string()),
-            downstream = ?received.map_err(|e| e.to_string()),
-            duration_ms,
-            "connection ended with an error"
-        ),
+        };
+        let route = self.route(orig);
+        let flow_id: u64 = rand::random();
+        let transport = self.tunnels.as_ref().map_or("none", |t| match t.transport {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        });
+        let span = tracing::info_span!("outbound", source_workload = %route.source_name, client = %peer,
+            original_dst = %route.dst, destination_workload = %route.destination_name, flow_id, transport);
+        self.proxy(stream, route, flow_id).instrument(span).await;
     }
+
+    fn route(&self, orig: mesh_common::OrigDst) -> Route {
+        let snap = self.snapshots.borrow().clone();
+        let dst = SocketAddrV4::new(Ipv4Addr::from(orig.ipv4.to_ne_bytes()), orig.port);
+        let td = self.tunnels.as_ref().map(|t| t.trust_domain.clone()).unwrap_or_default();
+        let src_pod = snap.pod_by_workload_id(orig.workload_id);
+        let dst_pod = snap.pod_by_ip(*dst.ip());
+        Route {
+            source_name: src_pod.map(|p| p.workload_name()).unwrap_or_else(|| format!("unknown(id={})", orig.workload_id)),
+            source: src_pod.and_then(|p| SpiffeId::new(&td, &p.namespace, &p.service_account).ok()),
+            destination_name: dst_pod.map(|p| p.workload_name()).unwrap_or_default(),
+            destination: dst_pod.and_then(|p| SpiffeId::new(&td, &p.namespace, &p.service_account).ok()),
+            node_ip: dst_pod.and_then(|p| snap.nodes.get(&p.node).copied()),
+            dst,
+        }
+    }
+
+    async fn proxy(&self, downstream: TcpStream, route: Route, flow_id: u64) {
+        let started = Instant::now();
+        let _ = downstream.set_nodelay(true);
+        let Some(tunnels) = &self.tunnels else {
+            refuse(downstream, "no tunnel: this agent has no workload certificates (configure --ca-addr or --local-ca-dir)");
+            return;
+        };
+        let (Some(source), Some(destination), Some(node_ip)) = (route.source, route.destination, route.node_ip) else {
+            refuse(downstream, "cannot route: source or destination workload, or the destination node's InternalIP, is unknown to the source");
+            tunnels.metrics.flow(transport_name(tunnels), "outbound", "unroutable");
+            return;
+        };
+        let key = PeerKey { source, destination, node_addr: SocketAddr::from((node_ip, tunnels.port)) };
+        let (mut down_r, mut down_w) = downstream.into_split();
+        let result = match tunnels.transport {
+            Transport::Quic => match &tunnels.quic {
+                Some(quic) => {
+                    let header = FlowHeader {
+                        destination: route.dst.to_string(),
+                        protocol: Protocol::Tcp as i32,
+                        flow_id,
+                    };
+                    match quic.open(&key, &header).await {
+                        Ok((mut send, mut recv, _guard)) => {
+                            Ok(copy::bidirectional(&mut down_r, &mut down_w, &mut recv, &mut send).await)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Err(TunnelError::Connect { addr: key.node_addr, detail: "QUIC is not bound".into() }),
+            },
+            Transport::Tcp => match tunnels.hbone.open(&key, SocketAddr::V4(route.dst), flow_id).await {
+                Ok((io, _guard)) => {
+                    let (mut r, mut w) = tokio::io::split(io);
+                    Ok(copy::bidirectional(&mut down_r, &mut down_w, &mut r, &mut w).await)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let downstream = down_r.reunite(down_w).ok();
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let transport = transport_name(tunnels);
+        match result {
+            Ok((copied, None)) => {
+                tunnels.metrics.bytes(transport, "outbound", copied.a_to_b, copied.b_to_a);
+                tunnels.metrics.flow(transport, "outbound", "ok");
+                tracing::info!(bytes_sent = copied.a_to_b, bytes_received = copied.b_to_a, duration_ms, "connection closed");
+            }
+            Ok((copied, Some(e))) => {
+                tunnels.metrics.bytes(transport, "outbound", copied.a_to_b, copied.b_to_a);
+                tunnels.metrics.flow(transport, "outbound", "error");
+                tracing::warn!(error = %e, bytes_sent = copied.a_to_b, bytes_received = copied.b_to_a, duration_ms, "connection broken in the tunnel; resetting the client");
+                if let Some(d) = downstream {
+                    reset(d);
+                }
+            }
+            Err(e) => {
+                tunnels.metrics.flow(transport, "outbound", "tunnel_failed");
+                tracing::warn!(error = %e, duration_ms, "tunnel failed; resetting the client");
+                if let Some(d) = downstream {
+                    reset(d);
+                }
+            }
+        }
+    }
+}
+
+fn transport_name(t: &Tunnels) -> &'static str {
+    match t.transport {
+        Transport::Quic => "quic",
+        Transport::Tcp => "tcp",
+    }
+}
+
+/// Refuses a flow: logged, and the client gets a reset rather than a hang.
+fn refuse(stream: TcpStream, why: &str) {
+    tracing::warn!(reason = why, "flow refused");
+    reset(stream);
+}
+
+/// Closes with RST (SO_LINGER 0): the application sees a reset, not a clean end.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
 }

@@ -1,0 +1,15 @@
+//! The node agent of a sidecarless, eBPF-accelerated service mesh, as a
+//! library: the binary (`main.rs`) parses the command line and calls `app`;
+//! the end-to-end tests reuse pieces (e.g. the tunnel client, to play a
+//! rogue peer).
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod preflight;
+pub mod redirect;
+pub mod source;
+pub mod state;
+pub mod tunnel;

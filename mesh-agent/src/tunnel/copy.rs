@@ -1,0 +1,58 @@
+//! Copies both directions of a flow with half-close preserved: when one side
+//! finishes sending, the other side's write half is shut down, and the
+//! opposite direction keeps going. Fixed buffers: a slow reader slows the
+//! writer (backpressure), it never grows memory.
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Copied {
+    /// Bytes from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes from `b` to `a`.
+    pub b_to_a: u64,
+}
+
+pub async fn bidirectional<AR, AW, BR, BW>(
+    a_read: &mut AR,
+    a_write: &mut AW,
+    b_read: &mut BR,
+    b_write: &mut BW,
+) -> (Copied, Option<std::io::Error>)
+where
+    AR: AsyncRead + Unpin,
+    AW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
+    let forward = async {
+        let r = copy_buf(a_read, b_write).await;
+        let _ = b_write.shutdown().await;
+        r
+    };
+    let backward = async {
+        let r = copy_buf(b_read, a_write).await;
+        let _ = a_write.shutdown().await;
+        r
+    };
+    let (f, b) = tokio::join!(forward, backward);
+    let copied = Copied { a_to_b: *f.as_ref().unwrap_or(&0), b_to_a: *b.as_ref().unwrap_or(&0) };
+    (copied, f.err().or(b.err()))
+}
+
+/// 64 KiB per direction: big enough for throughput, bounded per flow.
+const BUF: usize = 64 * 1024;
+
+async fn copy_buf(r: &mut (impl AsyncRead + Unpin), w: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<u64> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.flush().await?;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
+}

@@ -1,0 +1,254 @@
+//! The mTLS-over-TCP transport (HBONE-style, TCP 15008): HTTP/2 CONNECT with
+//! the original destination as the authority, inside mutual TLS 1.3 between
+//! workload identities. For networks that drop UDP. hyper does the HTTP/2
+//! (and its flow control gives backpressure); a CONNECT stream becomes a
+//! byte stream through hyper's upgrade.
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{
+    PeerKey, TunnelError, TunnelMetrics,
+    inbound::{Inbound, Refusal},
+    tls::{ALPN_H2, TunnelTls, peer_identity, sni_for},
+};
+
+const TRANSPORT: &str = "tcp";
+const MAX_CONNS_PER_PEER: usize = 4;
+const MAX_STREAMS_PER_CONN: u32 = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const FLOW_ID_HEADER: &str = "mesh-flow-id";
+pub const REFUSAL_HEADER: &str = "mesh-refusal";
+
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    active: Arc<AtomicUsize>,
+}
+
+pub struct StreamGuard {
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub struct Hbone {
+    tls: TunnelTls,
+    pool: Mutex<HashMap<PeerKey, Vec<Arc<Pooled>>>>,
+    metrics: TunnelMetrics,
+}
+
+impl Hbone {
+    pub fn new(tls: TunnelTls, metrics: TunnelMetrics) -> Arc<Self> {
+        Arc::new(Hbone { tls, pool: Mutex::default(), metrics })
+    }
+
+    /// Opens a CONNECT stream for one flow to `key`'s node.
+    pub async fn open(
+        &self,
+        key: &PeerKey,
+        dst: SocketAddr,
+        flow_id: u64,
+    ) -> Result<(TokioIo<Upgraded>, StreamGuard), TunnelError> {
+        let addr = key.node_addr;
+        let pooled = self.connection(key).await?;
+        let guard = StreamGuard { active: pooled.active.clone() };
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(dst.to_string())
+            .header(FLOW_ID_HEADER, flow_id.to_string())
+            .body(Empty::new())
+            .expect("valid request");
+        let mut sender = pooled.sender.clone();
+        let resp = sender.send_request(req).await.map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        if resp.status() != StatusCode::OK {
+            let why = resp
+                .headers()
+                .get(REFUSAL_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("no reason given")
+                .to_string();
+            return Err(TunnelError::Refused { addr, detail: format!("{}: {why}", resp.status()) });
+        }
+        let upgraded =
+            hyper::upgrade::on(resp).await.map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        Ok((TokioIo::new(upgraded), guard))
+    }
+
+    async fn connection(&self, key: &PeerKey) -> Result<Arc<Pooled>, TunnelError> {
+        {
+            let mut pool = self.pool.lock().expect("pool lock");
+            let conns = pool.entry(key.clone()).or_default();
+            conns.retain(|p| !p.sender.is_closed());
+            if let Some(p) = conns.iter().min_by_key(|p| p.active.load(Ordering::SeqCst)).cloned() {
+                let busy = p.active.load(Ordering::SeqCst) >= MAX_STREAMS_PER_CONN as usize;
+                if !busy || conns.len() >= MAX_CONNS_PER_PEER {
+                    p.active.fetch_add(1, Ordering::SeqCst);
+                    return Ok(p);
+                }
+            }
+        }
+        let sender = self.connect(key).await?;
+        let pooled = Arc::new(Pooled { sender, active: Arc::new(AtomicUsize::new(1)) });
+        self.pool.lock().expect("pool lock").entry(key.clone()).or_default().push(pooled.clone());
+        Ok(pooled)
+    }
+
+    async fn connect(&self, key: &PeerKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let addr = key.node_addr;
+        if self.tls.manager.current(&key.source).is_none() {
+            return Err(TunnelError::NoCertificate(key.source.clone()));
+        }
+        let started = Instant::now();
+        let timeout = |_| TunnelError::Timeout { addr, timeout: HANDSHAKE_TIMEOUT, hint: "" };
+        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(timeout)?
+            .map_err(|e| TunnelError::Connect { addr, detail: format!("TCP {}: {e}", addr.port()) })?;
+        let _ = tcp.set_nodelay(true);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(self.tls.client_config(
+            &key.source,
+            &key.destination,
+            ALPN_H2,
+        )));
+        let name = rustls_pki_types::ServerName::try_from(sni_for(&key.destination)).expect("valid DNS name");
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
+            Err(e) => {
+                self.metrics.reject(TRANSPORT, "handshake_timeout");
+                return Err(timeout(e));
+            }
+            Ok(Err(e)) => {
+                self.metrics.reject(TRANSPORT, "handshake");
+                return Err(TunnelError::PeerIdentity { addr, detail: e.to_string() });
+            }
+            Ok(Ok(t)) => t,
+        };
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %addr, error = %e, "tunnel: HTTP/2 connection ended");
+            }
+        });
+        self.metrics
+            .handshake_seconds
+            .get_or_create(&super::TransportLabels { transport: TRANSPORT })
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(peer = %addr, source = %key.source, destination = %key.destination, "tunnel: HTTP/2 connection up");
+        Ok(sender)
+    }
+
+    /// Accepts peers' TLS connections and their CONNECT streams.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, inbound: Arc<Inbound>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(self.tls.server_config(ALPN_H2)));
+        loop {
+            let Ok((tcp, remote)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            let inbound = inbound.clone();
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        metrics.reject(TRANSPORT, "handshake");
+                        tracing::warn!(peer = %remote, error = %e, "tunnel: TLS handshake from a peer failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.reject(TRANSPORT, "handshake_timeout");
+                        tracing::warn!(peer = %remote, "tunnel: TCP peer stalled mid-handshake");
+                        return;
+                    }
+                };
+                let Some(peer) = peer_identity(tls.get_ref().1.peer_certificates(), &inbound.trust_domain) else {
+                    metrics.reject(TRANSPORT, "no_identity");
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let (inbound, metrics, peer) = (inbound.clone(), metrics.clone(), peer.clone());
+                    async move { Ok::<_, Infallible>(handle(req, inbound, metrics, peer, remote)) }
+                });
+                let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(MAX_STREAMS_PER_CONN)
+                    .keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_timeout(Duration::from_secs(3))
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+                if let Err(e) = served {
+                    tracing::debug!(peer = %remote, error = %e, "tunnel: HTTP/2 peer connection ended");
+                }
+            });
+        }
+    }
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response<Empty<Bytes>> {
+    let mut resp = Response::new(Empty::new());
+    *resp.status_mut() = status;
+    if let Ok(v) = why.parse() {
+        resp.headers_mut().insert(REFUSAL_HEADER, v);
+    }
+    resp
+}
+
+fn handle(
+    req: Request<Incoming>,
+    inbound: Arc<Inbound>,
+    metrics: TunnelMetrics,
+    peer: crate::identity::SpiffeId,
+    remote: SocketAddr,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        metrics.reject(TRANSPORT, "bad_header");
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT");
+    }
+    let Some(dst) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+        metrics.reject(TRANSPORT, "bad_header");
+        return refuse(StatusCode::BAD_REQUEST, "authority must be ip:port");
+    };
+    let flow_id: u64 =
+        req.headers().get(FLOW_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    if let Err(refusal) = inbound.check(&peer, dst) {
+        let reason = match refusal {
+            Refusal::NotLocal(_) => "not_local",
+            Refusal::Denied { .. } => "policy",
+        };
+        metrics.reject(TRANSPORT, reason);
+        tracing::warn!(peer = %remote, identity = %peer, flow_id, error = %refusal, "tunnel: flow refused");
+        return refuse(StatusCode::FORBIDDEN, &refusal.to_string());
+    }
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let (r, w) = tokio::io::split(TokioIo::new(upgraded));
+                inbound.serve_flow(TRANSPORT, &peer, dst, flow_id, r, w).await;
+            }
+            Err(e) => tracing::warn!(peer = %remote, flow_id, error = %e, "tunnel: CONNECT upgrade failed"),
+        }
+    });
+    Response::new(Empty::new())
+}

@@ -1,0 +1,275 @@
+//! The QUIC transport (quinn, UDP 15008): one connection per peer key,
+//! reused and kept alive while it carries streams, closed after a minute
+//! idle; one bidirectional stream per captured TCP flow, opened by a
+//! length-prefixed protobuf header. Stream limits give backpressure: when a
+//! connection is full, `open_bi` waits instead of buffering.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use quinn::{
+    Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt,
+    crypto::rustls::{QuicClientConfig, QuicServerConfig},
+};
+
+use super::{
+    PeerKey, TunnelError, TunnelMetrics,
+    header::{self, FlowHeader},
+    inbound::{Inbound, Refusal},
+    tls::{ALPN_QUIC, TunnelTls, peer_identity, sni_for},
+};
+
+const TRANSPORT: &str = "quic";
+const MAX_CONNS_PER_PEER: usize = 4;
+const MAX_STREAMS_PER_CONN: u32 = 256;
+const IDLE_CLOSE: Duration = Duration::from_secs(60);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stream reset codes the accepting side sends, so the dialler can say why.
+pub const RESET_BAD_HEADER: u32 = 1;
+pub const RESET_REFUSED: u32 = 2;
+
+fn transport_config() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONN))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // A dead peer is noticed in about 4 s, not at TCP's minutes.
+        .keep_alive_interval(Some(Duration::from_secs(1)))
+        .max_idle_timeout(Some(Duration::from_secs(4).try_into().expect("small")))
+        // Flow-control windows bound what a slow reader can make us buffer.
+        .stream_receive_window(VarInt::from_u32(1 << 20))
+        .receive_window(VarInt::from_u32(16 << 20))
+        .send_window(16 << 20);
+    Arc::new(t)
+}
+
+struct Pooled {
+    conn: Connection,
+    active: Arc<AtomicUsize>,
+    idle_since: Mutex<Option<Instant>>,
+}
+
+/// Held while a stream is open; the pool closes connections nobody holds.
+pub struct StreamGuard {
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub struct Quic {
+    endpoint: Endpoint,
+    tls: TunnelTls,
+    pool: Mutex<HashMap<PeerKey, Vec<Arc<Pooled>>>>,
+    metrics: TunnelMetrics,
+}
+
+impl Quic {
+    pub fn bind(addr: SocketAddr, tls: TunnelTls, metrics: TunnelMetrics) -> std::io::Result<Arc<Self>> {
+        let crypto = QuicServerConfig::try_from(tls.server_config(ALPN_QUIC)).map_err(std::io::Error::other)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport_config());
+        let endpoint = Endpoint::server(server, addr)?;
+        let quic = Arc::new(Quic { endpoint, tls, pool: Mutex::default(), metrics });
+        tokio::spawn(quic.clone().reap_idle());
+        Ok(quic)
+    }
+
+    /// Opens a stream for one flow to `key`'s node and writes its header.
+    pub async fn open(
+        &self,
+        key: &PeerKey,
+        header: &FlowHeader,
+    ) -> Result<(SendStream, RecvStream, StreamGuard), TunnelError> {
+        let pooled = self.connection(key).await?;
+        let guard = StreamGuard { active: pooled.active.clone() };
+        let addr = key.node_addr;
+        let (mut send, recv) =
+            pooled.conn.open_bi().await.map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        header::write(&mut send, header).await.map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        Ok((send, recv, guard))
+    }
+
+    async fn connection(&self, key: &PeerKey) -> Result<Arc<Pooled>, TunnelError> {
+        {
+            let mut pool = self.pool.lock().expect("pool lock");
+            let conns = pool.entry(key.clone()).or_default();
+            conns.retain(|p| p.conn.close_reason().is_none());
+            let best = conns.iter().min_by_key(|p| p.active.load(Ordering::SeqCst)).cloned();
+            if let Some(p) = best {
+                let busy = p.active.load(Ordering::SeqCst) >= MAX_STREAMS_PER_CONN as usize;
+                // A full connection makes open_bi wait: that is the backpressure
+                // once every allowed connection to this peer is full.
+                if !busy || conns.len() >= MAX_CONNS_PER_PEER {
+                    p.active.fetch_add(1, Ordering::SeqCst);
+                    *p.idle_since.lock().expect("idle lock") = None;
+                    return Ok(p);
+                }
+            }
+        }
+        let conn = self.connect(key).await?;
+        let pooled = Arc::new(Pooled { conn, active: Arc::new(AtomicUsize::new(1)), idle_since: Mutex::new(None) });
+        self.pool.lock().expect("pool lock").entry(key.clone()).or_default().push(pooled.clone());
+        Ok(pooled)
+    }
+
+    async fn connect(&self, key: &PeerKey) -> Result<Connection, TunnelError> {
+        let addr = key.node_addr;
+        if self.tls.manager.current(&key.source).is_none() {
+            return Err(TunnelError::NoCertificate(key.source.clone()));
+        }
+        let crypto = QuicClientConfig::try_from(self.tls.client_config(&key.source, &key.destination, ALPN_QUIC))
+            .map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(transport_config());
+        let started = Instant::now();
+        let connecting = self
+            .endpoint
+            .connect_with(cfg, addr, &sni_for(&key.destination))
+            .map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+            Err(_) => {
+                self.metrics.reject(TRANSPORT, "handshake_timeout");
+                return Err(TunnelError::Timeout {
+                    addr,
+                    timeout: HANDSHAKE_TIMEOUT,
+                    hint: "; if UDP 15008 is blocked between nodes, set --tunnel-transport=tcp",
+                });
+            }
+            Ok(Err(e)) => {
+                self.metrics.reject(TRANSPORT, "handshake");
+                let detail = e.to_string();
+                return Err(if detail.contains("certificate") || detail.contains("presented") {
+                    TunnelError::PeerIdentity { addr, detail }
+                } else {
+                    TunnelError::Connect { addr, detail }
+                });
+            }
+            Ok(Ok(c)) => c,
+        };
+        self.metrics
+            .handshake_seconds
+            .get_or_create(&super::TransportLabels { transport: TRANSPORT })
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(peer = %addr, source = %key.source, destination = %key.destination, "tunnel: QUIC connection up");
+        Ok(conn)
+    }
+
+    /// Closes connections that carried no stream for a minute.
+    async fn reap_idle(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let mut pool = self.pool.lock().expect("pool lock");
+            for conns in pool.values_mut() {
+                conns.retain(|p| {
+                    if p.conn.close_reason().is_some() {
+                        return false;
+                    }
+                    let mut idle = p.idle_since.lock().expect("idle lock");
+                    if p.active.load(Ordering::SeqCst) > 0 {
+                        *idle = None;
+                        return true;
+                    }
+                    let since = *idle.get_or_insert(now);
+                    if now.duration_since(since) >= IDLE_CLOSE {
+                        p.conn.close(VarInt::from_u32(0), b"idle");
+                        return false;
+                    }
+                    true
+                });
+            }
+            pool.retain(|_, conns| !conns.is_empty());
+        }
+    }
+
+    /// Accepts peers' connections and streams until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, inbound: Arc<Inbound>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let inbound = inbound.clone();
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        metrics.reject(TRANSPORT, "handshake");
+                        tracing::warn!(peer = %remote, error = %e, "tunnel: QUIC handshake from a peer failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.reject(TRANSPORT, "handshake_timeout");
+                        tracing::warn!(peer = %remote, "tunnel: QUIC peer stalled mid-handshake");
+                        return;
+                    }
+                };
+                let td = inbound_trust_domain(&inbound);
+                let identity = conn
+                    .peer_identity()
+                    .and_then(|any| any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+                    .and_then(|certs| peer_identity(Some(&certs), &td));
+                let Some(peer) = identity else {
+                    metrics.reject(TRANSPORT, "no_identity");
+                    conn.close(VarInt::from_u32(1), b"no identity");
+                    return;
+                };
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let inbound = inbound.clone();
+                    let peer = peer.clone();
+                    let metrics = metrics.clone();
+                    tokio::spawn(async move { serve_stream(&inbound, &metrics, remote, peer, send, recv).await });
+                }
+            });
+        }
+    }
+}
+
+fn inbound_trust_domain(inbound: &Inbound) -> String {
+    inbound.trust_domain.clone()
+}
+
+async fn serve_stream(
+    inbound: &Inbound,
+    metrics: &TunnelMetrics,
+    remote: SocketAddr,
+    peer: crate::identity::SpiffeId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let (header, dst) = match tokio::time::timeout(HEADER_TIMEOUT, header::read(&mut recv)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            metrics.reject(TRANSPORT, "bad_header");
+            tracing::warn!(peer = %remote, identity = %peer, error = %e, "tunnel: bad flow header");
+            let _ = send.reset(VarInt::from_u32(RESET_BAD_HEADER));
+            return;
+        }
+        Err(_) => {
+            metrics.reject(TRANSPORT, "header_timeout");
+            tracing::warn!(peer = %remote, identity = %peer, "tunnel: no flow header within 5 s");
+            let _ = send.reset(VarInt::from_u32(RESET_BAD_HEADER));
+            return;
+        }
+    };
+    if let Err(refusal) = inbound.check(&peer, dst) {
+        metrics.reject(TRANSPORT, match refusal {
+            Refusal::NotLocal(_) => "not_local",
+            Refusal::Denied { .. } => "policy",
+        });
+        tracing::warn!(peer = %remote, identity = %peer, flow_id = header.flow_id, error = %refusal, "tunnel: flow refused");
+        let _ = send.reset(VarInt::from_u32(RESET_REFUSED));
+        let _ = recv.stop(VarInt::from_u32(RESET_REFUSED));
+        return;
+    }
+    inbound.serve_flow(TRANSPORT, &peer, dst, header.flow_id, recv, send).await;
+}
