@@ -181,7 +181,10 @@ fn start_identities(
         CertSource::MeshCa { addr, root, token_file } => {
             let pem =
                 std::fs::read(root).with_context(|| format!("reading the CA root {} (--ca-root)", root.display()))?;
-            (Arc::new(MeshCaClient::new(addr, &pem, token_file.clone())?), pem_certificates(root)?)
+            (
+                Arc::new(MeshCaClient::new(addr, &pem, token_file.clone())?),
+                pem_certificates(root)?,
+            )
         }
         CertSource::LocalCa { dir } => {
             let authority = Arc::new(Authority::load(dir)?);
@@ -349,9 +352,13 @@ async fn heartbeat(redirect: Arc<Redirect>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = None;
     let mut n = 0u64;
+    let mut trimmed_at = 0u64;
     loop {
         tick.tick().await;
         n += 1;
+        if n % 2 == 0 {
+            crate::memory::trim_if_flows_ended(&mut trimmed_at);
+        }
         if let Err(err) = redirect.heartbeat() {
             tracing::warn!(error = %err, "heartbeat to the kernel failed");
         }

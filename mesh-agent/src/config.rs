@@ -307,7 +307,11 @@ impl Settings {
                 },
                 ttl: a.cert_ttl,
             },
-            tunnel: TunnelSettings { transport: a.tunnel_transport, addr: a.tunnel_addr, port: a.tunnel_port },
+            tunnel: TunnelSettings {
+                transport: a.tunnel_transport,
+                addr: a.tunnel_addr,
+                port: a.tunnel_port,
+            },
             metrics_addr: a.metrics_addr,
             worker_threads: a.worker_threads,
             log: LogSettings {

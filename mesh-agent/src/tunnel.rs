@@ -38,7 +38,11 @@ pub enum TunnelError {
     #[error("peer node {addr} presented the wrong identity or an untrusted certificate: {detail}")]
     PeerIdentity { addr: SocketAddr, detail: String },
     #[error("peer node {addr} did not answer within {timeout:?}{hint}")]
-    Timeout { addr: SocketAddr, timeout: Duration, hint: &'static str },
+    Timeout {
+        addr: SocketAddr,
+        timeout: Duration,
+        hint: &'static str,
+    },
     #[error("peer node {addr} refused the flow: {detail}")]
     Refused { addr: SocketAddr, detail: String },
     #[error("no certificate for {0} yet (is the CA reachable?)")]
@@ -94,21 +98,51 @@ impl Default for TunnelMetrics {
 
 impl TunnelMetrics {
     pub fn register(&self, r: &mut Registry) {
-        r.register("mesh_tunnel_flows", "Tunneled flows by transport, direction and result", self.flows.clone());
-        r.register("mesh_tunnel_sent_bytes", "Bytes sent into tunnels (outbound) or to pods (inbound)", self.sent.clone());
-        r.register("mesh_tunnel_received_bytes", "Bytes received from tunnels or pods", self.received.clone());
-        r.register("mesh_tunnel_handshake_seconds", "Tunnel connection handshake latency", self.handshake_seconds.clone());
-        r.register("mesh_tunnel_rejected", "Tunnel connections or streams refused, by reason", self.rejected.clone());
+        r.register(
+            "mesh_tunnel_flows",
+            "Tunneled flows by transport, direction and result",
+            self.flows.clone(),
+        );
+        r.register(
+            "mesh_tunnel_sent_bytes",
+            "Bytes sent into tunnels (outbound) or to pods (inbound)",
+            self.sent.clone(),
+        );
+        r.register(
+            "mesh_tunnel_received_bytes",
+            "Bytes received from tunnels or pods",
+            self.received.clone(),
+        );
+        r.register(
+            "mesh_tunnel_handshake_seconds",
+            "Tunnel connection handshake latency",
+            self.handshake_seconds.clone(),
+        );
+        r.register(
+            "mesh_tunnel_rejected",
+            "Tunnel connections or streams refused, by reason",
+            self.rejected.clone(),
+        );
     }
 
     pub fn flow(&self, transport: &'static str, direction: &'static str, result: &'static str) {
-        self.flows.get_or_create(&FlowLabels { transport, direction, result }).inc();
+        self.flows
+            .get_or_create(&FlowLabels {
+                transport,
+                direction,
+                result,
+            })
+            .inc();
     }
 
     /// `a_to_b` is what came from the local end, `b_to_a` what went back.
     pub fn bytes(&self, transport: &'static str, direction: &'static str, a_to_b: u64, b_to_a: u64) {
-        self.sent.get_or_create(&ByteLabels { transport, direction }).inc_by(a_to_b);
-        self.received.get_or_create(&ByteLabels { transport, direction }).inc_by(b_to_a);
+        self.sent
+            .get_or_create(&ByteLabels { transport, direction })
+            .inc_by(a_to_b);
+        self.received
+            .get_or_create(&ByteLabels { transport, direction })
+            .inc_by(b_to_a);
     }
 
     pub fn reject(&self, transport: &'static str, reason: &'static str) {

@@ -46,13 +46,19 @@ impl Drop for TestLab {
 
 impl TestLab {
     pub fn up(agent_args: &[&str], labtool: &str) -> TestLab {
+        Self::up_with(TOPOLOGY, agent_args, labtool)
+    }
+
+    /// A lab from `topology` (YAML); servers on :PORT in pod-b, pod-c (and
+    /// pod-d when the topology has it).
+    pub fn up_with(topology: &str, agent_args: &[&str], labtool: &str) -> TestLab {
         assert!(
             std::fs::metadata(agent_bin()).is_ok(),
             "agent binary {} missing: run through `cargo xtask test`",
             agent_bin().display()
         );
         lab::down().expect("clean slate");
-        let topo: Topology = serde_yaml_from(TOPOLOGY);
+        let topo: Topology = serde_yaml_from(topology);
         let lab = Lab::up(
             &topo,
             &UpOptions {
@@ -68,7 +74,10 @@ impl TestLab {
             servers: vec![],
             labtool: PathBuf::from(labtool),
         };
-        for pod in ["pod-b", "pod-c"] {
+        for pod in ["pod-b", "pod-c", "pod-d"]
+            .into_iter()
+            .filter(|p| topo.pods.iter().any(|q| q.name == *p))
+        {
             let child = t.traffic().serve(pod, PORT).expect("server");
             t.servers.push(child);
         }

@@ -279,9 +279,15 @@ mod tests {
 
     #[test]
     fn reads_node_addresses() {
-        let d = dir_with(&[("nodes.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 198.18.0.11}]}\n")]);
+        let d = dir_with(&[(
+            "nodes.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 198.18.0.11}]}\n",
+        )]);
         assert_eq!(load(&d.0).unwrap().nodes["n1"], Ipv4Addr::new(198, 18, 0, 11));
-        let d = dir_with(&[("nodes.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: []}\n")]);
+        let d = dir_with(&[(
+            "nodes.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: []}\n",
+        )]);
         assert!(load(&d.0).unwrap_err().to_string().contains("InternalIP"));
     }
 

@@ -35,17 +35,22 @@ where
         r
     };
     let (f, b) = tokio::join!(forward, backward);
-    let copied = Copied { a_to_b: *f.as_ref().unwrap_or(&0), b_to_a: *b.as_ref().unwrap_or(&0) };
+    crate::memory::flow_ended();
+    let copied = Copied {
+        a_to_b: *f.as_ref().unwrap_or(&0),
+        b_to_a: *b.as_ref().unwrap_or(&0),
+    };
     (copied, f.err().or(b.err()))
 }
 
-/// 64 KiB per direction: big enough for throughput, bounded per flow.
-const BUF: usize = 64 * 1024;
+/// 16 KiB per direction: a bounded cost per flow; with the window of the
+/// tunnel stream this is all a slow reader can make the agent hold.
+const BUF: usize = 16 * 1024;
 
 async fn copy_buf(r: &mut (impl AsyncRead + Unpin), w: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<u64> {
     use tokio::io::AsyncReadExt as _;
-    let mut buf = vec![0u8; BUF];
     let mut total = 0u64;
+    let mut buf = vec![0u8; BUF];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {

@@ -16,7 +16,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, client::conn::http2::SendRequest, upgrade::Upgraded,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -51,12 +53,19 @@ impl Drop for StreamGuard {
 pub struct Hbone {
     tls: TunnelTls,
     pool: Mutex<HashMap<PeerKey, Vec<Arc<Pooled>>>>,
+    /// One handshake at a time per peer: a burst of new flows shares it.
+    connecting: Mutex<HashMap<PeerKey, Arc<tokio::sync::Mutex<()>>>>,
     metrics: TunnelMetrics,
 }
 
 impl Hbone {
     pub fn new(tls: TunnelTls, metrics: TunnelMetrics) -> Arc<Self> {
-        Arc::new(Hbone { tls, pool: Mutex::default(), metrics })
+        Arc::new(Hbone {
+            tls,
+            pool: Mutex::default(),
+            connecting: Mutex::default(),
+            metrics,
+        })
     }
 
     /// Opens a CONNECT stream for one flow to `key`'s node.
@@ -68,7 +77,9 @@ impl Hbone {
     ) -> Result<(TokioIo<Upgraded>, StreamGuard), TunnelError> {
         let addr = key.node_addr;
         let pooled = self.connection(key).await?;
-        let guard = StreamGuard { active: pooled.active.clone() };
+        let guard = StreamGuard {
+            active: pooled.active.clone(),
+        };
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(dst.to_string())
@@ -76,7 +87,10 @@ impl Hbone {
             .body(Empty::new())
             .expect("valid request");
         let mut sender = pooled.sender.clone();
-        let resp = sender.send_request(req).await.map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        let resp = sender.send_request(req).await.map_err(|e| TunnelError::Connect {
+            addr,
+            detail: e.to_string(),
+        })?;
         if resp.status() != StatusCode::OK {
             let why = resp
                 .headers()
@@ -84,30 +98,63 @@ impl Hbone {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("no reason given")
                 .to_string();
-            return Err(TunnelError::Refused { addr, detail: format!("{}: {why}", resp.status()) });
+            return Err(TunnelError::Refused {
+                addr,
+                detail: format!("{}: {why}", resp.status()),
+            });
         }
-        let upgraded =
-            hyper::upgrade::on(resp).await.map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        let upgraded = hyper::upgrade::on(resp).await.map_err(|e| TunnelError::Connect {
+            addr,
+            detail: e.to_string(),
+        })?;
         Ok((TokioIo::new(upgraded), guard))
     }
 
     async fn connection(&self, key: &PeerKey) -> Result<Arc<Pooled>, TunnelError> {
-        {
-            let mut pool = self.pool.lock().expect("pool lock");
-            let conns = pool.entry(key.clone()).or_default();
-            conns.retain(|p| !p.sender.is_closed());
-            if let Some(p) = conns.iter().min_by_key(|p| p.active.load(Ordering::SeqCst)).cloned() {
-                let busy = p.active.load(Ordering::SeqCst) >= MAX_STREAMS_PER_CONN as usize;
-                if !busy || conns.len() >= MAX_CONNS_PER_PEER {
-                    p.active.fetch_add(1, Ordering::SeqCst);
-                    return Ok(p);
-                }
-            }
+        if let Some(p) = self.pick(key) {
+            return Ok(p);
+        }
+        let gate = self
+            .connecting
+            .lock()
+            .expect("connecting lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = gate.lock().await;
+        // Someone may have connected while we waited.
+        if let Some(p) = self.pick(key) {
+            return Ok(p);
         }
         let sender = self.connect(key).await?;
-        let pooled = Arc::new(Pooled { sender, active: Arc::new(AtomicUsize::new(1)) });
-        self.pool.lock().expect("pool lock").entry(key.clone()).or_default().push(pooled.clone());
+        let pooled = Arc::new(Pooled {
+            sender,
+            active: Arc::new(AtomicUsize::new(1)),
+        });
+        self.pool
+            .lock()
+            .expect("pool lock")
+            .entry(key.clone())
+            .or_default()
+            .push(pooled.clone());
         Ok(pooled)
+    }
+
+    /// The least busy live connection to `key`, counted as in use; none when
+    /// there is none or all are full and another may still be opened (a full
+    /// connection makes new streams wait: that is the backpressure once every
+    /// allowed connection to this peer is full).
+    fn pick(&self, key: &PeerKey) -> Option<Arc<Pooled>> {
+        let mut pool = self.pool.lock().expect("pool lock");
+        let conns = pool.entry(key.clone()).or_default();
+        conns.retain(|p| !p.sender.is_closed());
+        let p = conns.iter().min_by_key(|p| p.active.load(Ordering::SeqCst)).cloned()?;
+        let busy = p.active.load(Ordering::SeqCst) >= MAX_STREAMS_PER_CONN as usize;
+        if busy && conns.len() < MAX_CONNS_PER_PEER {
+            return None;
+        }
+        p.active.fetch_add(1, Ordering::SeqCst);
+        Some(p)
     }
 
     async fn connect(&self, key: &PeerKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
@@ -116,17 +163,21 @@ impl Hbone {
             return Err(TunnelError::NoCertificate(key.source.clone()));
         }
         let started = Instant::now();
-        let timeout = |_| TunnelError::Timeout { addr, timeout: HANDSHAKE_TIMEOUT, hint: "" };
+        let timeout = |_| TunnelError::Timeout {
+            addr,
+            timeout: HANDSHAKE_TIMEOUT,
+            hint: "",
+        };
         let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(timeout)?
-            .map_err(|e| TunnelError::Connect { addr, detail: format!("TCP {}: {e}", addr.port()) })?;
+            .map_err(|e| TunnelError::Connect {
+                addr,
+                detail: format!("TCP {}: {e}", addr.port()),
+            })?;
         let _ = tcp.set_nodelay(true);
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(self.tls.client_config(
-            &key.source,
-            &key.destination,
-            ALPN_H2,
-        )));
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(self.tls.client_config(&key.source, &key.destination, ALPN_H2)));
         let name = rustls_pki_types::ServerName::try_from(sni_for(&key.destination)).expect("valid DNS name");
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
             Err(e) => {
@@ -135,7 +186,10 @@ impl Hbone {
             }
             Ok(Err(e)) => {
                 self.metrics.reject(TRANSPORT, "handshake");
-                return Err(TunnelError::PeerIdentity { addr, detail: e.to_string() });
+                return Err(TunnelError::PeerIdentity {
+                    addr,
+                    detail: e.to_string(),
+                });
             }
             Ok(Ok(t)) => t,
         };
@@ -146,7 +200,10 @@ impl Hbone {
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+            .map_err(|e| TunnelError::Connect {
+                addr,
+                detail: e.to_string(),
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %addr, error = %e, "tunnel: HTTP/2 connection ended");
@@ -162,9 +219,22 @@ impl Hbone {
 
     /// Accepts peers' TLS connections and their CONNECT streams.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, inbound: Arc<Inbound>) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(self.tls.server_config(ALPN_H2)));
+        let server = self.tls.server_config(ALPN_H2);
+        self.serve_with(listener, server, inbound).await
+    }
+
+    /// As `serve`, with the TLS configuration given (tests use it to play an impostor).
+    pub async fn serve_with(
+        self: Arc<Self>,
+        listener: TcpListener,
+        server: rustls::ServerConfig,
+        inbound: Arc<Inbound>,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         loop {
-            let Ok((tcp, remote)) = listener.accept().await else { continue };
+            let Ok((tcp, remote)) = listener.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             let inbound = inbound.clone();
             let metrics = self.metrics.clone();
@@ -226,12 +296,20 @@ fn handle(
         metrics.reject(TRANSPORT, "bad_header");
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT");
     }
-    let Some(dst) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+    let Some(dst) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
         metrics.reject(TRANSPORT, "bad_header");
         return refuse(StatusCode::BAD_REQUEST, "authority must be ip:port");
     };
-    let flow_id: u64 =
-        req.headers().get(FLOW_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let flow_id: u64 = req
+        .headers()
+        .get(FLOW_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     if let Err(refusal) = inbound.check(&peer, dst) {
         let reason = match refusal {
             Refusal::NotLocal(_) => "not_local",

@@ -44,12 +44,19 @@ pub async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<(FlowHeader, std::
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(eof_is_truncation)?;
     let header = FlowHeader::decode(body.as_slice())?;
-    let dst = header.destination.parse().map_err(|_| HeaderError::Destination(header.destination.clone()))?;
+    let dst = header
+        .destination
+        .parse()
+        .map_err(|_| HeaderError::Destination(header.destination.clone()))?;
     Ok((header, dst))
 }
 
 fn eof_is_truncation(e: std::io::Error) -> HeaderError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof { HeaderError::Truncated } else { HeaderError::Io(e) }
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        HeaderError::Truncated
+    } else {
+        HeaderError::Io(e)
+    }
 }
 
 #[cfg(test)]
@@ -58,18 +65,37 @@ mod tests {
 
     #[tokio::test]
     async fn round_trips_and_refuses_bad_headers() {
-        let h = FlowHeader { destination: "198.18.2.10:8080".into(), protocol: Protocol::Tcp as i32, flow_id: 7 };
+        let h = FlowHeader {
+            destination: "198.18.2.10:8080".into(),
+            protocol: Protocol::Tcp as i32,
+            flow_id: 7,
+        };
         let mut buf = Vec::new();
         write(&mut buf, &h).await.unwrap();
         let (back, dst) = read(&mut buf.as_slice()).await.unwrap();
         assert_eq!((back, dst.to_string()), (h, "198.18.2.10:8080".to_string()));
 
-        assert!(matches!(read(&mut &buf[..buf.len() - 1]).await, Err(HeaderError::Truncated)));
-        assert!(matches!(read(&mut &[0xffu8, 0xff][..]).await, Err(HeaderError::Oversized(65535))));
-        assert!(matches!(read(&mut &[0u8, 3, 0xff, 0xff, 0xff][..]).await, Err(HeaderError::Decode(_))));
-        let bad = FlowHeader { destination: "nowhere".into(), ..Default::default() };
+        assert!(matches!(
+            read(&mut &buf[..buf.len() - 1]).await,
+            Err(HeaderError::Truncated)
+        ));
+        assert!(matches!(
+            read(&mut &[0xffu8, 0xff][..]).await,
+            Err(HeaderError::Oversized(65535))
+        ));
+        assert!(matches!(
+            read(&mut &[0u8, 3, 0xff, 0xff, 0xff][..]).await,
+            Err(HeaderError::Decode(_))
+        ));
+        let bad = FlowHeader {
+            destination: "nowhere".into(),
+            ..Default::default()
+        };
         let mut buf = Vec::new();
         write(&mut buf, &bad).await.unwrap();
-        assert!(matches!(read(&mut buf.as_slice()).await, Err(HeaderError::Destination(_))));
+        assert!(matches!(
+            read(&mut buf.as_slice()).await,
+            Err(HeaderError::Destination(_))
+        ));
     }
 }

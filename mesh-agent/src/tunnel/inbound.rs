@@ -2,7 +2,11 @@
 //! SPIFFE ID (from its verified client certificate) and the requested
 //! destination go to the policy hook; allowed flows are connected to the
 //! local pod and copied both ways.
-use std::{net::SocketAddr, sync::Arc, time::{Duration, Instant}};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -33,7 +37,11 @@ pub enum Refusal {
     #[error("{0} is not a meshed workload on this node")]
     NotLocal(SocketAddr),
     #[error("policy denied {from} -> {destination}: {reason}")]
-    Denied { from: SpiffeId, destination: SocketAddr, reason: String },
+    Denied {
+        from: SpiffeId,
+        destination: SocketAddr,
+        reason: String,
+    },
 }
 
 pub struct Inbound {
@@ -50,7 +58,9 @@ impl Inbound {
     /// Whether `peer` may reach `dst`. Only pods of this node are reachable:
     /// the tunnel is never an open relay.
     pub fn check(&self, peer: &SpiffeId, dst: SocketAddr) -> Result<Pod, Refusal> {
-        let SocketAddr::V4(v4) = dst else { return Err(Refusal::NotLocal(dst)) };
+        let SocketAddr::V4(v4) = dst else {
+            return Err(Refusal::NotLocal(dst));
+        };
         let snap = self.snapshots.borrow().clone();
         let pod = snap
             .pod_by_ip(*v4.ip())
@@ -59,7 +69,11 @@ impl Inbound {
             .ok_or(Refusal::NotLocal(dst))?;
         self.authorizer
             .authorize(peer, &pod, dst.port())
-            .map_err(|reason| Refusal::Denied { from: peer.clone(), destination: dst, reason })?;
+            .map_err(|reason| Refusal::Denied {
+                from: peer.clone(),
+                destination: dst,
+                reason,
+            })?;
         Ok(pod)
     }
 
@@ -72,8 +86,7 @@ impl Inbound {
         flow_id: u64,
         mut r: R,
         mut w: W,
-    )
-    where
+    ) where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
@@ -101,7 +114,8 @@ impl Inbound {
             }
         }
         self.metrics.bytes(transport, "inbound", copied.a_to_b, copied.b_to_a);
-        self.metrics.flow(transport, "inbound", if err.is_some() { "error" } else { "ok" });
+        self.metrics
+            .flow(transport, "inbound", if err.is_some() { "error" } else { "ok" });
         tracing::info!(
             transport, flow_id, peer = %peer, destination = %dst,
             bytes_in = copied.a_to_b, bytes_out = copied.b_to_a,

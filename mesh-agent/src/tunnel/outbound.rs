@@ -34,7 +34,9 @@ pub enum OutboundError {
 
 pub async fn bind(ip: Ipv4Addr, port: u16) -> Result<TcpListener, OutboundError> {
     let addr = SocketAddr::from((ip, port));
-    TcpListener::bind(addr).await.map_err(|err| OutboundError::Bind { addr, err })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| OutboundError::Bind { addr, err })
 }
 
 /// The tunnel side of outbound flows; absent when the agent has no source
@@ -83,7 +85,9 @@ struct Route {
 impl Outbound {
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
         let Ok(local) = stream.local_addr() else { return };
-        let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else { return };
+        let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else {
+            return;
+        };
         let Some(orig) = self.redirect.take_flow(peer, local) else {
             tracing::warn!(client = %peer, "no capture record for this connection (it did not come through mesh_connect4); closing");
             return;
@@ -102,11 +106,17 @@ impl Outbound {
     fn route(&self, orig: mesh_common::OrigDst) -> Route {
         let snap = self.snapshots.borrow().clone();
         let dst = SocketAddrV4::new(Ipv4Addr::from(orig.ipv4.to_ne_bytes()), orig.port);
-        let td = self.tunnels.as_ref().map(|t| t.trust_domain.clone()).unwrap_or_default();
+        let td = self
+            .tunnels
+            .as_ref()
+            .map(|t| t.trust_domain.clone())
+            .unwrap_or_default();
         let src_pod = snap.pod_by_workload_id(orig.workload_id);
         let dst_pod = snap.pod_by_ip(*dst.ip());
         Route {
-            source_name: src_pod.map(|p| p.workload_name()).unwrap_or_else(|| format!("unknown(id={})", orig.workload_id)),
+            source_name: src_pod
+                .map(|p| p.workload_name())
+                .unwrap_or_else(|| format!("unknown(id={})", orig.workload_id)),
             source: src_pod.and_then(|p| SpiffeId::new(&td, &p.namespace, &p.service_account).ok()),
             destination_name: dst_pod.map(|p| p.workload_name()).unwrap_or_default(),
             destination: dst_pod.and_then(|p| SpiffeId::new(&td, &p.namespace, &p.service_account).ok()),
@@ -119,15 +129,25 @@ impl Outbound {
         let started = Instant::now();
         let _ = downstream.set_nodelay(true);
         let Some(tunnels) = &self.tunnels else {
-            refuse(downstream, "no tunnel: this agent has no workload certificates (configure --ca-addr or --local-ca-dir)");
+            refuse(
+                downstream,
+                "no tunnel: this agent has no workload certificates (configure --ca-addr or --local-ca-dir)",
+            );
             return;
         };
         let (Some(source), Some(destination), Some(node_ip)) = (route.source, route.destination, route.node_ip) else {
-            refuse(downstream, "cannot route: source or destination workload, or the destination node's InternalIP, is unknown to the source");
+            refuse(
+                downstream,
+                "cannot route: source or destination workload, or the destination node's InternalIP, is unknown to the source",
+            );
             tunnels.metrics.flow(transport_name(tunnels), "outbound", "unroutable");
             return;
         };
-        let key = PeerKey { source, destination, node_addr: SocketAddr::from((node_ip, tunnels.port)) };
+        let key = PeerKey {
+            source,
+            destination,
+            node_addr: SocketAddr::from((node_ip, tunnels.port)),
+        };
         let (mut down_r, mut down_w) = downstream.into_split();
         let result = match tunnels.transport {
             Transport::Quic => match &tunnels.quic {
@@ -144,7 +164,10 @@ impl Outbound {
                         Err(e) => Err(e),
                     }
                 }
-                None => Err(TunnelError::Connect { addr: key.node_addr, detail: "QUIC is not bound".into() }),
+                None => Err(TunnelError::Connect {
+                    addr: key.node_addr,
+                    detail: "QUIC is not bound".into(),
+                }),
             },
             Transport::Tcp => match tunnels.hbone.open(&key, SocketAddr::V4(route.dst), flow_id).await {
                 Ok((io, _guard)) => {
@@ -159,12 +182,21 @@ impl Outbound {
         let transport = transport_name(tunnels);
         match result {
             Ok((copied, None)) => {
-                tunnels.metrics.bytes(transport, "outbound", copied.a_to_b, copied.b_to_a);
+                tunnels
+                    .metrics
+                    .bytes(transport, "outbound", copied.a_to_b, copied.b_to_a);
                 tunnels.metrics.flow(transport, "outbound", "ok");
-                tracing::info!(bytes_sent = copied.a_to_b, bytes_received = copied.b_to_a, duration_ms, "connection closed");
+                tracing::info!(
+                    bytes_sent = copied.a_to_b,
+                    bytes_received = copied.b_to_a,
+                    duration_ms,
+                    "connection closed"
+                );
             }
             Ok((copied, Some(e))) => {
-                tunnels.metrics.bytes(transport, "outbound", copied.a_to_b, copied.b_to_a);
+                tunnels
+                    .metrics
+                    .bytes(transport, "outbound", copied.a_to_b, copied.b_to_a);
                 tunnels.metrics.flow(transport, "outbound", "error");
                 tracing::warn!(error = %e, bytes_sent = copied.a_to_b, bytes_received = copied.b_to_a, duration_ms, "connection broken in the tunnel; resetting the client");
                 if let Some(d) = downstream {

@@ -70,16 +70,36 @@ pub struct Quic {
     endpoint: Endpoint,
     tls: TunnelTls,
     pool: Mutex<HashMap<PeerKey, Vec<Arc<Pooled>>>>,
+    /// One handshake at a time per peer: a burst of new flows shares it.
+    connecting: Mutex<HashMap<PeerKey, Arc<tokio::sync::Mutex<()>>>>,
     metrics: TunnelMetrics,
 }
 
 impl Quic {
     pub fn bind(addr: SocketAddr, tls: TunnelTls, metrics: TunnelMetrics) -> std::io::Result<Arc<Self>> {
-        let crypto = QuicServerConfig::try_from(tls.server_config(ALPN_QUIC)).map_err(std::io::Error::other)?;
+        let server = tls.server_config(ALPN_QUIC);
+        Self::bind_with(addr, server, tls, metrics)
+    }
+
+    /// As `bind`, with the accepting side's TLS configuration given (tests
+    /// use it to play an impostor).
+    pub fn bind_with(
+        addr: SocketAddr,
+        server: rustls::ServerConfig,
+        tls: TunnelTls,
+        metrics: TunnelMetrics,
+    ) -> std::io::Result<Arc<Self>> {
+        let crypto = QuicServerConfig::try_from(server).map_err(std::io::Error::other)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport_config());
         let endpoint = Endpoint::server(server, addr)?;
-        let quic = Arc::new(Quic { endpoint, tls, pool: Mutex::default(), metrics });
+        let quic = Arc::new(Quic {
+            endpoint,
+            tls,
+            pool: Mutex::default(),
+            connecting: Mutex::default(),
+            metrics,
+        });
         tokio::spawn(quic.clone().reap_idle());
         Ok(quic)
     }
@@ -91,35 +111,70 @@ impl Quic {
         header: &FlowHeader,
     ) -> Result<(SendStream, RecvStream, StreamGuard), TunnelError> {
         let pooled = self.connection(key).await?;
-        let guard = StreamGuard { active: pooled.active.clone() };
+        let guard = StreamGuard {
+            active: pooled.active.clone(),
+        };
         let addr = key.node_addr;
-        let (mut send, recv) =
-            pooled.conn.open_bi().await.map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
-        header::write(&mut send, header).await.map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+        let (mut send, recv) = pooled.conn.open_bi().await.map_err(|e| TunnelError::Connect {
+            addr,
+            detail: e.to_string(),
+        })?;
+        header::write(&mut send, header)
+            .await
+            .map_err(|e| TunnelError::Connect {
+                addr,
+                detail: e.to_string(),
+            })?;
         Ok((send, recv, guard))
     }
 
     async fn connection(&self, key: &PeerKey) -> Result<Arc<Pooled>, TunnelError> {
-        {
-            let mut pool = self.pool.lock().expect("pool lock");
-            let conns = pool.entry(key.clone()).or_default();
-            conns.retain(|p| p.conn.close_reason().is_none());
-            let best = conns.iter().min_by_key(|p| p.active.load(Ordering::SeqCst)).cloned();
-            if let Some(p) = best {
-                let busy = p.active.load(Ordering::SeqCst) >= MAX_STREAMS_PER_CONN as usize;
-                // A full connection makes open_bi wait: that is the backpressure
-                // once every allowed connection to this peer is full.
-                if !busy || conns.len() >= MAX_CONNS_PER_PEER {
-                    p.active.fetch_add(1, Ordering::SeqCst);
-                    *p.idle_since.lock().expect("idle lock") = None;
-                    return Ok(p);
-                }
-            }
+        if let Some(p) = self.pick(key) {
+            return Ok(p);
+        }
+        let gate = self
+            .connecting
+            .lock()
+            .expect("connecting lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = gate.lock().await;
+        // Someone may have connected while we waited.
+        if let Some(p) = self.pick(key) {
+            return Ok(p);
         }
         let conn = self.connect(key).await?;
-        let pooled = Arc::new(Pooled { conn, active: Arc::new(AtomicUsize::new(1)), idle_since: Mutex::new(None) });
-        self.pool.lock().expect("pool lock").entry(key.clone()).or_default().push(pooled.clone());
+        let pooled = Arc::new(Pooled {
+            conn,
+            active: Arc::new(AtomicUsize::new(1)),
+            idle_since: Mutex::new(None),
+        });
+        self.pool
+            .lock()
+            .expect("pool lock")
+            .entry(key.clone())
+            .or_default()
+            .push(pooled.clone());
         Ok(pooled)
+    }
+
+    /// The least busy live connection to `key`, counted as in use; none when
+    /// there is none or all are full and another may still be opened (a full
+    /// connection makes new streams wait: that is the backpressure once every
+    /// allowed connection to this peer is full).
+    fn pick(&self, key: &PeerKey) -> Option<Arc<Pooled>> {
+        let mut pool = self.pool.lock().expect("pool lock");
+        let conns = pool.entry(key.clone()).or_default();
+        conns.retain(|p| p.conn.close_reason().is_none());
+        let p = conns.iter().min_by_key(|p| p.active.load(Ordering::SeqCst)).cloned()?;
+        let busy = p.active.load(Ordering::SeqCst) >= MAX_STREAMS_PER_CONN as usize;
+        if busy && conns.len() < MAX_CONNS_PER_PEER {
+            return None;
+        }
+        p.active.fetch_add(1, Ordering::SeqCst);
+        *p.idle_since.lock().expect("idle lock") = None;
+        Some(p)
     }
 
     async fn connect(&self, key: &PeerKey) -> Result<Connection, TunnelError> {
@@ -128,14 +183,20 @@ impl Quic {
             return Err(TunnelError::NoCertificate(key.source.clone()));
         }
         let crypto = QuicClientConfig::try_from(self.tls.client_config(&key.source, &key.destination, ALPN_QUIC))
-            .map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+            .map_err(|e| TunnelError::Connect {
+                addr,
+                detail: e.to_string(),
+            })?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(transport_config());
         let started = Instant::now();
         let connecting = self
             .endpoint
             .connect_with(cfg, addr, &sni_for(&key.destination))
-            .map_err(|e| TunnelError::Connect { addr, detail: e.to_string() })?;
+            .map_err(|e| TunnelError::Connect {
+                addr,
+                detail: e.to_string(),
+            })?;
         let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
             Err(_) => {
                 self.metrics.reject(TRANSPORT, "handshake_timeout");
@@ -262,14 +323,19 @@ async fn serve_stream(
         }
     };
     if let Err(refusal) = inbound.check(&peer, dst) {
-        metrics.reject(TRANSPORT, match refusal {
-            Refusal::NotLocal(_) => "not_local",
-            Refusal::Denied { .. } => "policy",
-        });
+        metrics.reject(
+            TRANSPORT,
+            match refusal {
+                Refusal::NotLocal(_) => "not_local",
+                Refusal::Denied { .. } => "policy",
+            },
+        );
         tracing::warn!(peer = %remote, identity = %peer, flow_id = header.flow_id, error = %refusal, "tunnel: flow refused");
         let _ = send.reset(VarInt::from_u32(RESET_REFUSED));
         let _ = recv.stop(VarInt::from_u32(RESET_REFUSED));
         return;
     }
-    inbound.serve_flow(TRANSPORT, &peer, dst, header.flow_id, recv, send).await;
+    inbound
+        .serve_flow(TRANSPORT, &peer, dst, header.flow_id, recv, send)
+        .await;
 }

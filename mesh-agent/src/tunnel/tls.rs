@@ -63,7 +63,9 @@ impl TunnelTls {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3 is supported")
             .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(self.bundle.clone())))
-            .with_cert_resolver(Arc::new(SniResolver { manager: self.manager.clone() }));
+            .with_cert_resolver(Arc::new(SniResolver {
+                manager: self.manager.clone(),
+            }));
         cfg.alpn_protocols = vec![alpn.to_vec()];
         cfg.send_tls13_tickets = 0;
         cfg
@@ -84,7 +86,11 @@ impl std::fmt::Debug for SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let sni = hello.server_name()?;
-        let found = self.manager.identities().into_iter().find(|c| sni_for(&c.identity) == sni);
+        let found = self
+            .manager
+            .identities()
+            .into_iter()
+            .find(|c| sni_for(&c.identity) == sni);
         match found {
             Some(cert) if cert.not_after > std::time::SystemTime::now() => Some(cert.certified_key.clone()),
             _ => {
@@ -96,7 +102,10 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// The SPIFFE ID in a verified peer chain.
-pub fn peer_identity(certs: Option<&[rustls_pki_types::CertificateDer<'static>]>, trust_domain: &str) -> Option<SpiffeId> {
+pub fn peer_identity(
+    certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    trust_domain: &str,
+) -> Option<SpiffeId> {
     let leaf = certs?.first()?;
     crate::identity::verify::spiffe_id_of(leaf, trust_domain).ok()
 }

@@ -36,6 +36,20 @@ enum Cmd {
         /// Keep the connection open this long before sending.
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// Send this string over and over instead of random bytes, so a
+        /// packet capture can look for it.
+        #[arg(long)]
+        marker: Option<String>,
+    },
+    /// Open `flows` connections at once, then send `bytes` on each and check
+    /// each reply; print {"ok": N, "failed": N, "errors": [...]}.
+    Burst {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        flows: usize,
+        #[arg(long, default_value_t = 16384)]
+        bytes: u64,
     },
     /// Bring up the test lab, then wait forever (a test kills this process to
     /// check that `lab down` cleans up after a crashed run).
@@ -60,7 +74,9 @@ fn main() {
             bytes,
             seed,
             hold_ms,
-        } => std::process::exit(send(to, bytes, seed, hold_ms)),
+            marker,
+        } => std::process::exit(send(to, bytes, seed, hold_ms, marker.as_deref())),
+        Cmd::Burst { to, flows, bytes } => burst(to, flows, bytes),
         Cmd::LabUpAndHang { agent_bin } => {
             let topo: xtask::lab::Topology = serde_json::from_value(serde_json::json!({
                 "nodes": [{"name": "node-a"}, {"name": "node-b"}],
@@ -132,7 +148,7 @@ fn fill(state: &mut u64, buf: &mut [u8]) {
     }
 }
 
-fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64) -> i32 {
+fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64, marker: Option<&str>) -> i32 {
     let start = Instant::now();
     let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
         Ok(s) => s,
@@ -149,7 +165,14 @@ fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64) -> i32 {
     let mut left = bytes;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        fill(&mut state, &mut buf[..n]);
+        match marker {
+            Some(m) => {
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    *b = m.as_bytes()[(sent_so_far(bytes, left) as usize + i) % m.len()];
+                }
+            }
+            None => fill(&mut state, &mut buf[..n]),
+        }
         hasher.update(&buf[..n]);
         if let Err(e) = stream.write_all(&buf[..n]) {
             println!("{}", serde_json::json!({"ok": false, "error": format!("write: {e}")}));
@@ -187,6 +210,60 @@ fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64) -> i32 {
     });
     println!("{out}");
     if ok { 0 } else { 1 }
+}
+
+/// All connections are open before any sends (a barrier), so the agent
+/// really holds `flows` concurrent flows.
+fn burst(to: SocketAddr, flows: usize, bytes: u64) {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(flows));
+    let handles: Vec<_> = (0..flows)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || -> Result<(), String> {
+                    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(10));
+                    barrier.wait();
+                    let mut stream = stream.map_err(|e| format!("connect: {e}"))?;
+                    let mut state = i as u64 + 1;
+                    let mut buf = vec![0u8; bytes as usize];
+                    fill(&mut state, &mut buf);
+                    stream.write_all(&buf).map_err(|e| format!("write: {e}"))?;
+                    stream.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+                    let mut reply = Vec::new();
+                    let mut chunk = [0u8; 512];
+                    loop {
+                        match read_retrying(&mut stream, &mut chunk) {
+                            Ok(0) => break,
+                            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+                            Err(e) => return Err(format!("read: {e}")),
+                        }
+                    }
+                    let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|_| "bad reply".to_string())?;
+                    let want = hex(&Sha256::digest(&buf));
+                    if v["sha256"] == want.as_str() {
+                        Ok(())
+                    } else {
+                        Err(format!("hash mismatch: {v}"))
+                    }
+                })
+                .expect("thread")
+        })
+        .collect();
+    let results: Vec<Result<(), String>> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or(Err("panic".into())))
+        .collect();
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).take(5).collect();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    println!(
+        "{}",
+        serde_json::json!({"ok": ok, "failed": flows - ok, "errors": errors})
+    );
+}
+
+fn sent_so_far(total: u64, left: u64) -> u64 {
+    total - left
 }
 
 /// A read that retries EAGAIN on a blocking socket. A socket in a sockmap
