@@ -321,3 +321,88 @@ fn a_killed_peer_agent_fails_its_flows_fast_and_spares_the_others() {
         lab.agent_pid("node-b").is_none()
     });
 }
+
+#[test]
+fn garbage_bad_headers_and_stalled_handshakes_are_refused_and_the_agent_keeps_serving() {
+    let t = TestLab::up(&[], LABTOOL);
+    let lab = &t.lab;
+    let node_b = lab.node("node-b").unwrap().fabric_ip;
+    let sh = |script: &str| {
+        let out = lab
+            .node_exec("node-a", "sh")
+            .unwrap()
+            .args(["-c", script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Garbage datagrams and a garbage TCP stream on 15008; a TCP peer that
+    // connects and then says nothing (stalls mid-handshake) for 6 s.
+    sh(&format!(
+        "head -c 3000 /dev/urandom | socat -u - UDP:{node_b}:15008; true"
+    ));
+    sh(&format!(
+        "printf 'GET / HTTP/1.1\\r\\n\\r\\n' | timeout 3 socat - TCP:{node_b}:15008; true"
+    ));
+    let stall = lab
+        .node_exec("node-a", "sh")
+        .unwrap()
+        .args(["-c", &format!("sleep 7 | socat - TCP:{node_b}:15008; true")])
+        .spawn()
+        .unwrap();
+    // Broken flow headers from a peer with a valid certificate.
+    for kind in ["truncated", "oversized"] {
+        let out = rogue(
+            lab,
+            "node-a",
+            &[
+                "--ca-dir",
+                lab.ca_dir().to_str().unwrap(),
+                "--identity",
+                &spiffe("sa-a"),
+                "client",
+                "--peer",
+                &format!("{node_b}:15008"),
+                "--peer-identity",
+                &spiffe("sa-c"),
+                "--dst",
+                &t.addr("pod-c").to_string(),
+                "--bad-header",
+                kind,
+            ],
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert_eq!(r["ok"], false, "{kind} header was accepted: {r}");
+    }
+    // Meanwhile real flows are fine.
+    assert_intact(&t.traffic().send("pod-a", t.addr("pod-c"), 4 << 20).unwrap());
+    let mut stall = stall;
+    let _ = stall.wait();
+    let log = log_records(&lab.agent_log("node-b"));
+    let said = |m: &str| {
+        log.iter()
+            .filter(|r| r["message"].as_str().is_some_and(|x| x.contains(m)))
+            .count()
+    };
+    assert!(said("bad flow header") >= 2, "bad headers were not logged");
+    assert!(said("handshake from a peer failed") >= 1, "TCP garbage was not logged");
+    assert!(said("stalled mid-handshake") >= 1, "the stalled peer was not logged");
+    let n = lab.node("node-b").unwrap();
+    let out = lab
+        .node_exec("node-b", "curl")
+        .unwrap()
+        .args(["-sf", &format!("http://{}:15020/metrics", n.fabric_ip)])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    for reason in ["bad_header", "handshake", "handshake_timeout"] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "no mesh_tunnel_rejected for {reason}:\n{metrics}"
+        );
+    }
+}

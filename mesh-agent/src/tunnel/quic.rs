@@ -128,6 +128,19 @@ impl Quic {
         Ok((send, recv, guard))
     }
 
+    /// A stream without a header, for tests that send a broken one.
+    pub async fn open_raw(&self, key: &PeerKey) -> Result<(SendStream, RecvStream, StreamGuard), TunnelError> {
+        let pooled = self.connection(key).await?;
+        let guard = StreamGuard {
+            active: pooled.active.clone(),
+        };
+        let (send, recv) = pooled.conn.open_bi().await.map_err(|e| TunnelError::Connect {
+            addr: key.node_addr,
+            detail: e.to_string(),
+        })?;
+        Ok((send, recv, guard))
+    }
+
     async fn connection(&self, key: &PeerKey) -> Result<Arc<Pooled>, TunnelError> {
         if let Some(p) = self.pick(key) {
             return Ok(p);

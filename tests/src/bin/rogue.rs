@@ -57,6 +57,9 @@ enum Cmd {
         peer_identity: SpiffeId,
         #[arg(long)]
         dst: SocketAddr,
+        /// Send a broken flow header instead of a real one (QUIC only).
+        #[arg(long, value_parser = ["truncated", "oversized"])]
+        bad_header: Option<String>,
     },
     Server {
         #[arg(long)]
@@ -95,6 +98,41 @@ async fn main() {
             peer,
             peer_identity,
             dst,
+            bad_header: Some(kind),
+        } => {
+            // A well-authenticated peer that speaks garbage on its stream.
+            let quic = Quic::bind("0.0.0.0:0".parse().unwrap(), tls, metrics).expect("bind");
+            let key = PeerKey {
+                source: cli.identity.clone(),
+                destination: peer_identity,
+                node_addr: peer,
+            };
+            let _ = dst;
+            let result: Result<usize, String> = async {
+                let (mut send, mut recv, _g) = quic.open_raw(&key).await.map_err(|e| e.to_string())?;
+                match kind.as_str() {
+                    // A length far over the limit.
+                    "oversized" => send
+                        .write_all(&[0xff, 0xff, 1, 2, 3])
+                        .await
+                        .map_err(|e| e.to_string())?,
+                    // Announces 64 bytes, sends 2, ends.
+                    _ => send.write_all(&[0x00, 0x40, 1, 2]).await.map_err(|e| e.to_string())?,
+                }
+                send.finish().map_err(|e| e.to_string())?;
+                let mut buf = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut buf)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            println!("{}", serde_json::json!({"ok": result.is_ok(), "error": result.err()}));
+        }
+        Cmd::Client {
+            peer,
+            peer_identity,
+            dst,
+            bad_header: None,
         } => {
             let key = PeerKey {
                 source: cli.identity.clone(),
