@@ -105,6 +105,21 @@ impl IdentityManager {
         (cert.not_after > SystemTime::now()).then_some(cert)
     }
 
+    /// Like `current`, but waits up to `limit` for a first certificate: a
+    /// flow that arrives while the agent is starting waits, it is not refused.
+    pub async fn wait_current(&self, id: &SpiffeId, limit: Duration) -> Option<Arc<WorkloadCert>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(c) = self.current(id) {
+                return Some(c);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn identities(&self) -> Vec<Arc<WorkloadCert>> {
         self.certs.read().expect("certs lock").values().cloned().collect()
     }

@@ -159,7 +159,13 @@ impl Hbone {
 
     async fn connect(&self, key: &PeerKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let addr = key.node_addr;
-        if self.tls.manager.current(&key.source).is_none() {
+        if self
+            .tls
+            .manager
+            .wait_current(&key.source, HANDSHAKE_TIMEOUT)
+            .await
+            .is_none()
+        {
             return Err(TunnelError::NoCertificate(key.source.clone()));
         }
         let started = Instant::now();

@@ -192,7 +192,13 @@ impl Quic {
 
     async fn connect(&self, key: &PeerKey) -> Result<Connection, TunnelError> {
         let addr = key.node_addr;
-        if self.tls.manager.current(&key.source).is_none() {
+        if self
+            .tls
+            .manager
+            .wait_current(&key.source, HANDSHAKE_TIMEOUT)
+            .await
+            .is_none()
+        {
             return Err(TunnelError::NoCertificate(key.source.clone()));
         }
         let crypto = QuicClientConfig::try_from(self.tls.client_config(&key.source, &key.destination, ALPN_QUIC))
