@@ -356,7 +356,7 @@ async fn heartbeat(redirect: Arc<Redirect>) {
     loop {
         tick.tick().await;
         n += 1;
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             crate::memory::trim_if_flows_ended(&mut trimmed_at);
         }
         if let Err(err) = redirect.heartbeat() {

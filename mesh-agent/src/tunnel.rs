@@ -10,6 +10,7 @@ pub mod hbone;
 pub mod header;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod quic;
 pub mod tls;
 

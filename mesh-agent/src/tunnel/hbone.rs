@@ -4,13 +4,9 @@
 //! (and its flow control gives backpressure); a CONNECT stream becomes a
 //! byte stream through hyper's upgrade.
 use std::{
-    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     PeerKey, TunnelError, TunnelMetrics,
     inbound::{Inbound, Refusal},
+    pool::{Lease, Pool, PooledConn},
     tls::{ALPN_H2, TunnelTls, peer_identity, sni_for},
 };
 
@@ -35,26 +32,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FLOW_ID_HEADER: &str = "mesh-flow-id";
 pub const REFUSAL_HEADER: &str = "mesh-refusal";
 
-struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
-    active: Arc<AtomicUsize>,
-}
-
-pub struct StreamGuard {
-    active: Arc<AtomicUsize>,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::SeqCst);
+impl PooledConn for SendRequest<Empty<Bytes>> {
+    fn is_alive(&self) -> bool {
+        !self.is_closed()
     }
 }
 
 pub struct Hbone {
     tls: TunnelTls,
-    pool: Mutex<HashMap<PeerKey, Vec<Arc<Pooled>>>>,
-    /// One handshake at a time per peer: a burst of new flows shares it.
-    connecting: Mutex<HashMap<PeerKey, Arc<tokio::sync::Mutex<()>>>>,
+    pool: Pool<SendRequest<Empty<Bytes>>>,
     metrics: TunnelMetrics,
 }
 
@@ -62,8 +48,7 @@ impl Hbone {
     pub fn new(tls: TunnelTls, metrics: TunnelMetrics) -> Arc<Self> {
         Arc::new(Hbone {
             tls,
-            pool: Mutex::default(),
-            connecting: Mutex::default(),
+            pool: Pool::new(MAX_CONNS_PER_PEER, MAX_STREAMS_PER_CONN as usize),
             metrics,
         })
     }
@@ -74,19 +59,16 @@ impl Hbone {
         key: &PeerKey,
         dst: SocketAddr,
         flow_id: u64,
-    ) -> Result<(TokioIo<Upgraded>, StreamGuard), TunnelError> {
+    ) -> Result<(TokioIo<Upgraded>, Lease<SendRequest<Empty<Bytes>>>), TunnelError> {
         let addr = key.node_addr;
-        let pooled = self.connection(key).await?;
-        let guard = StreamGuard {
-            active: pooled.active.clone(),
-        };
+        let lease = self.pool.get(key, || self.connect(key)).await?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(dst.to_string())
             .header(FLOW_ID_HEADER, flow_id.to_string())
             .body(Empty::new())
             .expect("valid request");
-        let mut sender = pooled.sender.clone();
+        let mut sender = (*lease).clone();
         let resp = sender.send_request(req).await.map_err(|e| TunnelError::Connect {
             addr,
             detail: e.to_string(),
@@ -107,54 +89,7 @@ impl Hbone {
             addr,
             detail: e.to_string(),
         })?;
-        Ok((TokioIo::new(upgraded), guard))
-    }
-
-    async fn connection(&self, key: &PeerKey) -> Result<Arc<Pooled>, TunnelError> {
-        if let Some(p) = self.pick(key) {
-            return Ok(p);
-        }
-        let gate = self
-            .connecting
-            .lock()
-            .expect("connecting lock")
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let _one_at_a_time = gate.lock().await;
-        // Someone may have connected while we waited.
-        if let Some(p) = self.pick(key) {
-            return Ok(p);
-        }
-        let sender = self.connect(key).await?;
-        let pooled = Arc::new(Pooled {
-            sender,
-            active: Arc::new(AtomicUsize::new(1)),
-        });
-        self.pool
-            .lock()
-            .expect("pool lock")
-            .entry(key.clone())
-            .or_default()
-            .push(pooled.clone());
-        Ok(pooled)
-    }
-
-    /// The least busy live connection to `key`, counted as in use; none when
-    /// there is none or all are full and another may still be opened (a full
-    /// connection makes new streams wait: that is the backpressure once every
-    /// allowed connection to this peer is full).
-    fn pick(&self, key: &PeerKey) -> Option<Arc<Pooled>> {
-        let mut pool = self.pool.lock().expect("pool lock");
-        let conns = pool.entry(key.clone()).or_default();
-        conns.retain(|p| !p.sender.is_closed());
-        let p = conns.iter().min_by_key(|p| p.active.load(Ordering::SeqCst)).cloned()?;
-        let busy = p.active.load(Ordering::SeqCst) >= MAX_STREAMS_PER_CONN as usize;
-        if busy && conns.len() < MAX_CONNS_PER_PEER {
-            return None;
-        }
-        p.active.fetch_add(1, Ordering::SeqCst);
-        Some(p)
+        Ok((TokioIo::new(upgraded), lease))
     }
 
     async fn connect(&self, key: &PeerKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {

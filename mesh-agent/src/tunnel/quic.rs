@@ -4,12 +4,8 @@
 //! length-prefixed protobuf header. Stream limits give backpressure: when a
 //! connection is full, `open_bi` waits instead of buffering.
 use std::{
-    collections::HashMap,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -22,6 +18,7 @@ use super::{
     PeerKey, TunnelError, TunnelMetrics,
     header::{self, FlowHeader},
     inbound::{Inbound, Refusal},
+    pool::{Lease, Pool, PooledConn},
     tls::{ALPN_QUIC, TunnelTls, peer_identity, sni_for},
 };
 
@@ -49,29 +46,20 @@ fn transport_config() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-struct Pooled {
-    conn: Connection,
-    active: Arc<AtomicUsize>,
-    idle_since: Mutex<Option<Instant>>,
-}
+impl PooledConn for Connection {
+    fn is_alive(&self) -> bool {
+        self.close_reason().is_none()
+    }
 
-/// Held while a stream is open; the pool closes connections nobody holds.
-pub struct StreamGuard {
-    active: Arc<AtomicUsize>,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::SeqCst);
+    fn close_idle(&self) {
+        self.close(VarInt::from_u32(0), b"idle");
     }
 }
 
 pub struct Quic {
     endpoint: Endpoint,
     tls: TunnelTls,
-    pool: Mutex<HashMap<PeerKey, Vec<Arc<Pooled>>>>,
-    /// One handshake at a time per peer: a burst of new flows shares it.
-    connecting: Mutex<HashMap<PeerKey, Arc<tokio::sync::Mutex<()>>>>,
+    pool: Pool<Connection>,
     metrics: TunnelMetrics,
 }
 
@@ -96,8 +84,7 @@ impl Quic {
         let quic = Arc::new(Quic {
             endpoint,
             tls,
-            pool: Mutex::default(),
-            connecting: Mutex::default(),
+            pool: Pool::new(MAX_CONNS_PER_PEER, MAX_STREAMS_PER_CONN as usize),
             metrics,
         });
         tokio::spawn(quic.clone().reap_idle());
@@ -109,85 +96,25 @@ impl Quic {
         &self,
         key: &PeerKey,
         header: &FlowHeader,
-    ) -> Result<(SendStream, RecvStream, StreamGuard), TunnelError> {
-        let pooled = self.connection(key).await?;
-        let guard = StreamGuard {
-            active: pooled.active.clone(),
-        };
-        let addr = key.node_addr;
-        let (mut send, recv) = pooled.conn.open_bi().await.map_err(|e| TunnelError::Connect {
-            addr,
-            detail: e.to_string(),
-        })?;
+    ) -> Result<(SendStream, RecvStream, Lease<Connection>), TunnelError> {
+        let (mut send, recv, lease) = self.open_raw(key).await?;
         header::write(&mut send, header)
             .await
             .map_err(|e| TunnelError::Connect {
-                addr,
+                addr: key.node_addr,
                 detail: e.to_string(),
             })?;
-        Ok((send, recv, guard))
+        Ok((send, recv, lease))
     }
 
-    /// A stream without a header, for tests that send a broken one.
-    pub async fn open_raw(&self, key: &PeerKey) -> Result<(SendStream, RecvStream, StreamGuard), TunnelError> {
-        let pooled = self.connection(key).await?;
-        let guard = StreamGuard {
-            active: pooled.active.clone(),
-        };
-        let (send, recv) = pooled.conn.open_bi().await.map_err(|e| TunnelError::Connect {
+    /// A stream without a header (tests use it to send a broken one).
+    pub async fn open_raw(&self, key: &PeerKey) -> Result<(SendStream, RecvStream, Lease<Connection>), TunnelError> {
+        let lease = self.pool.get(key, || self.connect(key)).await?;
+        let (send, recv) = lease.open_bi().await.map_err(|e| TunnelError::Connect {
             addr: key.node_addr,
             detail: e.to_string(),
         })?;
-        Ok((send, recv, guard))
-    }
-
-    async fn connection(&self, key: &PeerKey) -> Result<Arc<Pooled>, TunnelError> {
-        if let Some(p) = self.pick(key) {
-            return Ok(p);
-        }
-        let gate = self
-            .connecting
-            .lock()
-            .expect("connecting lock")
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let _one_at_a_time = gate.lock().await;
-        // Someone may have connected while we waited.
-        if let Some(p) = self.pick(key) {
-            return Ok(p);
-        }
-        let conn = self.connect(key).await?;
-        let pooled = Arc::new(Pooled {
-            conn,
-            active: Arc::new(AtomicUsize::new(1)),
-            idle_since: Mutex::new(None),
-        });
-        self.pool
-            .lock()
-            .expect("pool lock")
-            .entry(key.clone())
-            .or_default()
-            .push(pooled.clone());
-        Ok(pooled)
-    }
-
-    /// The least busy live connection to `key`, counted as in use; none when
-    /// there is none or all are full and another may still be opened (a full
-    /// connection makes new streams wait: that is the backpressure once every
-    /// allowed connection to this peer is full).
-    fn pick(&self, key: &PeerKey) -> Option<Arc<Pooled>> {
-        let mut pool = self.pool.lock().expect("pool lock");
-        let conns = pool.entry(key.clone()).or_default();
-        conns.retain(|p| p.conn.close_reason().is_none());
-        let p = conns.iter().min_by_key(|p| p.active.load(Ordering::SeqCst)).cloned()?;
-        let busy = p.active.load(Ordering::SeqCst) >= MAX_STREAMS_PER_CONN as usize;
-        if busy && conns.len() < MAX_CONNS_PER_PEER {
-            return None;
-        }
-        p.active.fetch_add(1, Ordering::SeqCst);
-        *p.idle_since.lock().expect("idle lock") = None;
-        Some(p)
+        Ok((send, recv, lease))
     }
 
     async fn connect(&self, key: &PeerKey) -> Result<Connection, TunnelError> {
@@ -249,27 +176,7 @@ impl Quic {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            let now = Instant::now();
-            let mut pool = self.pool.lock().expect("pool lock");
-            for conns in pool.values_mut() {
-                conns.retain(|p| {
-                    if p.conn.close_reason().is_some() {
-                        return false;
-                    }
-                    let mut idle = p.idle_since.lock().expect("idle lock");
-                    if p.active.load(Ordering::SeqCst) > 0 {
-                        *idle = None;
-                        return true;
-                    }
-                    let since = *idle.get_or_insert(now);
-                    if now.duration_since(since) >= IDLE_CLOSE {
-                        p.conn.close(VarInt::from_u32(0), b"idle");
-                        return false;
-                    }
-                    true
-                });
-            }
-            pool.retain(|_, conns| !conns.is_empty());
+            self.pool.reap(IDLE_CLOSE);
         }
     }
 
@@ -293,7 +200,7 @@ impl Quic {
                         return;
                     }
                 };
-                let td = inbound_trust_domain(&inbound);
+                let td = inbound.trust_domain.clone();
                 let identity = conn
                     .peer_identity()
                     .and_then(|any| any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
@@ -312,10 +219,6 @@ impl Quic {
             });
         }
     }
-}
-
-fn inbound_trust_domain(inbound: &Inbound) -> String {
-    inbound.trust_domain.clone()
 }
 
 async fn serve_stream(
