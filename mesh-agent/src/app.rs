@@ -26,7 +26,7 @@ use crate::{
     tunnel::{
         TunnelMetrics,
         hbone::Hbone,
-        inbound::{AllowAll, Inbound},
+        inbound::Inbound,
         outbound::{self, Outbound, Tunnels},
         quic::Quic,
         tls::TunnelTls,
@@ -34,7 +34,10 @@ use crate::{
 };
 use rustls_pki_types::CertificateDer;
 
-use crate::identity::verify::TrustBundle;
+use crate::{
+    identity::verify::TrustBundle,
+    policy::{InForce, KindLabels, Policy, PolicyAuthorizer, PolicyMetrics},
+};
 
 pub async fn run(s: Settings) -> anyhow::Result<()> {
     preflight::check(&s.bpffs_dir, &s.pod_cgroup_root)?;
@@ -79,9 +82,30 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     tokio::spawn(heartbeat(redirect.clone()));
 
     let mut registry = Registry::default();
+    let policy_metrics = PolicyMetrics::default();
+    policy_metrics.register(&mut registry);
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(InForce {
+        policy: Arc::default(),
+        mode: s.policy_mode,
+    }));
+    tokio::spawn(policy_loop(
+        redirect.clone(),
+        rx.clone(),
+        s.policy_mode,
+        policy_tx,
+        policy_metrics.clone(),
+        s.node_name.clone(),
+    ));
+    let authorizer = Arc::new(PolicyAuthorizer {
+        in_force: policy_rx,
+        metrics: policy_metrics,
+        node: s.node_name.clone(),
+    });
     let identities = start_identities(&s, rx.clone(), &mut registry)?;
     let tunnels = match &identities {
-        Some((manager, roots)) => Some(start_tunnels(&s, manager.clone(), roots, rx.clone(), &mut registry).await?),
+        Some((manager, roots)) => {
+            Some(start_tunnels(&s, manager.clone(), roots, rx.clone(), authorizer, &mut registry).await?)
+        }
         None => None,
     };
     let metrics_listener = metrics::bind(s.metrics_addr).await?;
@@ -95,6 +119,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         bpffs = %s.bpffs_dir.display(),
         fail_open = s.fail_open,
         splice = s.splice,
+        policy_mode = ?s.policy_mode,
         identities = identities.is_some(),
         metrics = %s.metrics_addr,
         "agent ready"
@@ -116,6 +141,7 @@ async fn start_tunnels(
     manager: Arc<IdentityManager>,
     roots: &[CertificateDer<'static>],
     snapshots: state::SnapshotRx,
+    authorizer: Arc<PolicyAuthorizer>,
     registry: &mut Registry,
 ) -> anyhow::Result<Arc<Tunnels>> {
     let bundle = Arc::new(
@@ -128,7 +154,7 @@ async fn start_tunnels(
         node: s.node_name.clone(),
         trust_domain: s.identity.trust_domain.clone(),
         snapshots,
-        authorizer: Arc::new(AllowAll),
+        authorizer,
         metrics: metrics.clone(),
     });
     let addr = std::net::SocketAddr::from((s.tunnel.addr, s.tunnel.port));
@@ -316,6 +342,50 @@ pub async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                 serde_json::json!({"identity": id.uri(), "serial": issued.serial, "not_after_unix": not_after})
             );
             Ok(())
+        }
+    }
+}
+
+/// Compiles the policy on every snapshot change and puts it in force: the
+/// kernel's connect() rules (generation flip) and the inbound authorizer.
+async fn policy_loop(
+    redirect: Arc<Redirect>,
+    mut snapshots: state::SnapshotRx,
+    default_mode: state::PolicyMode,
+    tx: watch::Sender<Arc<InForce>>,
+    metrics: PolicyMetrics,
+    node: String,
+) {
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        if snap.generation > 0 {
+            let policy = Policy::compile(&snap.smi, snap.generation);
+            for r in &policy.rejected {
+                metrics.rejected.get_or_create(&KindLabels { kind: r.kind }).inc();
+                tracing::error!(kind = r.kind, resource = %r.name, reason = %r.reason, "policy: resource refused; it grants nothing");
+                tracing::warn!(target: "audit", kind = "policy_resource", node = %node, verdict = "refused", resource_kind = r.kind,
+                    resource = %r.name, reason = %r.reason, generation = snap.generation, "policy resource refused");
+            }
+            let mode = snap.mode.unwrap_or(default_mode);
+            let rules = policy.kernel_rules();
+            match redirect.sync_policy(&rules, mode == state::PolicyMode::Enforcing) {
+                Ok(()) => {
+                    metrics.generation.set(snap.generation as i64);
+                    tracing::info!(generation = snap.generation, mode = ?mode, targets = policy.targets.len(),
+                        kernel_rules = rules.len(), refused = policy.rejected.len(), "policy in force");
+                    tx.send_replace(Arc::new(InForce {
+                        policy: Arc::new(policy),
+                        mode,
+                    }));
+                }
+                // The previous generation stays in force in the kernel.
+                Err(e) => {
+                    tracing::error!(error = %e, "policy: writing kernel rules failed; the previous policy stays in force")
+                }
+            }
+        }
+        if snapshots.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(
     name = "mesh-agent",
     version,
+    // A later flag overrides an earlier one (the lab adds defaults, tests override them).
+    args_override_self = true,
     about = "Node agent of the sidecarless mesh: captures pod traffic in the kernel with eBPF, \
              splices same-node sockets, and proxies cross-node connections.",
     long_about = None
@@ -28,8 +30,48 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Write the SMI CustomResourceDefinitions this mesh uses into DIR
+    /// (generated from the types; deploy/crds holds the committed copy).
+    Crds {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Explain a policy decision: which TrafficTarget and rule allow a flow,
+    /// or why it is denied, from the same compiled policy the datapath uses.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Print the agent version and its kernel map layout version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Prints the verdict for one flow and the TrafficTarget and rule that decided it.
+    Check {
+        /// Directory of YAML files (Pods, SMI resources), as the agent reads.
+        #[arg(long, env = "MESH_SOURCE_DIR")]
+        source_dir: PathBuf,
+        /// Source: `namespace/serviceaccount`, or a pod as `pod:namespace/name`.
+        #[arg(long)]
+        from: String,
+        /// Destination: `namespace/serviceaccount`, `pod:namespace/name`, or `ip:port`.
+        #[arg(long)]
+        to: String,
+        /// Destination port (taken from `ip:port` when given there).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        protocol: String,
+        /// With --path: check an HTTP request too.
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +194,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
 
+    /// Policy mode when the source sets none (a MeshConfig document with
+    /// spec.policyMode switches it at run time): enforcing denies meshed
+    /// traffic no TrafficTarget allows; permissive allows everything.
+    #[arg(long, env = "MESH_POLICY_MODE", value_enum, default_value_t = crate::state::PolicyMode::Enforcing)]
+    pub policy_mode: crate::state::PolicyMode,
+
     /// Transport for outbound tunnels: QUIC (UDP) or mTLS over TCP (HTTP/2
     /// CONNECT) for networks that drop UDP. Both are always served inbound.
     #[arg(long, env = "MESH_TUNNEL_TRANSPORT", value_enum, default_value_t = crate::tunnel::Transport::Quic)]
@@ -212,6 +260,7 @@ pub struct Settings {
     pub splice: bool,
     pub identity: IdentitySettings,
     pub tunnel: TunnelSettings,
+    pub policy_mode: crate::state::PolicyMode,
     pub metrics_addr: std::net::SocketAddr,
     pub worker_threads: usize,
     pub log: LogSettings,
@@ -312,6 +361,7 @@ impl Settings {
                 addr: a.tunnel_addr,
                 port: a.tunnel_port,
             },
+            policy_mode: a.policy_mode,
             metrics_addr: a.metrics_addr,
             worker_threads: a.worker_threads,
             log: LogSettings {

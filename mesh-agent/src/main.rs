@@ -32,6 +32,29 @@ fn main() -> std::process::ExitCode {
             }
             run_to_exit("mesh-agent ca", 2, app::run_ca(command))
         }
+        config::Command::Crds { dir } => {
+            let _ = std::fs::create_dir_all(&dir);
+            for (file, yaml) in mesh_agent::smi::crds() {
+                if let Err(e) = std::fs::write(dir.join(file), yaml) {
+                    eprintln!("mesh-agent crds: writing {}: {e}", dir.join(file).display());
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        config::Command::Policy { command } => match mesh_agent::policy::check::run(command) {
+            Ok(verdict_allows) => {
+                if verdict_allows {
+                    std::process::ExitCode::SUCCESS
+                } else {
+                    std::process::ExitCode::from(1)
+                }
+            }
+            Err(err) => {
+                eprintln!("mesh-agent policy: {err:#}");
+                std::process::ExitCode::from(2)
+            }
+        },
         config::Command::Version => {
             println!(
                 "mesh-agent {} (map layout v{})",

@@ -25,7 +25,8 @@ use aya::{
     },
 };
 use mesh_common::{
-    CaptureStats, Config, Endpoint, MAP_LAYOUT_VERSION, OrigDst, SockKey, SpliceStats, Workload, maps, programs,
+    CaptureStats, Config, Endpoint, MAP_LAYOUT_VERSION, OrigDst, PolicyKey, PolicyValue, SockKey, SpliceStats,
+    Workload, maps, programs,
 };
 
 use crate::state::Snapshot;
@@ -102,6 +103,7 @@ pub struct Redirect {
     workloads: Mutex<HashMap<MapData, u64, Workload>>,
     endpoints: Mutex<HashMap<MapData, u32, Endpoint>>,
     flows: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    policy: Mutex<PolicyState>,
     splice: PerCpuArray<MapData, SpliceStats>,
     capture: PerCpuArray<MapData, CaptureStats>,
     pub kernel_logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -249,7 +251,12 @@ impl Redirect {
             fail_open: u8::from(opts.fail_open),
             debug: u8::from(opts.kernel_debug),
             splice: u8::from(opts.splice),
-            _pad: [0; 3],
+            // Until a policy is compiled, allow (as with no agent): the agent
+            // switches to enforcing with the first policy generation.
+            policy_mode: mesh_common::POLICY_OFF,
+            _pad: [0; 2],
+            policy_generation: 0,
+            _pad2: 0,
             alive_until_ns: monotonic_ns() + ALIVE_WINDOW_NS,
         };
         let redirect = Redirect {
@@ -258,6 +265,11 @@ impl Redirect {
             workloads: Mutex::new(take_map(&mut ebpf, maps::WORKLOADS)?),
             endpoints: Mutex::new(take_map(&mut ebpf, maps::ENDPOINTS)?),
             flows: Mutex::new(take_map(&mut ebpf, maps::FLOWS)?),
+            policy: Mutex::new(PolicyState {
+                map: take_map(&mut ebpf, maps::POLICY)?,
+                generation: 0,
+                last: None,
+            }),
             splice: take_map(&mut ebpf, maps::SPLICE)?,
             capture: take_map(&mut ebpf, maps::CAPTURE)?,
             _ebpf: ebpf,
@@ -298,13 +310,14 @@ impl Redirect {
             let id = ids[key];
             let ipv4 = u32::from_ne_bytes(pod.ip.octets());
             let same_node = pod.node == node;
+            let identity_id = crate::state::identity_id(&pod.namespace, &pod.service_account);
             want_endpoints.insert(
                 ipv4,
                 Endpoint {
                     workload_id: id,
                     node_id: 0,
                     same_node: u32::from(same_node),
-                    _pad: 0,
+                    identity_id,
                 },
             );
             if same_node {
@@ -313,7 +326,15 @@ impl Redirect {
                     // On cgroup2 the directory's inode number is the cgroup id
                     // that bpf_get_current_cgroup_id() returns.
                     Ok(meta) => {
-                        want_workloads.insert(meta.ino(), Workload { workload_id: id, ipv4 });
+                        want_workloads.insert(
+                            meta.ino(),
+                            Workload {
+                                workload_id: id,
+                                ipv4,
+                                identity_id,
+                                _pad: 0,
+                            },
+                        );
                         report.enrolled += 1;
                     }
                     Err(_) => report.missing_cgroup.push(dir),
@@ -332,6 +353,56 @@ impl Redirect {
         )?;
         report.endpoints = want_endpoints.len();
         Ok(report)
+    }
+
+    /// Puts a compiled policy in force in the kernel: the new generation's
+    /// entries are written first, then `mesh_config` switches to them in
+    /// one write, then the old generation's entries are deleted. `rules` are
+    /// (source identity, destination identity, port, protocol, rule index).
+    pub fn sync_policy(&self, rules: &[(u32, u32, u16, u8, u32)], enforcing: bool) -> Result<(), RedirectError> {
+        let mut st = self.policy.lock().expect("policy lock");
+        if st.last.as_ref().is_some_and(|(r, e)| r == rules && *e == enforcing) {
+            return Ok(());
+        }
+        let generation = st.generation.wrapping_add(1).max(1);
+        for (src, dst, port, protocol, rule) in rules {
+            let key = PolicyKey {
+                generation,
+                src_identity: *src,
+                dst_identity: *dst,
+                port: *port,
+                protocol: *protocol,
+                _pad: 0,
+            };
+            st.map
+                .insert(&key, &PolicyValue { rule: *rule }, 0)
+                .map_err(|err| RedirectError::Map {
+                    name: maps::POLICY,
+                    err,
+                })?;
+        }
+        {
+            let mut cfg = self.config_value.lock().expect("config lock");
+            cfg.policy_generation = generation;
+            cfg.policy_mode = if enforcing {
+                mesh_common::POLICY_ENFORCING
+            } else {
+                mesh_common::POLICY_OFF
+            };
+        }
+        self.write_config()?;
+        let stale: Vec<PolicyKey> = st
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.generation != generation)
+            .collect();
+        for k in stale {
+            let _ = st.map.remove(&k);
+        }
+        st.generation = generation;
+        st.last = Some((rules.to_vec(), enforcing));
+        Ok(())
     }
 
     /// Takes the capture record of an accepted connection: `client` is the
@@ -368,10 +439,17 @@ impl Redirect {
                 total.same_node += s.same_node;
                 total.passthrough += s.passthrough;
                 total.failed_open += s.failed_open;
+                total.denied += s.denied;
             }
         }
         total
     }
+}
+
+struct PolicyState {
+    map: HashMap<MapData, PolicyKey, PolicyValue>,
+    generation: u32,
+    last: Option<(Vec<(u32, u32, u16, u8, u32)>, bool)>,
 }
 
 #[derive(Debug, Default)]

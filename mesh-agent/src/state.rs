@@ -26,6 +26,35 @@ impl Pod {
     }
 }
 
+/// An SMI resource as read: where it came from, its name, its spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named<T> {
+    pub namespace: String,
+    pub name: String,
+    pub spec: T,
+}
+
+/// The SMI resources of a snapshot, unvalidated (the policy compiler
+/// validates them, one by one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SmiSet {
+    pub traffic_targets: Vec<Named<crate::smi::TrafficTargetSpec>>,
+    pub http_route_groups: Vec<Named<crate::smi::HTTPRouteGroupSpec>>,
+    pub tcp_routes: Vec<Named<crate::smi::TCPRouteSpec>>,
+    pub udp_routes: Vec<Named<crate::smi::UDPRouteSpec>>,
+    pub traffic_splits: Vec<Named<crate::smi::TrafficSplitSpec>>,
+}
+
+/// Mesh-wide policy mode (DESIGN.md section 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// The SMI spec: meshed traffic no TrafficTarget allows is denied.
+    Enforcing,
+    /// Everything allowed (still encrypted); decisions are still logged.
+    Permissive,
+}
+
 /// One consistent view of the cluster, as a source last read it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -33,6 +62,11 @@ pub struct Snapshot {
     pub pods: BTreeMap<String, Pod>,
     /// Node name -> the address its agent's tunnel listens on (InternalIP).
     pub nodes: BTreeMap<String, Ipv4Addr>,
+    pub smi: SmiSet,
+    /// Set by a MeshConfig document; the agent's flag applies otherwise.
+    pub mode: Option<PolicyMode>,
+    /// Files that failed to read, with why (their last good content is used).
+    pub errors: Vec<String>,
     /// Source generation, bumped on every accepted change.
     pub generation: u64,
 }
@@ -63,6 +97,13 @@ impl Snapshot {
         let ids = self.workload_ids();
         ids.iter().find(|(_, v)| **v == id).and_then(|(k, _)| self.pods.get(k))
     }
+}
+
+/// The id the kernel maps use for an identity (namespace + ServiceAccount).
+/// A 32-bit hash: stable across agents and restarts, so every node's maps
+/// agree; 0 is reserved for "unknown".
+pub fn identity_id(namespace: &str, service_account: &str) -> u32 {
+    fnv1a(format!("{namespace}/{service_account}").as_bytes()).max(1)
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {

@@ -10,7 +10,7 @@
 /// Bumped whenever a map's key or value layout changes. Pinned state lives in
 /// a directory named after it, so an incompatible older pin set is replaced
 /// deliberately instead of being reused.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Map names (the kernel keeps 15 characters).
 pub mod maps {
@@ -31,6 +31,8 @@ pub mod maps {
     pub const SPLICE: &str = "mesh_splice";
     /// Per-CPU [`crate::CaptureStats`].
     pub const CAPTURE: &str = "mesh_capture";
+    /// [`crate::PolicyKey`] -> [`crate::PolicyValue`]: the L4 allow rules.
+    pub const POLICY: &str = "mesh_policy";
 }
 
 /// Program names, as the kernel and `bpftool prog` show them.
@@ -52,6 +54,9 @@ pub struct Workload {
     pub workload_id: u32,
     /// The pod's IPv4 address, network byte order.
     pub ipv4: u32,
+    /// Its identity (namespace + ServiceAccount), agent-assigned.
+    pub identity_id: u32,
+    pub _pad: u32,
 }
 
 /// A meshed pod somewhere in the cluster, found by destination address.
@@ -63,7 +68,8 @@ pub struct Endpoint {
     pub node_id: u32,
     /// 1 when the pod runs on this node: no rewrite, the sockets are spliced.
     pub same_node: u32,
-    pub _pad: u32,
+    /// Its identity (namespace + ServiceAccount), agent-assigned.
+    pub identity_id: u32,
 }
 
 /// Capture settings of this node; array index 0.
@@ -84,10 +90,45 @@ pub struct Config {
     /// 1: splice same-node sockets with sockops + sk_msg (see README,
     /// "Known limitations", for what a spliced blocking socket can see).
     pub splice: u8,
-    pub _pad: [u8; 3],
+    /// [`POLICY_OFF`] (allow all: no policy loaded, or permissive) or
+    /// [`POLICY_ENFORCING`].
+    pub policy_mode: u8,
+    pub _pad: [u8; 2],
+    /// Which entries of `mesh_policy` are in force. The agent writes a new
+    /// generation's entries, flips this, then deletes the old ones, so no
+    /// half-written policy is ever in force.
+    pub policy_generation: u32,
+    pub _pad2: u32,
     /// CLOCK_MONOTONIC nanoseconds until which the agent counts as alive;
     /// it pushes this forward on a timer. Only read when `fail_open` is 1.
     pub alive_until_ns: u64,
+}
+
+pub const POLICY_OFF: u8 = 0;
+pub const POLICY_ENFORCING: u8 = 1;
+/// `PolicyKey::port` that matches every port.
+pub const ANY_PORT: u16 = 0;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An L4 allow rule: source identity may reach destination identity on
+/// this port (or [`ANY_PORT`]) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub generation: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Which compiled rule allowed it (for audit and `policy check`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub rule: u32,
 }
 
 /// The original destination of a captured connection.
@@ -149,16 +190,20 @@ pub struct CaptureStats {
     pub passthrough: u64,
     /// Agent not alive and fail-open set: left alone.
     pub failed_open: u64,
+    /// Refused at connect() by policy (EPERM).
+    pub denied: u64,
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Workload>() == 8);
+    assert!(core::mem::size_of::<Workload>() == 16);
     assert!(core::mem::size_of::<Endpoint>() == 16);
-    assert!(core::mem::size_of::<Config>() == 24);
+    assert!(core::mem::size_of::<Config>() == 32);
+    assert!(core::mem::size_of::<PolicyKey>() == 16);
+    assert!(core::mem::size_of::<PolicyValue>() == 4);
     assert!(core::mem::size_of::<OrigDst>() == 16);
     assert!(core::mem::size_of::<SockKey>() == 12);
     assert!(core::mem::size_of::<SpliceStats>() == 16);
-    assert!(core::mem::size_of::<CaptureStats>() == 32);
+    assert!(core::mem::size_of::<CaptureStats>() == 40);
 };
 
 #[cfg(feature = "user")]
@@ -174,4 +219,6 @@ mod user {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SpliceStats {}
     unsafe impl aya::Pod for CaptureStats {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
 }

@@ -10,18 +10,18 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use mesh_common::{CaptureStats, OrigDst};
+use mesh_common::{ANY_PORT, CaptureStats, OrigDst, POLICY_ENFORCING, PROTO_TCP, PolicyKey};
 
-use crate::maps::{config, mesh_capture, mesh_cookies, mesh_endpoints, mesh_workloads};
+use crate::maps::{config, mesh_capture, mesh_cookies, mesh_endpoints, mesh_policy, mesh_workloads};
 
-/// The verdict that lets connect() proceed; this program never denies yet.
+/// connect() proceeds; 0 makes it fail with EPERM.
 const ALLOW: i32 = 1;
+const DENY: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    try_connect4(&ctx);
-    ALLOW
+    try_connect4(&ctx)
 }
 
 fn count(field: fn(&mut CaptureStats) -> &mut u64) {
@@ -31,33 +31,55 @@ fn count(field: fn(&mut CaptureStats) -> &mut u64) {
     }
 }
 
-fn try_connect4(ctx: &SockAddrContext) {
+fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM {
-        return;
+        return ALLOW;
     }
     // The cgroup of the calling task: kernel-attested, a pod cannot forge it.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let Some(workload) = (unsafe { mesh_workloads.get(&cgroup_id) }) else {
-        return; // not an enrolled pod
+        return ALLOW; // not an enrolled pod
     };
     let dst_ip = sa.user_ip4;
     let dst_port = u16::from_be(sa.user_port as u16);
     let Some(endpoint) = (unsafe { mesh_endpoints.get(&dst_ip) }) else {
         count(|s| &mut s.passthrough);
-        return;
+        return ALLOW;
     };
+    let Some(cfg) = config() else { return ALLOW };
+    // Policy first, for same-node and cross-node alike: a denied flow fails
+    // here, at once, and never reaches the network.
+    if cfg.policy_mode == POLICY_ENFORCING
+        && !allowed(
+            cfg.policy_generation,
+            workload.identity_id,
+            endpoint.identity_id,
+            dst_port,
+        )
+    {
+        count(|s| &mut s.denied);
+        if cfg.debug != 0 {
+            debug!(
+                ctx,
+                "deny workload {} -> {:i}:{}",
+                workload.workload_id,
+                u32::from_be(dst_ip),
+                dst_port
+            );
+        }
+        return DENY;
+    }
     if endpoint.same_node != 0 {
         count(|s| &mut s.same_node);
-        return;
+        return ALLOW;
     }
-    let Some(cfg) = config() else { return };
     if cfg.agent_ipv4 == 0 {
-        return; // no agent has configured this node yet
+        return ALLOW; // no agent has configured this node yet
     }
     if cfg.fail_open != 0 && unsafe { bpf_ktime_get_ns() } > cfg.alive_until_ns {
         count(|s| &mut s.failed_open);
-        return;
+        return ALLOW;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let orig = OrigDst {
@@ -70,7 +92,7 @@ fn try_connect4(ctx: &SockAddrContext) {
     if mesh_cookies.insert(&cookie, &orig, 0).is_err() {
         // Without the record the agent could not route the flow; leave it.
         count(|s| &mut s.passthrough);
-        return;
+        return ALLOW;
     }
     if cfg.debug != 0 {
         debug!(
@@ -84,4 +106,23 @@ fn try_connect4(ctx: &SockAddrContext) {
     sa.user_ip4 = cfg.agent_ipv4;
     sa.user_port = u32::from(cfg.agent_port.to_be());
     count(|s| &mut s.redirected);
+    ALLOW
+}
+
+/// An allow rule for this exact port, or for any port, in the generation in force.
+#[inline(always)]
+fn allowed(generation: u32, src: u32, dst: u32, port: u16) -> bool {
+    let mut key = PolicyKey {
+        generation,
+        src_identity: src,
+        dst_identity: dst,
+        port,
+        protocol: PROTO_TCP,
+        _pad: 0,
+    };
+    if unsafe { mesh_policy.get(&key) }.is_some() {
+        return true;
+    }
+    key.port = ANY_PORT;
+    unsafe { mesh_policy.get(&key) }.is_some()
 }

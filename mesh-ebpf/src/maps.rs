@@ -5,7 +5,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
-use mesh_common::{CaptureStats, Config, Endpoint, OrigDst, SockKey, SpliceStats, Workload};
+use mesh_common::{CaptureStats, Config, Endpoint, OrigDst, PolicyKey, PolicyValue, SockKey, SpliceStats, Workload};
 
 /// cgroup id -> enrolled pod of this node.
 #[btf_map(pin_by_name)]
@@ -32,6 +32,10 @@ pub static mesh_flows: LruHashMap<SockKey, OrigDst, 65536> = LruHashMap::new();
 /// it when the socket closes.
 #[btf_map(pin_by_name)]
 pub static mesh_socks: SockHash<SockKey, 65536> = SockHash::new();
+
+/// L4 allow rules of the policy generations in force (see Config).
+#[btf_map(pin_by_name)]
+pub static mesh_policy: HashMap<PolicyKey, PolicyValue, 65536> = HashMap::new();
 
 #[btf_map(pin_by_name)]
 pub static mesh_splice: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();

@@ -65,7 +65,11 @@ impl TestLab {
                 agent_bin: agent_bin(),
                 policy_dir: None,
                 start_agents: true,
-                agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+                // No SMI policy in these labs: permissive, unless a test says otherwise.
+                agent_args: std::iter::once("--policy-mode=permissive")
+                    .chain(agent_args.iter().copied())
+                    .map(String::from)
+                    .collect(),
             },
         )
         .expect("lab up");

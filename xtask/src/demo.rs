@@ -88,7 +88,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             rec["source_workload"], rec["original_dst"], rec["bytes_sent"], rec["bytes_received"]
         );
     }
-    if let Some(rec) = probe::agent_records(&lab, "node-b").iter().rev().find(|r| r["message"] == "inbound flow closed") {
+    if let Some(rec) = probe::agent_records(&lab, "node-b")
+        .iter()
+        .rev()
+        .find(|r| r["message"] == "inbound flow closed")
+    {
         eprintln!(
             "    node-b agent: {} stream from peer identity {} (its client certificate) to {}, {} bytes in",
             rec["transport"], rec["peer"], rec["destination"], rec["bytes_in"]
@@ -173,9 +177,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         lab.pin_dir("node-a").join("mesh_splice").display()
     );
     eprintln!("    cargo xtask lab exec client -- ip addr   |   cargo xtask lab status   |   cargo xtask lab down");
-    eprintln!(
-        "\nNot in this demo yet: SMI policy enforcement (allowed/denied); see the open issues."
-    );
+    eprintln!("\nNot in this demo yet: SMI policy enforcement (allowed/denied); see the open issues.");
     Ok(())
 }
 

@@ -27,6 +27,8 @@ enum Cmd {
     },
     /// Unit tests, then the end-to-end tests in the lab.
     Test,
+    /// Regenerate deploy/crds/ from the SMI types in mesh-agent/src/smi.rs.
+    GenCrds,
 }
 
 #[derive(Subcommand)]
@@ -82,6 +84,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lab { cmd } => lab_cmd(cmd),
         Cmd::Demo { keep } => xtask_demo(keep),
         Cmd::Test => xtask_test(),
+        Cmd::GenCrds => {
+            let agent = xtask::build_agent(false)?;
+            let status = std::process::Command::new(agent)
+                .args(["crds", "--dir", "deploy/crds"])
+                .status()?;
+            anyhow::ensure!(status.success(), "mesh-agent crds failed");
+            eprintln!("wrote deploy/crds/");
+            Ok(())
+        }
     }
 }
 

@@ -16,52 +16,160 @@ use std::{
 use serde::Deserialize;
 
 use super::SourceError;
-use crate::state::{Pod, Snapshot, SnapshotTx};
+use crate::state::{Named, Pod, PolicyMode, SmiSet, Snapshot, SnapshotTx};
 
-/// Reads the whole directory into a snapshot; any invalid document fails the
-/// whole read, so a half-valid directory never replaces a good snapshot.
-pub fn load(dir: &Path) -> Result<Snapshot, SourceError> {
-    let mut snapshot = Snapshot::default();
-    let mut by_ip: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-    for file in yaml_files(dir)? {
-        let text = std::fs::read_to_string(&file).map_err(|err| SourceError::ReadFile {
-            file: file.clone(),
-            err,
-        })?;
-        for (doc, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let invalid = |reason: String| SourceError::Invalid {
-                file: file.clone(),
-                doc: doc + 1,
-                reason,
-            };
-            let value = serde_yaml::Value::deserialize(de).map_err(|e| invalid(format!("not YAML: {e}")))?;
-            if value.is_null() {
-                continue; // empty document, e.g. a trailing `---`
+/// What one file contributes to a snapshot.
+#[derive(Clone, Debug, Default)]
+struct FileDocs {
+    pods: Vec<Pod>,
+    nodes: Vec<(String, Ipv4Addr)>,
+    smi: SmiSet,
+    mode: Option<PolicyMode>,
+}
+
+/// The mesh-wide settings document: `kind: MeshConfig`, `spec.policyMode`.
+pub const MESH_CONFIG_API: &str = "mesh.dev/v1alpha1";
+
+/// Parses one file; any invalid document fails the whole file (its last
+/// good content stays in force, see [`Reader`]).
+fn parse_file(file: &Path) -> Result<FileDocs, SourceError> {
+    let text = std::fs::read_to_string(file).map_err(|err| SourceError::ReadFile { file: file.into(), err })?;
+    let mut docs = FileDocs::default();
+    for (doc, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let invalid = |reason: String| SourceError::Invalid {
+            file: file.into(),
+            doc: doc + 1,
+            reason,
+        };
+        let value = serde_yaml::Value::deserialize(de).map_err(|e| invalid(format!("not YAML: {e}")))?;
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let head: TypeMeta =
+            serde_yaml::from_value(value.clone()).map_err(|e| invalid(format!("missing kind: {e}")))?;
+        let kind = head.kind.as_str();
+        // The SMI spec's own examples omit apiVersion; accept that for SMI kinds.
+        let api = match (&head.api_version, crate::smi::default_api_version(kind)) {
+            (Some(v), Some(want)) if v != want => {
+                return Err(invalid(format!("{kind} {v} is not supported (this mesh reads {want})")));
             }
-            let head: TypeMeta =
-                serde_yaml::from_value(value.clone()).map_err(|e| invalid(format!("missing apiVersion/kind: {e}")))?;
-            if (head.api_version.as_str(), head.kind.as_str()) == ("v1", "Node") {
+            (Some(v), _) => v.clone(),
+            (None, Some(want)) => want.to_string(),
+            (None, None) => return Err(invalid(format!("{kind}: apiVersion is required"))),
+        };
+        match (api.as_str(), kind) {
+            ("v1", "Node") => {
                 let node: NodeDoc = serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Node: {e}")))?;
-                let (name, ip) = node.internal_ip().map_err(invalid)?;
-                snapshot.nodes.insert(name, ip);
-                continue;
+                docs.nodes.push(node.internal_ip().map_err(invalid)?);
             }
-            if (head.api_version.as_str(), head.kind.as_str()) != ("v1", "Pod") {
-                continue;
+            ("v1", "Pod") => {
+                let pod: PodDoc = serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Pod: {e}")))?;
+                docs.pods.push(pod.into_pod().map_err(invalid)?);
             }
-            let doc_pod: PodDoc = serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Pod: {e}")))?;
-            let pod = doc_pod.into_pod().map_err(invalid)?;
-            if let Some(first) = by_ip.insert(pod.ip, pod.workload_name()) {
-                return Err(SourceError::DuplicateIp {
-                    first,
-                    second: pod.workload_name(),
-                    ip: pod.ip,
-                });
+            (MESH_CONFIG_API, "MeshConfig") => {
+                let cfg: MeshConfigDoc =
+                    serde_yaml::from_value(value).map_err(|e| invalid(format!("bad MeshConfig: {e}")))?;
+                docs.mode = Some(cfg.spec.policy_mode);
             }
-            snapshot.pods.insert(pod.workload_name(), pod);
+            (_, "TrafficTarget") => docs.smi.traffic_targets.push(smi_doc(value, kind).map_err(invalid)?),
+            (_, "HTTPRouteGroup") => docs.smi.http_route_groups.push(smi_doc(value, kind).map_err(invalid)?),
+            (_, "TCPRoute") => docs.smi.tcp_routes.push(smi_doc(value, kind).map_err(invalid)?),
+            (_, "UDPRoute") => docs.smi.udp_routes.push(smi_doc(value, kind).map_err(invalid)?),
+            (_, "TrafficSplit") => docs.smi.traffic_splits.push(smi_doc(value, kind).map_err(invalid)?),
+            _ => tracing::debug!(file = %file.display(), kind, "source: skipping an unknown kind"),
         }
     }
-    Ok(snapshot)
+    Ok(docs)
+}
+
+/// An SMI document's name and spec; errors name the resource.
+fn smi_doc<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, kind: &str) -> Result<Named<T>, String> {
+    #[derive(Deserialize)]
+    struct Doc<T> {
+        metadata: ObjectMeta,
+        spec: T,
+    }
+    let meta: MetaOnly =
+        serde_yaml::from_value(value.clone()).map_err(|e| format!("{kind}: metadata.name is required ({e})"))?;
+    let name = format!("{}/{}", meta.metadata.namespace, meta.metadata.name);
+    let doc: Doc<T> = serde_yaml::from_value(value).map_err(|e| format!("{kind} {name}: {e}"))?;
+    Ok(Named {
+        namespace: doc.metadata.namespace,
+        name: doc.metadata.name,
+        spec: doc.spec,
+    })
+}
+
+#[derive(Deserialize)]
+struct MetaOnly {
+    metadata: ObjectMeta,
+}
+
+#[derive(Deserialize)]
+struct MeshConfigDoc {
+    spec: MeshConfigSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MeshConfigSpec {
+    policy_mode: PolicyMode,
+}
+
+/// Reads the directory file by file. A file that fails to read or parse is
+/// reported (by name, with the document and reason) and its last good
+/// content stays in force; every other file applies. A typo never opens
+/// or closes the mesh.
+#[derive(Default)]
+pub struct Reader {
+    last_good: BTreeMap<PathBuf, FileDocs>,
+}
+
+impl Reader {
+    pub fn read(&mut self, dir: &Path) -> Result<Snapshot, SourceError> {
+        let files = yaml_files(dir)?;
+        self.last_good.retain(|f, _| files.contains(f));
+        let mut errors = Vec::new();
+        for file in &files {
+            match parse_file(file) {
+                Ok(docs) => {
+                    self.last_good.insert(file.clone(), docs);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let mut snapshot = Snapshot {
+            errors,
+            ..Snapshot::default()
+        };
+        let mut by_ip: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        for docs in self.last_good.values() {
+            for pod in &docs.pods {
+                if let Some(first) = by_ip.insert(pod.ip, pod.workload_name()) {
+                    return Err(SourceError::DuplicateIp {
+                        first,
+                        second: pod.workload_name(),
+                        ip: pod.ip,
+                    });
+                }
+                snapshot.pods.insert(pod.workload_name(), pod.clone());
+            }
+            snapshot.nodes.extend(docs.nodes.iter().cloned());
+            let smi = &mut snapshot.smi;
+            smi.traffic_targets.extend(docs.smi.traffic_targets.iter().cloned());
+            smi.http_route_groups.extend(docs.smi.http_route_groups.iter().cloned());
+            smi.tcp_routes.extend(docs.smi.tcp_routes.iter().cloned());
+            smi.udp_routes.extend(docs.smi.udp_routes.iter().cloned());
+            smi.traffic_splits.extend(docs.smi.traffic_splits.iter().cloned());
+            snapshot.mode = docs.mode.or(snapshot.mode);
+        }
+        Ok(snapshot)
+    }
+}
+
+/// Reads a directory once (the CLI and the CA's first read).
+pub fn load(dir: &Path) -> Result<Snapshot, SourceError> {
+    Reader::default().read(dir)
 }
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
@@ -94,15 +202,23 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 pub async fn watch(dir: PathBuf, tx: SnapshotTx) {
     let mut last_seen = None;
     let mut generation = tx.borrow().generation;
+    let mut reader = Reader::default();
     loop {
         let fp = fingerprint(&dir);
         if last_seen.as_ref() != Some(&fp) {
             last_seen = Some(fp);
-            match load(&dir) {
+            match reader.read(&dir) {
                 Ok(mut snap) => {
+                    for e in &snap.errors {
+                        tracing::error!(error = %e, "source: file rejected; its last good content stays in force");
+                    }
                     let changed = {
                         let cur = tx.borrow();
-                        cur.pods != snap.pods || cur.nodes != snap.nodes
+                        cur.pods != snap.pods
+                            || cur.nodes != snap.nodes
+                            || cur.smi != snap.smi
+                            || cur.mode != snap.mode
+                            || cur.errors != snap.errors
                     };
                     if changed {
                         generation += 1;
@@ -123,7 +239,7 @@ pub async fn watch(dir: PathBuf, tx: SnapshotTx) {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct TypeMeta {
-    api_version: String,
+    api_version: Option<String>,
     kind: String,
 }
 
@@ -288,22 +404,29 @@ mod tests {
             "nodes.yaml",
             "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: []}\n",
         )]);
-        assert!(load(&d.0).unwrap_err().to_string().contains("InternalIP"));
+        assert!(load(&d.0).unwrap().errors[0].contains("InternalIP"));
     }
 
     #[test]
     fn bad_documents_name_the_file_and_document() {
-        let d = dir_with(&[(
+        let first_error = |files: &[(&str, &str)]| {
+            let d = dir_with(files);
+            load(&d.0).unwrap().errors.first().cloned().unwrap_or_default()
+        };
+        let err = first_error(&[(
             "pods.yaml",
             "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n1}\nstatus: {podIP: 300.1.1.1}\n",
         )]);
-        let err = load(&d.0).unwrap_err().to_string();
         assert!(
             err.contains("pods.yaml") && err.contains("document 1") && err.contains("podIP"),
             "{err}"
         );
-        let d = dir_with(&[("pods.yaml", "kind: [unclosed")]);
-        assert!(load(&d.0).unwrap_err().to_string().contains("not YAML"));
+        assert!(first_error(&[("pods.yaml", "kind: [unclosed")]).contains("not YAML"));
+        let err = first_error(&[(
+            "r.yaml",
+            "kind: TCPRoute\nmetadata: {name: db, namespace: shop}\nspec: {matches: {ports: [70000]}}\n",
+        )]);
+        assert!(err.contains("TCPRoute shop/db"), "{err}");
         let dup = PODS.replace("198.18.2.10", "198.18.1.10");
         let d = dir_with(&[("pods.yaml", &dup)]);
         assert!(
@@ -312,6 +435,34 @@ mod tests {
                 .to_string()
                 .contains("both claim IP 198.18.1.10")
         );
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_content_and_the_others_apply() {
+        let d = dir_with(&[
+            ("pods.yaml", PODS),
+            (
+                "routes.yaml",
+                "kind: TCPRoute\nmetadata: {name: web}\nspec: {matches: {ports: [80]}}\n",
+            ),
+        ]);
+        let mut reader = Reader::default();
+        let s = reader.read(&d.0).unwrap();
+        assert_eq!((s.pods.len(), s.smi.tcp_routes.len()), (2, 1));
+        std::fs::write(d.0.join("routes.yaml"), "kind: TCPRoute\nmetadata: {name: web\n").unwrap();
+        std::fs::write(
+            d.0.join("more.yaml"),
+            "kind: TCPRoute\nmetadata: {name: db}\nspec: {matches: {ports: [5432]}}\n",
+        )
+        .unwrap();
+        let s = reader.read(&d.0).unwrap();
+        assert_eq!(
+            s.smi.tcp_routes.len(),
+            2,
+            "the good new file applies, the broken one keeps its last good route"
+        );
+        assert_eq!(s.errors.len(), 1);
+        assert!(s.errors[0].contains("routes.yaml"), "{:?}", s.errors);
     }
 
     #[tokio::test]
@@ -327,7 +478,12 @@ mod tests {
         )
         .unwrap();
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert_eq!(rx.borrow().pods.len(), 2, "invalid edit must not replace the snapshot");
+        assert_eq!(
+            rx.borrow_and_update().pods.len(),
+            2,
+            "an invalid edit must not change what is in force"
+        );
+        assert_eq!(rx.borrow().errors.len(), 1, "but it is reported");
         std::fs::write(d.0.join("pods.yaml"), PODS.split("---").next().unwrap()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), rx.changed())
             .await
