@@ -39,6 +39,8 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let labtool = build_labtool()?;
     let root = crate::workspace_root();
     let topo = Topology::from_file(&root.join("deploy/lab/topology.yaml"))?;
+    // A fresh lab: leftovers of an earlier `--keep` would hold the ports.
+    lab::down()?;
     let _teardown = Teardown(keep);
     let lab = Lab::up(
         &topo,
@@ -56,7 +58,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let web_addr = SocketAddr::from((web.ip, 8080));
     let db_addr = SocketAddr::from((db.ip, 8080));
     let _servers = [t.serve("web", 8080)?, t.serve("db", 8080)?];
-    const TOTAL: usize = 5;
+    const TOTAL: usize = 6;
     const SIZE: u64 = 16 << 20;
 
     step(
@@ -77,9 +79,9 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     step(
         2,
         TOTAL,
-        "cross node: client (node-a) -> db (node-b), captured at connect(), carried in a mutual-TLS QUIC tunnel",
+        "cross node, allowed (TrafficTarget web-to-db): web (node-a) -> db (node-b), captured at connect(), carried in a mutual-TLS QUIC tunnel",
     );
-    let r = t.send("client", db_addr, SIZE)?;
+    let r = t.send("web", db_addr, SIZE)?;
     report(&r)?;
     std::thread::sleep(std::time::Duration::from_millis(200));
     if let Some(rec) = probe::proxied_connections(&lab, "node-a").last() {
@@ -102,6 +104,25 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     step(
         3,
         TOTAL,
+        "denied (no TrafficTarget): client -> db fails at connect() with EPERM, in the kernel, before any packet",
+    );
+    let r = t.connect("client", db_addr, 3000)?;
+    eprintln!("    connect ok={} error={} after {:.2} ms", r["ok"], r["error"], r["elapsed_ms"].as_f64().unwrap_or(0.0));
+    let capture = probe::dump_map(&lab, "node-a", "mesh_capture")?;
+    eprintln!("    kernel mesh_capture on node-a: denied={}", probe::per_cpu_sum(&capture, "denied"));
+    let explain = std::process::Command::new(&lab.agent_bin)
+        .args(["policy", "check", "--from", "pod:demo/client", "--to", &db_addr.to_string()])
+        .arg("--source-dir")
+        .arg(&lab.source_dir)
+        .output()?;
+    for line in String::from_utf8_lossy(&explain.stdout).lines() {
+        eprintln!("    policy check: {line}");
+    }
+    eprintln!("    (the policy: {}/traffic-targets.yaml)", root.join("deploy/lab/policy").display());
+
+    step(
+        4,
+        TOTAL,
         "unmeshed: a node-a host process -> db, not captured (the agent sees nothing)",
     );
     let n = probe::proxied_connections(&lab, "node-a").len();
@@ -115,12 +136,12 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     );
 
     step(
-        4,
+        5,
         TOTAL,
-        "fail closed: node-a's agent stopped, client -> db is refused at once; restarted, it flows again",
+        "fail closed: node-a's agent stopped, web -> db is refused at once; restarted, it flows again",
     );
     lab.stop_agent("node-a")?;
-    let r = t.connect("client", db_addr, 3000)?;
+    let r = t.connect("web", db_addr, 3000)?;
     eprintln!(
         "    agent down: connect ok={} error={} after {:.1} ms",
         r["ok"],
@@ -128,16 +149,16 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         r["elapsed_ms"].as_f64().unwrap_or(0.0)
     );
     lab.start_agent("node-a")?;
-    let r = t.send("client", db_addr, 1 << 20)?;
+    let r = t.send("web", db_addr, 1 << 20)?;
     report(&r)?;
 
     step(
-        5,
+        6,
         TOTAL,
         "identities: each agent holds SPIFFE certificates for its own pods only (in memory)",
     );
     for n in &lab.nodes {
-        // The latest per identity (node-a's agent restarted in step 4 and made new keys).
+        // The latest per identity (node-a's agent restarted in step 5 and made new keys).
         let mut latest = std::collections::BTreeMap::new();
         for r in probe::agent_records(&lab, &n.name)
             .into_iter()
@@ -177,7 +198,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         lab.pin_dir("node-a").join("mesh_splice").display()
     );
     eprintln!("    cargo xtask lab exec client -- ip addr   |   cargo xtask lab status   |   cargo xtask lab down");
-    eprintln!("\nNot in this demo yet: SMI policy enforcement (allowed/denied); see the open issues.");
+    eprintln!("\nNot in this demo yet: HTTPRouteGroup enforcement in the datapath, services and TrafficSplit; see the open issues.");
     Ok(())
 }
 
