@@ -107,18 +107,36 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         "denied (no TrafficTarget): client -> db fails at connect() with EPERM, in the kernel, before any packet",
     );
     let r = t.connect("client", db_addr, 3000)?;
-    eprintln!("    connect ok={} error={} after {:.2} ms", r["ok"], r["error"], r["elapsed_ms"].as_f64().unwrap_or(0.0));
+    eprintln!(
+        "    connect ok={} error={} after {:.2} ms",
+        r["ok"],
+        r["error"],
+        r["elapsed_ms"].as_f64().unwrap_or(0.0)
+    );
     let capture = probe::dump_map(&lab, "node-a", "mesh_capture")?;
-    eprintln!("    kernel mesh_capture on node-a: denied={}", probe::per_cpu_sum(&capture, "denied"));
+    eprintln!(
+        "    kernel mesh_capture on node-a: denied={}",
+        probe::per_cpu_sum(&capture, "denied")
+    );
     let explain = std::process::Command::new(&lab.agent_bin)
-        .args(["policy", "check", "--from", "pod:demo/client", "--to", &db_addr.to_string()])
+        .args([
+            "policy",
+            "check",
+            "--from",
+            "pod:demo/client",
+            "--to",
+            &db_addr.to_string(),
+        ])
         .arg("--source-dir")
         .arg(&lab.source_dir)
         .output()?;
     for line in String::from_utf8_lossy(&explain.stdout).lines() {
         eprintln!("    policy check: {line}");
     }
-    eprintln!("    (the policy: {}/traffic-targets.yaml)", root.join("deploy/lab/policy").display());
+    eprintln!(
+        "    (the policy: {}/traffic-targets.yaml)",
+        root.join("deploy/lab/policy").display()
+    );
 
     step(
         4,
@@ -198,7 +216,9 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         lab.pin_dir("node-a").join("mesh_splice").display()
     );
     eprintln!("    cargo xtask lab exec client -- ip addr   |   cargo xtask lab status   |   cargo xtask lab down");
-    eprintln!("\nNot in this demo yet: HTTPRouteGroup enforcement in the datapath, services and TrafficSplit; see the open issues.");
+    eprintln!(
+        "\nNot in this demo yet: HTTPRouteGroup enforcement in the datapath, services and TrafficSplit; see the open issues."
+    );
     Ok(())
 }
 

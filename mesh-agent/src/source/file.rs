@@ -2,7 +2,7 @@
 //! any number of `---`-separated Kubernetes-style documents. Known kinds are
 //! parsed, unknown kinds are skipped (so SMI policy can share the directory).
 //!
-//! The directory is polled (1 s) rather than watched with inotify: it is tiny,
+//! The directory is polled (every 200 ms) rather than watched with inotify: it is tiny,
 //! polling also catches files replaced by a ConfigMap's symlink swap, and it
 //! needs no extra crate.
 use std::{
@@ -17,6 +17,10 @@ use serde::Deserialize;
 
 use super::SourceError;
 use crate::state::{Named, Pod, PolicyMode, SmiSet, Snapshot, SnapshotTx};
+
+/// How often the directory is checked: a policy edit must be in force in
+/// well under a second, and a stat of a few files costs next to nothing.
+const POLL: Duration = Duration::from_millis(200);
 
 /// What one file contributes to a snapshot.
 #[derive(Clone, Debug, Default)]
@@ -232,7 +236,7 @@ pub async fn watch(dir: PathBuf, tx: SnapshotTx) {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
