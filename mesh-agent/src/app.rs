@@ -165,7 +165,7 @@ async fn start_tunnels(
     let tcp = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the mTLS tunnel on TCP {addr} (is another agent running?)"))?;
-    tokio::spawn(hbone.clone().serve(tcp, inbound));
+    tokio::spawn(hbone.clone().serve(tcp, inbound.clone()));
     tracing::info!(listen = %addr, outbound_transport = ?s.tunnel.transport, "tunnels serving (UDP and TCP)");
     Ok(Arc::new(Tunnels {
         transport: s.tunnel.transport,
@@ -174,6 +174,7 @@ async fn start_tunnels(
         trust_domain: s.identity.trust_domain.clone(),
         port: s.tunnel.port,
         metrics,
+        inbound,
     }))
 }
 

@@ -67,6 +67,17 @@ pub struct Target {
     pub http: Vec<HttpMatch>,
 }
 
+/// One kernel allow rule (see `mesh_common::PolicyKey`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelRule {
+    pub src: u32,
+    pub dst: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub rule: u32,
+    pub flags: u32,
+}
+
 /// A resource the compiler refused, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejected {
@@ -270,31 +281,84 @@ impl Policy {
     }
 
     /// Kernel allow rules: (source identity id, destination identity id,
-    /// port or ANY_PORT, protocol) -> index of the allowing target.
-    pub fn kernel_rules(&self) -> Vec<(u32, u32, u16, u8, u32)> {
-        let mut out = Vec::new();
+    /// port or ANY_PORT, protocol, allowing target index, flags). Flags say
+    /// HTTP rules apply: conservatively, whenever any allowing target of the
+    /// identity pair has HTTP rules, so the agent sees those flows.
+    pub fn kernel_rules(&self) -> Vec<KernelRule> {
+        let mut out: Vec<KernelRule> = Vec::new();
         for (i, t) in self.targets.iter().enumerate() {
             let dst = identity_id(&t.destination.namespace, &t.destination.service_account);
+            let flags = if t.http.is_empty() {
+                0
+            } else {
+                mesh_common::POLICY_FLAG_HTTP
+            };
             for s in &t.sources {
                 let src = identity_id(&s.namespace, &s.service_account);
                 let mut push = |rules: &[PortRule], proto: u8| {
                     for r in rules {
                         match &r.ports {
-                            None => out.push((src, dst, mesh_common::ANY_PORT, proto, i as u32)),
-                            Some(ports) => out.extend(ports.iter().map(|p| (src, dst, *p, proto, i as u32))),
+                            None => out.push(KernelRule {
+                                src,
+                                dst,
+                                port: mesh_common::ANY_PORT,
+                                proto,
+                                rule: i as u32,
+                                flags,
+                            }),
+                            Some(ports) => out.extend(ports.iter().map(|p| KernelRule {
+                                src,
+                                dst,
+                                port: *p,
+                                proto,
+                                rule: i as u32,
+                                flags,
+                            })),
                         }
                     }
                 };
                 push(&t.tcp, mesh_common::PROTO_TCP);
                 push(&t.udp, mesh_common::PROTO_UDP);
                 if t.tcp.is_empty() && t.udp.is_empty() && !t.http.is_empty() {
-                    out.push((src, dst, mesh_common::ANY_PORT, mesh_common::PROTO_TCP, i as u32));
+                    out.push(KernelRule {
+                        src,
+                        dst,
+                        port: mesh_common::ANY_PORT,
+                        proto: mesh_common::PROTO_TCP,
+                        rule: i as u32,
+                        flags,
+                    });
                 }
             }
         }
+        let http_pairs: BTreeSet<(u32, u32, u8)> = out
+            .iter()
+            .filter(|r| r.flags != 0)
+            .map(|r| (r.src, r.dst, r.proto))
+            .collect();
+        for r in &mut out {
+            if http_pairs.contains(&(r.src, r.dst, r.proto)) {
+                r.flags = mesh_common::POLICY_FLAG_HTTP;
+            }
+        }
         out.sort();
-        out.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3);
+        out.dedup_by(|a, b| (a.src, a.dst, a.port, a.proto) == (b.src, b.dst, b.port, b.proto));
         out
+    }
+
+    /// Whether HTTP requests of this flow must be checked (some allowing
+    /// target restricts HTTP and none allows it without HTTP rules).
+    pub fn http_restricted(&self, src: &Ident, dst: &Ident, port: u16) -> bool {
+        let allowing: Vec<&Target> = self
+            .targets
+            .iter()
+            .filter(|t| &t.destination == dst && t.sources.contains(src))
+            .filter(|t| {
+                t.tcp.iter().any(|r| r.ports.as_ref().is_none_or(|p| p.contains(&port)))
+                    || (t.tcp.is_empty() && !t.http.is_empty())
+            })
+            .collect();
+        !allowing.is_empty() && allowing.iter().all(|t| !t.http.is_empty())
     }
 }
 
@@ -351,13 +415,42 @@ pub struct PolicyAuthorizer {
     pub node: String,
 }
 
+impl PolicyAuthorizer {
+    fn audit(
+        &self,
+        d: &Decision,
+        source: &crate::identity::SpiffeId,
+        destination: &crate::state::Pod,
+        port: u16,
+        request: Option<(&str, &str)>,
+        generation: u64,
+    ) {
+        let verdict = if d.allowed { "allow" } else { "deny" };
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                verdict,
+                enforced_at: "destination",
+            })
+            .inc();
+        let (method, path) = request.unwrap_or(("", ""));
+        tracing::info!(
+            target: "audit", kind = "policy", node = %self.node, verdict, enforced_at = "destination",
+            source_identity = %source, destination_workload = %destination.workload_name(),
+            destination_identity = %format!("{}/{}", destination.namespace, destination.service_account),
+            port, protocol = if request.is_some() { "http" } else { "tcp" }, method, path, rule = %d.rule,
+            traffic_target = d.target.as_deref().unwrap_or(""), generation, reason = %d.reason, "policy decision"
+        );
+    }
+}
+
 impl crate::tunnel::inbound::Authorizer for PolicyAuthorizer {
     fn authorize(
         &self,
         source: &crate::identity::SpiffeId,
         destination: &crate::state::Pod,
         port: u16,
-    ) -> Result<(), String> {
+    ) -> Result<crate::tunnel::inbound::Admission, String> {
         let now = self.in_force.borrow().clone();
         let src = Ident {
             namespace: source.namespace.clone(),
@@ -368,19 +461,59 @@ impl crate::tunnel::inbound::Authorizer for PolicyAuthorizer {
             service_account: destination.service_account.clone(),
         };
         let d = now.policy.evaluate(now.mode, &src, &dst, port, Proto::Tcp);
-        let verdict = if d.allowed { "allow" } else { "deny" };
-        self.metrics
-            .decisions
-            .get_or_create(&DecisionLabels {
-                verdict,
-                enforced_at: "destination",
-            })
-            .inc();
-        tracing::info!(
-            target: "audit", kind = "policy", node = %self.node, verdict, enforced_at = "destination",
-            source_identity = %source, destination_workload = %destination.workload_name(), destination_identity = %dst,
-            port, protocol = "tcp", rule = %d.rule, traffic_target = d.target.as_deref().unwrap_or(""),
-            generation = now.policy.generation, reason = %d.reason, "policy decision"
+        self.audit(&d, source, destination, port, None, now.policy.generation);
+        if !d.allowed {
+            return Err(d.reason);
+        }
+        if now.mode == PolicyMode::Enforcing && now.policy.http_restricted(&src, &dst, port) {
+            return Ok(crate::tunnel::inbound::Admission::Http(Arc::new(HttpRequests {
+                authorizer: Arc::new(PolicyAuthorizer {
+                    in_force: self.in_force.clone(),
+                    metrics: self.metrics.clone(),
+                    node: self.node.clone(),
+                }),
+                in_force: now,
+                source: source.clone(),
+                destination: destination.clone(),
+                src,
+                dst,
+                port,
+            })));
+        }
+        Ok(crate::tunnel::inbound::Admission::Open)
+    }
+}
+
+/// Checks each HTTP request of one flow against the policy that admitted it.
+struct HttpRequests {
+    authorizer: Arc<PolicyAuthorizer>,
+    in_force: Arc<InForce>,
+    source: crate::identity::SpiffeId,
+    destination: crate::state::Pod,
+    src: Ident,
+    dst: Ident,
+    port: u16,
+}
+
+impl crate::tunnel::inbound::HttpCheck for HttpRequests {
+    fn check(&self, method: &str, path: &str, headers: &[(String, String)]) -> Result<(), String> {
+        let p = &self.in_force.policy;
+        let d = p.evaluate_http(
+            self.in_force.mode,
+            &self.src,
+            &self.dst,
+            self.port,
+            method,
+            path,
+            headers,
+        );
+        self.authorizer.audit(
+            &d,
+            &self.source,
+            &self.destination,
+            self.port,
+            Some((method, path)),
+            p.generation,
         );
         if d.allowed { Ok(()) } else { Err(d.reason) }
     }
@@ -624,8 +757,12 @@ spec:
         assert!(d.allowed && d.rule == "permissive");
         // Kernel rules: an exact port, and ANY_PORT for the all-ports route.
         let rules = p.kernel_rules();
-        assert!(rules.iter().any(|r| r.2 == 8080 && r.3 == mesh_common::PROTO_TCP));
-        assert!(rules.iter().any(|r| r.2 == mesh_common::ANY_PORT));
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.port == 8080 && r.proto == mesh_common::PROTO_TCP && r.flags == 0)
+        );
+        assert!(rules.iter().any(|r| r.port == mesh_common::ANY_PORT));
         assert_eq!(rules.len(), 2);
     }
 

@@ -357,25 +357,31 @@ impl Redirect {
 
     /// Puts a compiled policy in force in the kernel: the new generation's
     /// entries are written first, then `mesh_config` switches to them in
-    /// one write, then the old generation's entries are deleted. `rules` are
-    /// (source identity, destination identity, port, protocol, rule index).
-    pub fn sync_policy(&self, rules: &[(u32, u32, u16, u8, u32)], enforcing: bool) -> Result<(), RedirectError> {
+    /// one write, then the old generation's entries are deleted.
+    pub fn sync_policy(&self, rules: &[crate::policy::KernelRule], enforcing: bool) -> Result<(), RedirectError> {
         let mut st = self.policy.lock().expect("policy lock");
         if st.last.as_ref().is_some_and(|(r, e)| r == rules && *e == enforcing) {
             return Ok(());
         }
         let generation = st.generation.wrapping_add(1).max(1);
-        for (src, dst, port, protocol, rule) in rules {
+        for r in rules {
             let key = PolicyKey {
                 generation,
-                src_identity: *src,
-                dst_identity: *dst,
-                port: *port,
-                protocol: *protocol,
+                src_identity: r.src,
+                dst_identity: r.dst,
+                port: r.port,
+                protocol: r.proto,
                 _pad: 0,
             };
             st.map
-                .insert(&key, &PolicyValue { rule: *rule }, 0)
+                .insert(
+                    &key,
+                    &PolicyValue {
+                        rule: r.rule,
+                        flags: r.flags,
+                    },
+                    0,
+                )
                 .map_err(|err| RedirectError::Map {
                     name: maps::POLICY,
                     err,
@@ -449,7 +455,7 @@ impl Redirect {
 struct PolicyState {
     map: HashMap<MapData, PolicyKey, PolicyValue>,
     generation: u32,
-    last: Option<(Vec<(u32, u32, u16, u8, u32)>, bool)>,
+    last: Option<(Vec<crate::policy::KernelRule>, bool)>,
 }
 
 #[derive(Debug, Default)]

@@ -10,7 +10,7 @@
 /// Bumped whenever a map's key or value layout changes. Pinned state lives in
 /// a directory named after it, so an incompatible older pin set is replaced
 /// deliberately instead of being reused.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Map names (the kernel keeps 15 characters).
 pub mod maps {
@@ -124,12 +124,17 @@ pub struct PolicyKey {
     pub _pad: u8,
 }
 
-/// Which compiled rule allowed it (for audit and `policy check`).
+/// Which compiled rule allowed it (for audit and `policy check`), and how.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyValue {
     pub rule: u32,
+    /// [`POLICY_FLAG_HTTP`]: HTTP rules apply, so even a same-node flow goes
+    /// through the agent (the kernel cannot read requests).
+    pub flags: u32,
 }
+
+pub const POLICY_FLAG_HTTP: u32 = 1;
 
 /// The original destination of a captured connection.
 #[repr(C)]
@@ -199,7 +204,7 @@ const _: () = {
     assert!(core::mem::size_of::<Endpoint>() == 16);
     assert!(core::mem::size_of::<Config>() == 32);
     assert!(core::mem::size_of::<PolicyKey>() == 16);
-    assert!(core::mem::size_of::<PolicyValue>() == 4);
+    assert!(core::mem::size_of::<PolicyValue>() == 8);
     assert!(core::mem::size_of::<OrigDst>() == 16);
     assert!(core::mem::size_of::<SockKey>() == 12);
     assert!(core::mem::size_of::<SpliceStats>() == 16);

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use mesh_common::{ANY_PORT, CaptureStats, OrigDst, POLICY_ENFORCING, PROTO_TCP, PolicyKey};
+use mesh_common::{ANY_PORT, CaptureStats, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP, PolicyKey};
 
 use crate::maps::{config, mesh_capture, mesh_cookies, mesh_endpoints, mesh_policy, mesh_workloads};
 
@@ -50,27 +50,32 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
     // Policy first, for same-node and cross-node alike: a denied flow fails
     // here, at once, and never reaches the network.
-    if cfg.policy_mode == POLICY_ENFORCING
-        && !allowed(
+    let mut needs_agent = false;
+    if cfg.policy_mode == POLICY_ENFORCING {
+        match allowed(
             cfg.policy_generation,
             workload.identity_id,
             endpoint.identity_id,
             dst_port,
-        )
-    {
-        count(|s| &mut s.denied);
-        if cfg.debug != 0 {
-            debug!(
-                ctx,
-                "deny workload {} -> {:i}:{}",
-                workload.workload_id,
-                u32::from_be(dst_ip),
-                dst_port
-            );
+        ) {
+            None => {
+                count(|s| &mut s.denied);
+                if cfg.debug != 0 {
+                    debug!(
+                        ctx,
+                        "deny workload {} -> {:i}:{}",
+                        workload.workload_id,
+                        u32::from_be(dst_ip),
+                        dst_port
+                    );
+                }
+                return DENY;
+            }
+            // HTTP rules need the agent to read requests, even on the same node.
+            Some(flags) => needs_agent = flags & POLICY_FLAG_HTTP != 0,
         }
-        return DENY;
     }
-    if endpoint.same_node != 0 {
+    if endpoint.same_node != 0 && !needs_agent {
         count(|s| &mut s.same_node);
         return ALLOW;
     }
@@ -109,9 +114,10 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// An allow rule for this exact port, or for any port, in the generation in force.
+/// The flags of the allow rule for this exact port, or for any port, in the
+/// generation in force; `None` when no rule allows it.
 #[inline(always)]
-fn allowed(generation: u32, src: u32, dst: u32, port: u16) -> bool {
+fn allowed(generation: u32, src: u32, dst: u32, port: u16) -> Option<u32> {
     let mut key = PolicyKey {
         generation,
         src_identity: src,
@@ -120,9 +126,9 @@ fn allowed(generation: u32, src: u32, dst: u32, port: u16) -> bool {
         protocol: PROTO_TCP,
         _pad: 0,
     };
-    if unsafe { mesh_policy.get(&key) }.is_some() {
-        return true;
+    if let Some(v) = mesh_policy.get_ptr(&key) {
+        return Some(unsafe { (*v).flags });
     }
     key.port = ANY_PORT;
-    unsafe { mesh_policy.get(&key) }.is_some()
+    mesh_policy.get_ptr(&key).map(|v| unsafe { (*v).flags })
 }

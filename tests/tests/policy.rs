@@ -317,3 +317,111 @@ fn a_broken_file_among_good_ones_is_reported_by_name_and_changes_nothing_else() 
             .any(|r| r["target"] == "audit" && r["verdict"] == "refused" && r["resource"] == "t/bad-regex")
     );
 }
+
+const HTTP_TOPOLOGY: &str = "
+nodes: [{name: node-a}, {name: node-b}]
+pods:
+  - {name: front, namespace: t, serviceAccount: front, node: node-a}
+  - {name: other, namespace: t, serviceAccount: other, node: node-a}
+  - {name: web-a, namespace: t, serviceAccount: web, node: node-a}
+  - {name: web-b, namespace: t, serviceAccount: web, node: node-b}
+";
+
+const HTTP_POLICY: &str = "
+kind: HTTPRouteGroup
+metadata: {name: api, namespace: t}
+spec:
+  matches:
+  - {name: read-api, pathRegex: \"/api/.*\", methods: [GET]}
+---
+kind: TrafficTarget
+metadata: {name: front-reads-api, namespace: t}
+spec:
+  destination: {kind: ServiceAccount, name: web}
+  rules: [{kind: HTTPRouteGroup, name: api, matches: [read-api]}]
+  sources: [{kind: ServiceAccount, name: front}]
+";
+
+#[test]
+fn http_route_rules_pass_matching_requests_and_answer_403_to_the_rest() {
+    let t = TestLab::up_with(HTTP_TOPOLOGY, &["--policy-mode=enforcing"], LABTOOL);
+    let lab = &t.lab;
+    std::fs::write(lab.source_dir.join("policy.yaml"), HTTP_POLICY).unwrap();
+    let _servers: Vec<ServerGuard> = ["web-a", "web-b"]
+        .iter()
+        .map(|pod| {
+            ServerGuard(
+                lab.exec(pod, LABTOOL)
+                    .unwrap()
+                    .args(["http-serve", "--port", "80"])
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    wait_for("policy in force", Duration::from_secs(5), || {
+        ["node-a", "node-b"].iter().all(|n| {
+            log_records(&lab.agent_log(n))
+                .iter()
+                .any(|r| r["message"] == "policy in force" && r["targets"] == 1)
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let curl = |from: &str, method: &str, url: &str| -> String {
+        let out = lab
+            .exec(from, "curl")
+            .unwrap()
+            .args([
+                "-s",
+                "-m",
+                "5",
+                "-o",
+                "/dev/stderr",
+                "-w",
+                "%{http_code}",
+                "-X",
+                method,
+                url,
+            ])
+            .output()
+            .unwrap();
+        format!(
+            "{} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    for web in ["web-a", "web-b"] {
+        let ip = lab.pod(web).unwrap().ip;
+        let where_ = if web == "web-a" { "same node" } else { "cross node" };
+        let ok = curl("front", "GET", &format!("http://{ip}/api/x"));
+        assert!(
+            ok.starts_with("200") && ok.contains("GET /api/x"),
+            "{where_}: GET /api/x -> {ok}"
+        );
+        let post = curl("front", "POST", &format!("http://{ip}/api/x"));
+        assert!(
+            post.starts_with("403") && post.contains("denied by mesh policy"),
+            "{where_}: POST /api/x -> {post}"
+        );
+        let admin = curl("front", "GET", &format!("http://{ip}/admin"));
+        assert!(admin.starts_with("403"), "{where_}: GET /admin -> {admin}");
+        // A source with no TrafficTarget at all is refused at connect().
+        let other = curl("other", "GET", &format!("http://{ip}/api/x"));
+        assert!(other.starts_with("000"), "{where_}: other -> {other}");
+    }
+    let audit: Vec<Value> = log_records(&lab.agent_log("node-b"))
+        .into_iter()
+        .filter(|r| r["target"] == "audit")
+        .collect();
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["protocol"] == "http" && r["verdict"] == "deny" && r["method"] == "POST")
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["protocol"] == "http" && r["verdict"] == "allow" && r["path"] == "/api/x")
+    );
+}

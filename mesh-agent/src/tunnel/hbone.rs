@@ -251,20 +251,25 @@ fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    if let Err(refusal) = inbound.check(&peer, dst) {
-        let reason = match refusal {
-            Refusal::NotLocal(_) => "not_local",
-            Refusal::Denied { .. } => "policy",
-        };
-        metrics.reject(TRANSPORT, reason);
-        tracing::warn!(peer = %remote, identity = %peer, flow_id, error = %refusal, "tunnel: flow refused");
-        return refuse(StatusCode::FORBIDDEN, &refusal.to_string());
-    }
+    let admission = match inbound.check(&peer, dst) {
+        Ok(a) => a,
+        Err(refusal) => {
+            let reason = match refusal {
+                Refusal::NotLocal(_) => "not_local",
+                Refusal::Denied { .. } => "policy",
+            };
+            metrics.reject(TRANSPORT, reason);
+            tracing::warn!(peer = %remote, identity = %peer, flow_id, error = %refusal, "tunnel: flow refused");
+            return refuse(StatusCode::FORBIDDEN, &refusal.to_string());
+        }
+    };
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let (r, w) = tokio::io::split(TokioIo::new(upgraded));
-                inbound.serve_flow(TRANSPORT, &peer, dst, flow_id, r, w).await;
+                inbound
+                    .serve_flow(TRANSPORT, &peer, dst, flow_id, admission, r, w)
+                    .await;
             }
             Err(e) => tracing::warn!(peer = %remote, flow_id, error = %e, "tunnel: CONNECT upgrade failed"),
         }

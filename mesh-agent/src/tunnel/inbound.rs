@@ -19,16 +19,28 @@ use crate::{
     state::{Pod, SnapshotRx},
 };
 
-/// The policy hook on the inbound path. Until SMI policy lands, `AllowAll`.
+/// The policy hook on the inbound path.
 pub trait Authorizer: Send + Sync {
-    fn authorize(&self, source: &SpiffeId, destination: &Pod, port: u16) -> Result<(), String>;
+    fn authorize(&self, source: &SpiffeId, destination: &Pod, port: u16) -> Result<Admission, String>;
 }
 
+/// How an allowed flow is carried: bytes as they are, or HTTP/1.1 requests
+/// each checked before they reach the pod.
+pub enum Admission {
+    Open,
+    Http(Arc<dyn HttpCheck>),
+}
+
+pub trait HttpCheck: Send + Sync {
+    fn check(&self, method: &str, path: &str, headers: &[(String, String)]) -> Result<(), String>;
+}
+
+/// Allows everything (tools and tests that play a peer).
 pub struct AllowAll;
 
 impl Authorizer for AllowAll {
-    fn authorize(&self, _: &SpiffeId, _: &Pod, _: u16) -> Result<(), String> {
-        Ok(())
+    fn authorize(&self, _: &SpiffeId, _: &Pod, _: u16) -> Result<Admission, String> {
+        Ok(Admission::Open)
     }
 }
 
@@ -58,7 +70,7 @@ impl Inbound {
     /// Whether `peer` may reach `dst`. Only pods of this node are reachable:
     /// the tunnel is never an open relay.
     #[allow(clippy::result_large_err)] // once per flow; boxing buys nothing
-    pub fn check(&self, peer: &SpiffeId, dst: SocketAddr) -> Result<Pod, Refusal> {
+    pub fn check(&self, peer: &SpiffeId, dst: SocketAddr) -> Result<Admission, Refusal> {
         let SocketAddr::V4(v4) = dst else {
             return Err(Refusal::NotLocal(dst));
         };
@@ -74,8 +86,7 @@ impl Inbound {
                 from: peer.clone(),
                 destination: dst,
                 reason,
-            })?;
-        Ok(pod)
+            })
     }
 
     /// Connects an allowed flow to its pod and copies until both sides end.
@@ -85,6 +96,7 @@ impl Inbound {
         peer: &SpiffeId,
         dst: SocketAddr,
         flow_id: u64,
+        admission: Admission,
         mut r: R,
         mut w: W,
     ) where
@@ -106,6 +118,14 @@ impl Inbound {
             }
         };
         let _ = upstream.set_nodelay(true);
+        if let Admission::Http(check) = admission {
+            let result = serve_http(r, w, upstream, check).await;
+            self.metrics
+                .flow(transport, "inbound", if result.is_err() { "error" } else { "ok" });
+            tracing::info!(transport, flow_id, peer = %peer, destination = %dst, http = true,
+                duration_ms = started.elapsed().as_millis() as u64, error = result.err(), "inbound flow closed");
+            return;
+        }
         let (mut ur, mut uw) = upstream.into_split();
         let (copied, err) = copy::bidirectional(&mut r, &mut w, &mut ur, &mut uw).await;
         if err.is_some() {
@@ -125,4 +145,54 @@ impl Inbound {
             "inbound flow closed"
         );
     }
+}
+
+/// Carries HTTP/1.1 between the tunnel and the pod, checking every request:
+/// a denied one gets a 403 with a short reason and never reaches the pod;
+/// allowed ones pass untouched (hyper on both sides).
+async fn serve_http<R, W>(r: R, w: W, upstream: TcpStream, check: Arc<dyn HttpCheck>) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use bytes::Bytes;
+    use http_body_util::{Either, Full};
+    use hyper::{Request, Response, StatusCode, body::Incoming};
+    use hyper_util::rt::TokioIo;
+
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (check, sender) = (check.clone(), sender.clone());
+        async move {
+            let headers: Vec<(String, String)> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            let verdict = check.check(req.method().as_str(), req.uri().path(), &headers);
+            let resp: Response<Either<Incoming, Full<Bytes>>> = match verdict {
+                Err(reason) => Response::builder()
+                    .status(StatusCode::FORBIDDEN)
+                    .header("content-type", "text/plain")
+                    .body(Either::Right(Full::from(format!("denied by mesh policy: {reason}\n"))))
+                    .expect("valid response"),
+                Ok(()) => match sender.lock().await.send_request(req).await {
+                    Ok(resp) => resp.map(Either::Left),
+                    Err(e) => Response::builder()
+                        .status(StatusCode::BAD_GATEWAY)
+                        .body(Either::Right(Full::from(format!("upstream: {e}\n"))))
+                        .expect("valid response"),
+                },
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tokio::io::join(r, w)), service)
+        .await
+        .map_err(|e| e.to_string())
 }

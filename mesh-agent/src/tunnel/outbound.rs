@@ -48,6 +48,9 @@ pub struct Tunnels {
     pub trust_domain: String,
     pub port: u16,
     pub metrics: TunnelMetrics,
+    /// Same-node flows the kernel sends here (HTTP rules apply) are
+    /// served as if they had arrived through a tunnel.
+    pub inbound: Arc<super::inbound::Inbound>,
 }
 
 pub struct Outbound {
@@ -80,6 +83,7 @@ struct Route {
     destination: Option<SpiffeId>,
     node_ip: Option<Ipv4Addr>,
     dst: SocketAddrV4,
+    same_node: bool,
 }
 
 impl Outbound {
@@ -121,6 +125,10 @@ impl Outbound {
             destination_name: dst_pod.map(|p| p.workload_name()).unwrap_or_default(),
             destination: dst_pod.and_then(|p| SpiffeId::new(&td, &p.namespace, &p.service_account).ok()),
             node_ip: dst_pod.and_then(|p| snap.nodes.get(&p.node).copied()),
+            same_node: match (dst_pod, &self.tunnels) {
+                (Some(p), Some(t)) => p.node == t.inbound.node,
+                _ => false,
+            },
             dst,
         }
     }
@@ -143,6 +151,22 @@ impl Outbound {
             tunnels.metrics.flow(transport_name(tunnels), "outbound", "unroutable");
             return;
         };
+        if route.same_node {
+            // The kernel routes a same-node flow here only when HTTP rules
+            // apply to it: check it as the destination would.
+            let dst = SocketAddr::V4(route.dst);
+            match tunnels.inbound.check(&source, dst) {
+                Ok(admission) => {
+                    let (r, w) = downstream.into_split();
+                    tunnels
+                        .inbound
+                        .serve_flow("local", &source, dst, flow_id, admission, r, w)
+                        .await;
+                }
+                Err(refusal) => refuse(downstream, &refusal.to_string()),
+            }
+            return;
+        }
         let key = PeerKey {
             source,
             destination,

@@ -244,20 +244,23 @@ async fn serve_stream(
             return;
         }
     };
-    if let Err(refusal) = inbound.check(&peer, dst) {
-        metrics.reject(
-            TRANSPORT,
-            match refusal {
-                Refusal::NotLocal(_) => "not_local",
-                Refusal::Denied { .. } => "policy",
-            },
-        );
-        tracing::warn!(peer = %remote, identity = %peer, flow_id = header.flow_id, error = %refusal, "tunnel: flow refused");
-        let _ = send.reset(VarInt::from_u32(RESET_REFUSED));
-        let _ = recv.stop(VarInt::from_u32(RESET_REFUSED));
-        return;
-    }
+    let admission = match inbound.check(&peer, dst) {
+        Ok(a) => a,
+        Err(refusal) => {
+            metrics.reject(
+                TRANSPORT,
+                match refusal {
+                    Refusal::NotLocal(_) => "not_local",
+                    Refusal::Denied { .. } => "policy",
+                },
+            );
+            tracing::warn!(peer = %remote, identity = %peer, flow_id = header.flow_id, error = %refusal, "tunnel: flow refused");
+            let _ = send.reset(VarInt::from_u32(RESET_REFUSED));
+            let _ = recv.stop(VarInt::from_u32(RESET_REFUSED));
+            return;
+        }
+    };
     inbound
-        .serve_flow(TRANSPORT, &peer, dst, header.flow_id, recv, send)
+        .serve_flow(TRANSPORT, &peer, dst, header.flow_id, admission, recv, send)
         .await;
 }

@@ -41,6 +41,12 @@ enum Cmd {
         #[arg(long)]
         marker: Option<String>,
     },
+    /// A minimal HTTP/1.1 server: answers every request with 200 and the
+    /// body "<METHOD> <PATH>", one request per connection.
+    HttpServe {
+        #[arg(long)]
+        port: u16,
+    },
     /// Open `flows` connections at once, then send `bytes` on each and check
     /// each reply; print {"ok": N, "failed": N, "errors": [...]}.
     Burst {
@@ -77,6 +83,7 @@ fn main() {
             marker,
         } => std::process::exit(send(to, bytes, seed, hold_ms, marker.as_deref())),
         Cmd::Burst { to, flows, bytes } => burst(to, flows, bytes),
+        Cmd::HttpServe { port } => http_serve(port),
         Cmd::LabUpAndHang { agent_bin } => {
             let topo: xtask::lab::Topology = serde_json::from_value(serde_json::json!({
                 "nodes": [{"name": "node-a"}, {"name": "node-b"}],
@@ -210,6 +217,48 @@ fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64, marker: Option<&str
     });
     println!("{out}");
     if ok { 0 } else { 1 }
+}
+
+fn http_serve(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match read_retrying(&mut stream, &mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => return,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            let mut words = head.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            let mut got = 0;
+            while got < len {
+                match read_retrying(&mut stream, &mut body[got..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            let reply = format!("{method} {path}\n");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        });
+    }
 }
 
 /// All connections are open before any sends (a barrier), so the agent
