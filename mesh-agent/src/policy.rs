@@ -67,6 +67,15 @@ pub struct Target {
     pub http: Vec<HttpMatch>,
 }
 
+/// What the policy looks at in an HTTP request.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// The URI path, matched by `pathRegex` anchored at `^`.
+    pub path: &'a str,
+    pub headers: &'a [(String, String)],
+}
+
 /// One kernel allow rule (see `mesh_common::PolicyKey`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KernelRule {
@@ -218,10 +227,9 @@ impl Policy {
         src: &Ident,
         dst: &Ident,
         port: u16,
-        method: &str,
-        path: &str,
-        headers: &[(String, String)],
+        req: &HttpRequest<'_>,
     ) -> Decision {
+        let HttpRequest { method, path, headers } = *req;
         let l4 = self.evaluate(mode, src, dst, port, Proto::Tcp);
         if !l4.allowed || l4.target.is_none() {
             return l4;
@@ -498,15 +506,8 @@ struct HttpRequests {
 impl crate::tunnel::inbound::HttpCheck for HttpRequests {
     fn check(&self, method: &str, path: &str, headers: &[(String, String)]) -> Result<(), String> {
         let p = &self.in_force.policy;
-        let d = p.evaluate_http(
-            self.in_force.mode,
-            &self.src,
-            &self.dst,
-            self.port,
-            method,
-            path,
-            headers,
-        );
+        let req = HttpRequest { method, path, headers };
+        let d = p.evaluate_http(self.in_force.mode, &self.src, &self.dst, self.port, &req);
         self.authorizer.audit(
             &d,
             &self.source,
@@ -647,10 +648,10 @@ fn compile_target(
                     .find(|(gns, name, _)| gns == ns && name == &rule.name)
                     .ok_or_else(|| missing("HTTPRouteGroup"))?;
                 let wanted = rule.matches.as_ref();
-                if let Some(names) = wanted {
-                    if let Some(bad) = names.iter().find(|n| !matches.iter().any(|m| &m.name == *n)) {
-                        return Err(format!("rule HTTPRouteGroup/{} has no match named {bad:?}", rule.name));
-                    }
+                if let Some(bad) =
+                    wanted.and_then(|names| names.iter().find(|n| !matches.iter().any(|m| &m.name == *n)))
+                {
+                    return Err(format!("rule HTTPRouteGroup/{} has no match named {bad:?}", rule.name));
                 }
                 http.extend(
                     matches
@@ -786,7 +787,17 @@ spec:
         let p = Policy::compile(&smi(yaml), 1);
         let e = |m: &str, path: &str, h: &[(&str, &str)]| {
             let h: Vec<(String, String)> = h.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-            p.evaluate_http(PolicyMode::Enforcing, &id("front"), &id("web"), 80, m, path, &h)
+            p.evaluate_http(
+                PolicyMode::Enforcing,
+                &id("front"),
+                &id("web"),
+                80,
+                &HttpRequest {
+                    method: m,
+                    path,
+                    headers: &h,
+                },
+            )
         };
         let d = e("GET", "/api/x", &[]);
         assert!(d.allowed && d.rule == "HTTPRouteGroup/api#read-api", "{d:?}");

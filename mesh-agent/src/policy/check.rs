@@ -80,7 +80,17 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
         .context("give the destination port with --port or as ip:port")?;
     let proto = if protocol == "udp" { Proto::Udp } else { Proto::Tcp };
     let d = match (&method, &path) {
-        (Some(m), Some(p)) => policy.evaluate_http(mode, &src, &dst, port, m, p, &[]),
+        (Some(m), Some(p)) => policy.evaluate_http(
+            mode,
+            &src,
+            &dst,
+            port,
+            &super::HttpRequest {
+                method: m,
+                path: p,
+                headers: &[],
+            },
+        ),
         (None, None) => policy.evaluate(mode, &src, &dst, port, proto),
         _ => bail!("give both --method and --path for an HTTP check"),
     };

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     PeerKey, TunnelError, TunnelMetrics,
-    inbound::{Inbound, Refusal},
+    inbound::{Flow, Inbound, Refusal},
     pool::{Lease, Pool, PooledConn},
     tls::{ALPN_H2, TunnelTls, peer_identity, sni_for},
 };
@@ -268,7 +268,17 @@ fn handle(
             Ok(upgraded) => {
                 let (r, w) = tokio::io::split(TokioIo::new(upgraded));
                 inbound
-                    .serve_flow(TRANSPORT, &peer, dst, flow_id, admission, r, w)
+                    .serve_flow(
+                        Flow {
+                            transport: TRANSPORT,
+                            peer: &peer,
+                            dst,
+                            flow_id,
+                            admission,
+                        },
+                        r,
+                        w,
+                    )
                     .await;
             }
             Err(e) => tracing::warn!(peer = %remote, flow_id, error = %e, "tunnel: CONNECT upgrade failed"),

@@ -56,6 +56,17 @@ pub enum Refusal {
     },
 }
 
+/// One admitted flow, as a transport hands it over.
+pub struct Flow<'a> {
+    pub transport: &'static str,
+    /// The verified source identity (client certificate, or the cgroup for
+    /// same-node flows the kernel sent to the agent).
+    pub peer: &'a SpiffeId,
+    pub dst: SocketAddr,
+    pub flow_id: u64,
+    pub admission: Admission,
+}
+
 pub struct Inbound {
     pub node: String,
     pub trust_domain: String,
@@ -90,19 +101,18 @@ impl Inbound {
     }
 
     /// Connects an allowed flow to its pod and copies until both sides end.
-    pub async fn serve_flow<R, W>(
-        &self,
-        transport: &'static str,
-        peer: &SpiffeId,
-        dst: SocketAddr,
-        flow_id: u64,
-        admission: Admission,
-        mut r: R,
-        mut w: W,
-    ) where
+    pub async fn serve_flow<R, W>(&self, flow: Flow<'_>, mut r: R, mut w: W)
+    where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let Flow {
+            transport,
+            peer,
+            dst,
+            flow_id,
+            admission,
+        } = flow;
         let started = Instant::now();
         let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,

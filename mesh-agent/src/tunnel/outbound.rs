@@ -160,7 +160,17 @@ impl Outbound {
                     let (r, w) = downstream.into_split();
                     tunnels
                         .inbound
-                        .serve_flow("local", &source, dst, flow_id, admission, r, w)
+                        .serve_flow(
+                            super::inbound::Flow {
+                                transport: "local",
+                                peer: &source,
+                                dst,
+                                flow_id,
+                                admission,
+                            },
+                            r,
+                            w,
+                        )
                         .await;
                 }
                 Err(refusal) => refuse(downstream, &refusal.to_string()),

@@ -17,7 +17,7 @@ use quinn::{
 use super::{
     PeerKey, TunnelError, TunnelMetrics,
     header::{self, FlowHeader},
-    inbound::{Inbound, Refusal},
+    inbound::{Flow, Inbound, Refusal},
     pool::{Lease, Pool, PooledConn},
     tls::{ALPN_QUIC, TunnelTls, peer_identity, sni_for},
 };
@@ -261,6 +261,16 @@ async fn serve_stream(
         }
     };
     inbound
-        .serve_flow(TRANSPORT, &peer, dst, header.flow_id, admission, recv, send)
+        .serve_flow(
+            Flow {
+                transport: TRANSPORT,
+                peer: &peer,
+                dst,
+                flow_id: header.flow_id,
+                admission,
+            },
+            recv,
+            send,
+        )
         .await;
 }
