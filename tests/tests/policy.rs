@@ -226,39 +226,37 @@ fn a_policy_edit_is_enforced_for_new_connections_in_under_a_second() {
     let p = PolicyLab::up();
     assert!(!p.try_send("a1", "c2", 8080).0, "alpha -> gamma starts denied");
     let grant = "kind: TrafficTarget\nmetadata: {name: alpha-to-gamma, namespace: t}\nspec:\n  destination: {kind: ServiceAccount, name: gamma}\n  rules: [{kind: TCPRoute, name: p8080}]\n  sources: [{kind: ServiceAccount, name: alpha}]\n";
+    let can_connect = || p.t.traffic().connect("a1", p.addr("c2", 8080), 1000).unwrap()["ok"] == true;
+    let took = time_edit(
+        "allowed",
+        || std::fs::write(p.t.lab.source_dir.join("grant.yaml"), grant).unwrap(),
+        || can_connect(),
+    );
+    assert!(took < Duration::from_secs(1), "granting took {took:?}");
+    let took = time_edit(
+        "denied",
+        || std::fs::remove_file(p.t.lab.source_dir.join("grant.yaml")).unwrap(),
+        || !can_connect(),
+    );
+    assert!(took < Duration::from_secs(1), "revoking took {took:?}");
+}
+
+/// Time from `edit` until `in_force` holds for a new connection; printed.
+fn time_edit(what: &str, edit: impl FnOnce(), mut in_force: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
-    std::fs::write(p.t.lab.source_dir.join("grant.yaml"), grant).unwrap();
-    let mut took = None;
+    edit();
     while start.elapsed() < Duration::from_secs(3) {
-        if p.t.traffic().connect("a1", p.addr("c2", 8080), 1000).unwrap()["ok"] == true {
-            took = Some(start.elapsed());
-            break;
+        if in_force() {
+            let took = start.elapsed();
+            println!(
+                "policy edit -> enforced ({what}): {:.0} ms",
+                took.as_secs_f64() * 1000.0
+            );
+            return took;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let took = took.expect("the grant never took effect");
-    println!(
-        "policy edit -> enforced (allowed): {:.0} ms",
-        took.as_secs_f64() * 1000.0
-    );
-    assert!(took < Duration::from_secs(1), "took {took:?}");
-    // And revoking it.
-    let start = Instant::now();
-    std::fs::remove_file(p.t.lab.source_dir.join("grant.yaml")).unwrap();
-    let mut took = None;
-    while start.elapsed() < Duration::from_secs(3) {
-        if p.t.traffic().connect("a1", p.addr("c2", 8080), 1000).unwrap()["ok"] == false {
-            took = Some(start.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let took = took.expect("the revocation never took effect");
-    println!(
-        "policy edit -> enforced (denied): {:.0} ms",
-        took.as_secs_f64() * 1000.0
-    );
-    assert!(took < Duration::from_secs(1), "took {took:?}");
+    panic!("the edit ({what}) never took effect");
 }
 
 #[test]
