@@ -62,17 +62,19 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     let redirect = Arc::new(redirect);
 
+    // Until the source publishes its first snapshot, the kernel keeps what
+    // is pinned (on a restart: the previous agent's maps).
     let (tx, rx) = state::channel();
-    match source::file::load(&s.source_dir) {
-        Ok(mut snap) => {
-            snap.generation = 1;
-            let _ = tx.send(Arc::new(snap));
-        }
-        // The pinned maps from the previous agent stay in force until the
-        // source reads cleanly.
-        Err(err) => tracing::error!(error = %err, "source: initial read failed; keeping the kernel's current state"),
-    }
-    tokio::spawn(source::file::watch(s.source_dir.clone(), tx));
+    let source: Box<dyn source::Source> = match &s.source_dir {
+        Some(dir) => Box::new(source::FileSource { dir: dir.clone() }),
+        None => Box::new(source::KubeSource {
+            client: kube::Client::try_default().await.context(
+                "connecting to the Kubernetes API (--kubernetes): in-cluster config or a kubeconfig is needed",
+            )?,
+        }),
+    };
+    tracing::info!(source = %source.describe(), "reading workloads and policy");
+    tokio::spawn(source.run(tx));
     tokio::spawn(sync_loop(
         redirect.clone(),
         rx.clone(),

@@ -134,10 +134,20 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
 
-    /// Directory of YAML files (Pods, SMI policy) to read workloads from;
-    /// re-read when a file changes.
-    #[arg(long, env = "MESH_SOURCE_DIR")]
-    pub source_dir: PathBuf,
+    /// Directory of YAML files (Pods, Nodes, SMI policy) to read workloads
+    /// and policy from; re-read when a file changes.
+    #[arg(long, env = "MESH_SOURCE_DIR", required_unless_present = "kubernetes")]
+    pub source_dir: Option<PathBuf>,
+
+    /// Read workloads and SMI policy from the Kubernetes API instead
+    /// (in-cluster config, or the kubeconfig).
+    #[arg(
+        long,
+        env = "MESH_KUBERNETES",
+        conflicts_with = "source_dir",
+        default_value_t = false
+    )]
+    pub kubernetes: bool,
 
     /// cgroup2 directory holding one sub-directory per pod of this node,
     /// named `<namespace>_<pod>`. The capture programs attach here only.
@@ -250,7 +260,8 @@ pub struct LogSettings {
 #[derive(Debug)]
 pub struct Settings {
     pub node_name: String,
-    pub source_dir: PathBuf,
+    /// None: the Kubernetes API.
+    pub source_dir: Option<PathBuf>,
     pub pod_cgroup_root: PathBuf,
     pub capture_ip: Ipv4Addr,
     pub outbound_port: u16,

@@ -1,0 +1,279 @@
+//! The Kubernetes source: kube reflectors over Pods, Nodes and the SMI
+//! resources, folded into the same [`Snapshot`] the file source produces.
+//!
+//! Nothing is published until every reflector has its first full list, so
+//! the agent never enforces a partial view (in enforcing mode, pods without
+//! their TrafficTargets would mean denials that no one wrote). Tested with a
+//! fake API server behind `kube::Client::new` (kube's mock-service pattern),
+//! since no API server can run here.
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node, Pod as K8sPod};
+use kube::{
+    Api, Client, Resource,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+
+use crate::{
+    smi::{HTTPRouteGroup, TCPRoute, TrafficSplit, TrafficTarget, UDPRoute},
+    state::{Named, Pod, SmiSet, Snapshot, SnapshotTx},
+};
+
+/// Everything the reflectors hold.
+struct Stores {
+    pods: reflector::Store<K8sPod>,
+    nodes: reflector::Store<Node>,
+    traffic_targets: reflector::Store<TrafficTarget>,
+    http_route_groups: reflector::Store<HTTPRouteGroup>,
+    tcp_routes: reflector::Store<TCPRoute>,
+    udp_routes: reflector::Store<UDPRoute>,
+    traffic_splits: reflector::Store<TrafficSplit>,
+}
+
+/// Starts a reflector for `K` (all namespaces); every event pokes `changed`.
+fn reflect<K>(client: &Client, changed: Arc<tokio::sync::Notify>) -> reflector::Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let api: Api<K> = Api::all(client.clone());
+    let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(kind = %K::kind(&()), error = %e, "kubernetes source: watch error; retrying");
+            }
+            changed.notify_one();
+        }
+    });
+    store
+}
+
+/// Watches the API server and publishes snapshots until the process ends.
+pub async fn watch(client: Client, tx: SnapshotTx) {
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let stores = Stores {
+        pods: reflect(&client, changed.clone()),
+        nodes: reflect(&client, changed.clone()),
+        traffic_targets: reflect(&client, changed.clone()),
+        http_route_groups: reflect(&client, changed.clone()),
+        tcp_routes: reflect(&client, changed.clone()),
+        udp_routes: reflect(&client, changed.clone()),
+        traffic_splits: reflect(&client, changed.clone()),
+    };
+    // A partial view is never published.
+    let ready = async {
+        stores.pods.wait_until_ready().await?;
+        stores.nodes.wait_until_ready().await?;
+        stores.traffic_targets.wait_until_ready().await?;
+        stores.http_route_groups.wait_until_ready().await?;
+        stores.tcp_routes.wait_until_ready().await?;
+        stores.udp_routes.wait_until_ready().await?;
+        stores.traffic_splits.wait_until_ready().await
+    };
+    if ready.await.is_err() {
+        tracing::error!("kubernetes source: a reflector stopped before its first list");
+        return;
+    }
+    tracing::info!("kubernetes source: initial lists complete");
+    let mut generation = tx.borrow().generation;
+    loop {
+        let mut snap = snapshot(&stores);
+        let changed_since = {
+            let cur = tx.borrow();
+            cur.pods != snap.pods || cur.nodes != snap.nodes || cur.smi != snap.smi || cur.generation == 0
+        };
+        if changed_since {
+            generation += 1;
+            snap.generation = generation;
+            tracing::info!(pods = snap.pods.len(), generation, "kubernetes source: new snapshot");
+            let _ = tx.send(Arc::new(snap));
+        }
+        changed.notified().await;
+        // Coalesce a burst of events (a rollout) into one snapshot.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn snapshot(s: &Stores) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for p in s.pods.state() {
+        if let Some(pod) = pod(&p) {
+            snap.pods.insert(pod.workload_name(), pod);
+        }
+    }
+    for n in s.nodes.state() {
+        if let Some((name, ip)) = node(&n) {
+            snap.nodes.insert(name, ip);
+        }
+    }
+    snap.smi = SmiSet {
+        traffic_targets: named(&s.traffic_targets.state(), |r| r.spec.clone()),
+        http_route_groups: named(&s.http_route_groups.state(), |r| r.spec.clone()),
+        tcp_routes: named(&s.tcp_routes.state(), |r| r.spec.clone()),
+        udp_routes: named(&s.udp_routes.state(), |r| r.spec.clone()),
+        traffic_splits: named(&s.traffic_splits.state(), |r| r.spec.clone()),
+    };
+    snap
+}
+
+fn named<K: Resource, T>(items: &[Arc<K>], spec: impl Fn(&K) -> T) -> Vec<Named<T>> {
+    let mut out: Vec<Named<T>> = items
+        .iter()
+        .map(|r| Named {
+            namespace: r.meta().namespace.clone().unwrap_or_else(|| "default".into()),
+            name: r.meta().name.clone().unwrap_or_default(),
+            spec: spec(r),
+        })
+        .collect();
+    // Reflector order is arbitrary; snapshots compare equal when nothing changed.
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// A meshed pod: scheduled, with an IP, not finished.
+fn pod(p: &K8sPod) -> Option<Pod> {
+    let spec = p.spec.as_ref()?;
+    let status = p.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    Some(Pod {
+        namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: p.metadata.name.clone()?,
+        service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        node: spec.node_name.clone()?,
+        ip: status.pod_ip.as_ref()?.parse().ok()?,
+    })
+}
+
+fn node(n: &Node) -> Option<(String, std::net::Ipv4Addr)> {
+    let addr = n
+        .status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")?;
+    Some((n.metadata.name.clone()?, addr.address.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    //! A fake API server behind `kube::Client::new`: lists answer with fixed
+    //! objects, watches stay open with no events.
+    use std::{convert::Infallible, pin::Pin};
+
+    use bytes::Bytes;
+    use futures::Stream;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    use super::*;
+
+    type FakeBody = StreamBody<Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>>;
+
+    fn list(kind: &str, api_version: &str, items: serde_json::Value) -> Bytes {
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": api_version, "kind": format!("{kind}List"),
+            "metadata": {"resourceVersion": "1"}, "items": items,
+        }))
+        .unwrap()
+        .into()
+    }
+
+    fn fake_api(req: http::Request<kube::client::Body>) -> http::Response<FakeBody> {
+        let path = req.uri().path().to_string();
+        let watching = req.uri().query().unwrap_or("").contains("watch=true");
+        let stream: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>> = if watching {
+            Box::pin(futures::stream::pending())
+        } else {
+            let body = match path.as_str() {
+                "/api/v1/pods" => list(
+                    "Pod",
+                    "v1",
+                    serde_json::json!([
+                        {"metadata": {"name": "web-0", "namespace": "shop"},
+                         "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": []},
+                         "status": {"podIP": "198.18.1.10", "phase": "Running"}},
+                        {"metadata": {"name": "pending", "namespace": "shop"},
+                         "spec": {"containers": []}, "status": {"phase": "Pending"}},
+                    ]),
+                ),
+                "/api/v1/nodes" => list(
+                    "Node",
+                    "v1",
+                    serde_json::json!([
+                        {"metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.11"}]}},
+                    ]),
+                ),
+                "/apis/access.smi-spec.io/v1alpha3/traffictargets" => list(
+                    "TrafficTarget",
+                    "access.smi-spec.io/v1alpha3",
+                    serde_json::json!([
+                        {"apiVersion": "access.smi-spec.io/v1alpha3", "kind": "TrafficTarget",
+                         "metadata": {"name": "front-to-web", "namespace": "shop"},
+                         "spec": {"destination": {"kind": "ServiceAccount", "name": "web"},
+                                  "rules": [{"kind": "TCPRoute", "name": "p80"}],
+                                  "sources": [{"kind": "ServiceAccount", "name": "front"}]}},
+                    ]),
+                ),
+                "/apis/specs.smi-spec.io/v1alpha4/tcproutes" => list(
+                    "TCPRoute",
+                    "specs.smi-spec.io/v1alpha4",
+                    serde_json::json!([
+                        {"apiVersion": "specs.smi-spec.io/v1alpha4", "kind": "TCPRoute",
+                         "metadata": {"name": "p80", "namespace": "shop"}, "spec": {"matches": {"ports": [80]}}},
+                    ]),
+                ),
+                other => {
+                    let (group_version, kind) = match other {
+                        p if p.contains("httproutegroups") => ("specs.smi-spec.io/v1alpha4", "HTTPRouteGroup"),
+                        p if p.contains("udproutes") => ("specs.smi-spec.io/v1alpha4", "UDPRoute"),
+                        _ => ("split.smi-spec.io/v1alpha4", "TrafficSplit"),
+                    };
+                    list(kind, group_version, serde_json::json!([]))
+                }
+            };
+            Box::pin(futures::stream::once(async move { Ok(Frame::data(body)) }))
+        };
+        http::Response::new(StreamBody::new(stream))
+    }
+
+    #[tokio::test]
+    async fn reflectors_fold_into_one_snapshot_only_after_every_first_list() {
+        let service = tower::service_fn(|req| async move { Ok::<_, Infallible>(fake_api(req)) });
+        let client = Client::new(service, "default");
+        let (tx, mut rx) = crate::state::channel();
+        let task = tokio::spawn(watch(client, tx));
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("a snapshot")
+            .unwrap();
+        let snap = rx.borrow().clone();
+        assert_eq!(snap.generation, 1);
+        assert_eq!(snap.pods.len(), 1, "the pending pod without node or IP is not meshed");
+        let web = &snap.pods["shop/web-0"];
+        assert_eq!((web.service_account.as_str(), web.node.as_str()), ("web", "n1"));
+        assert_eq!(snap.nodes["n1"].to_string(), "198.18.0.11");
+        assert_eq!(snap.smi.traffic_targets.len(), 1);
+        // The same compiler as for files: the policy this source yields works.
+        let policy = crate::policy::Policy::compile(&snap.smi, snap.generation);
+        assert!(policy.rejected.is_empty(), "{:?}", policy.rejected);
+        let id = |sa: &str| crate::policy::Ident {
+            namespace: "shop".into(),
+            service_account: sa.into(),
+        };
+        let d = policy.evaluate(
+            crate::state::PolicyMode::Enforcing,
+            &id("front"),
+            &id("web"),
+            80,
+            crate::policy::Proto::Tcp,
+        );
+        assert_eq!(d.target.as_deref(), Some("shop/front-to-web"));
+        task.abort();
+    }
+}
