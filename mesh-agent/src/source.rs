@@ -3,6 +3,7 @@
 //! Kubernetes watcher will implement the same contract: produce validated
 //! [`Snapshot`]s, and on bad input keep the last good one in force.
 pub mod file;
+pub mod k8s;
 pub mod kube;
 
 use std::path::PathBuf;

@@ -45,6 +45,33 @@ pub struct SmiSet {
     pub traffic_splits: Vec<Named<crate::smi::TrafficSplitSpec>>,
 }
 
+/// A Service with its endpoints (from EndpointSlices).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// None for headless Services.
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceEndpoint {
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+    pub node: Option<String>,
+    /// (port name, target port) as the slice lists them.
+    pub ports: Vec<(Option<String>, u16)>,
+}
+
 /// Mesh-wide policy mode (DESIGN.md section 5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -63,6 +90,10 @@ pub struct Snapshot {
     /// Node name -> the address its agent's tunnel listens on (InternalIP).
     pub nodes: BTreeMap<String, Ipv4Addr>,
     pub smi: SmiSet,
+    /// Keyed by `namespace/name`.
+    pub services: BTreeMap<String, Service>,
+    /// `namespace/name` of every ServiceAccount the source knows.
+    pub service_accounts: std::collections::BTreeSet<String>,
     /// Set by a MeshConfig document; the agent's flag applies otherwise.
     pub mode: Option<PolicyMode>,
     /// Files that failed to read, with why (their last good content is used).

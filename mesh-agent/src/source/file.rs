@@ -27,6 +27,9 @@ const POLL: Duration = Duration::from_millis(200);
 struct FileDocs {
     pods: Vec<Pod>,
     nodes: Vec<(String, Ipv4Addr)>,
+    services: Vec<k8s_openapi::api::core::v1::Service>,
+    slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    service_accounts: Vec<String>,
     smi: SmiSet,
     mode: Option<PolicyMode>,
 }
@@ -69,6 +72,17 @@ fn parse_file(file: &Path) -> Result<FileDocs, SourceError> {
             ("v1", "Pod") => {
                 let pod: PodDoc = serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Pod: {e}")))?;
                 docs.pods.push(pod.into_pod().map_err(invalid)?);
+            }
+            ("v1", "Service") => docs
+                .services
+                .push(serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Service: {e}")))?),
+            ("discovery.k8s.io/v1", "EndpointSlice") => docs
+                .slices
+                .push(serde_yaml::from_value(value).map_err(|e| invalid(format!("bad EndpointSlice: {e}")))?),
+            ("v1", "ServiceAccount") => {
+                let sa: k8s_openapi::api::core::v1::ServiceAccount =
+                    serde_yaml::from_value(value).map_err(|e| invalid(format!("bad ServiceAccount: {e}")))?;
+                docs.service_accounts.extend(super::k8s::service_account(&sa));
             }
             (MESH_CONFIG_API, "MeshConfig") => {
                 let cfg: MeshConfigDoc =
@@ -159,6 +173,7 @@ impl Reader {
                 snapshot.pods.insert(pod.workload_name(), pod.clone());
             }
             snapshot.nodes.extend(docs.nodes.iter().cloned());
+            snapshot.service_accounts.extend(docs.service_accounts.iter().cloned());
             let smi = &mut snapshot.smi;
             smi.traffic_targets.extend(docs.smi.traffic_targets.iter().cloned());
             smi.http_route_groups.extend(docs.smi.http_route_groups.iter().cloned());
@@ -167,6 +182,9 @@ impl Reader {
             smi.traffic_splits.extend(docs.smi.traffic_splits.iter().cloned());
             snapshot.mode = docs.mode.or(snapshot.mode);
         }
+        let services: Vec<_> = self.last_good.values().flat_map(|d| d.services.iter()).collect();
+        let slices: Vec<_> = self.last_good.values().flat_map(|d| d.slices.iter()).collect();
+        snapshot.services = super::k8s::services(&services, &slices);
         Ok(snapshot)
     }
 }
@@ -395,6 +413,18 @@ mod tests {
             ("web", "n1", Ipv4Addr::new(198, 18, 1, 10))
         );
         assert_eq!(s.pods["default/b"].service_account, "default");
+    }
+
+    #[test]
+    fn reads_services_endpoint_slices_and_service_accounts() {
+        let d = dir_with(&[(
+            "svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\nports: [{port: 8080}]\nendpoints: [{addresses: [198.18.1.10]}]\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n",
+        )]);
+        let s = load(&d.0).unwrap();
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!(s.services["shop/web"].endpoints.len(), 1);
+        assert!(s.service_accounts.contains("shop/web"));
     }
 
     #[test]

@@ -9,7 +9,10 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Node, Pod as K8sPod};
+use k8s_openapi::api::{
+    core::v1::{Node, Pod as K8sPod, Service as K8sService, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Resource,
     runtime::{WatchStreamExt as _, reflector, watcher},
@@ -24,6 +27,9 @@ use crate::{
 struct Stores {
     pods: reflector::Store<K8sPod>,
     nodes: reflector::Store<Node>,
+    services: reflector::Store<K8sService>,
+    slices: reflector::Store<EndpointSlice>,
+    service_accounts: reflector::Store<ServiceAccount>,
     traffic_targets: reflector::Store<TrafficTarget>,
     http_route_groups: reflector::Store<HTTPRouteGroup>,
     tcp_routes: reflector::Store<TCPRoute>,
@@ -57,6 +63,9 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
     let stores = Stores {
         pods: reflect(&client, changed.clone()),
         nodes: reflect(&client, changed.clone()),
+        services: reflect(&client, changed.clone()),
+        slices: reflect(&client, changed.clone()),
+        service_accounts: reflect(&client, changed.clone()),
         traffic_targets: reflect(&client, changed.clone()),
         http_route_groups: reflect(&client, changed.clone()),
         tcp_routes: reflect(&client, changed.clone()),
@@ -67,6 +76,9 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
     let ready = async {
         stores.pods.wait_until_ready().await?;
         stores.nodes.wait_until_ready().await?;
+        stores.services.wait_until_ready().await?;
+        stores.slices.wait_until_ready().await?;
+        stores.service_accounts.wait_until_ready().await?;
         stores.traffic_targets.wait_until_ready().await?;
         stores.http_route_groups.wait_until_ready().await?;
         stores.tcp_routes.wait_until_ready().await?;
@@ -83,7 +95,12 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
         let mut snap = snapshot(&stores);
         let changed_since = {
             let cur = tx.borrow();
-            cur.pods != snap.pods || cur.nodes != snap.nodes || cur.smi != snap.smi || cur.generation == 0
+            cur.pods != snap.pods
+                || cur.nodes != snap.nodes
+                || cur.smi != snap.smi
+                || cur.services != snap.services
+                || cur.service_accounts != snap.service_accounts
+                || cur.generation == 0
         };
         if changed_since {
             generation += 1;
@@ -109,6 +126,18 @@ fn snapshot(s: &Stores) -> Snapshot {
             snap.nodes.insert(name, ip);
         }
     }
+    let services = s.services.state();
+    let slices = s.slices.state();
+    snap.services = super::k8s::services(
+        &services.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+        &slices.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+    );
+    snap.service_accounts = s
+        .service_accounts
+        .state()
+        .iter()
+        .filter_map(|sa| super::k8s::service_account(sa))
+        .collect();
     snap.smi = SmiSet {
         traffic_targets: named(&s.traffic_targets.state(), |r| r.spec.clone()),
         http_route_groups: named(&s.http_route_groups.state(), |r| r.spec.clone()),
@@ -220,6 +249,30 @@ mod tests {
                                   "sources": [{"kind": "ServiceAccount", "name": "front"}]}},
                     ]),
                 ),
+                "/api/v1/services" => list(
+                    "Service",
+                    "v1",
+                    serde_json::json!([
+                        {"metadata": {"name": "web", "namespace": "shop"},
+                         "spec": {"clusterIP": "198.19.0.10", "ports": [{"port": 80}]}},
+                    ]),
+                ),
+                "/apis/discovery.k8s.io/v1/endpointslices" => list(
+                    "EndpointSlice",
+                    "discovery.k8s.io/v1",
+                    serde_json::json!([
+                        {"metadata": {"name": "web-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+                         "addressType": "IPv4", "ports": [{"port": 8080}],
+                         "endpoints": [{"addresses": ["198.18.1.10"], "nodeName": "n1"}]},
+                    ]),
+                ),
+                "/api/v1/serviceaccounts" => list(
+                    "ServiceAccount",
+                    "v1",
+                    serde_json::json!([
+                        {"metadata": {"name": "web", "namespace": "shop"}},
+                    ]),
+                ),
                 "/apis/specs.smi-spec.io/v1alpha4/tcproutes" => list(
                     "TCPRoute",
                     "specs.smi-spec.io/v1alpha4",
@@ -259,6 +312,8 @@ mod tests {
         assert_eq!((web.service_account.as_str(), web.node.as_str()), ("web", "n1"));
         assert_eq!(snap.nodes["n1"].to_string(), "198.18.0.11");
         assert_eq!(snap.smi.traffic_targets.len(), 1);
+        assert_eq!(snap.services["shop/web"].endpoints.len(), 1);
+        assert!(snap.service_accounts.contains("shop/web"));
         // The same compiler as for files: the policy this source yields works.
         let policy = crate::policy::Policy::compile(&snap.smi, snap.generation);
         assert!(policy.rejected.is_empty(), "{:?}", policy.rejected);
