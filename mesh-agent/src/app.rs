@@ -35,6 +35,7 @@ use crate::{
 use rustls_pki_types::CertificateDer;
 
 use crate::{
+    audit::{Audit, AuditRecord},
     identity::verify::TrustBundle,
     policy::{InForce, KindLabels, Policy, PolicyAuthorizer, PolicyMetrics},
 };
@@ -60,6 +61,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     if let Some(logger) = redirect.kernel_logger.take() {
         forward_kernel_logs(logger);
     }
+    let mut redirect_events = redirect.kernel_events.take();
     let redirect = Arc::new(redirect);
 
     // Until the source publishes its first snapshot, the kernel keeps what
@@ -98,10 +100,21 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         policy_metrics.clone(),
         s.node_name.clone(),
     ));
+    let audit = Arc::new(Audit::new(
+        s.node_name.clone(),
+        s.audit_log.clone(),
+        s.audit_log_max_bytes,
+        4096,
+    ));
+    audit.register(&mut registry);
+    if let Some(events) = redirect_events.take() {
+        drain_kernel_events(events, audit.clone(), rx.clone(), policy_rx.clone());
+    }
     let authorizer = Arc::new(PolicyAuthorizer {
         in_force: policy_rx,
         metrics: policy_metrics,
         node: s.node_name.clone(),
+        audit: audit.clone(),
     });
     let identities = start_identities(&s, rx.clone(), &mut registry)?;
     let tunnels = match &identities {
@@ -453,6 +466,123 @@ async fn heartbeat(redirect: Arc<Redirect>) {
             }
         }
     }
+}
+
+/// Drains `mesh_events` (decisions at connect()) into the audit trail, on
+/// its own thread: the kernel never waits for us; if we fall behind, the
+/// kernel counts what it could not queue (events_dropped).
+fn drain_kernel_events(
+    mut ring: aya::maps::RingBuf<aya::maps::MapData>,
+    audit: Arc<Audit>,
+    snapshots: state::SnapshotRx,
+    policy: watch::Receiver<Arc<InForce>>,
+) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd as _;
+    std::thread::spawn(move || {
+        loop {
+            let ready = {
+                let mut fds = [PollFd::new(ring.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, PollTimeout::from(500u16))
+            };
+            match ready {
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "audit: cannot poll mesh_events; kernel decisions are no longer audited");
+                    return;
+                }
+                Ok(_) => {}
+            }
+            while let Some(item) = ring.next() {
+                tracing::debug!(len = item.len(), "audit: kernel event");
+                if item.len() < std::mem::size_of::<mesh_common::PolicyEvent>() {
+                    continue;
+                }
+                // SAFETY-free copy: the bytes are a PolicyEvent written by connect4.
+                let ev = read_policy_event(&item);
+                audit.record(kernel_record(&ev, &snapshots.borrow(), &policy.borrow()));
+            }
+        }
+    });
+}
+
+fn read_policy_event(bytes: &[u8]) -> mesh_common::PolicyEvent {
+    let u32_at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+    mesh_common::PolicyEvent {
+        time_ns: u64::from_ne_bytes(bytes[0..8].try_into().expect("8 bytes")),
+        workload_id: u32_at(8),
+        src_identity: u32_at(12),
+        dst_ipv4: u32_at(16),
+        dst_identity: u32_at(20),
+        dst_port: u16::from_ne_bytes(bytes[24..26].try_into().expect("2 bytes")),
+        protocol: bytes[26],
+        verdict: bytes[27],
+        generation: u32_at(28),
+    }
+}
+
+/// A kernel decision as an audit record, named from the snapshot and the
+/// policy in force.
+fn kernel_record(ev: &mesh_common::PolicyEvent, snap: &state::Snapshot, policy: &InForce) -> AuditRecord {
+    let src = snap.pod_by_workload_id(ev.workload_id);
+    let dst_ip = std::net::Ipv4Addr::from(ev.dst_ipv4.to_ne_bytes());
+    let dst = snap.pod_by_ip(dst_ip);
+    let ident = |p: Option<&state::Pod>| {
+        p.map(|p| format!("{}/{}", p.namespace, p.service_account))
+            .unwrap_or_default()
+    };
+    let allowed = ev.verdict == mesh_common::VERDICT_ALLOW;
+    let (rule, target, reason) = match (src, dst) {
+        (Some(s), Some(d)) => {
+            let si = crate::policy::Ident {
+                namespace: s.namespace.clone(),
+                service_account: s.service_account.clone(),
+            };
+            let di = crate::policy::Ident {
+                namespace: d.namespace.clone(),
+                service_account: d.service_account.clone(),
+            };
+            let dec = policy
+                .policy
+                .evaluate(policy.mode, &si, &di, ev.dst_port, crate::policy::Proto::Tcp);
+            (dec.rule, dec.target.unwrap_or_default(), dec.reason)
+        }
+        _ => (String::new(), String::new(), String::new()),
+    };
+    let (rule, reason) = if allowed {
+        (rule, reason)
+    } else {
+        ("default-deny".into(), format!("connect() refused with EPERM: {reason}"))
+    };
+    AuditRecord {
+        time: wall_time_of(ev.time_ns),
+        kind: "policy".into(),
+        enforced_at: "source".into(),
+        verdict: if allowed { "allow" } else { "deny" }.into(),
+        source_workload: src.map(|p| p.workload_name()).unwrap_or_default(),
+        source_identity: ident(src),
+        destination_workload: dst.map(|p| p.workload_name()).unwrap_or_default(),
+        destination_identity: ident(dst),
+        destination_address: format!("{dst_ip}:{}", ev.dst_port),
+        port: ev.dst_port,
+        protocol: "tcp".into(),
+        rule,
+        traffic_target: if allowed { target } else { String::new() },
+        generation: policy.policy.generation,
+        reason,
+        ..Default::default()
+    }
+}
+
+/// A CLOCK_MONOTONIC instant as wall-clock RFC 3339.
+fn wall_time_of(mono_ns: u64) -> String {
+    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(mono_ns);
+    let age = std::time::Duration::from_nanos(now_mono.saturating_sub(mono_ns));
+    let at = time::OffsetDateTime::now_utc() - age;
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Drains the kernel programs' aya-log ring buffer on its own thread, so a

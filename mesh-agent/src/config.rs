@@ -223,6 +223,14 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_TUNNEL_PORT", default_value_t = 15008)]
     pub tunnel_port: u16,
 
+    /// Append every policy decision to this file as JSON lines (rotated to
+    /// FILE.1 at --audit-log-max-bytes). Without it, records stay in memory.
+    #[arg(long, env = "MESH_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+
+    #[arg(long, env = "MESH_AUDIT_LOG_MAX_BYTES", default_value_t = 10 << 20)]
+    pub audit_log_max_bytes: u64,
+
     /// Prometheus /metrics listener.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: std::net::SocketAddr,
@@ -272,6 +280,8 @@ pub struct Settings {
     pub identity: IdentitySettings,
     pub tunnel: TunnelSettings,
     pub policy_mode: crate::state::PolicyMode,
+    pub audit_log: Option<PathBuf>,
+    pub audit_log_max_bytes: u64,
     pub metrics_addr: std::net::SocketAddr,
     pub worker_threads: usize,
     pub log: LogSettings,
@@ -373,6 +383,8 @@ impl Settings {
                 port: a.tunnel_port,
             },
             policy_mode: a.policy_mode,
+            audit_log: a.audit_log,
+            audit_log_max_bytes: a.audit_log_max_bytes,
             metrics_addr: a.metrics_addr,
             worker_threads: a.worker_threads,
             log: LogSettings {

@@ -421,6 +421,7 @@ pub struct PolicyAuthorizer {
     pub in_force: tokio::sync::watch::Receiver<Arc<InForce>>,
     pub metrics: PolicyMetrics,
     pub node: String,
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 impl PolicyAuthorizer {
@@ -442,6 +443,25 @@ impl PolicyAuthorizer {
             })
             .inc();
         let (method, path) = request.unwrap_or(("", ""));
+        self.audit.record(crate::audit::AuditRecord {
+            kind: "policy".into(),
+            enforced_at: "destination".into(),
+            verdict: verdict.into(),
+            source_workload: String::new(),
+            source_identity: source.to_string(),
+            destination_workload: destination.workload_name(),
+            destination_identity: format!("{}/{}", destination.namespace, destination.service_account),
+            destination_address: format!("{}:{port}", destination.ip),
+            port,
+            protocol: if request.is_some() { "http" } else { "tcp" }.into(),
+            rule: d.rule.clone(),
+            traffic_target: d.target.clone().unwrap_or_default(),
+            generation,
+            reason: d.reason.clone(),
+            method: method.into(),
+            path: path.into(),
+            ..Default::default()
+        });
         tracing::info!(
             target: "audit", kind = "policy", node = %self.node, verdict, enforced_at = "destination",
             source_identity = %source, destination_workload = %destination.workload_name(),
@@ -479,6 +499,7 @@ impl crate::tunnel::inbound::Authorizer for PolicyAuthorizer {
                     in_force: self.in_force.clone(),
                     metrics: self.metrics.clone(),
                     node: self.node.clone(),
+                    audit: self.audit.clone(),
                 }),
                 in_force: now,
                 source: source.clone(),

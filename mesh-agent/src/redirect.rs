@@ -107,6 +107,8 @@ pub struct Redirect {
     splice: PerCpuArray<MapData, SpliceStats>,
     capture: PerCpuArray<MapData, CaptureStats>,
     pub kernel_logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// `mesh_events`, for the audit trail's drain (taken by the app).
+    pub kernel_events: Option<aya::maps::RingBuf<MapData>>,
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
@@ -259,6 +261,7 @@ impl Redirect {
             _pad2: 0,
             alive_until_ns: monotonic_ns() + ALIVE_WINDOW_NS,
         };
+        let kernel_events = take_map(&mut ebpf, maps::EVENTS)?;
         let redirect = Redirect {
             config: Mutex::new(take_map(&mut ebpf, maps::CONFIG)?),
             config_value: Mutex::new(config),
@@ -274,6 +277,7 @@ impl Redirect {
             capture: take_map(&mut ebpf, maps::CAPTURE)?,
             _ebpf: ebpf,
             _links: links,
+            kernel_events: Some(kernel_events),
             kernel_logger,
         };
         redirect.write_config()?;
@@ -446,6 +450,7 @@ impl Redirect {
                 total.passthrough += s.passthrough;
                 total.failed_open += s.failed_open;
                 total.denied += s.denied;
+                total.events_dropped += s.events_dropped;
             }
         }
         total

@@ -10,7 +10,7 @@
 /// Bumped whenever a map's key or value layout changes. Pinned state lives in
 /// a directory named after it, so an incompatible older pin set is replaced
 /// deliberately instead of being reused.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// Map names (the kernel keeps 15 characters).
 pub mod maps {
@@ -33,6 +33,8 @@ pub mod maps {
     pub const CAPTURE: &str = "mesh_capture";
     /// [`crate::PolicyKey`] -> [`crate::PolicyValue`]: the L4 allow rules.
     pub const POLICY: &str = "mesh_policy";
+    /// Ring buffer of [`crate::PolicyEvent`]s: every decision at connect().
+    pub const EVENTS: &str = "mesh_events";
 }
 
 /// Program names, as the kernel and `bpftool prog` show them.
@@ -197,6 +199,30 @@ pub struct CaptureStats {
     pub failed_open: u64,
     /// Refused at connect() by policy (EPERM).
     pub denied: u64,
+    /// Decisions whose audit event did not fit in `mesh_events` (the agent
+    /// was not draining fast enough): counted, never silent.
+    pub events_dropped: u64,
+}
+
+pub const VERDICT_DENY: u8 = 0;
+pub const VERDICT_ALLOW: u8 = 1;
+
+/// One policy decision at connect(), for the audit trail.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub time_ns: u64,
+    pub workload_id: u32,
+    pub src_identity: u32,
+    /// Network byte order.
+    pub dst_ipv4: u32,
+    pub dst_identity: u32,
+    /// Host byte order.
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub verdict: u8,
+    pub generation: u32,
 }
 
 const _: () = {
@@ -208,7 +234,8 @@ const _: () = {
     assert!(core::mem::size_of::<OrigDst>() == 16);
     assert!(core::mem::size_of::<SockKey>() == 12);
     assert!(core::mem::size_of::<SpliceStats>() == 16);
-    assert!(core::mem::size_of::<CaptureStats>() == 40);
+    assert!(core::mem::size_of::<CaptureStats>() == 48);
+    assert!(core::mem::size_of::<PolicyEvent>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -226,4 +253,5 @@ mod user {
     unsafe impl aya::Pod for CaptureStats {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PolicyEvent {}
 }

@@ -10,9 +10,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use mesh_common::{ANY_PORT, CaptureStats, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP, PolicyKey};
+use mesh_common::{
+    ANY_PORT, CaptureStats, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP, PolicyEvent, PolicyKey,
+    VERDICT_ALLOW, VERDICT_DENY,
+};
 
-use crate::maps::{config, mesh_capture, mesh_cookies, mesh_endpoints, mesh_policy, mesh_workloads};
+use crate::maps::{config, mesh_capture, mesh_cookies, mesh_endpoints, mesh_events, mesh_policy, mesh_workloads};
 
 /// connect() proceeds; 0 makes it fail with EPERM.
 const ALLOW: i32 = 1;
@@ -52,12 +55,27 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     // here, at once, and never reaches the network.
     let mut needs_agent = false;
     if cfg.policy_mode == POLICY_ENFORCING {
-        match allowed(
+        let found = allowed(
             cfg.policy_generation,
             workload.identity_id,
             endpoint.identity_id,
             dst_port,
-        ) {
+        );
+        let event = PolicyEvent {
+            time_ns: unsafe { bpf_ktime_get_ns() },
+            workload_id: workload.workload_id,
+            src_identity: workload.identity_id,
+            dst_ipv4: dst_ip,
+            dst_identity: endpoint.identity_id,
+            dst_port,
+            protocol: PROTO_TCP,
+            verdict: if found.is_some() { VERDICT_ALLOW } else { VERDICT_DENY },
+            generation: cfg.policy_generation,
+        };
+        if mesh_events.output(&event, 0).is_err() {
+            count(|s| &mut s.events_dropped);
+        }
+        match found {
             None => {
                 count(|s| &mut s.denied);
                 if cfg.debug != 0 {

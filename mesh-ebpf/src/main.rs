@@ -3,6 +3,9 @@
 //! (or be upgraded) without dropping the state the kernel is using.
 #![no_std]
 #![no_main]
+// The BPF build runs nested in the agent's build.rs, where warnings scroll by
+// unseen: make the ones that mean "this code is not what you think" errors.
+#![deny(unused)]
 
 mod connect4;
 mod maps;

@@ -2,10 +2,12 @@
 //! The maps shared by the programs. The agent's `redirect` module is the only
 //! userspace writer; see the README's map table for who writes what.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     macros::btf_map,
 };
-use mesh_common::{CaptureStats, Config, Endpoint, OrigDst, PolicyKey, PolicyValue, SockKey, SpliceStats, Workload};
+use mesh_common::{
+    CaptureStats, Config, Endpoint, OrigDst, PolicyEvent, PolicyKey, PolicyValue, SockKey, SpliceStats, Workload,
+};
 
 /// cgroup id -> enrolled pod of this node.
 #[btf_map(pin_by_name)]
@@ -36,6 +38,11 @@ pub static mesh_socks: SockHash<SockKey, 65536> = SockHash::new();
 /// L4 allow rules of the policy generations in force (see Config).
 #[btf_map(pin_by_name)]
 pub static mesh_policy: HashMap<PolicyKey, PolicyValue, 65536> = HashMap::new();
+
+/// Every policy decision at connect(), for the agent's audit trail (256 KiB:
+/// about 8,000 events between two drains).
+#[btf_map(pin_by_name)]
+pub static mesh_events: RingBuf<PolicyEvent, 262144> = RingBuf::new();
 
 #[btf_map(pin_by_name)]
 pub static mesh_splice: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();

@@ -423,3 +423,56 @@ fn http_route_rules_pass_matching_requests_and_answer_403_to_the_rest() {
             .any(|r| r["protocol"] == "http" && r["verdict"] == "allow" && r["path"] == "/api/x")
     );
 }
+
+#[test]
+fn every_decision_leaves_exactly_one_audit_record() {
+    let p = PolicyLab::up();
+    let lab = &p.t.lab;
+    // (source, destination, port): same-node allow, same-node deny,
+    // cross-node allow, cross-node deny.
+    let cells = [
+        ("a1", "b1", 8080),
+        ("a1", "c1", 8080),
+        ("a1", "b2", 8080),
+        ("a1", "b2", 9090),
+    ];
+    for (src, dst, port) in cells {
+        assert_eq!(p.try_send(src, dst, port).0, expected(src, dst, port));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let kernel: Vec<Value> = log_records(&lab.audit_log("node-a"))
+        .into_iter()
+        .filter(|r| r["enforced_at"] == "source" && r["source_workload"] == "t/a1")
+        .collect();
+    assert_eq!(
+        kernel.len(),
+        cells.len(),
+        "one kernel record per connect(): {kernel:#?}"
+    );
+    for ((src, dst, port), rec) in cells.iter().zip(&kernel) {
+        let want = if expected(src, dst, *port) { "allow" } else { "deny" };
+        assert_eq!(rec["verdict"], want, "{rec}");
+        assert_eq!(rec["destination_workload"], format!("t/{dst}"), "{rec}");
+        assert_eq!(rec["destination_address"], p.addr(dst, *port).to_string(), "{rec}");
+        assert_eq!(rec["port"], *port, "{rec}");
+        assert_eq!(rec["source_identity"], "t/alpha", "{rec}");
+        assert_eq!(rec["node"], "node-a", "{rec}");
+        assert!(rec["generation"].as_u64().unwrap() >= 1, "{rec}");
+        if want == "allow" {
+            assert_eq!(rec["traffic_target"], "t/alpha-to-beta", "{rec}");
+            assert_eq!(rec["rule"], "TCPRoute/p8080", "{rec}");
+        } else {
+            assert_eq!(rec["rule"], "default-deny", "{rec}");
+        }
+        assert!(rec["time"].as_str().unwrap().ends_with('Z'), "{rec}");
+    }
+    // The destination decided the one cross-node flow that left node-a.
+    let dest: Vec<Value> = log_records(&lab.audit_log("node-b"))
+        .into_iter()
+        .filter(|r| r["enforced_at"] == "destination" && r["source_identity"] == "spiffe://cluster.local/ns/t/sa/alpha")
+        .collect();
+    assert_eq!(dest.len(), 1, "{dest:#?}");
+    assert_eq!(dest[0]["verdict"], "allow");
+    assert_eq!(dest[0]["destination_workload"], "t/b2");
+    assert_eq!(dest[0]["port"], 8080);
+}

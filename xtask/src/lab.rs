@@ -523,6 +523,8 @@ impl Lab {
             .arg(self.ca_dir().join("ca.crt"))
             .arg("--node-token-file")
             .arg(self.node_token_file(node))
+            .arg("--audit-log")
+            .arg(self.audit_log(node))
             .args(&self.agent_args);
         let ready = format!("\"node\":\"{node}\"");
         self.spawn_logged(
@@ -578,6 +580,11 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The node's audit trail (JSON lines).
+    pub fn audit_log(&self, node: &str) -> PathBuf {
+        Path::new(STATE_DIR).join(format!("audit-{node}.jsonl"))
     }
 
     pub fn ca_dir(&self) -> PathBuf {
