@@ -9,6 +9,8 @@ const BPF_TOOLCHAIN: &str = "1.98.0";
 fn main() -> anyhow::Result<()> {
     // The CA's gRPC API (protoc comes from Debian's protobuf-compiler).
     tonic_prost_build::compile_protos("proto/ca.proto").context("compiling proto/ca.proto (is protoc installed?)")?;
+    tonic_prost_build::compile_protos("proto/audit.proto")
+        .context("compiling proto/audit.proto (is protoc installed?)")?;
     tonic_prost_build::compile_protos("proto/tunnel.proto")
         .context("compiling proto/tunnel.proto (is protoc installed?)")?;
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()

@@ -123,6 +123,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let admin = tokio::net::TcpListener::bind(s.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin API on {} (--admin-addr)", s.admin_addr))?;
+    tokio::spawn(crate::audit::serve(admin, audit.clone()));
     let metrics_listener = metrics::bind(s.metrics_addr).await?;
     tokio::spawn(metrics::serve(metrics_listener, Arc::new(registry)));
 
@@ -279,6 +283,40 @@ async fn wanted_identities(
             return;
         }
     }
+}
+
+/// `mesh-agent audit`: prints the node's audit records as JSON lines.
+pub async fn run_audit(
+    follow: bool,
+    verdict: Option<String>,
+    workload: Option<String>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    use crate::audit::proto::{StreamRequest, audit_trail_client::AuditTrailClient};
+    let mut client = AuditTrailClient::connect(format!("http://{addr}"))
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the agent's admin API at {addr} (is the agent running on this node? see --admin-addr)"
+            )
+        })?;
+    let req = StreamRequest {
+        follow,
+        verdict: verdict.unwrap_or_default(),
+        workload: workload.unwrap_or_default(),
+    };
+    let mut stream = client
+        .stream(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    while let Some(rec) = stream.message().await? {
+        writeln!(out, "{}", rec.json)?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// `mesh-agent ca ...`.

@@ -188,6 +188,86 @@ impl Audit {
     }
 }
 
+/// The gRPC API of the audit trail (proto/audit.proto).
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("mesh.audit.v1");
+}
+
+impl AuditRecord {
+    fn matches(&self, req: &proto::StreamRequest) -> bool {
+        (req.verdict.is_empty() || self.verdict == req.verdict)
+            && (req.workload.is_empty()
+                || self.source_workload == req.workload
+                || self.destination_workload == req.workload)
+    }
+}
+
+/// Serves `Stream` for `mesh-agent audit`.
+pub struct AuditService(pub std::sync::Arc<Audit>);
+
+type RecordStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::Record, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::audit_trail_server::AuditTrail for AuditService {
+    type StreamStream = RecordStream;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<proto::StreamRequest>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let req = request.into_inner();
+        if !req.verdict.is_empty() && !["allow", "deny", "refused"].contains(&req.verdict.as_str()) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "verdict {:?}: use allow, deny or refused",
+                req.verdict
+            )));
+        }
+        // Subscribe before reading the ring, so nothing falls in between.
+        let live = self.0.subscribe();
+        let recent: Vec<AuditRecord> = self.0.recent().into_iter().filter(|r| r.matches(&req)).collect();
+        let to_msg = |r: &AuditRecord| {
+            Ok(proto::Record {
+                json: serde_json::to_string(r).expect("records serialize"),
+            })
+        };
+        let head = futures::stream::iter(recent.iter().map(to_msg).collect::<Vec<_>>());
+        if !req.follow {
+            return Ok(tonic::Response::new(Box::pin(head)));
+        }
+        // A follower that falls behind skips records (and is told how many);
+        // it never makes the datapath wait.
+        let tail = tokio_stream::wrappers::BroadcastStream::new(live).filter_map(move |item| {
+            let req = req.clone();
+            async move {
+                match item {
+                    Ok(r) if r.matches(&req) => Some(to_msg(&r)),
+                    Ok(_) => None,
+                    Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                        Some(Ok(proto::Record {
+                            json: serde_json::json!({"kind": "gap", "missed": n}).to_string(),
+                        }))
+                    }
+                }
+            }
+        });
+        use futures::StreamExt as _;
+        Ok(tonic::Response::new(Box::pin(head.chain(tail))))
+    }
+}
+
+/// Serves the audit trail's gRPC API until the listener fails.
+pub async fn serve(listener: tokio::net::TcpListener, audit: std::sync::Arc<Audit>) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .add_service(proto::audit_trail_server::AuditTrailServer::new(AuditService(audit)))
+        .serve_with_incoming(incoming)
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "audit API stopped");
+    }
+}
+
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

@@ -42,6 +42,21 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Print a node's audit trail: its recent policy decisions, and with
+    /// --follow every new one as it happens (JSON lines).
+    Audit {
+        #[arg(long)]
+        follow: bool,
+        /// Only `allow`, `deny` or `refused`.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Only decisions about this workload (`namespace/name`), as source or destination.
+        #[arg(long)]
+        workload: Option<String>,
+        /// The agent's admin address (run this on the node).
+        #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+        admin_addr: std::net::SocketAddr,
+    },
     /// Print the agent version and its kernel map layout version.
     Version,
 }
@@ -231,6 +246,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_AUDIT_LOG_MAX_BYTES", default_value_t = 10 << 20)]
     pub audit_log_max_bytes: u64,
 
+    /// Local admin endpoint (gRPC): the audit trail stream for
+    /// `mesh-agent audit`. Keep it on loopback.
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: std::net::SocketAddr,
+
     /// Prometheus /metrics listener.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: std::net::SocketAddr,
@@ -282,6 +302,7 @@ pub struct Settings {
     pub policy_mode: crate::state::PolicyMode,
     pub audit_log: Option<PathBuf>,
     pub audit_log_max_bytes: u64,
+    pub admin_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub worker_threads: usize,
     pub log: LogSettings,
@@ -385,6 +406,7 @@ impl Settings {
             policy_mode: a.policy_mode,
             audit_log: a.audit_log,
             audit_log_max_bytes: a.audit_log_max_bytes,
+            admin_addr: a.admin_addr,
             metrics_addr: a.metrics_addr,
             worker_threads: a.worker_threads,
             log: LogSettings {

@@ -55,6 +55,16 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(2)
             }
         },
+        config::Command::Audit {
+            follow,
+            verdict,
+            workload,
+            admin_addr,
+        } => run_to_exit(
+            "mesh-agent audit",
+            1,
+            app::run_audit(follow, verdict, workload, admin_addr),
+        ),
         config::Command::Version => {
             println!(
                 "mesh-agent {} (map layout v{})",

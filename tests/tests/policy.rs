@@ -476,3 +476,62 @@ fn every_decision_leaves_exactly_one_audit_record() {
     assert_eq!(dest[0]["destination_workload"], "t/b2");
     assert_eq!(dest[0]["port"], 8080);
 }
+
+#[test]
+fn audit_follow_streams_a_nodes_decisions_live_with_filters() {
+    use std::io::{BufRead as _, BufReader};
+    let p = PolicyLab::up();
+    let lab = &p.t.lab;
+    let agent = lab.agent_bin.to_string_lossy().to_string();
+    let mut follower = lab
+        .node_exec("node-a", &agent)
+        .unwrap()
+        .args(["audit", "--follow", "--verdict", "deny"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(p.try_send("a1", "b1", 8080).0, "allowed cell");
+    assert!(!p.try_send("a1", "c2", 9090).0, "denied cell");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(5)).expect("a live deny record");
+    let rec: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (rec["verdict"].as_str(), rec["destination_workload"].as_str()),
+        (Some("deny"), Some("t/c2")),
+        "{rec}"
+    );
+    assert!(
+        rx.recv_timeout(Duration::from_millis(700)).is_err(),
+        "the allowed decision was filtered out"
+    );
+    let _ = follower.kill();
+    let _ = follower.wait();
+    // Without --follow: the recent records, then the command ends.
+    let out = lab
+        .node_exec("node-a", &agent)
+        .unwrap()
+        .args(["audit", "--workload", "t/b1"])
+        .output()
+        .unwrap();
+    let recent: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recent.len(), 1, "{recent:?}");
+    assert_eq!(recent[0]["verdict"], "allow");
+    let bad = lab
+        .node_exec("node-a", &agent)
+        .unwrap()
+        .args(["audit", "--verdict", "maybe"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("use allow, deny or refused"));
+}
