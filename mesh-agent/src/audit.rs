@@ -256,18 +256,6 @@ impl proto::audit_trail_server::AuditTrail for AuditService {
     }
 }
 
-/// Serves the audit trail's gRPC API until the listener fails.
-pub async fn serve(listener: tokio::net::TcpListener, audit: std::sync::Arc<Audit>) {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = tonic::transport::Server::builder()
-        .add_service(proto::audit_trail_server::AuditTrailServer::new(AuditService(audit)))
-        .serve_with_incoming(incoming)
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "audit API stopped");
-    }
-}
-
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

@@ -57,6 +57,11 @@ pub enum Command {
         #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
         admin_addr: std::net::SocketAddr,
     },
+    /// A short human summary of this node's agent (from its admin API).
+    Status {
+        #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+        admin_addr: std::net::SocketAddr,
+    },
     /// Print the agent version and its kernel map layout version.
     Version,
 }
@@ -251,6 +256,10 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: std::net::SocketAddr,
 
+    /// `/healthz` and `/readyz` for the kubelet's probes.
+    #[arg(long, env = "MESH_HEALTH_ADDR", default_value = "0.0.0.0:15021")]
+    pub health_addr: std::net::SocketAddr,
+
     /// Prometheus /metrics listener.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: std::net::SocketAddr,
@@ -303,6 +312,7 @@ pub struct Settings {
     pub audit_log: Option<PathBuf>,
     pub audit_log_max_bytes: u64,
     pub admin_addr: std::net::SocketAddr,
+    pub health_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub worker_threads: usize,
     pub log: LogSettings,
@@ -407,6 +417,7 @@ impl Settings {
             audit_log: a.audit_log,
             audit_log_max_bytes: a.audit_log_max_bytes,
             admin_addr: a.admin_addr,
+            health_addr: a.health_addr,
             metrics_addr: a.metrics_addr,
             worker_threads: a.worker_threads,
             log: LogSettings {

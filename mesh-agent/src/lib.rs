@@ -5,10 +5,12 @@
 // Unsafe code only where a module says why (memory.rs: malloc_trim).
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod config;
 pub mod identity;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod policy;

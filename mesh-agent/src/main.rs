@@ -65,6 +65,7 @@ fn main() -> std::process::ExitCode {
             1,
             app::run_audit(follow, verdict, workload, admin_addr),
         ),
+        config::Command::Status { admin_addr } => run_to_exit("mesh-agent status", 1, app::run_status(admin_addr)),
         config::Command::Version => {
             println!(
                 "mesh-agent {} (map layout v{})",
@@ -99,7 +100,9 @@ fn run_to_exit(
 }
 
 fn init_tracing(log: &config::LogSettings, kernel_debug: bool) {
-    use tracing_subscriber::{EnvFilter, fmt};
+    use tracing_subscriber::{
+        EnvFilter, Layer as _, fmt, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
+    };
     // Kernel lines arrive through aya-log under the `mesh` target at debug
     // level; asking for them should be enough to see them.
     let directives = if kernel_debug {
@@ -108,9 +111,19 @@ fn init_tracing(log: &config::LogSettings, kernel_debug: bool) {
         log.level.clone()
     };
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match log.format {
-        config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-        config::LogFormat::Text => builder.init(),
-    }
+    let (filter, handle) = reload::Layer::new(filter);
+    let output = match log.format {
+        config::LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        config::LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(output).init();
+    mesh_agent::logging::install(Box::new(move |f: &str| {
+        let next = EnvFilter::try_new(f).map_err(|e| format!("log filter {f:?} does not parse: {e}"))?;
+        handle.reload(next).map_err(|e| e.to_string())
+    }));
 }
