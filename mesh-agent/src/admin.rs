@@ -49,10 +49,10 @@ impl AdminState {
         }
         if let Some(ids) = &self.identities {
             for p in snap.pods.values().filter(|p| p.node == self.node) {
-                if let Ok(id) = SpiffeId::new(&self.trust_domain, &p.namespace, &p.service_account) {
-                    if ids.current(&id).is_none() {
-                        why.push(format!("no certificate yet for {id}"));
-                    }
+                if let Ok(id) = SpiffeId::new(&self.trust_domain, &p.namespace, &p.service_account)
+                    && ids.current(&id).is_none()
+                {
+                    why.push(format!("no certificate yet for {id}"));
                 }
             }
         }

@@ -83,9 +83,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         s.node_name.clone(),
         s.pod_cgroup_root.clone(),
     ));
-    tokio::spawn(heartbeat(redirect.clone()));
+    let kernel_metrics = crate::metrics::KernelMetrics::default();
+    tokio::spawn(heartbeat(redirect.clone(), kernel_metrics.clone()));
 
     let mut registry = Registry::default();
+    kernel_metrics.register(&mut registry);
     let policy_metrics = PolicyMetrics::default();
     policy_metrics.register(&mut registry);
     let (policy_tx, policy_rx) = watch::channel(Arc::new(InForce {
@@ -582,7 +584,7 @@ async fn sync_loop(redirect: Arc<Redirect>, mut rx: state::SnapshotRx, node: Str
     }
 }
 
-async fn heartbeat(redirect: Arc<Redirect>) {
+async fn heartbeat(redirect: Arc<Redirect>, kernel: crate::metrics::KernelMetrics) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = None;
     let mut n = 0u64;
@@ -596,7 +598,8 @@ async fn heartbeat(redirect: Arc<Redirect>) {
         if let Err(err) = redirect.heartbeat() {
             tracing::warn!(error = %err, "heartbeat to the kernel failed");
         }
-        // The kernel's own counters, logged when they move (metrics later).
+        kernel.update(redirect.splice_stats(), redirect.capture_stats());
+        // The kernel's own counters, also logged when they move.
         if n % 10 == 1 {
             let (splice, capture) = (redirect.splice_stats(), redirect.capture_stats());
             let now = (splice, capture);

@@ -20,6 +20,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up
 pub enum Command {
     /// Run the node agent: load and attach the eBPF programs, enroll this
     /// node's pods, and serve the outbound capture listener.

@@ -42,3 +42,72 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
         tracing::error!(error = %e, "metrics server stopped");
     }
 }
+
+use mesh_common::{CaptureStats, SpliceStats};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// The kernel's per-CPU counters (`mesh_capture`, `mesh_splice`), summed
+/// over CPUs and exported as Prometheus counters.
+#[derive(Clone, Default)]
+pub struct KernelMetrics {
+    connects: Family<OutcomeLabels, Counter>,
+    spliced_bytes: Counter,
+    spliced_messages: Counter,
+    events_dropped: Counter,
+    last: std::sync::Arc<std::sync::Mutex<(SpliceStats, CaptureStats)>>,
+}
+
+impl KernelMetrics {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "mesh_kernel_connects",
+            "connect() calls of enrolled pods seen by mesh_connect4, by outcome",
+            self.connects.clone(),
+        );
+        r.register(
+            "mesh_kernel_spliced_bytes",
+            "Bytes spliced socket to socket by mesh_sk_msg",
+            self.spliced_bytes.clone(),
+        );
+        r.register(
+            "mesh_kernel_spliced_messages",
+            "Messages spliced by mesh_sk_msg",
+            self.spliced_messages.clone(),
+        );
+        r.register(
+            "mesh_kernel_audit_events_dropped",
+            "Kernel decisions whose audit event did not fit in mesh_events",
+            self.events_dropped.clone(),
+        );
+    }
+
+    /// Adds what the kernel counted since the last call.
+    pub fn update(&self, splice: SpliceStats, capture: CaptureStats) {
+        let mut last = self.last.lock().expect("kernel metrics");
+        let (ls, lc) = *last;
+        let d = |now: u64, before: u64| now.saturating_sub(before);
+        for (outcome, now, before) in [
+            ("redirected", capture.redirected, lc.redirected),
+            ("same_node", capture.same_node, lc.same_node),
+            ("passthrough", capture.passthrough, lc.passthrough),
+            ("failed_open", capture.failed_open, lc.failed_open),
+            ("denied", capture.denied, lc.denied),
+        ] {
+            self.connects
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(d(now, before));
+        }
+        self.spliced_bytes.inc_by(d(splice.bytes, ls.bytes));
+        self.spliced_messages.inc_by(d(splice.messages, ls.messages));
+        self.events_dropped.inc_by(d(capture.events_dropped, lc.events_dropped));
+        *last = (splice, capture);
+    }
+}

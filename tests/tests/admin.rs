@@ -77,6 +77,19 @@ fn status_config_dump_readiness_and_log_level() {
         "http://127.0.0.1:15000/logging?level=mesh_agent=loud",
     ]);
     assert!(bad.contains("does not parse") && bad.ends_with(" 400"), "{bad}");
+    // Metrics: kernel counters and per-workload connection counters move
+    // with a cross-node flow.
+    mesh_tests::assert_intact(&t.traffic().send("pod-a", t.addr("pod-c"), 100_000).unwrap());
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, metrics) = run(&["curl", "-s", &format!("http://{fabric}:15020/metrics")]);
+    for want in [
+        "mesh_kernel_connects_total{outcome=\"redirected\"} 1",
+        "mesh_connections_opened_total{source_workload=\"t/pod-a\",destination_workload=\"t/pod-c\",path=\"tunnel\"} 1",
+        "mesh_connections_closed_total{source_workload=\"t/pod-a\",destination_workload=\"t/pod-c\",path=\"tunnel\"} 1",
+        "mesh_connection_sent_bytes_total{source_workload=\"t/pod-a\",destination_workload=\"t/pod-c\",path=\"tunnel\"} 100000",
+    ] {
+        assert!(metrics.contains(want), "missing {want} in:\n{metrics}");
+    }
     // The admin API answers on loopback only.
     let (_, remote) = run(&[
         "curl",

@@ -151,6 +151,16 @@ impl Outbound {
             tunnels.metrics.flow(transport_name(tunnels), "outbound", "unroutable");
             return;
         };
+        let labels = super::ConnLabels {
+            source_workload: route.source_name.clone(),
+            destination_workload: route.destination_name.clone(),
+            path: if route.same_node { "local" } else { "tunnel" },
+        };
+        tunnels.metrics.opened.get_or_create(&labels).inc();
+        let _closed = Closed {
+            metrics: &tunnels.metrics,
+            labels: labels.clone(),
+        };
         if route.same_node {
             // The kernel routes a same-node flow here only when HTTP rules
             // apply to it: check it as the destination would.
@@ -214,6 +224,14 @@ impl Outbound {
         let downstream = down_r.reunite(down_w).ok();
         let duration_ms = started.elapsed().as_millis() as u64;
         let transport = transport_name(tunnels);
+        if let Ok((copied, _)) = &result {
+            tunnels.metrics.conn_sent.get_or_create(&labels).inc_by(copied.a_to_b);
+            tunnels
+                .metrics
+                .conn_received
+                .get_or_create(&labels)
+                .inc_by(copied.b_to_a);
+        }
         match result {
             Ok((copied, None)) => {
                 tunnels
@@ -245,6 +263,18 @@ impl Outbound {
                 }
             }
         }
+    }
+}
+
+/// Counts a connection as closed however `proxy` returns.
+struct Closed<'a> {
+    metrics: &'a TunnelMetrics,
+    labels: super::ConnLabels,
+}
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.metrics.closed.get_or_create(&self.labels).inc();
     }
 }
 
