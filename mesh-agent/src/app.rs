@@ -43,6 +43,7 @@ use crate::{
 pub async fn run(s: Settings) -> anyhow::Result<()> {
     preflight::check(&s.bpffs_dir, &s.pod_cgroup_root)?;
     raise_memlock_limit();
+    raise_open_files_limit();
     let agent_cgroup = preflight::own_cgroup().context("finding the agent's own cgroup (is cgroup2 mounted?)")?;
 
     // Listen before capture starts, so no captured connect finds it closed.
@@ -753,6 +754,22 @@ fn forward_kernel_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             logger.flush();
         }
     });
+}
+
+/// Every carried flow holds sockets; the default soft limit of 1,024 open
+/// files is reached with a few hundred flows (each accepted downstream and
+/// each upstream to a pod is a descriptor). Raise the soft limit to the hard one.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open-files limit; expect EMFILE under load");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
+    }
 }
 
 /// Older kernels charge BPF memory to RLIMIT_MEMLOCK; this one uses memcg, and

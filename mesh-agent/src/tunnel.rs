@@ -188,6 +188,30 @@ impl TunnelMetrics {
     }
 }
 
+/// Runs the accepting side of a handshake under `timeout`. A failure or a
+/// stall is logged and counted; the caller just drops the connection.
+pub async fn accept_within<T, E: std::fmt::Display>(
+    transport: &'static str,
+    metrics: &TunnelMetrics,
+    remote: SocketAddr,
+    timeout: Duration,
+    handshake: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(e)) => {
+            metrics.reject(transport, "handshake");
+            tracing::warn!(transport, peer = %remote, error = %e, "tunnel: handshake from a peer failed");
+            None
+        }
+        Err(_) => {
+            metrics.reject(transport, "handshake_timeout");
+            tracing::warn!(transport, peer = %remote, "tunnel: peer stalled mid-handshake");
+            None
+        }
+    }
+}
+
 /// Which transport outbound flows use (both are always served inbound).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {

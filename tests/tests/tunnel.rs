@@ -255,11 +255,23 @@ fn a_thousand_concurrent_flows_complete_and_memory_returns() {
     // rounds are printed.
     let start = rss_kib(pid);
     let first = run_burst(lab, &to, 1000);
-    assert_eq!(first["ok"], 1000, "{first}");
+    assert_eq!(
+        first["ok"],
+        1000,
+        "{first}\nnode-a: {:#?}\nnode-b: {:#?}",
+        agent_warnings(lab, "node-a"),
+        agent_warnings(lab, "node-b")
+    );
     std::thread::sleep(Duration::from_secs(3));
     let before = rss_kib(pid);
     let r = run_burst(lab, &to, 1000);
-    assert_eq!(r["ok"], 1000, "{r}");
+    assert_eq!(
+        r["ok"],
+        1000,
+        "{r}\nnode-a: {:#?}\nnode-b: {:#?}",
+        agent_warnings(lab, "node-a"),
+        agent_warnings(lab, "node-b")
+    );
     let peak = rss_kib(pid);
     std::thread::sleep(Duration::from_secs(3));
     let after = rss_kib(pid);
@@ -270,6 +282,16 @@ fn a_thousand_concurrent_flows_complete_and_memory_returns() {
         (after as f64) <= before as f64 * 1.10,
         "RSS did not return within 10%: before {before} KiB, after {after} KiB"
     );
+}
+
+/// The agent's warnings, to explain a failed flow.
+fn agent_warnings(lab: &Lab, node: &str) -> Vec<String> {
+    log_records(&lab.agent_log(node))
+        .into_iter()
+        .filter(|r| r["level"] == "WARN" || r["level"] == "ERROR")
+        .map(|r| r.to_string())
+        .take(10)
+        .collect()
 }
 
 fn run_burst(lab: &Lab, to: &str, flows: usize) -> Value {

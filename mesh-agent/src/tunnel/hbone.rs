@@ -181,18 +181,10 @@ impl Hbone {
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        metrics.reject(TRANSPORT, "handshake");
-                        tracing::warn!(peer = %remote, error = %e, "tunnel: TLS handshake from a peer failed");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics.reject(TRANSPORT, "handshake_timeout");
-                        tracing::warn!(peer = %remote, "tunnel: TCP peer stalled mid-handshake");
-                        return;
-                    }
+                let Some(tls) =
+                    super::accept_within(TRANSPORT, &metrics, remote, HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                else {
+                    return;
                 };
                 let Some(peer) = peer_identity(tls.get_ref().1.peer_certificates(), &inbound.trust_domain) else {
                     metrics.reject(TRANSPORT, "no_identity");

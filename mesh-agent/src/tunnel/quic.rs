@@ -187,18 +187,16 @@ impl Quic {
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        metrics.reject(TRANSPORT, "handshake");
-                        tracing::warn!(peer = %remote, error = %e, "tunnel: QUIC handshake from a peer failed");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics.reject(TRANSPORT, "handshake_timeout");
-                        tracing::warn!(peer = %remote, "tunnel: QUIC peer stalled mid-handshake");
-                        return;
-                    }
+                let Some(conn) = super::accept_within(
+                    TRANSPORT,
+                    &metrics,
+                    remote,
+                    HANDSHAKE_TIMEOUT,
+                    std::future::IntoFuture::into_future(incoming),
+                )
+                .await
+                else {
+                    return;
                 };
                 let td = inbound.trust_domain.clone();
                 let identity = conn

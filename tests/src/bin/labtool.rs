@@ -119,8 +119,21 @@ fn main() {
     }
 }
 
+/// A listener with a deep accept queue: the tests open 1,000 connections at
+/// once, and std's default backlog (128) would drop SYNs and stall them.
+fn listen(port: u16) -> TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .expect("bind");
+    socket.listen(4096).expect("listen");
+    socket.into()
+}
+
 fn serve(port: u16) {
-    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let listener = listen(port);
     for stream in listener.incoming().flatten() {
         std::thread::spawn(move || {
             let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
@@ -220,7 +233,7 @@ fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64, marker: Option<&str
 }
 
 fn http_serve(port: u16) {
-    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let listener = listen(port);
     for stream in listener.incoming().flatten() {
         std::thread::spawn(move || {
             let mut stream = stream;
