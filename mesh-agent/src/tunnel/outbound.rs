@@ -34,9 +34,14 @@ pub enum OutboundError {
 
 pub async fn bind(ip: Ipv4Addr, port: u16) -> Result<TcpListener, OutboundError> {
     let addr = SocketAddr::from((ip, port));
-    TcpListener::bind(addr)
-        .await
-        .map_err(|err| OutboundError::Bind { addr, err })
+    let err = |err| OutboundError::Bind { addr, err };
+    // A deep accept queue: a burst of pods connecting at once must neither
+    // overflow it nor push the kernel into SYN cookies (tokio's default
+    // backlog is 1,024; the kernel caps this at net.core.somaxconn).
+    let socket = tokio::net::TcpSocket::new_v4().map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(8192).map_err(err)
 }
 
 /// The tunnel side of outbound flows; absent when the agent has no source
