@@ -170,7 +170,6 @@ impl Authority {
         Ok(cert_path)
     }
 
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn root(&self) -> &CertificateDer<'static> {
         &self.root
     }

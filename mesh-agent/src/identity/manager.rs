@@ -23,7 +23,6 @@ use super::{SpiffeId, authority::csr_for, provider::CertificateProvider};
 
 /// A workload's current certificate and key, ready for rustls.
 #[derive(Debug)]
-#[allow(dead_code)] // key and root: read by the tunnel (next issue)
 pub struct WorkloadCert {
     pub identity: SpiffeId,
     pub certified_key: Arc<CertifiedKey>,
@@ -235,8 +234,6 @@ impl IdentityManager {
     }
 }
 
-// Used by the tunnel (next issue); until then by the tests.
-#[cfg_attr(not(test), allow(dead_code))]
 /// Serves whichever certificate is current for one identity: a rotation
 /// applies to new handshakes, established connections are untouched.
 #[derive(Debug)]
@@ -245,7 +242,6 @@ pub struct CurrentCert {
     pub identity: SpiffeId,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// `Debug` wrapper, since rustls resolvers must be `Debug`.
 pub struct IdentityManagerHandle(pub Arc<IdentityManager>);
 impl std::fmt::Debug for IdentityManagerHandle {

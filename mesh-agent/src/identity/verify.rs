@@ -2,9 +2,6 @@
 //! root (webpki), and the leaf must carry exactly one URI SAN, a SPIFFE ID in
 //! our trust domain. The client side also demands the exact identity it
 //! expects: "signed by the CA" alone is never enough.
-// The tunnel (next issue) is the production user; until then the tests are.
-#![allow(dead_code)]
-
 use std::sync::Arc;
 
 use rustls::{
