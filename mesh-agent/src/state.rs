@@ -120,6 +120,18 @@ impl Snapshot {
         ids
     }
 
+    /// Whether two snapshots say the same thing (ignoring the generation):
+    /// sources publish only when this is false.
+    pub fn same_content(&self, other: &Snapshot) -> bool {
+        self.pods == other.pods
+            && self.nodes == other.nodes
+            && self.smi == other.smi
+            && self.services == other.services
+            && self.service_accounts == other.service_accounts
+            && self.mode == other.mode
+            && self.errors == other.errors
+    }
+
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
         self.pods.values().find(|p| p.ip == ip)
     }

@@ -24,6 +24,13 @@ use prometheus_client::{
 
 use crate::identity::SpiffeId;
 
+/// Limits both transports share: connections per peer key, streams per
+/// connection (beyond them new streams wait: backpressure), and how long a
+/// handshake may take.
+pub const MAX_CONNS_PER_PEER: usize = 4;
+pub const MAX_STREAMS_PER_CONN: u32 = 256;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where a tunnel goes and whom it speaks for: one pooled connection set per key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerKey {

@@ -234,14 +234,7 @@ pub async fn watch(dir: PathBuf, tx: SnapshotTx) {
                     for e in &snap.errors {
                         tracing::error!(error = %e, "source: file rejected; its last good content stays in force");
                     }
-                    let changed = {
-                        let cur = tx.borrow();
-                        cur.pods != snap.pods
-                            || cur.nodes != snap.nodes
-                            || cur.smi != snap.smi
-                            || cur.mode != snap.mode
-                            || cur.errors != snap.errors
-                    };
+                    let changed = !tx.borrow().same_content(&snap);
                     if changed {
                         generation += 1;
                         snap.generation = generation;
@@ -497,6 +490,25 @@ mod tests {
         );
         assert_eq!(s.errors.len(), 1);
         assert!(s.errors[0].contains("routes.yaml"), "{:?}", s.errors);
+    }
+
+    #[tokio::test]
+    async fn an_edit_to_services_alone_publishes_a_snapshot() {
+        let svc = |port: u16| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{ports: [{{port: {port}}}]}}\n")
+        };
+        let d = dir_with(&[("pods.yaml", PODS), ("svc.yaml", &svc(80))]);
+        let (tx, mut rx) = crate::state::channel();
+        let task = tokio::spawn(watch(d.0.clone(), tx));
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().services["default/web"].ports[0].port, 80);
+        std::fs::write(d.0.join("svc.yaml"), svc(8080)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().services["default/web"].ports[0].port, 8080);
+        task.abort();
     }
 
     #[tokio::test]

@@ -95,12 +95,7 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
         let mut snap = snapshot(&stores);
         let changed_since = {
             let cur = tx.borrow();
-            cur.pods != snap.pods
-                || cur.nodes != snap.nodes
-                || cur.smi != snap.smi
-                || cur.services != snap.services
-                || cur.service_accounts != snap.service_accounts
-                || cur.generation == 0
+            cur.generation == 0 || !cur.same_content(&snap)
         };
         if changed_since {
             generation += 1;

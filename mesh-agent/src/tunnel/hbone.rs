@@ -19,16 +19,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    PeerKey, TunnelError, TunnelMetrics,
+    HANDSHAKE_TIMEOUT, MAX_CONNS_PER_PEER, MAX_STREAMS_PER_CONN, PeerKey, TunnelError, TunnelMetrics,
     inbound::{Flow, Inbound, Refusal},
     pool::{Lease, Pool, PooledConn},
     tls::{ALPN_H2, TunnelTls, peer_identity, sni_for},
 };
 
 const TRANSPORT: &str = "tcp";
-const MAX_CONNS_PER_PEER: usize = 4;
-const MAX_STREAMS_PER_CONN: u32 = 256;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FLOW_ID_HEADER: &str = "mesh-flow-id";
 pub const REFUSAL_HEADER: &str = "mesh-refusal";
 

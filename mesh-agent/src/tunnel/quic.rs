@@ -15,7 +15,7 @@ use quinn::{
 };
 
 use super::{
-    PeerKey, TunnelError, TunnelMetrics,
+    HANDSHAKE_TIMEOUT, MAX_CONNS_PER_PEER, MAX_STREAMS_PER_CONN, PeerKey, TunnelError, TunnelMetrics,
     header::{self, FlowHeader},
     inbound::{Flow, Inbound, Refusal},
     pool::{Lease, Pool, PooledConn},
@@ -23,10 +23,7 @@ use super::{
 };
 
 const TRANSPORT: &str = "quic";
-const MAX_CONNS_PER_PEER: usize = 4;
-const MAX_STREAMS_PER_CONN: u32 = 256;
 const IDLE_CLOSE: Duration = Duration::from_secs(60);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stream reset codes the accepting side sends, so the dialler can say why.
 pub const RESET_BAD_HEADER: u32 = 1;
