@@ -58,7 +58,22 @@ setup_bpf_linker() {
         --version "$BPF_LINKER_VERSION" --locked --no-default-features --features "llvm-${LLVM}" --force
 }
 
+setup_promtool() {
+    # Only promtool (to check /metrics) from Debian's prometheus package: the
+    # package itself would also install and start a Prometheus server.
+    command -v promtool >/dev/null && return
+    say "setup: installing promtool from Debian's prometheus package"
+    local tmp
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null \
+        && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool) \
+        || { rm -rf "$tmp"; echo "run.sh: could not fetch promtool (apt-get download prometheus)" >&2; exit 1; }
+    install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
+    rm -rf "$tmp"
+}
+
 setup_packages
+setup_promtool
 setup_toolchain
 export PATH="$HOME/.cargo/bin:$PATH"
 setup_bpf_linker

@@ -84,11 +84,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         s.node_name.clone(),
         s.pod_cgroup_root.clone(),
     ));
-    let kernel_metrics = crate::metrics::KernelMetrics::default();
-    tokio::spawn(heartbeat(redirect.clone(), kernel_metrics.clone()));
-
     let mut registry = Registry::default();
+    let connections = crate::metrics::ConnectionMetrics::default();
+    connections.register(&mut registry);
+    let kernel_metrics = crate::metrics::KernelMetrics::new(connections.clone());
     kernel_metrics.register(&mut registry);
+    tokio::spawn(heartbeat(redirect.clone(), kernel_metrics.clone(), rx.clone()));
     let policy_metrics = PolicyMetrics::default();
     policy_metrics.register(&mut registry);
     let (policy_tx, policy_rx) = watch::channel(Arc::new(InForce {
@@ -121,9 +122,18 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     });
     let identities = start_identities(&s, rx.clone(), &mut registry)?;
     let tunnels = match &identities {
-        Some((manager, roots)) => {
-            Some(start_tunnels(&s, manager.clone(), roots, rx.clone(), authorizer, &mut registry).await?)
-        }
+        Some((manager, roots)) => Some(
+            start_tunnels(
+                &s,
+                manager.clone(),
+                roots,
+                rx.clone(),
+                authorizer,
+                connections,
+                &mut registry,
+            )
+            .await?,
+        ),
         None => None,
     };
     let admin = tokio::net::TcpListener::bind(s.admin_addr)
@@ -176,13 +186,17 @@ async fn start_tunnels(
     roots: &[CertificateDer<'static>],
     snapshots: state::SnapshotRx,
     authorizer: Arc<PolicyAuthorizer>,
+    connections: crate::metrics::ConnectionMetrics,
     registry: &mut Registry,
 ) -> anyhow::Result<Arc<Tunnels>> {
     let bundle = Arc::new(
         TrustBundle::new(roots, &s.identity.trust_domain).context("the CA root is not a usable trust anchor")?,
     );
     let tls = TunnelTls { manager, bundle };
-    let metrics = TunnelMetrics::default();
+    let metrics = TunnelMetrics {
+        connections,
+        ..Default::default()
+    };
     metrics.register(registry);
     let inbound = Arc::new(Inbound {
         node: s.node_name.clone(),
@@ -585,7 +599,7 @@ async fn sync_loop(redirect: Arc<Redirect>, mut rx: state::SnapshotRx, node: Str
     }
 }
 
-async fn heartbeat(redirect: Arc<Redirect>, kernel: crate::metrics::KernelMetrics) {
+async fn heartbeat(redirect: Arc<Redirect>, kernel: crate::metrics::KernelMetrics, snapshots: state::SnapshotRx) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = None;
     let mut n = 0u64;
@@ -600,6 +614,7 @@ async fn heartbeat(redirect: Arc<Redirect>, kernel: crate::metrics::KernelMetric
             tracing::warn!(error = %err, "heartbeat to the kernel failed");
         }
         kernel.update(redirect.splice_stats(), redirect.capture_stats());
+        kernel.update_traffic(&redirect.traffic_stats(), &snapshots.borrow().clone());
         // The kernel's own counters, also logged when they move.
         if n % 10 == 1 {
             let (splice, capture) = (redirect.splice_stats(), redirect.capture_stats());

@@ -55,7 +55,6 @@ pub struct WhereLabels {
 pub struct AuditMetrics {
     pub records: Family<WhereLabels, Counter>,
     pub write_errors: Counter,
-    pub kernel_events_dropped: Counter,
 }
 
 pub struct Audit {
@@ -104,11 +103,6 @@ impl Audit {
             "mesh_audit_write_errors",
             "Audit records that could not be written to the audit file",
             self.metrics.write_errors.clone(),
-        );
-        r.register(
-            "mesh_audit_kernel_events_dropped",
-            "Kernel decisions whose audit event did not fit in the ring buffer",
-            self.metrics.kernel_events_dropped.clone(),
         );
     }
 

@@ -20,20 +20,34 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsEr
 pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
     let app = Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: axum::http::HeaderMap| {
             let registry = registry.clone();
             async move {
                 let mut body = String::new();
-                match encode(&mut body, &registry) {
-                    Ok(()) => (
+                if let Err(e) = encode(&mut body, &registry) {
+                    return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+                }
+                // Prometheus asks for OpenMetrics; anything else (promtool,
+                // curl, older scrapers) gets the classic text format.
+                let openmetrics = headers
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                if openmetrics {
+                    (
                         [(
                             header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
                         body,
                     )
-                        .into_response(),
-                    Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                        .into_response()
+                } else {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        to_text_format(&body),
+                    )
+                        .into_response()
                 }
             }
         }),
@@ -43,11 +57,126 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
     }
 }
 
-use mesh_common::{CaptureStats, SpliceStats};
+/// OpenMetrics (what prometheus-client writes) to the Prometheus text
+/// format 0.0.4: a counter's HELP and TYPE name its `_total` samples, and
+/// there is no `# EOF` or `# UNIT`. Written by hand because prometheus-client
+/// has no 0.0.4 encoder; our families use no info or exemplars, which the
+/// two formats would need more for.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, "counter")) = rest.split_once(' ')
+        {
+            counters.insert(name);
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((prefix, rest)) => match rest.split_once(' ') {
+                Some((name, tail)) if counters.contains(name) => {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                }
+                _ => out.push_str(line),
+            },
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+use mesh_common::{CaptureStats, SpliceStats, TrafficKey, TrafficStats};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
 };
+
+use crate::state::{Pod, Snapshot};
+
+/// Who talked to whom, and how. Workloads are `namespace/pod`, identities
+/// `namespace/serviceaccount` (as in the audit trail); empty when unknown.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_identity: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_identity: String,
+    /// `spliced` (same node, in the kernel), `local` (same node through the
+    /// agent, for HTTP rules) or `tunnel` (cross node).
+    pub path: &'static str,
+}
+
+impl ConnectionLabels {
+    pub fn new(source: Option<&Pod>, destination: Option<&Pod>, path: &'static str) -> Self {
+        let parts = |p: Option<&Pod>| match p {
+            Some(p) => (
+                p.workload_name(),
+                p.namespace.clone(),
+                format!("{}/{}", p.namespace, p.service_account),
+            ),
+            None => Default::default(),
+        };
+        let (source_workload, source_namespace, source_identity) = parts(source);
+        let (destination_workload, destination_namespace, destination_identity) = parts(destination);
+        ConnectionLabels {
+            source_workload,
+            source_namespace,
+            source_identity,
+            destination_workload,
+            destination_namespace,
+            destination_identity,
+            path,
+        }
+    }
+}
+
+/// Connections and bytes by workload pair and path, whoever carried them:
+/// the agent counts what it proxies, the kernel (`mesh_traffic`) what it
+/// splices. Bytes are counted when a connection closes for agent paths and
+/// as they flow for spliced ones.
+#[derive(Clone, Default)]
+pub struct ConnectionMetrics {
+    pub opened: Family<ConnectionLabels, Counter>,
+    pub closed: Family<ConnectionLabels, Counter>,
+    pub sent_bytes: Family<ConnectionLabels, Counter>,
+    pub received_bytes: Family<ConnectionLabels, Counter>,
+}
+
+impl ConnectionMetrics {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "mesh_connections_opened",
+            "Meshed TCP connections opened, by workloads, identities and path",
+            self.opened.clone(),
+        );
+        r.register(
+            "mesh_connections_closed",
+            "Meshed TCP connections closed, by workloads, identities and path",
+            self.closed.clone(),
+        );
+        r.register(
+            "mesh_connection_sent_bytes",
+            "Bytes from the source (connecting) workload to the destination",
+            self.sent_bytes.clone(),
+        );
+        r.register(
+            "mesh_connection_received_bytes",
+            "Bytes from the destination workload back to the source",
+            self.received_bytes.clone(),
+        );
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -62,10 +191,26 @@ pub struct KernelMetrics {
     spliced_bytes: Counter,
     spliced_messages: Counter,
     events_dropped: Counter,
-    last: std::sync::Arc<std::sync::Mutex<(SpliceStats, CaptureStats)>>,
+    connections: ConnectionMetrics,
+    last: std::sync::Arc<std::sync::Mutex<Last>>,
+}
+
+#[derive(Default)]
+struct Last {
+    splice: SpliceStats,
+    capture: CaptureStats,
+    traffic: std::collections::HashMap<TrafficKey, TrafficStats>,
 }
 
 impl KernelMetrics {
+    /// Spliced connections are counted into the shared `connections`.
+    pub fn new(connections: ConnectionMetrics) -> Self {
+        KernelMetrics {
+            connections,
+            ..Default::default()
+        }
+    }
+
     pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
         r.register(
             "mesh_kernel_connects",
@@ -92,7 +237,7 @@ impl KernelMetrics {
     /// Adds what the kernel counted since the last call.
     pub fn update(&self, splice: SpliceStats, capture: CaptureStats) {
         let mut last = self.last.lock().expect("kernel metrics");
-        let (ls, lc) = *last;
+        let (ls, lc) = (last.splice, last.capture);
         let d = |now: u64, before: u64| now.saturating_sub(before);
         for (outcome, now, before) in [
             ("redirected", capture.redirected, lc.redirected),
@@ -108,6 +253,75 @@ impl KernelMetrics {
         self.spliced_bytes.inc_by(d(splice.bytes, ls.bytes));
         self.spliced_messages.inc_by(d(splice.messages, ls.messages));
         self.events_dropped.inc_by(d(capture.events_dropped, lc.events_dropped));
-        *last = (splice, capture);
+        last.splice = splice;
+        last.capture = capture;
+    }
+
+    /// Adds the spliced traffic per workload pair since the last call.
+    /// Pairs absent from `now` (pruned) are forgotten; a pair whose
+    /// counters went down was re-created, so all of it is new.
+    pub fn update_traffic(&self, now: &[(TrafficKey, TrafficStats)], snap: &Snapshot) {
+        let mut last = self.last.lock().expect("kernel metrics");
+        let pods = snap.pods_by_workload_id();
+        let mut seen = std::collections::HashMap::with_capacity(now.len());
+        for (key, stats) in now {
+            let before = last.traffic.get(key).copied().unwrap_or_default();
+            let d = |now: u64, before: u64| if now >= before { now - before } else { now };
+            let labels = ConnectionLabels::new(
+                pods.get(&key.client_workload).copied(),
+                pods.get(&key.server_workload).copied(),
+                "spliced",
+            );
+            let c = &self.connections;
+            for (family, n, b) in [
+                (&c.opened, stats.opened, before.opened),
+                (&c.closed, stats.closed, before.closed),
+                (&c.sent_bytes, stats.sent_bytes, before.sent_bytes),
+                (&c.received_bytes, stats.received_bytes, before.received_bytes),
+            ] {
+                let delta = d(n, b);
+                if delta > 0 {
+                    family.get_or_create(&labels).inc_by(delta);
+                }
+            }
+            seen.insert(*key, *stats);
+        }
+        last.traffic = seen;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::{gauge::Gauge, histogram::Histogram};
+
+    #[test]
+    fn text_format_names_counters_by_their_samples_and_has_no_eof() {
+        let mut r = Registry::default();
+        let c: Family<OutcomeLabels, Counter> = Family::default();
+        c.get_or_create(&OutcomeLabels { outcome: "denied" }).inc_by(3);
+        r.register("mesh_test_connects", "Connects", c);
+        let g: Gauge = Gauge::default();
+        g.set(7);
+        r.register("mesh_test_generation", "Generation", g);
+        let h = Histogram::new([0.1, 1.0]);
+        h.observe(0.5);
+        r.register("mesh_test_seconds", "Latency", h);
+        let mut om = String::new();
+        encode(&mut om, &r).unwrap();
+        let text = to_text_format(&om);
+        assert!(text.contains("# HELP mesh_test_connects_total Connects."), "{text}");
+        assert!(text.contains("# TYPE mesh_test_connects_total counter"), "{text}");
+        assert!(
+            text.contains("mesh_test_connects_total{outcome=\"denied\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE mesh_test_generation gauge\nmesh_test_generation 7"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE mesh_test_seconds histogram"), "{text}");
+        assert!(text.contains("mesh_test_seconds_bucket{le=\"1.0\"} 1"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
     }
 }

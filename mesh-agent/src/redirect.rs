@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
         cgroup_sock_addr::CgroupSockAddrLink,
@@ -26,7 +26,7 @@ use aya::{
 };
 use mesh_common::{
     CaptureStats, Config, Endpoint, MAP_LAYOUT_VERSION, OrigDst, PolicyKey, PolicyValue, SockKey, SpliceStats,
-    Workload, maps, programs,
+    TrafficKey, TrafficStats, Workload, maps, programs,
 };
 
 use crate::state::Snapshot;
@@ -106,6 +106,7 @@ pub struct Redirect {
     policy: Mutex<PolicyState>,
     splice: PerCpuArray<MapData, SpliceStats>,
     capture: PerCpuArray<MapData, CaptureStats>,
+    traffic: Mutex<PerCpuHashMap<MapData, TrafficKey, TrafficStats>>,
     pub kernel_logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// `mesh_events`, for the audit trail's drain (taken by the app).
     pub kernel_events: Option<aya::maps::RingBuf<MapData>>,
@@ -275,6 +276,7 @@ impl Redirect {
             }),
             splice: take_map(&mut ebpf, maps::SPLICE)?,
             capture: take_map(&mut ebpf, maps::CAPTURE)?,
+            traffic: Mutex::new(take_map(&mut ebpf, maps::TRAFFIC)?),
             _ebpf: ebpf,
             _links: links,
             kernel_events: Some(kernel_events),
@@ -356,6 +358,7 @@ impl Redirect {
             maps::ENDPOINTS,
         )?;
         report.endpoints = want_endpoints.len();
+        self.prune_traffic(&ids.values().copied().collect());
         Ok(report)
     }
 
@@ -439,6 +442,38 @@ impl Redirect {
             }
         }
         total
+    }
+
+    /// Spliced traffic per workload pair (`mesh_traffic`), summed over CPUs.
+    pub fn traffic_stats(&self) -> Vec<(TrafficKey, TrafficStats)> {
+        let map = self.traffic.lock().expect("traffic lock");
+        map.iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| {
+                let total = per_cpu.iter().fold(TrafficStats::default(), |mut t, s| {
+                    t.opened += s.opened;
+                    t.closed += s.closed;
+                    t.sent_bytes += s.sent_bytes;
+                    t.received_bytes += s.received_bytes;
+                    t
+                });
+                (key, total)
+            })
+            .collect()
+    }
+
+    /// Forgets the pairs of workloads that no longer exist, so a node's
+    /// pod churn cannot fill `mesh_traffic` (16,384 pairs).
+    fn prune_traffic(&self, live: &std::collections::BTreeSet<u32>) {
+        let mut map = self.traffic.lock().expect("traffic lock");
+        let gone: Vec<TrafficKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.client_workload) || !live.contains(&k.server_workload))
+            .collect();
+        for k in gone {
+            let _ = map.remove(&k);
+        }
     }
 
     pub fn capture_stats(&self) -> CaptureStats {

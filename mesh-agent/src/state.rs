@@ -136,6 +136,14 @@ impl Snapshot {
         self.pods.values().find(|p| p.ip == ip)
     }
 
+    /// Every pod by its kernel workload id (one pass, for bulk lookups).
+    pub fn pods_by_workload_id(&self) -> HashMap<u32, &Pod> {
+        self.workload_ids()
+            .into_iter()
+            .filter_map(|(k, id)| self.pods.get(&k).map(|p| (id, p)))
+            .collect()
+    }
+
     pub fn pod_by_workload_id(&self, id: u32) -> Option<&Pod> {
         let ids = self.workload_ids();
         ids.iter().find(|(_, v)| **v == id).and_then(|(k, _)| self.pods.get(k))

@@ -81,21 +81,10 @@ pub struct RejectLabels {
     pub reason: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ConnLabels {
-    pub source_workload: String,
-    pub destination_workload: String,
-    /// `tunnel` (cross node) or `local` (same node through the agent, for
-    /// HTTP rules); spliced same-node flows are in the kernel totals.
-    pub path: &'static str,
-}
-
 #[derive(Clone)]
 pub struct TunnelMetrics {
-    pub opened: Family<ConnLabels, Counter>,
-    pub closed: Family<ConnLabels, Counter>,
-    pub conn_sent: Family<ConnLabels, Counter>,
-    pub conn_received: Family<ConnLabels, Counter>,
+    /// Shared with the kernel's spliced counts (registered by the app).
+    pub connections: crate::metrics::ConnectionMetrics,
     pub flows: Family<FlowLabels, Counter>,
     pub sent: Family<ByteLabels, Counter>,
     pub received: Family<ByteLabels, Counter>,
@@ -106,10 +95,7 @@ pub struct TunnelMetrics {
 impl Default for TunnelMetrics {
     fn default() -> Self {
         TunnelMetrics {
-            opened: Family::default(),
-            closed: Family::default(),
-            conn_sent: Family::default(),
-            conn_received: Family::default(),
+            connections: Default::default(),
             flows: Family::default(),
             sent: Family::default(),
             received: Family::default(),
@@ -123,26 +109,6 @@ impl Default for TunnelMetrics {
 
 impl TunnelMetrics {
     pub fn register(&self, r: &mut Registry) {
-        r.register(
-            "mesh_connections_opened",
-            "Captured connections the agent carried, by workloads and path",
-            self.opened.clone(),
-        );
-        r.register(
-            "mesh_connections_closed",
-            "Captured connections that ended, by workloads and path",
-            self.closed.clone(),
-        );
-        r.register(
-            "mesh_connection_sent_bytes",
-            "Bytes from the source workload, by workloads and path",
-            self.conn_sent.clone(),
-        );
-        r.register(
-            "mesh_connection_received_bytes",
-            "Bytes back to the source workload, by workloads and path",
-            self.conn_received.clone(),
-        );
         r.register(
             "mesh_tunnel_flows",
             "Tunneled flows by transport, direction and result",

@@ -10,7 +10,7 @@
 /// Bumped whenever a map's key or value layout changes. Pinned state lives in
 /// a directory named after it, so an incompatible older pin set is replaced
 /// deliberately instead of being reused.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// Map names (the kernel keeps 15 characters).
 pub mod maps {
@@ -35,6 +35,12 @@ pub mod maps {
     pub const POLICY: &str = "mesh_policy";
     /// Ring buffer of [`crate::PolicyEvent`]s: every decision at connect().
     pub const EVENTS: &str = "mesh_events";
+    /// [`crate::SockKey`] -> [`crate::SplicedFlow`]: which pods a spliced
+    /// pod-to-pod socket joins, and which end it is.
+    pub const SPLICED: &str = "mesh_spliced";
+    /// Per-CPU [`crate::TrafficKey`] -> [`crate::TrafficStats`]: spliced
+    /// traffic by client and server workload.
+    pub const TRAFFIC: &str = "mesh_traffic";
 }
 
 /// Program names, as the kernel and `bpftool prog` show them.
@@ -204,6 +210,37 @@ pub struct CaptureStats {
     pub events_dropped: u64,
 }
 
+/// A spliced pod-to-pod socket: the connection's two workloads and which
+/// end this socket is, so `mesh_sk_msg` can count bytes per workload pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicedFlow {
+    pub key: TrafficKey,
+    /// 1 on the connecting (client) side.
+    pub is_client: u32,
+    pub _pad: u32,
+}
+
+/// A client and server workload pair (agent-assigned workload ids).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrafficKey {
+    pub client_workload: u32,
+    pub server_workload: u32,
+}
+
+/// Spliced connections and payload between two workloads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    pub opened: u64,
+    pub closed: u64,
+    /// Client to server.
+    pub sent_bytes: u64,
+    /// Server to client.
+    pub received_bytes: u64,
+}
+
 pub const VERDICT_DENY: u8 = 0;
 pub const VERDICT_ALLOW: u8 = 1;
 
@@ -236,6 +273,9 @@ const _: () = {
     assert!(core::mem::size_of::<SpliceStats>() == 16);
     assert!(core::mem::size_of::<CaptureStats>() == 48);
     assert!(core::mem::size_of::<PolicyEvent>() == 32);
+    assert!(core::mem::size_of::<SplicedFlow>() == 16);
+    assert!(core::mem::size_of::<TrafficKey>() == 8);
+    assert!(core::mem::size_of::<TrafficStats>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -254,4 +294,7 @@ mod user {
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PolicyEvent {}
+    unsafe impl aya::Pod for SplicedFlow {}
+    unsafe impl aya::Pod for TrafficKey {}
+    unsafe impl aya::Pod for TrafficStats {}
 }

@@ -2,11 +2,12 @@
 //! The maps shared by the programs. The agent's `redirect` module is the only
 //! userspace writer; see the README's map table for who writes what.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
     macros::btf_map,
 };
 use mesh_common::{
-    CaptureStats, Config, Endpoint, OrigDst, PolicyEvent, PolicyKey, PolicyValue, SockKey, SpliceStats, Workload,
+    CaptureStats, Config, Endpoint, OrigDst, PolicyEvent, PolicyKey, PolicyValue, SockKey, SpliceStats, SplicedFlow,
+    TrafficKey, TrafficStats, Workload,
 };
 
 /// cgroup id -> enrolled pod of this node.
@@ -44,6 +45,15 @@ pub static mesh_policy: HashMap<PolicyKey, PolicyValue, 65536> = HashMap::new();
 #[btf_map(pin_by_name)]
 pub static mesh_events: RingBuf<PolicyEvent, 262144> = RingBuf::new();
 
+/// Spliced pod-to-pod sockets -> their workload pair and end; removed when
+/// the socket closes (LRU in case a close is missed).
+#[btf_map(pin_by_name)]
+pub static mesh_spliced: LruHashMap<SockKey, SplicedFlow, 65536> = LruHashMap::new();
+
+/// Spliced traffic per workload pair; the agent prunes pairs whose pods are gone.
+#[btf_map(pin_by_name)]
+pub static mesh_traffic: PerCpuHashMap<TrafficKey, TrafficStats, 16384> = PerCpuHashMap::new();
+
 #[btf_map(pin_by_name)]
 pub static mesh_splice: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
 
@@ -59,4 +69,19 @@ pub fn config() -> Option<&'static Config> {
 pub fn is_loopback(ipv4_be: u32) -> bool {
     // Network order in memory: the first octet is the lowest byte.
     ipv4_be & 0xff == 127
+}
+
+/// This CPU's counters for a workload pair, created on first use. None only
+/// when `mesh_traffic` is full: the pair is then counted in the totals only.
+#[inline(always)]
+pub fn traffic(key: &TrafficKey) -> Option<&'static mut TrafficStats> {
+    if let Some(p) = mesh_traffic.get_ptr_mut(key) {
+        return Some(unsafe { &mut *p });
+    }
+    let _ = mesh_traffic.insert(
+        key,
+        &TrafficStats::default(),
+        u64::from(aya_ebpf::bindings::BPF_NOEXIST),
+    );
+    mesh_traffic.get_ptr_mut(key).map(|p| unsafe { &mut *p })
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use mesh_common::SockKey;
 
-use crate::maps::{mesh_socks, mesh_splice};
+use crate::maps::{mesh_socks, mesh_splice, mesh_spliced, traffic};
 
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
@@ -22,11 +22,23 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         remote_port: u16::from_be((md.remote_port >> 16) as u16),
     };
     let mut peer = me.peer();
-    if mesh_socks.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
-        if let Some(stats) = mesh_splice.get_ptr_mut(0) {
-            let stats = unsafe { &mut *stats };
-            stats.messages += 1;
-            stats.bytes += u64::from(ctx.size());
+    if mesh_socks.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
+        && let Some(stats) = mesh_splice.get_ptr_mut(0)
+    {
+        let stats = unsafe { &mut *stats };
+        stats.messages += 1;
+        stats.bytes += u64::from(ctx.size());
+    }
+    // Pod-to-pod connections count per workload pair, every byte: the first
+    // message can race the peer's entry into mesh_socks and take the stack.
+    if let Some(flow) = unsafe { mesh_spliced.get(&me) } {
+        let (pair, is_client) = (flow.key, flow.is_client != 0);
+        if let Some(t) = traffic(&pair) {
+            if is_client {
+                t.sent_bytes += u64::from(ctx.size());
+            } else {
+                t.received_bytes += u64::from(ctx.size());
+            }
         }
     }
     // Never drop: an unspliced message simply takes the TCP/IP path.

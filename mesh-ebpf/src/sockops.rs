@@ -6,14 +6,17 @@
 //! Passive side: the agent's accepted sockets and same-node pods' accepted
 //! sockets join the splice map, so both directions are spliced.
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::SockKey;
+use mesh_common::{SockKey, SplicedFlow, TrafficKey};
 
-use crate::maps::{config, is_loopback, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks};
+use crate::maps::{config, is_loopback, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks, mesh_spliced, traffic};
 
 const AF_INET: u32 = 2;
 
@@ -28,16 +31,16 @@ fn try_sockops(ctx: &SockOpsContext) {
         return;
     }
     let op = ctx.op();
+    if op == BPF_SOCK_OPS_STATE_CB {
+        if ctx.arg(1) == BPF_TCP_CLOSE {
+            closed(&sock_key(ctx));
+        }
+        return;
+    }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return;
     }
-    let mut key = SockKey {
-        local_ipv4: ctx.local_ip4(),
-        remote_ipv4: ctx.remote_ip4(),
-        local_port: ctx.local_port() as u16,
-        // remote_port holds the network-order port in its upper 16 bits.
-        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
-    };
+    let mut key = sock_key(ctx);
     // Two network namespaces can hold the same loopback 4-tuple: never key those.
     if is_loopback(key.local_ipv4) || is_loopback(key.remote_ipv4) {
         return;
@@ -57,19 +60,78 @@ fn try_sockops(ctx: &SockOpsContext) {
     if cfg.splice == 0 {
         return;
     }
-    let splice = if active {
-        (key.remote_ipv4 == cfg.agent_ipv4 && key.remote_port == cfg.agent_port) || is_same_node_pod(key.remote_ipv4)
+    let to_agent = if active {
+        key.remote_ipv4 == cfg.agent_ipv4 && key.remote_port == cfg.agent_port
     } else {
-        (key.local_ipv4 == cfg.agent_ipv4 && key.local_port == cfg.agent_port)
-            || (is_same_node_pod(key.remote_ipv4) && is_same_node_pod(key.local_ipv4))
+        key.local_ipv4 == cfg.agent_ipv4 && key.local_port == cfg.agent_port
     };
-    if splice {
+    if to_agent {
         // Failure (map full) only means this socket is not spliced.
         let _ = mesh_socks.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST));
+        return;
+    }
+    let (Some(local), Some(remote)) = (same_node_workload(key.local_ipv4), same_node_workload(key.remote_ipv4)) else {
+        return;
+    };
+    if mesh_socks
+        .update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        return;
+    }
+    // Pod to pod: count it per workload pair (the agent counts what it carries).
+    let pair = if active {
+        TrafficKey {
+            client_workload: local,
+            server_workload: remote,
+        }
+    } else {
+        TrafficKey {
+            client_workload: remote,
+            server_workload: local,
+        }
+    };
+    let flow = SplicedFlow {
+        key: pair,
+        is_client: u32::from(active),
+        _pad: 0,
+    };
+    if mesh_spliced.insert(&key, &flow, 0).is_ok() {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        if active && let Some(t) = traffic(&pair) {
+            t.opened += 1;
+        }
+    }
+}
+
+fn sock_key(ctx: &SockOpsContext) -> SockKey {
+    SockKey {
+        local_ipv4: ctx.local_ip4(),
+        remote_ipv4: ctx.remote_ip4(),
+        local_port: ctx.local_port() as u16,
+        // remote_port holds the network-order port in its upper 16 bits.
+        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+    }
+}
+
+/// A spliced pod-to-pod socket closed: the client side counts the connection.
+fn closed(key: &SockKey) {
+    let Some(flow) = (unsafe { mesh_spliced.get(key) }) else {
+        return;
+    };
+    let flow = *flow;
+    let _ = mesh_spliced.remove(key);
+    if flow.is_client != 0
+        && let Some(t) = traffic(&flow.key)
+    {
+        t.closed += 1;
     }
 }
 
 #[inline(always)]
-fn is_same_node_pod(ipv4: u32) -> bool {
-    matches!(unsafe { mesh_endpoints.get(&ipv4) }, Some(ep) if ep.same_node != 0)
+fn same_node_workload(ipv4: u32) -> Option<u32> {
+    match unsafe { mesh_endpoints.get(&ipv4) } {
+        Some(ep) if ep.same_node != 0 => Some(ep.workload_id),
+        _ => None,
+    }
 }

@@ -147,3 +147,35 @@ pub fn log_records(path: &std::path::Path) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// An agent's /metrics text, fetched from inside its node.
+pub fn metrics_text(lab: &xtask::lab::Lab, node: &str) -> String {
+    let n = lab.node(node).expect("node");
+    let out = lab
+        .node_exec(node, "curl")
+        .expect("curl")
+        .args([
+            "-sf",
+            "--max-time",
+            "5",
+            &format!("http://{}:15020/metrics", n.fabric_ip),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The sum of the samples of `name` whose labels include every one of
+/// `labels`; 0 when none match.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}

@@ -174,6 +174,9 @@ fn bpftool_prints_every_map_as_typed_structs() {
         ("mesh_config", "agent_port"),
         ("mesh_splice", "messages"),
         ("mesh_capture", "redirected"),
+        // The held pod-to-pod connection: its sockets and workload pair.
+        ("mesh_spliced", "is_client"),
+        ("mesh_traffic", "sent_bytes"),
     ];
     let dump = |map: &str| {
         let path = t.lab.pin_dir("node-a").join(map);

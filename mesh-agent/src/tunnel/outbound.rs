@@ -16,6 +16,8 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
+use crate::metrics::ConnectionLabels;
+
 use super::{
     PeerKey, Transport, TunnelError, TunnelMetrics, copy,
     hbone::Hbone,
@@ -89,6 +91,7 @@ struct Route {
     node_ip: Option<Ipv4Addr>,
     dst: SocketAddrV4,
     same_node: bool,
+    labels: ConnectionLabels,
 }
 
 impl Outbound {
@@ -122,7 +125,12 @@ impl Outbound {
             .unwrap_or_default();
         let src_pod = snap.pod_by_workload_id(orig.workload_id);
         let dst_pod = snap.pod_by_ip(*dst.ip());
+        let same_node = match (dst_pod, &self.tunnels) {
+            (Some(p), Some(t)) => p.node == t.inbound.node,
+            _ => false,
+        };
         Route {
+            labels: ConnectionLabels::new(src_pod, dst_pod, if same_node { "local" } else { "tunnel" }),
             source_name: src_pod
                 .map(|p| p.workload_name())
                 .unwrap_or_else(|| format!("unknown(id={})", orig.workload_id)),
@@ -130,10 +138,7 @@ impl Outbound {
             destination_name: dst_pod.map(|p| p.workload_name()).unwrap_or_default(),
             destination: dst_pod.and_then(|p| SpiffeId::new(&td, &p.namespace, &p.service_account).ok()),
             node_ip: dst_pod.and_then(|p| snap.nodes.get(&p.node).copied()),
-            same_node: match (dst_pod, &self.tunnels) {
-                (Some(p), Some(t)) => p.node == t.inbound.node,
-                _ => false,
-            },
+            same_node,
             dst,
         }
     }
@@ -156,12 +161,8 @@ impl Outbound {
             tunnels.metrics.flow(transport_name(tunnels), "outbound", "unroutable");
             return;
         };
-        let labels = super::ConnLabels {
-            source_workload: route.source_name.clone(),
-            destination_workload: route.destination_name.clone(),
-            path: if route.same_node { "local" } else { "tunnel" },
-        };
-        tunnels.metrics.opened.get_or_create(&labels).inc();
+        let labels = route.labels.clone();
+        tunnels.metrics.connections.opened.get_or_create(&labels).inc();
         let _closed = Closed {
             metrics: &tunnels.metrics,
             labels: labels.clone(),
@@ -230,12 +231,9 @@ impl Outbound {
         let duration_ms = started.elapsed().as_millis() as u64;
         let transport = transport_name(tunnels);
         if let Ok((copied, _)) = &result {
-            tunnels.metrics.conn_sent.get_or_create(&labels).inc_by(copied.a_to_b);
-            tunnels
-                .metrics
-                .conn_received
-                .get_or_create(&labels)
-                .inc_by(copied.b_to_a);
+            let c = &tunnels.metrics.connections;
+            c.sent_bytes.get_or_create(&labels).inc_by(copied.a_to_b);
+            c.received_bytes.get_or_create(&labels).inc_by(copied.b_to_a);
         }
         match result {
             Ok((copied, None)) => {
@@ -274,12 +272,12 @@ impl Outbound {
 /// Counts a connection as closed however `proxy` returns.
 struct Closed<'a> {
     metrics: &'a TunnelMetrics,
-    labels: super::ConnLabels,
+    labels: ConnectionLabels,
 }
 
 impl Drop for Closed<'_> {
     fn drop(&mut self) {
-        self.metrics.closed.get_or_create(&self.labels).inc();
+        self.metrics.connections.closed.get_or_create(&self.labels).inc();
     }
 }
 

@@ -63,6 +63,14 @@ enum Cmd {
         #[arg(long)]
         agent_bin: std::path::PathBuf,
     },
+    /// Call connect() `count` times, one socket each, closing at once; print
+    /// {"attempts", "refused" (EPERM: denied by policy), "connected", "other"}.
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u64,
+    },
     /// Try to connect; print JSON {"ok", "error", "elapsed_ms"}.
     Connect {
         #[arg(long)]
@@ -105,6 +113,7 @@ fn main() {
                 std::thread::sleep(Duration::from_secs(60));
             }
         }
+        Cmd::Flood { to, count } => flood(to, count),
         Cmd::Connect { to, timeout_ms } => {
             let start = Instant::now();
             let r = TcpStream::connect_timeout(&to, Duration::from_millis(timeout_ms));
@@ -117,6 +126,23 @@ fn main() {
             println!("{out}");
         }
     }
+}
+
+fn flood(to: SocketAddr, count: u64) {
+    let (mut refused, mut connected, mut other) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+            Ok(_) => connected += 1,
+            Err(e) if e.raw_os_error() == Some(1) => refused += 1,
+            Err(_) => other += 1,
+        }
+    }
+    let out = serde_json::json!({
+        "attempts": count, "refused": refused, "connected": connected, "other": other,
+        "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
+    });
+    println!("{out}");
 }
 
 /// A listener with a deep accept queue: the tests open 1,000 connections at
@@ -224,7 +250,7 @@ fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64, marker: Option<&str
     let reply: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or(serde_json::Value::Null);
     let ok = reply["sha256"] == sent.as_str() && reply["bytes"] == bytes;
     let out = serde_json::json!({
-        "ok": ok, "sent_sha256": sent, "bytes": bytes, "local": local, "reply": reply,
+        "ok": ok, "sent_sha256": sent, "bytes": bytes, "local": local, "reply": reply, "reply_bytes": reply_bytes.len(),
         "read": match read { Ok(n) => format!("{n} bytes"), Err(e) => e.to_string() },
         "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
     });
