@@ -120,7 +120,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         node: s.node_name.clone(),
         audit: audit.clone(),
     });
-    let identities = start_identities(&s, rx.clone(), &mut registry)?;
+    let identities = start_identities(&s, rx.clone(), audit.clone(), &mut registry)?;
     let tunnels = match &identities {
         Some((manager, roots)) => Some(
             start_tunnels(
@@ -246,6 +246,7 @@ type Identities = (Arc<IdentityManager>, Vec<CertificateDer<'static>>);
 fn start_identities(
     s: &Settings,
     snapshots: state::SnapshotRx,
+    audit: Arc<Audit>,
     registry: &mut Registry,
 ) -> anyhow::Result<Option<Identities>> {
     let Some(source) = &s.identity.source else {
@@ -269,6 +270,7 @@ fn start_identities(
     };
     let manager = IdentityManager::new(provider, Timing::for_ttl(s.identity.ttl));
     manager.metrics.register(registry);
+    manager.set_audit(audit);
     let (tx, rx) = watch::channel(BTreeSet::new());
     tokio::spawn(manager.clone().run(rx));
     tokio::spawn(wanted_identities(

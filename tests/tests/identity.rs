@@ -78,6 +78,14 @@ fn agents_obtain_certificates_for_their_own_workloads_and_nothing_else() {
     a.sort();
     assert_eq!(a, [spiffe("sa-a"), spiffe("sa-b")]);
     assert_eq!(issued(lab, "node-b"), [spiffe("sa-c")]);
+    // Each issuance is in the node's audit trail.
+    let mut audited: Vec<String> = mesh_tests::log_records(&lab.audit_log("node-a"))
+        .into_iter()
+        .filter(|r| r["kind"] == "certificate" && r["verdict"] == "allow" && r["enforced_at"] == "ca")
+        .map(|r| r["source_identity"].as_str().unwrap_or("").to_string())
+        .collect();
+    audited.sort();
+    assert_eq!(audited, [spiffe("sa-a"), spiffe("sa-b")]);
     // The expiry gauge is refreshed every second.
     wait_for("expiry gauge", Duration::from_secs(5), || {
         metric(

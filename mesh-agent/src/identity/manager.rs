@@ -86,6 +86,8 @@ pub struct IdentityManager {
     timing: Timing,
     certs: RwLock<BTreeMap<SpiffeId, Arc<WorkloadCert>>>,
     pub metrics: IdentityMetrics,
+    /// The node's audit trail: each issuance and failure is one record.
+    audit: std::sync::OnceLock<Arc<crate::audit::Audit>>,
 }
 
 impl IdentityManager {
@@ -95,7 +97,27 @@ impl IdentityManager {
             timing,
             certs: RwLock::default(),
             metrics: IdentityMetrics::default(),
+            audit: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records every issuance and failure in `audit` (set before `run`).
+    pub fn set_audit(&self, audit: Arc<crate::audit::Audit>) {
+        let _ = self.audit.set(audit);
+    }
+
+    fn audit(&self, id: &SpiffeId, verdict: &str, reason: String) {
+        if let Some(audit) = self.audit.get() {
+            audit.record(crate::audit::AuditRecord {
+                kind: "certificate".into(),
+                enforced_at: "ca".into(),
+                verdict: verdict.into(),
+                source_identity: id.uri(),
+                rule: self.provider.describe(),
+                reason,
+                ..Default::default()
+            });
+        }
     }
 
     /// The current certificate of `id`, if it has one that has not expired.
@@ -172,6 +194,11 @@ impl IdentityManager {
                     let refresh_in = (life / 2).saturating_sub(jitter);
                     tracing::info!(identity = %id, serial = %cert.serial, expires_in_s = life.as_secs(), refresh_in_s = refresh_in.as_secs(), provider = %self.provider.describe(), "certificate issued");
                     self.metrics.issued.get_or_create(&labels).inc();
+                    self.audit(
+                        &id,
+                        "allow",
+                        format!("certificate issued, serial {}, expires in {} s", cert.serial, life.as_secs()),
+                    );
                     self.certs
                         .write()
                         .expect("certs lock")
@@ -180,6 +207,7 @@ impl IdentityManager {
                 }
                 Err(err) => {
                     self.metrics.failures.get_or_create(&labels).inc();
+                    self.audit(&id, "failed", format!("certificate request failed: {err}"));
                     let still_valid = self.current(&id).is_some();
                     tracing::warn!(identity = %id, error = %err, retry_in_ms = backoff.as_millis() as u64, serving_existing = still_valid, "certificate refresh failed");
                     tokio::time::sleep(backoff).await;
