@@ -144,7 +144,7 @@ fn policy_check(lab: &Lab, src: &str, dst: SocketAddr) -> (bool, String) {
 #[test]
 fn the_matrix_behaves_as_the_policy_says_and_policy_check_agrees() {
     let p = PolicyLab::up();
-    let mut cells = 0;
+    let mut cells = Vec::new();
     for src in ["a1", "b1", "c1"] {
         for dst in ["a1", "b1", "c1", "a2", "b2", "c2"] {
             if src == dst {
@@ -169,11 +169,37 @@ fn the_matrix_behaves_as_the_policy_says_and_policy_check_agrees() {
                 if allows {
                     assert!(text.contains("by TrafficTarget t/"), "{text}");
                 }
-                cells += 1;
+                cells.push((src, dst, port, want));
             }
         }
     }
-    assert_eq!(cells, 30);
+    assert_eq!(cells.len(), 30);
+    // Exactly one audit record per decision, in order: the kernel's at the
+    // source for every cell, the destination's for each allowed cross-node one.
+    std::thread::sleep(Duration::from_millis(800));
+    let lab = &p.t.lab;
+    let kernel: Vec<(String, String, String)> = log_records(&lab.audit_log("node-a"))
+        .into_iter()
+        .filter(|r| r["enforced_at"] == "source")
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+            (s("source_workload"), s("destination_address"), s("verdict"))
+        })
+        .collect();
+    let want: Vec<(String, String, String)> = cells
+        .iter()
+        .map(|(src, dst, port, ok)| {
+            let verdict = if *ok { "allow" } else { "deny" };
+            (format!("t/{src}"), p.addr(dst, *port).to_string(), verdict.to_string())
+        })
+        .collect();
+    assert_eq!(kernel, want, "kernel audit records, one per cell");
+    let dest = log_records(&lab.audit_log("node-b"))
+        .into_iter()
+        .filter(|r| r["enforced_at"] == "destination")
+        .count();
+    let allowed_cross = cells.iter().filter(|c| c.3 && c.1.ends_with('2')).count();
+    assert_eq!(dest, allowed_cross, "destination records on node-b");
     // Kernel-side denials were counted.
     let capture = xtask::probe::dump_map(&p.t.lab, "node-a", "mesh_capture").unwrap();
     assert!(xtask::probe::per_cpu_sum(&capture, "denied") >= 20);

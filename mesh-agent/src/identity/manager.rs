@@ -197,7 +197,11 @@ impl IdentityManager {
                     self.audit(
                         &id,
                         "allow",
-                        format!("certificate issued, serial {}, expires in {} s", cert.serial, life.as_secs()),
+                        format!(
+                            "certificate issued, serial {}, expires in {} s",
+                            cert.serial,
+                            life.as_secs()
+                        ),
                     );
                     self.certs
                         .write()
