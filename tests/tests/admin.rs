@@ -82,13 +82,20 @@ fn status_config_dump_readiness_and_log_level() {
     mesh_tests::assert_intact(&t.traffic().send("pod-a", t.addr("pod-c"), 100_000).unwrap());
     std::thread::sleep(Duration::from_millis(1500));
     let (_, metrics) = run(&["curl", "-s", &format!("http://{fabric}:15020/metrics")]);
-    for want in [
-        "mesh_kernel_connects_total{outcome=\"redirected\"} 1",
-        "mesh_connections_opened_total{source_workload=\"t/pod-a\",destination_workload=\"t/pod-c\",path=\"tunnel\"} 1",
-        "mesh_connections_closed_total{source_workload=\"t/pod-a\",destination_workload=\"t/pod-c\",path=\"tunnel\"} 1",
-        "mesh_connection_sent_bytes_total{source_workload=\"t/pod-a\",destination_workload=\"t/pod-c\",path=\"tunnel\"} 100000",
+    let pair = [
+        ("source_workload", "t/pod-a"),
+        ("source_identity", "t/sa-a"),
+        ("destination_workload", "t/pod-c"),
+        ("destination_identity", "t/sa-c"),
+        ("path", "tunnel"),
+    ];
+    for (name, labels, want) in [
+        ("mesh_kernel_connects_total", &[("outcome", "redirected")][..], 1.0),
+        ("mesh_connections_opened_total", &pair[..], 1.0),
+        ("mesh_connections_closed_total", &pair[..], 1.0),
+        ("mesh_connection_sent_bytes_total", &pair[..], 100_000.0),
     ] {
-        assert!(metrics.contains(want), "missing {want} in:\n{metrics}");
+        assert_eq!(mesh_tests::metric(&metrics, name, labels), want, "{name} in:\n{metrics}");
     }
     // The admin API answers on loopback only.
     let (_, remote) = run(&[
