@@ -577,9 +577,28 @@ async fn policy_loop(
 /// whose cgroup appears after their Pod object get enrolled.
 async fn sync_loop(redirect: Arc<Redirect>, mut rx: state::SnapshotRx, node: String, root: std::path::PathBuf) {
     let mut last: Option<(u64, usize, usize)> = None;
+    let mut splits = crate::services::Splits::default();
+    let mut last_refused = Vec::new();
     loop {
         let snap = rx.borrow_and_update().clone();
         if snap.generation > 0 {
+            let compiled = splits.compile(&snap);
+            if compiled.refused != last_refused {
+                for r in &compiled.refused {
+                    tracing::warn!(traffic_split = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficSplit refused");
+                }
+                last_refused = compiled.refused.clone();
+            }
+            match redirect.sync_services(&compiled.tables) {
+                Ok(0) => {}
+                Ok(changed) => tracing::info!(
+                    changed,
+                    services = compiled.tables.len(),
+                    splits = compiled.tables.iter().filter(|t| t.split.is_some()).count(),
+                    "service tables in force"
+                ),
+                Err(err) => tracing::error!(error = %err, "writing service tables failed; will retry"),
+            }
             match redirect.sync(&snap, &node, &root) {
                 Ok(report) => {
                     let now = (snap.generation, report.enrolled, report.endpoints);

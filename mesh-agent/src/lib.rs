@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod policy;
 pub mod preflight;
 pub mod redirect;
+pub mod services;
 pub mod smi;
 pub mod source;
 pub mod state;

@@ -245,6 +245,8 @@ impl KernelMetrics {
             ("passthrough", capture.passthrough, lc.passthrough),
             ("failed_open", capture.failed_open, lc.failed_open),
             ("denied", capture.denied, lc.denied),
+            ("load_balanced", capture.load_balanced, lc.load_balanced),
+            ("no_endpoint", capture.no_endpoint, lc.no_endpoint),
         ] {
             self.connects
                 .get_or_create(&OutcomeLabels { outcome })

@@ -25,8 +25,8 @@ use aya::{
     },
 };
 use mesh_common::{
-    CaptureStats, Config, Endpoint, MAP_LAYOUT_VERSION, OrigDst, PolicyKey, PolicyValue, SockKey, SpliceStats,
-    TrafficKey, TrafficStats, Workload, maps, programs,
+    Backend, BackendKey, CaptureStats, Config, Endpoint, MAP_LAYOUT_VERSION, OrigDst, PolicyKey, PolicyValue,
+    ServiceKey, ServiceValue, SockKey, SpliceStats, TrafficKey, TrafficStats, Workload, maps, programs,
 };
 
 use crate::state::Snapshot;
@@ -107,6 +107,7 @@ pub struct Redirect {
     splice: PerCpuArray<MapData, SpliceStats>,
     capture: PerCpuArray<MapData, CaptureStats>,
     traffic: Mutex<PerCpuHashMap<MapData, TrafficKey, TrafficStats>>,
+    services: Mutex<ServiceState>,
     pub kernel_logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// `mesh_events`, for the audit trail's drain (taken by the app).
     pub kernel_events: Option<aya::maps::RingBuf<MapData>>,
@@ -277,6 +278,12 @@ impl Redirect {
             splice: take_map(&mut ebpf, maps::SPLICE)?,
             capture: take_map(&mut ebpf, maps::CAPTURE)?,
             traffic: Mutex::new(take_map(&mut ebpf, maps::TRAFFIC)?),
+            services: Mutex::new(ServiceState {
+                services: take_map(&mut ebpf, maps::SERVICES)?,
+                backends: take_map(&mut ebpf, maps::BACKENDS)?,
+                written: BTreeMap::new(),
+                swept: false,
+            }),
             _ebpf: ebpf,
             _links: links,
             kernel_events: Some(kernel_events),
@@ -444,6 +451,105 @@ impl Redirect {
         total
     }
 
+    /// Puts the services' slot tables in force. A changed table is written
+    /// under a new generation, switched to in one write of its
+    /// `mesh_services` entry, then the old slots are deleted: a connect sees
+    /// the old table or the new one, never a mix. Services that are gone
+    /// are removed (their VIPs are no longer translated).
+    pub fn sync_services(&self, tables: &[crate::services::ServiceTable]) -> Result<usize, RedirectError> {
+        let mut st = self.services.lock().expect("services lock");
+        let mut want = BTreeMap::new();
+        for t in tables {
+            let key = ServiceKey {
+                vip: u32::from_ne_bytes(t.vip.octets()),
+                port: t.port,
+                protocol: mesh_common::PROTO_TCP,
+                _pad: 0,
+            };
+            want.insert(key, t);
+        }
+        let mut changed = 0;
+        for (key, t) in &want {
+            let previous = st.written.get(key).cloned();
+            if previous.as_ref().is_some_and(|(_, slots)| *slots == t.slots) {
+                continue;
+            }
+            // After a restart the pinned entry tells which generation is live.
+            let live = previous
+                .as_ref()
+                .map(|(v, _)| v.generation)
+                .or_else(|| st.services.get(key, 0).ok().map(|v| v.generation));
+            let generation = live.map_or(1, |g| g.wrapping_add(1).max(1));
+            let value = ServiceValue {
+                service_id: t.id(),
+                generation,
+                slots: t.slots.len() as u32,
+                _pad: 0,
+            };
+            for (i, (ip, port)) in t.slots.iter().enumerate() {
+                let slot = BackendKey {
+                    service_id: value.service_id,
+                    generation,
+                    slot: i as u32,
+                    _pad: 0,
+                };
+                let backend = Backend {
+                    ipv4: u32::from_ne_bytes(ip.octets()),
+                    port: *port,
+                    _pad: 0,
+                };
+                st.backends
+                    .insert(&slot, &backend, 0)
+                    .map_err(|err| RedirectError::Map {
+                        name: maps::BACKENDS,
+                        err,
+                    })?;
+            }
+            st.services.insert(key, &value, 0).map_err(|err| RedirectError::Map {
+                name: maps::SERVICES,
+                err,
+            })?;
+            if let Some((old, slots)) = &previous {
+                delete_slots(&mut st.backends, old, slots.len());
+            }
+            st.written.insert(*key, (value, t.slots.clone()));
+            changed += 1;
+        }
+        if !st.swept {
+            // First sync after a restart: drop what an earlier agent pinned
+            // that is not in force now (old generations, removed services).
+            let stale: Vec<ServiceKey> = st
+                .services
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !want.contains_key(k))
+                .collect();
+            for k in stale {
+                let _ = st.services.remove(&k);
+            }
+            let live: HashSet<(u32, u32)> = st.written.values().map(|(v, _)| (v.service_id, v.generation)).collect();
+            let orphans: Vec<BackendKey> = st
+                .backends
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !live.contains(&(k.service_id, k.generation)))
+                .collect();
+            for k in orphans {
+                let _ = st.backends.remove(&k);
+            }
+            st.swept = true;
+        }
+        let gone: Vec<ServiceKey> = st.written.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for key in gone {
+            let _ = st.services.remove(&key);
+            if let Some((old, slots)) = st.written.remove(&key) {
+                delete_slots(&mut st.backends, &old, slots.len());
+            }
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
     /// Spliced traffic per workload pair (`mesh_traffic`), summed over CPUs.
     pub fn traffic_stats(&self) -> Vec<(TrafficKey, TrafficStats)> {
         let map = self.traffic.lock().expect("traffic lock");
@@ -486,10 +592,20 @@ impl Redirect {
                 total.failed_open += s.failed_open;
                 total.denied += s.denied;
                 total.events_dropped += s.events_dropped;
+                total.load_balanced += s.load_balanced;
+                total.no_endpoint += s.no_endpoint;
             }
         }
         total
     }
+}
+
+struct ServiceState {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    /// What this agent wrote, so an unchanged table is not rewritten.
+    written: BTreeMap<ServiceKey, (ServiceValue, Vec<(std::net::Ipv4Addr, u16)>)>,
+    swept: bool,
 }
 
 struct PolicyState {
@@ -504,6 +620,17 @@ pub struct SyncReport {
     pub endpoints: usize,
     /// Pods of this node whose cgroup does not exist (yet).
     pub missing_cgroup: Vec<PathBuf>,
+}
+
+fn delete_slots(backends: &mut HashMap<MapData, BackendKey, Backend>, old: &ServiceValue, n: usize) {
+    for slot in 0..n as u32 {
+        let _ = backends.remove(&BackendKey {
+            service_id: old.service_id,
+            generation: old.generation,
+            slot,
+            _pad: 0,
+        });
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>

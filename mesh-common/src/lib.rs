@@ -10,7 +10,7 @@
 /// Bumped whenever a map's key or value layout changes. Pinned state lives in
 /// a directory named after it, so an incompatible older pin set is replaced
 /// deliberately instead of being reused.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// Map names (the kernel keeps 15 characters).
 pub mod maps {
@@ -41,6 +41,11 @@ pub mod maps {
     /// Per-CPU [`crate::TrafficKey`] -> [`crate::TrafficStats`]: spliced
     /// traffic by client and server workload.
     pub const TRAFFIC: &str = "mesh_traffic";
+    /// [`crate::ServiceKey`] -> [`crate::ServiceValue`]: service VIPs.
+    pub const SERVICES: &str = "mesh_services";
+    /// [`crate::BackendKey`] -> [`crate::Backend`]: each service's weighted
+    /// slot table of endpoints.
+    pub const BACKENDS: &str = "mesh_backends";
 }
 
 /// Program names, as the kernel and `bpftool prog` show them.
@@ -208,6 +213,10 @@ pub struct CaptureStats {
     /// Decisions whose audit event did not fit in `mesh_events` (the agent
     /// was not draining fast enough): counted, never silent.
     pub events_dropped: u64,
+    /// Connects to a service VIP given one of its endpoints.
+    pub load_balanced: u64,
+    /// Connects to a service VIP with no ready endpoint: refused.
+    pub no_endpoint: u64,
 }
 
 /// A spliced pod-to-pod socket: the connection's two workloads and which
@@ -241,6 +250,50 @@ pub struct TrafficStats {
     pub received_bytes: u64,
 }
 
+/// A service address: ClusterIP (network order) and port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub vip: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Which slot table is in force for a service. `mesh_connect4` picks slot
+/// `random % slots` of `generation`: the agent writes a new generation's
+/// slots, switches this value in one write, then deletes the old slots, so
+/// a weight change never leaves a half-written table in force.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub service_id: u32,
+    pub generation: u32,
+    /// Number of slots; 0 = no ready endpoint (connect() is refused).
+    pub slots: u32,
+    pub _pad: u32,
+}
+
+/// One slot of a service's table. An endpoint fills as many slots as its
+/// share of the traffic (TrafficSplit weight / endpoints of that backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub generation: u32,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// An endpoint: pod IPv4 (network order) and target port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub ipv4: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 pub const VERDICT_DENY: u8 = 0;
 pub const VERDICT_ALLOW: u8 = 1;
 
@@ -271,11 +324,15 @@ const _: () = {
     assert!(core::mem::size_of::<OrigDst>() == 16);
     assert!(core::mem::size_of::<SockKey>() == 12);
     assert!(core::mem::size_of::<SpliceStats>() == 16);
-    assert!(core::mem::size_of::<CaptureStats>() == 48);
+    assert!(core::mem::size_of::<CaptureStats>() == 64);
     assert!(core::mem::size_of::<PolicyEvent>() == 32);
     assert!(core::mem::size_of::<SplicedFlow>() == 16);
     assert!(core::mem::size_of::<TrafficKey>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 32);
+    assert!(core::mem::size_of::<ServiceKey>() == 8);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<BackendKey>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -297,4 +354,8 @@ mod user {
     unsafe impl aya::Pod for SplicedFlow {}
     unsafe impl aya::Pod for TrafficKey {}
     unsafe impl aya::Pod for TrafficStats {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
 }

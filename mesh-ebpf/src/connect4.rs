@@ -1,21 +1,27 @@
 //! `connect()` capture for enrolled pods (cgroup/connect4).
 //!
+//! A service VIP is first replaced by one of its endpoints, picked at random
+//! from the service's weighted slot table (socket-level load balancing: the
+//! socket is connected to the pod, nothing is translated per packet).
 //! Same-node meshed destinations are left alone (sockops splices them);
 //! other-node meshed destinations are rewritten to the agent's outbound
 //! listener and the original destination is recorded by socket cookie.
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    ANY_PORT, CaptureStats, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP, PolicyEvent, PolicyKey,
-    VERDICT_ALLOW, VERDICT_DENY,
+    ANY_PORT, BackendKey, CaptureStats, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP, PolicyEvent, PolicyKey,
+    ServiceKey, VERDICT_ALLOW, VERDICT_DENY,
 };
 
-use crate::maps::{config, mesh_capture, mesh_cookies, mesh_endpoints, mesh_events, mesh_policy, mesh_workloads};
+use crate::maps::{
+    config, mesh_backends, mesh_capture, mesh_cookies, mesh_endpoints, mesh_events, mesh_policy, mesh_services,
+    mesh_workloads,
+};
 
 /// connect() proceeds; 0 makes it fail with EPERM.
 const ALLOW: i32 = 1;
@@ -44,8 +50,38 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let Some(workload) = (unsafe { mesh_workloads.get(&cgroup_id) }) else {
         return ALLOW; // not an enrolled pod
     };
-    let dst_ip = sa.user_ip4;
-    let dst_port = u16::from_be(sa.user_port as u16);
+    let mut dst_ip = sa.user_ip4;
+    let mut dst_port = u16::from_be(sa.user_port as u16);
+    let service = ServiceKey {
+        vip: dst_ip,
+        port: dst_port,
+        protocol: PROTO_TCP,
+        _pad: 0,
+    };
+    if let Some(svc) = unsafe { mesh_services.get(&service) } {
+        if svc.slots == 0 {
+            // A service without a ready endpoint: refuse at once rather
+            // than let the client wait on an address nobody serves.
+            count(|s| &mut s.no_endpoint);
+            return DENY;
+        }
+        let slot = BackendKey {
+            service_id: svc.service_id,
+            generation: svc.generation,
+            slot: unsafe { bpf_get_prandom_u32() } % svc.slots,
+            _pad: 0,
+        };
+        let Some(backend) = (unsafe { mesh_backends.get(&slot) }) else {
+            // Only while the agent swaps this service's table: leave it.
+            count(|s| &mut s.no_endpoint);
+            return DENY;
+        };
+        dst_ip = backend.ipv4;
+        dst_port = backend.port;
+        sa.user_ip4 = dst_ip;
+        sa.user_port = u32::from(dst_port.to_be());
+        count(|s| &mut s.load_balanced);
+    }
     let Some(endpoint) = (unsafe { mesh_endpoints.get(&dst_ip) }) else {
         count(|s| &mut s.passthrough);
         return ALLOW;

@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    CaptureStats, Config, Endpoint, OrigDst, PolicyEvent, PolicyKey, PolicyValue, SockKey, SpliceStats, SplicedFlow,
-    TrafficKey, TrafficStats, Workload,
+    Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, PolicyEvent, PolicyKey, PolicyValue, ServiceKey,
+    ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, Workload,
 };
 
 /// cgroup id -> enrolled pod of this node.
@@ -35,6 +35,16 @@ pub static mesh_flows: LruHashMap<SockKey, OrigDst, 65536> = LruHashMap::new();
 /// it when the socket closes.
 #[btf_map(pin_by_name)]
 pub static mesh_socks: SockHash<SockKey, 65536> = SockHash::new();
+
+/// Service VIP:port -> its slot table in force (see ServiceValue).
+#[btf_map(pin_by_name)]
+pub static mesh_services: HashMap<ServiceKey, ServiceValue, 16384> = HashMap::new();
+
+/// Slot tables of every service; not preallocated (a TrafficSplit takes
+/// 1,000 slots, a plain service one per endpoint).
+#[btf_map(pin_by_name)]
+pub static mesh_backends: HashMap<BackendKey, Backend, 1048576, { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// L4 allow rules of the policy generations in force (see Config).
 #[btf_map(pin_by_name)]

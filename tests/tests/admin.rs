@@ -95,7 +95,11 @@ fn status_config_dump_readiness_and_log_level() {
         ("mesh_connections_closed_total", &pair[..], 1.0),
         ("mesh_connection_sent_bytes_total", &pair[..], 100_000.0),
     ] {
-        assert_eq!(mesh_tests::metric(&metrics, name, labels), want, "{name} in:\n{metrics}");
+        assert_eq!(
+            mesh_tests::metric(&metrics, name, labels),
+            want,
+            "{name} in:\n{metrics}"
+        );
     }
     // The admin API answers on loopback only.
     let (_, remote) = run(&[

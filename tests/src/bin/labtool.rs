@@ -71,6 +71,17 @@ enum Cmd {
         #[arg(long)]
         count: u64,
     },
+    /// Open `count` connections one after another (on `threads` threads),
+    /// each sending a few bytes and reading the reply; print which server
+    /// answered how often: {"servers": {"ip:port": N}, "failed": N, "errors": [..]}.
+    Tally {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
     /// Try to connect; print JSON {"ok", "error", "elapsed_ms"}.
     Connect {
         #[arg(long)]
@@ -114,6 +125,7 @@ fn main() {
             }
         }
         Cmd::Flood { to, count } => flood(to, count),
+        Cmd::Tally { to, count, threads } => tally(to, count, threads),
         Cmd::Connect { to, timeout_ms } => {
             let start = Instant::now();
             let r = TcpStream::connect_timeout(&to, Duration::from_millis(timeout_ms));
@@ -126,6 +138,54 @@ fn main() {
             println!("{out}");
         }
     }
+}
+
+fn tally(to: SocketAddr, count: usize, threads: usize) {
+    let one = move || -> Result<String, String> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+        s.write_all(b"tally").map_err(|e| format!("write: {e}"))?;
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 512];
+        loop {
+            match read_retrying(&mut s, &mut chunk) {
+                Ok(0) => break,
+                Ok(n) => reply.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|_| "bad reply".to_string())?;
+        v["server"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| "no server in reply".into())
+    };
+    let handles: Vec<_> = (0..threads.max(1))
+        .map(|t| {
+            let n = count / threads.max(1) + usize::from(t < count % threads.max(1));
+            std::thread::spawn(move || (0..n).map(|_| one()).collect::<Vec<_>>())
+        })
+        .collect();
+    let mut servers = std::collections::BTreeMap::<String, u64>::new();
+    let (mut failed, mut errors) = (0u64, Vec::new());
+    for h in handles {
+        for r in h.join().expect("tally thread") {
+            match r {
+                Ok(server) => *servers.entry(server).or_default() += 1,
+                Err(e) => {
+                    failed += 1;
+                    if errors.len() < 5 {
+                        errors.push(e);
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"servers": servers, "failed": failed, "errors": errors})
+    );
 }
 
 fn flood(to: SocketAddr, count: u64) {
@@ -163,6 +223,7 @@ fn serve(port: u16) {
     for stream in listener.incoming().flatten() {
         std::thread::spawn(move || {
             let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            let server = stream.local_addr().map(|p| p.to_string()).unwrap_or_default();
             let mut stream = stream;
             let mut hasher = Sha256::new();
             let mut total = 0u64;
@@ -177,7 +238,8 @@ fn serve(port: u16) {
                     Err(_) => return,
                 }
             }
-            let line = serde_json::json!({"sha256": hex(&hasher.finalize()), "bytes": total, "peer": peer});
+            let line =
+                serde_json::json!({"sha256": hex(&hasher.finalize()), "bytes": total, "peer": peer, "server": server});
             let _ = writeln!(stream, "{line}");
         });
     }

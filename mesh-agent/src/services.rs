@@ -1,0 +1,405 @@
+//! Services and SMI TrafficSplits, compiled into the slot tables that
+//! `mesh_connect4` picks endpoints from (socket-level load balancing).
+//!
+//! A service port without a TrafficSplit spreads connections evenly over its
+//! ready endpoints: one slot each. A TrafficSplit on the root service spreads
+//! them over its backend services by weight: [`SPLIT_SLOTS`] slots shared out
+//! by weight, then evenly among each backend's ready endpoints (largest
+//! remainder rounding, so a 90/10 split is exactly 900/100 slots).
+//!
+//! A TrafficSplit that does not make sense (weights summing to 0, a negative
+//! weight, a backend service that does not exist or lacks one of the root's
+//! ports) is refused with its reason, and the last good version of the same
+//! TrafficSplit stays in force.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use crate::{
+    smi::TrafficSplitSpec,
+    state::{Named, Service, ServicePort, Snapshot},
+};
+
+/// Slots of a split service's table: shares are exact to 0.1%.
+pub const SPLIT_SLOTS: u64 = 1000;
+
+/// One service port's table: the kernel picks `slots[random % len]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceTable {
+    /// `namespace/name:port`, for logs.
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// (pod IP, target port); empty: no ready endpoint.
+    pub slots: Vec<(Ipv4Addr, u16)>,
+    /// The TrafficSplit in force for it, `namespace/name`.
+    pub split: Option<String>,
+}
+
+impl ServiceTable {
+    /// Stable per service port, so an agent restart rewrites the same ids.
+    pub fn id(&self) -> u32 {
+        crate::state::identity_id("service", &self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedSplit {
+    pub name: String,
+    pub reason: String,
+    /// Whether an earlier version of it is still in force.
+    pub kept_previous: bool,
+}
+
+/// The TrafficSplits last accepted, by `namespace/name`: what stays in force
+/// when a new version is refused.
+#[derive(Debug, Default)]
+pub struct Splits {
+    accepted: BTreeMap<String, Named<TrafficSplitSpec>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub tables: Vec<ServiceTable>,
+    pub refused: Vec<RefusedSplit>,
+}
+
+impl Splits {
+    /// Compiles every ClusterIP service port of the snapshot, applying the
+    /// TrafficSplits that validate (or their last good versions).
+    pub fn compile(&mut self, snap: &Snapshot) -> Compiled {
+        let mut refused = Vec::new();
+        let mut in_force: BTreeMap<String, Named<TrafficSplitSpec>> = BTreeMap::new();
+        let present: BTreeSet<String> = snap
+            .smi
+            .traffic_splits
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect();
+        for split in &snap.smi.traffic_splits {
+            let name = format!("{}/{}", split.namespace, split.name);
+            match validate(split, snap) {
+                Ok(()) => {
+                    in_force.insert(name, split.clone());
+                }
+                Err(reason) => {
+                    let previous = self.accepted.get(&name).filter(|p| validate(p, snap).is_ok());
+                    if let Some(p) = previous {
+                        in_force.insert(name.clone(), p.clone());
+                    }
+                    refused.push(RefusedSplit {
+                        name,
+                        reason,
+                        kept_previous: previous.is_some(),
+                    });
+                }
+            }
+        }
+        // Deleted splits are forgotten; refused ones keep their last good version.
+        self.accepted.retain(|k, _| present.contains(k));
+        for (k, v) in &in_force {
+            if !refused.iter().any(|r| &r.name == k) {
+                self.accepted.insert(k.clone(), v.clone());
+            }
+        }
+        // One split per root service: the first by name wins.
+        let mut by_root: BTreeMap<String, &Named<TrafficSplitSpec>> = BTreeMap::new();
+        for (name, split) in &in_force {
+            let root = format!("{}/{}", split.namespace, service_name(&split.spec.service));
+            if let Some(first) = by_root.get(&root) {
+                refused.push(RefusedSplit {
+                    name: name.clone(),
+                    reason: format!(
+                        "service {root} is already split by TrafficSplit {}/{}",
+                        first.namespace, first.name
+                    ),
+                    kept_previous: false,
+                });
+                continue;
+            }
+            by_root.insert(root, split);
+        }
+
+        let mut tables = Vec::new();
+        for (key, svc) in &snap.services {
+            let Some(vip) = svc.cluster_ip else { continue };
+            for port in svc.ports.iter().filter(|p| p.protocol.eq_ignore_ascii_case("TCP")) {
+                let (slots, split) = match by_root.get(key) {
+                    Some(split) => (
+                        split_slots(split, port.port, snap),
+                        Some(format!("{}/{}", split.namespace, split.name)),
+                    ),
+                    None => (even_slots(svc, port), None),
+                };
+                tables.push(ServiceTable {
+                    name: format!("{key}:{}", port.port),
+                    vip,
+                    port: port.port,
+                    slots,
+                    split,
+                });
+            }
+        }
+        Compiled { tables, refused }
+    }
+}
+
+/// `name`, `name.namespace` or `name.namespace.svc.cluster.local`: the name.
+fn service_name(reference: &str) -> &str {
+    reference.split('.').next().unwrap_or(reference)
+}
+
+fn validate(split: &Named<TrafficSplitSpec>, snap: &Snapshot) -> Result<(), String> {
+    let ns = &split.namespace;
+    let root_name = service_name(&split.spec.service);
+    let root = snap
+        .services
+        .get(&format!("{ns}/{root_name}"))
+        .ok_or_else(|| format!("root service {ns}/{root_name} does not exist"))?;
+    if root.cluster_ip.is_none() {
+        return Err(format!("root service {ns}/{root_name} has no ClusterIP (headless)"));
+    }
+    if split.spec.matches.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err("HTTP-matched splits (spec.matches) are not supported yet".into());
+    }
+    if split.spec.backends.is_empty() {
+        return Err("no backends".into());
+    }
+    let mut total: i64 = 0;
+    for b in &split.spec.backends {
+        if b.weight < 0 {
+            return Err(format!("backend {} has a negative weight ({})", b.service, b.weight));
+        }
+        total = total.saturating_add(b.weight);
+        let name = service_name(&b.service);
+        let svc = snap
+            .services
+            .get(&format!("{ns}/{name}"))
+            .ok_or_else(|| format!("backend service {ns}/{name} does not exist"))?;
+        for p in root.ports.iter().filter(|p| p.protocol.eq_ignore_ascii_case("TCP")) {
+            if !svc.ports.iter().any(|q| q.port == p.port) {
+                return Err(format!(
+                    "backend service {ns}/{name} has no port {} (the root service's)",
+                    p.port
+                ));
+            }
+        }
+    }
+    if total == 0 {
+        return Err("the backends' weights sum to 0".into());
+    }
+    Ok(())
+}
+
+/// The ready endpoints of `svc` for one of its ports, as (IP, target port).
+fn endpoints(svc: &Service, port: &ServicePort) -> Vec<(Ipv4Addr, u16)> {
+    let mut out: Vec<(Ipv4Addr, u16)> = svc
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| {
+            let target = e
+                .ports
+                .iter()
+                .find(|(name, _)| *name == port.name)
+                .or_else(|| (e.ports.len() == 1).then(|| &e.ports[0]))
+                .map(|(_, p)| *p)
+                // A slice without ports: the service port itself.
+                .or_else(|| e.ports.is_empty().then_some(port.port))?;
+            Some((e.ip, target))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn even_slots(svc: &Service, port: &ServicePort) -> Vec<(Ipv4Addr, u16)> {
+    endpoints(svc, port)
+}
+
+/// SPLIT_SLOTS slots shared by weight, then evenly among each backend's
+/// ready endpoints. A backend without ready endpoints gets no share (its
+/// weight goes to the others) rather than failing its part of connects.
+fn split_slots(split: &Named<TrafficSplitSpec>, port: u16, snap: &Snapshot) -> Vec<(Ipv4Addr, u16)> {
+    let mut shares: Vec<((Ipv4Addr, u16), u64)> = Vec::new(); // (endpoint, weight numerator)
+    let mut groups = Vec::new();
+    for b in &split.spec.backends {
+        let key = format!("{}/{}", split.namespace, service_name(&b.service));
+        let Some(svc) = snap.services.get(&key) else { continue };
+        let Some(p) = svc.ports.iter().find(|p| p.port == port) else {
+            continue;
+        };
+        let eps = endpoints(svc, p);
+        if b.weight > 0 && !eps.is_empty() {
+            groups.push((b.weight as u64, eps));
+        }
+    }
+    // Endpoint e of backend b gets weight_b / |E_b| of the total: scale by
+    // the product-free common denominator, the lcm of the group sizes.
+    let lcm = groups.iter().fold(1u64, |l, (_, e)| lcm(l, e.len() as u64));
+    for (w, eps) in &groups {
+        for e in eps {
+            shares.push((*e, w * (lcm / eps.len() as u64)));
+        }
+    }
+    largest_remainder(&shares, SPLIT_SLOTS)
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    a / gcd(a, b) * b
+}
+
+/// `total` slots in proportion to the weights, rounded so they add up.
+fn largest_remainder<T: Copy>(weights: &[(T, u64)], total: u64) -> Vec<T> {
+    let sum: u128 = weights.iter().map(|(_, w)| u128::from(*w)).sum();
+    if sum == 0 {
+        return Vec::new();
+    }
+    let mut counts: Vec<(usize, u64, u128)> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, (_, w))| {
+            let exact = u128::from(*w) * u128::from(total);
+            (i, (exact / sum) as u64, exact % sum)
+        })
+        .collect();
+    let given: u64 = counts.iter().map(|c| c.1).sum();
+    let mut by_remainder: Vec<usize> = (0..counts.len()).collect();
+    by_remainder.sort_by(|a, b| counts[*b].2.cmp(&counts[*a].2).then(a.cmp(b)));
+    for i in by_remainder.into_iter().take((total - given) as usize) {
+        counts[i].1 += 1;
+    }
+    counts
+        .into_iter()
+        .flat_map(|(i, n, _)| std::iter::repeat_n(weights[i].0, n as usize))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smi::TrafficSplitBackend;
+    use crate::state::ServiceEndpoint;
+
+    fn svc(name: &str, vip: &str, port: u16, eps: &[&str]) -> (String, Service) {
+        (
+            format!("t/{name}"),
+            Service {
+                namespace: "t".into(),
+                name: name.into(),
+                cluster_ip: Some(vip.parse().unwrap()),
+                ports: vec![ServicePort {
+                    name: None,
+                    port,
+                    protocol: "TCP".into(),
+                }],
+                endpoints: eps
+                    .iter()
+                    .map(|ip| ServiceEndpoint {
+                        ip: ip.parse().unwrap(),
+                        ready: true,
+                        node: None,
+                        ports: vec![(None, 8080)],
+                    })
+                    .collect(),
+            },
+        )
+    }
+
+    fn split(name: &str, backends: &[(&str, i64)]) -> Named<TrafficSplitSpec> {
+        Named {
+            namespace: "t".into(),
+            name: name.into(),
+            spec: TrafficSplitSpec {
+                service: "web".into(),
+                backends: backends
+                    .iter()
+                    .map(|(s, w)| TrafficSplitBackend {
+                        service: s.to_string(),
+                        weight: *w,
+                    })
+                    .collect(),
+                matches: None,
+            },
+        }
+    }
+
+    fn snap(splits: Vec<Named<TrafficSplitSpec>>) -> Snapshot {
+        let mut s = Snapshot::default();
+        s.services.extend([
+            svc("web", "10.96.0.10", 80, &["198.18.1.10", "198.18.2.10", "198.18.1.11"]),
+            svc("web-v1", "10.96.0.11", 80, &["198.18.1.10", "198.18.2.10"]),
+            svc("web-v2", "10.96.0.12", 80, &["198.18.1.11"]),
+        ]);
+        s.smi.traffic_splits = splits;
+        s
+    }
+
+    fn share(t: &ServiceTable, ip: &str) -> usize {
+        t.slots.iter().filter(|(a, _)| a.to_string() == ip).count()
+    }
+
+    #[test]
+    fn a_plain_service_has_one_slot_per_ready_endpoint_with_the_target_port() {
+        let c = Splits::default().compile(&snap(vec![]));
+        let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+        assert_eq!(web.slots.len(), 3);
+        assert!(web.slots.iter().all(|(_, p)| *p == 8080));
+    }
+
+    #[test]
+    fn weights_become_exact_slot_shares_split_evenly_inside_a_backend() {
+        let c = Splits::default().compile(&snap(vec![split("canary", &[("web-v1", 90), ("web-v2", 10)])]));
+        let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+        assert_eq!(web.slots.len(), 1000);
+        assert_eq!(share(web, "198.18.1.11"), 100);
+        assert_eq!(share(web, "198.18.1.10"), 450);
+        assert_eq!(share(web, "198.18.2.10"), 450);
+        assert_eq!(web.split.as_deref(), Some("t/canary"));
+        let c = Splits::default().compile(&snap(vec![split("canary", &[("web-v1", 0), ("web-v2", 100)])]));
+        let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+        assert_eq!(share(web, "198.18.1.11"), 1000);
+    }
+
+    #[test]
+    fn bad_splits_are_refused_and_the_last_good_version_stays() {
+        let mut splits = Splits::default();
+        splits.compile(&snap(vec![split("canary", &[("web-v1", 90), ("web-v2", 10)])]));
+        for (bad, why) in [
+            (vec![("web-v1", 0), ("web-v2", 0)], "sum to 0"),
+            (vec![("web-v1", -5), ("web-v2", 10)], "negative weight"),
+            (vec![("web-v1", 50), ("web-v3", 50)], "t/web-v3 does not exist"),
+        ] {
+            let c = splits.compile(&snap(vec![split("canary", &bad)]));
+            assert_eq!(c.refused.len(), 1, "{c:?}");
+            assert!(c.refused[0].reason.contains(why), "{:?}", c.refused);
+            assert!(c.refused[0].kept_previous);
+            let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+            assert_eq!(share(web, "198.18.1.11"), 100, "the 90/10 split stays in force");
+        }
+        // A backend without the root's port.
+        let mut s = snap(vec![split("canary", &[("web-v1", 50), ("web-v2", 50)])]);
+        s.services.get_mut("t/web-v2").unwrap().ports[0].port = 81;
+        let c = splits.compile(&s);
+        assert!(c.refused[0].reason.contains("has no port 80"), "{:?}", c.refused);
+        // Deleted: the service is plain again, and nothing is remembered.
+        let c = splits.compile(&snap(vec![]));
+        assert!(c.refused.is_empty());
+        assert_eq!(c.tables.iter().find(|t| t.name == "t/web:80").unwrap().slots.len(), 3);
+        let c = splits.compile(&snap(vec![split("canary", &[("web-v1", 0), ("web-v2", 0)])]));
+        assert!(!c.refused[0].kept_previous);
+    }
+
+    #[test]
+    fn largest_remainder_adds_up() {
+        let v = largest_remainder(&[('a', 1), ('b', 1), ('c', 1)], 1000);
+        assert_eq!(v.len(), 1000);
+        assert_eq!(v.iter().filter(|c| **c == 'a').count(), 334);
+    }
+}

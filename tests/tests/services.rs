@@ -1,0 +1,227 @@
+//! Services and TrafficSplit in the lab: connects to a service VIP are
+//! given an endpoint in the kernel at connect(), spread by TrafficSplit
+//! weight; weight and endpoint changes apply to new connections within a
+//! second and leave established ones alone. VIPs are lab addresses
+//! (198.19.0.0/24, inside 198.18.0.0/15); the kernel never lets a packet
+//! leave for them.
+use std::{
+    collections::BTreeMap,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{TestLab, log_records, wait_for};
+use serde_json::Value;
+
+const LABTOOL: &str = env!("CARGO_BIN_EXE_labtool");
+
+/// client and v1a on node-a, v1b and v2 on node-b: every split mixes the
+/// spliced same-node path with the tunnel.
+const TOPOLOGY: &str = "
+nodes: [{name: node-a}, {name: node-b}]
+pods:
+  - {name: client, namespace: t, serviceAccount: client, node: node-a}
+  - {name: v1a, namespace: t, serviceAccount: web, node: node-a}
+  - {name: v1b, namespace: t, serviceAccount: web, node: node-b}
+  - {name: v2, namespace: t, serviceAccount: web, node: node-b}
+";
+
+const ROOT_VIP: &str = "198.19.0.10:80";
+
+fn service(name: &str, vip: &str, endpoints: &[&str]) -> String {
+    let addrs = endpoints.join(", ");
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\n\
+         spec: {{clusterIP: {vip}, ports: [{{port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+         metadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         ports: [{{port: 8080}}]\nendpoints: [{{addresses: [{addrs}]}}]\n---\n"
+    )
+}
+
+fn split(v1: i64, v2: i64) -> String {
+    format!(
+        "kind: TrafficSplit\nmetadata: {{name: canary, namespace: t}}\n\
+         spec: {{service: web, backends: [{{service: web-v1, weight: {v1}}}, {{service: web-v2, weight: {v2}}}]}}\n"
+    )
+}
+
+struct ServiceLab {
+    t: TestLab,
+    _servers: Vec<Guard>,
+}
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ServiceLab {
+    fn up() -> ServiceLab {
+        let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
+        let servers = ["v1a", "v1b", "v2"]
+            .iter()
+            .map(|p| Guard(t.traffic().serve(p, 8080).unwrap()))
+            .collect();
+        ServiceLab { t, _servers: servers }
+    }
+
+    fn ip(&self, pod: &str) -> String {
+        self.t.lab.pod(pod).unwrap().ip.to_string()
+    }
+
+    fn write_services(&self, root: &[&str]) {
+        let (v1a, v1b, v2) = (self.ip("v1a"), self.ip("v1b"), self.ip("v2"));
+        let root: Vec<String> = root.iter().map(|p| self.ip(p)).collect();
+        let root: Vec<&str> = root.iter().map(String::as_str).collect();
+        let text = service("web", "198.19.0.10", &root)
+            + &service("web-v1", "198.19.0.11", &[&v1a, &v1b])
+            + &service("web-v2", "198.19.0.12", &[&v2]);
+        std::fs::write(self.t.lab.source_dir.join("services.yaml"), text).unwrap();
+    }
+
+    fn write_split(&self, text: &str) {
+        std::fs::write(self.t.lab.source_dir.join("split.yaml"), text).unwrap();
+    }
+
+    /// Waits until node-a's agent has put `splits` split tables in force.
+    fn wait_in_force(&self, splits: u64) {
+        wait_for("service tables in force", Duration::from_secs(5), || {
+            log_records(&self.t.lab.agent_log("node-a"))
+                .iter()
+                .any(|r| r["message"] == "service tables in force" && r["services"] == 3 && r["splits"] == splits)
+        });
+    }
+
+    /// `count` new connections from the client to the root VIP: server pod -> count.
+    fn tally(&self, count: usize) -> BTreeMap<String, u64> {
+        let out = self
+            .t
+            .lab
+            .exec("client", LABTOOL)
+            .unwrap()
+            .args(["tally", "--to", ROOT_VIP, "--count", &count.to_string()])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("tally: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(v["failed"], 0, "connections to the VIP failed: {v}");
+        let mut by_pod = BTreeMap::new();
+        for (server, n) in v["servers"].as_object().unwrap() {
+            let ip = server.split(':').next().unwrap();
+            let pod = ["v1a", "v1b", "v2"]
+                .into_iter()
+                .find(|p| self.ip(p) == ip)
+                .unwrap_or_else(|| panic!("answered by {server}, not an endpoint"));
+            by_pod.insert(pod.to_string(), n.as_u64().unwrap());
+        }
+        by_pod
+    }
+
+    fn wait_tables(&self, what: &str, f: impl Fn(&BTreeMap<String, u64>) -> bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            let t = self.tally(20);
+            if f(&t) {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "{what}: still {t:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn a_90_10_split_sends_10_percent_to_v2_and_a_weight_change_applies_within_a_second() {
+    let s = ServiceLab::up();
+    s.write_services(&["v1a", "v1b", "v2"]);
+    s.write_split(&split(90, 10));
+    s.wait_in_force(1);
+
+    const N: u64 = 5_000;
+    let t = s.tally(N as usize);
+    let v2 = t.get("v2").copied().unwrap_or(0);
+    let share = v2 as f64 * 100.0 / N as f64;
+    println!("90/10 over {N} connections: {t:?}, v2 share {share:.2}%");
+    assert_eq!(t.values().sum::<u64>(), N);
+    assert!((share - 10.0).abs() <= 2.0, "v2 got {share:.2}%, want 10 +/- 2");
+    // v1's share is spread over both its endpoints, same node and cross node.
+    assert!(
+        t.get("v1a").copied().unwrap_or(0) > N / 4 && t.get("v1b").copied().unwrap_or(0) > N / 4,
+        "{t:?}"
+    );
+
+    // A long-lived connection opened under 90/10, written to after the change.
+    let held =
+        s.t.lab
+            .exec("client", LABTOOL)
+            .unwrap()
+            .args(["send", "--to", ROOT_VIP, "--bytes", "200000", "--hold-ms", "2500"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_split(&split(0, 100));
+    let took = s.wait_tables("0/100 in force", |t| t.get("v2") == Some(&20));
+    println!("0/100: new connections all reach v2 {took:?} after the edit");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let t = s.tally(200);
+    assert_eq!(t.get("v2"), Some(&200), "{t:?}");
+    let out = held.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    mesh_tests::assert_intact(&r);
+    println!("the held connection (to {}) kept working", r["reply"]["server"]);
+}
+
+#[test]
+fn bad_splits_are_refused_with_a_reason_and_the_previous_split_stays() {
+    let s = ServiceLab::up();
+    s.write_services(&["v1a", "v1b", "v2"]);
+    s.write_split(&split(0, 100));
+    s.wait_in_force(1);
+    s.wait_tables("0/100 in force", |t| t.get("v2") == Some(&20));
+    let bad = [
+        (split(0, 0), "sum to 0"),
+        (split(-1, 100), "negative weight"),
+        (split(50, 50).replace("web-v2", "web-v9"), "t/web-v9 does not exist"),
+    ];
+    for (text, why) in bad {
+        s.write_split(&text);
+        wait_for(&format!("refusal: {why}"), Duration::from_secs(5), || {
+            log_records(&s.t.lab.agent_log("node-a")).iter().any(|r| {
+                r["message"] == "TrafficSplit refused"
+                    && r["reason"].as_str().unwrap_or("").contains(why)
+                    && r["previous_version_in_force"] == true
+            })
+        });
+        let t = s.tally(100);
+        assert_eq!(
+            t.get("v2"),
+            Some(&100),
+            "after '{why}' the previous split must stay: {t:?}"
+        );
+    }
+}
+
+#[test]
+fn a_removed_endpoint_receives_no_new_connections() {
+    let s = ServiceLab::up();
+    s.write_services(&["v1a", "v1b", "v2"]);
+    s.wait_in_force(0);
+    s.wait_tables("service in force", |t| t.len() == 3);
+    s.write_services(&["v1a", "v2"]);
+    let took = s.wait_tables("v1b removed", |t| !t.contains_key("v1b"));
+    println!("endpoint removal in force {took:?} after the edit");
+    let t = s.tally(1_000);
+    println!("1,000 connections after removing v1b: {t:?}");
+    assert!(!t.contains_key("v1b"), "{t:?}");
+    assert_eq!(t.values().sum::<u64>(), 1_000);
+    // Both remaining endpoints serve (same node and cross node).
+    assert!(
+        t.get("v1a").copied().unwrap_or(0) > 300 && t.get("v2").copied().unwrap_or(0) > 300,
+        "{t:?}"
+    );
+}
