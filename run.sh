@@ -15,7 +15,9 @@ cd "$(dirname "$0")"
 TOOLCHAIN=1.98.0            # must match rust-toolchain.toml and mesh-agent/build.rs
 BPF_LINKER_VERSION=0.13.0
 LLVM=22                     # an eBPF toolchain on LLVM 23 fails with "Invalid record"
-PACKAGES=(bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump)
+PACKAGES=(bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump python3-venv)
+KUBERNETES_VALIDATE_VERSION=1.37.0
+TOOLS=/opt/mesh-tools          # a venv for kubernetes-validate (checks deploy/)
 
 say() { printf '\n=== %s\n' "$*" >&2; }
 
@@ -72,8 +74,17 @@ setup_promtool() {
     rm -rf "$tmp"
 }
 
+setup_kubernetes_validate() {
+    local bin="$TOOLS/venv/bin/kubernetes-validate"
+    [[ -x $bin ]] && "$bin" --version | grep -qx "$KUBERNETES_VALIDATE_VERSION" && return
+    say "setup: installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} (PyPI) in $TOOLS/venv"
+    python3 -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/pip" install -q "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+}
+
 setup_packages
 setup_promtool
+setup_kubernetes_validate
 setup_toolchain
 export PATH="$HOME/.cargo/bin:$PATH"
 setup_bpf_linker

@@ -483,16 +483,27 @@ pub async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             };
             let authority = Arc::new(Authority::load(&dir)?);
             let (tx, rx) = state::channel();
-            match source::file::load(&source_dir) {
-                Ok(mut snap) => {
-                    snap.generation = 1;
-                    let _ = tx.send(Arc::new(snap));
+            match source_dir {
+                Some(source_dir) => {
+                    match source::file::load(&source_dir) {
+                        Ok(mut snap) => {
+                            snap.generation = 1;
+                            let _ = tx.send(Arc::new(snap));
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %err, "source: initial read failed; refusing every request until it reads")
+                        }
+                    }
+                    tokio::spawn(source::file::watch(source_dir, tx));
                 }
-                Err(err) => {
-                    tracing::error!(error = %err, "source: initial read failed; refusing every request until it reads")
+                None => {
+                    let client = kube::Client::try_default().await.context(
+                        "connecting to the Kubernetes API (--kubernetes): in-cluster config or a kubeconfig is needed",
+                    )?;
+                    let source: Box<dyn source::Source> = Box::new(source::KubeSource { client });
+                    tokio::spawn(source.run(tx));
                 }
             }
-            tokio::spawn(source::file::watch(source_dir, tx));
             let service = CaService::new(authority, nodes, rx, trust_domain);
             let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
             tokio::select! {

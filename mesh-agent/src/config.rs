@@ -125,8 +125,16 @@ pub enum CaCommand {
         #[arg(long, env = "MESH_TOKEN_AUDIENCE", default_value = "mesh-ca")]
         token_audience: String,
         /// Where the CA learns which workloads run on which node (file source).
-        #[arg(long, env = "MESH_SOURCE_DIR")]
-        source_dir: PathBuf,
+        #[arg(long, env = "MESH_SOURCE_DIR", required_unless_present = "kubernetes")]
+        source_dir: Option<PathBuf>,
+        /// Learn it from the Kubernetes API instead (pods, cluster-wide).
+        #[arg(
+            long,
+            env = "MESH_KUBERNETES",
+            conflicts_with = "source_dir",
+            default_value_t = false
+        )]
+        kubernetes: bool,
         #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
         #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
