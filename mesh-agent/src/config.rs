@@ -63,6 +63,16 @@ pub enum Command {
         #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
         admin_addr: std::net::SocketAddr,
     },
+    /// Remove everything the mesh put in this node's kernel: every pinned
+    /// program link and map under --bpffs-dir. Pods' traffic then flows
+    /// unmeshed. Refuses while an agent is running here, unless --force.
+    Uninstall {
+        #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]
+        bpffs_dir: PathBuf,
+        /// Remove the pins even though an agent's heartbeat is current.
+        #[arg(long, default_value_t = false)]
+        force: bool,
+    },
     /// Print the agent version and its kernel map layout version.
     Version,
 }

@@ -66,6 +66,46 @@ fn main() -> std::process::ExitCode {
             app::run_audit(follow, verdict, workload, admin_addr),
         ),
         config::Command::Status { admin_addr } => run_to_exit("mesh-agent status", 1, app::run_status(admin_addr)),
+        config::Command::Uninstall { bpffs_dir, force } => {
+            // An agent that just stopped leaves a heartbeat a few seconds
+            // fresh: give it that long to go stale before refusing.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !force && mesh_agent::redirect::agent_alive(&bpffs_dir) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            if mesh_agent::redirect::agent_alive(&bpffs_dir) && !force {
+                eprintln!(
+                    "mesh-agent uninstall: an agent is running on this node (its heartbeat in {} is current): stop it first (delete the DaemonSet, or stop the service), or pass --force",
+                    bpffs_dir.display()
+                );
+                return std::process::ExitCode::FAILURE;
+            }
+            match mesh_agent::redirect::remove_pins(&bpffs_dir) {
+                Ok(removed) if removed.is_empty() => {
+                    println!(
+                        "nothing pinned in {}: the mesh is not installed here",
+                        bpffs_dir.display()
+                    );
+                    std::process::ExitCode::SUCCESS
+                }
+                Ok(removed) => {
+                    println!(
+                        "removed {} pins from {} ({}): programs detached, maps freed; pods' traffic now flows unmeshed",
+                        removed.len(),
+                        bpffs_dir.display(),
+                        removed.join(", ")
+                    );
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "mesh-agent uninstall: removing pins in {}: {e} (run as root; is bpffs mounted?)",
+                        bpffs_dir.display()
+                    );
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
         config::Command::Version => {
             println!(
                 "mesh-agent {} (map layout v{})",

@@ -56,8 +56,8 @@ pub enum RedirectError {
     #[error("pinning {0} failed: {1} (is the bpffs directory writable?)")]
     Pin(PathBuf, String),
     #[error(
-        "maps pinned in {dir} have layout v{found} (4294967295: unreadable), this agent uses v{ours}: run `mesh-agent uninstall` \
-         (or remove {dir}) to replace them deliberately"
+        "maps pinned in {dir} have layout v{found} (4294967295: unreadable), newer than this agent's v{ours}: run the newer \
+         agent, or `mesh-agent uninstall --bpffs-dir {dir}` to replace them deliberately"
     )]
     IncompatiblePins { dir: PathBuf, found: u32, ours: u32 },
     #[error("map {0} missing from the eBPF object (agent and mesh-ebpf out of sync; rebuild)")]
@@ -125,27 +125,76 @@ fn open_cgroup(path: &Path) -> Result<File, RedirectError> {
     File::open(path).map_err(|e| RedirectError::Cgroup(path.into(), e))
 }
 
-/// Refuses pins written with another map layout (see `MAP_LAYOUT_VERSION`).
-fn check_pinned_layout(dir: &Path) -> Result<(), RedirectError> {
+/// The layout version of the pins in `dir`: None when nothing is pinned,
+/// 0 when an agent created the maps but never configured them, u32::MAX
+/// when `mesh_config` is unreadable (another layout, whatever it says).
+pub fn pinned_layout(dir: &Path) -> Option<u32> {
+    pinned_config(dir).map(|c| c.map_or(u32::MAX, |c| c.layout_version))
+}
+
+fn pinned_config(dir: &Path) -> Option<Option<Config>> {
     let path = dir.join(maps::CONFIG);
     if !path.exists() {
+        return None;
+    }
+    Some(
+        MapData::from_pin(&path)
+            .ok()
+            .and_then(|data| Array::<MapData, Config>::try_from(aya::maps::Map::Array(data)).ok())
+            .and_then(|arr| arr.get(&0, 0).ok()),
+    )
+}
+
+/// Whether an agent's heartbeat in the pinned `mesh_config` is current.
+pub fn agent_alive(dir: &Path) -> bool {
+    matches!(pinned_config(dir), Some(Some(c)) if c.layout_version == MAP_LAYOUT_VERSION && c.alive_until_ns > monotonic_ns())
+}
+
+/// Removes every pin in `dir` (maps and links) and the directory. With no
+/// process holding them, that detaches the programs and frees the maps:
+/// pods' traffic then flows unmeshed. Returns the names removed.
+pub fn remove_pins(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        std::fs::remove_file(entry.path())?;
+        removed.push(entry.file_name().to_string_lossy().to_string());
+    }
+    std::fs::remove_dir(dir)?;
+    removed.sort();
+    Ok(removed)
+}
+
+/// Pins of an older map layout are replaced, and the agent says so; pins
+/// of a newer one (a downgrade) are refused (see `MAP_LAYOUT_VERSION`).
+fn check_pinned_layout(dir: &Path) -> Result<(), RedirectError> {
+    let found = match pinned_layout(dir) {
+        None | Some(0) => return Ok(()),
+        Some(v) if v == MAP_LAYOUT_VERSION => return Ok(()),
+        Some(v) => v,
+    };
+    if found < MAP_LAYOUT_VERSION {
+        tracing::warn!(
+            dir = %dir.display(),
+            pinned_layout = found,
+            layout = MAP_LAYOUT_VERSION,
+            "pinned maps and programs have an older layout: replacing them (connections spliced by the old programs fall back to TCP; new connects use the new ones)"
+        );
+        let removed = remove_pins(dir).map_err(|e| RedirectError::Pin(dir.into(), e.to_string()))?;
+        tracing::info!(removed = ?removed, "old pins removed");
+        std::fs::create_dir_all(dir).map_err(|e| RedirectError::Pin(dir.into(), e.to_string()))?;
         return Ok(());
     }
-    let found = MapData::from_pin(&path)
-        .ok()
-        .and_then(|data| Array::<MapData, Config>::try_from(aya::maps::Map::Array(data)).ok())
-        .and_then(|arr| arr.get(&0, 0).ok())
-        // A value of another size is another layout, whatever it says.
-        .map_or(u32::MAX, |c| c.layout_version);
-    // 0: maps were created but no agent finished configuring them.
-    if found != 0 && found != MAP_LAYOUT_VERSION {
-        return Err(RedirectError::IncompatiblePins {
-            dir: dir.into(),
-            found,
-            ours: MAP_LAYOUT_VERSION,
-        });
-    }
-    Ok(())
+    Err(RedirectError::IncompatiblePins {
+        dir: dir.into(),
+        found,
+        ours: MAP_LAYOUT_VERSION,
+    })
 }
 
 impl Redirect {
