@@ -72,7 +72,9 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
             _pad: 0,
         };
         let Some(backend) = (unsafe { mesh_backends.get(&slot) }) else {
-            // Only while the agent swaps this service's table: leave it.
+            // A slot deleted under us while the agent swapped this
+            // service's table (a rare race): refuse like "no endpoint",
+            // the client retries.
             count(|s| &mut s.no_endpoint);
             return DENY;
         };
