@@ -130,7 +130,7 @@ impl Splits {
                         split_slots(split, port.port, snap),
                         Some(format!("{}/{}", split.namespace, split.name)),
                     ),
-                    None => (even_slots(svc, port), None),
+                    None => (endpoints(svc, port), None),
                 };
                 tables.push(ServiceTable {
                     name: format!("{key}:{}", port.port),
@@ -213,10 +213,6 @@ fn endpoints(svc: &Service, port: &ServicePort) -> Vec<(Ipv4Addr, u16)> {
     out.sort();
     out.dedup();
     out
-}
-
-fn even_slots(svc: &Service, port: &ServicePort) -> Vec<(Ipv4Addr, u16)> {
-    endpoints(svc, port)
 }
 
 /// SPLIT_SLOTS slots shared by weight, then evenly among each backend's

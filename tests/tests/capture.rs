@@ -5,11 +5,11 @@
 //! Every test builds its own lab and removes it in a guard's Drop, so a
 //! failing assertion still cleans up.
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use mesh_tests::{TestLab, agent_bin, assert_intact};
+use mesh_tests::{KillOnDrop, TestLab, agent_bin, assert_intact};
 use serde_json::Value;
 use xtask::{
     lab::{self, Lab},
@@ -166,7 +166,7 @@ fn bpftool_prints_every_map_as_typed_structs() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut held = Guard(held);
+    let mut held = KillOnDrop(held);
     std::thread::sleep(Duration::from_millis(500));
     let expect = [
         ("mesh_workloads", "workload_id"),
@@ -225,14 +225,6 @@ fn bpftool_prints_every_map_as_typed_structs() {
         );
     }
     let _ = held.0.wait();
-}
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

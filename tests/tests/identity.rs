@@ -45,18 +45,6 @@ fn request(lab: &Lab, node: &str, token_file: &std::path::Path, identity: &str) 
     (out.status.success(), text)
 }
 
-/// The agent's /metrics, fetched from inside its node.
-fn metrics(lab: &Lab, node: &str) -> String {
-    let n = lab.node(node).unwrap();
-    let out = lab
-        .node_exec(node, "curl")
-        .unwrap()
-        .args(["-sf", &format!("http://{}:15020/metrics", n.fabric_ip)])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 fn metric(text: &str, name: &str, identity: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name) && l.contains(&format!("identity=\"{identity}\"")))
@@ -89,13 +77,13 @@ fn agents_obtain_certificates_for_their_own_workloads_and_nothing_else() {
     // The expiry gauge is refreshed every second.
     wait_for("expiry gauge", Duration::from_secs(5), || {
         metric(
-            &metrics(lab, "node-a"),
+            &mesh_tests::metrics_text(lab, "node-a"),
             "mesh_certificate_expiry_seconds",
             &spiffe("sa-a"),
         )
         .is_some()
     });
-    let m = metrics(lab, "node-a");
+    let m = mesh_tests::metrics_text(lab, "node-a");
     let left = metric(&m, "mesh_certificate_expiry_seconds", &spiffe("sa-a")).unwrap();
     assert!(left > 23.0 * 3600.0, "default TTL is 24 h: {left}");
 
@@ -190,7 +178,7 @@ fn with_the_ca_down_agents_keep_their_certificates_count_failures_and_recover() 
             .iter()
             .any(|r| r["message"] == "certificate refresh failed")
     });
-    let m = metrics(lab, "node-b");
+    let m = mesh_tests::metrics_text(lab, "node-b");
     let failures = metric(&m, "mesh_certificate_issue_failures_total", &id).unwrap_or(0.0);
     assert!(failures >= 1.0, "failures not counted:\n{m}");
     let left = metric(&m, "mesh_certificate_expiry_seconds", &id).unwrap();

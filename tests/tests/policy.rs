@@ -5,11 +5,10 @@
 //! in under a second, and a broken file changes nothing else.
 use std::{
     net::SocketAddr,
-    process::Child,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{TestLab, log_records, wait_for};
+use mesh_tests::{KillOnDrop, TestLab, log_records, wait_for};
 use serde_json::Value;
 use xtask::lab::Lab;
 
@@ -62,15 +61,7 @@ const PORTS: [u16; 2] = [8080, 9090];
 
 struct PolicyLab {
     t: TestLab,
-    _servers: Vec<ServerGuard>,
-}
-
-struct ServerGuard(Child);
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    _servers: Vec<KillOnDrop>,
 }
 
 impl PolicyLab {
@@ -80,7 +71,7 @@ impl PolicyLab {
         let mut servers = Vec::new();
         for pod in ["a1", "b1", "c1", "a2", "b2", "c2"] {
             for port in PORTS {
-                servers.push(ServerGuard(t.traffic().serve(pod, port).unwrap()));
+                servers.push(KillOnDrop(t.traffic().serve(pod, port).unwrap()));
             }
         }
         // The policy file is picked up within a poll; wait until it is in force.
@@ -371,10 +362,10 @@ fn http_route_rules_pass_matching_requests_and_answer_403_to_the_rest() {
     let t = TestLab::up_with(HTTP_TOPOLOGY, &["--policy-mode=enforcing"], LABTOOL);
     let lab = &t.lab;
     std::fs::write(lab.source_dir.join("policy.yaml"), HTTP_POLICY).unwrap();
-    let _servers: Vec<ServerGuard> = ["web-a", "web-b"]
+    let _servers: Vec<KillOnDrop> = ["web-a", "web-b"]
         .iter()
         .map(|pod| {
-            ServerGuard(
+            KillOnDrop(
                 lab.exec(pod, LABTOOL)
                     .unwrap()
                     .args(["http-serve", "--port", "80"])

@@ -6,11 +6,11 @@
 //! leave for them.
 use std::{
     collections::BTreeMap,
-    process::{Child, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{TestLab, log_records, wait_for};
+use mesh_tests::{KillOnDrop, TestLab, log_records, wait_for};
 use serde_json::Value;
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_labtool");
@@ -48,15 +48,7 @@ fn split(v1: i64, v2: i64) -> String {
 
 struct ServiceLab {
     t: TestLab,
-    _servers: Vec<Guard>,
-}
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    _servers: Vec<KillOnDrop>,
 }
 
 impl ServiceLab {
@@ -64,7 +56,7 @@ impl ServiceLab {
         let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
         let servers = ["v1a", "v1b", "v2"]
             .iter()
-            .map(|p| Guard(t.traffic().serve(p, 8080).unwrap()))
+            .map(|p| KillOnDrop(t.traffic().serve(p, 8080).unwrap()))
             .collect();
         ServiceLab { t, _servers: servers }
     }

@@ -140,22 +140,26 @@ fn main() {
     }
 }
 
+/// Sends `payload`, half-closes, and reads the server's JSON answer to EOF.
+fn exchange(stream: &mut TcpStream, payload: &[u8]) -> Result<serde_json::Value, String> {
+    stream.write_all(payload).map_err(|e| format!("write: {e}"))?;
+    stream.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match read_retrying(stream, &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    serde_json::from_slice(&reply).map_err(|_| "bad reply".to_string())
+}
+
 fn tally(to: SocketAddr, count: usize, threads: usize) {
     let one = move || -> Result<String, String> {
         let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-        s.write_all(b"tally").map_err(|e| format!("write: {e}"))?;
-        s.shutdown(std::net::Shutdown::Write)
-            .map_err(|e| format!("shutdown: {e}"))?;
-        let mut reply = Vec::new();
-        let mut chunk = [0u8; 512];
-        loop {
-            match read_retrying(&mut s, &mut chunk) {
-                Ok(0) => break,
-                Ok(n) => reply.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        }
-        let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|_| "bad reply".to_string())?;
+        let v = exchange(&mut s, b"tally")?;
         v["server"]
             .as_str()
             .map(String::from)
@@ -378,18 +382,7 @@ fn burst(to: SocketAddr, flows: usize, bytes: u64) {
                     let mut state = i as u64 + 1;
                     let mut buf = vec![0u8; bytes as usize];
                     fill(&mut state, &mut buf);
-                    stream.write_all(&buf).map_err(|e| format!("write: {e}"))?;
-                    stream.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
-                    let mut reply = Vec::new();
-                    let mut chunk = [0u8; 512];
-                    loop {
-                        match read_retrying(&mut stream, &mut chunk) {
-                            Ok(0) => break,
-                            Ok(n) => reply.extend_from_slice(&chunk[..n]),
-                            Err(e) => return Err(format!("read: {e}")),
-                        }
-                    }
-                    let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|_| "bad reply".to_string())?;
+                    let v = exchange(&mut stream, &buf)?;
                     let want = hex(&Sha256::digest(&buf));
                     if v["sha256"] == want.as_str() {
                         Ok(())
