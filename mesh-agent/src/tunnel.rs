@@ -26,9 +26,11 @@ use crate::identity::SpiffeId;
 
 /// Limits both transports share: connections per peer key, streams per
 /// connection (beyond them new streams wait: backpressure), and how long a
-/// handshake may take.
-pub const MAX_CONNS_PER_PEER: usize = 4;
-pub const MAX_STREAMS_PER_CONN: u32 = 256;
+/// handshake may take. 16 x 1,000 = 16,000 concurrent flows per (source
+/// identity, destination node): a busy pod's 10,000 idle connections fit
+/// (with 4 x 256 the 1,025th flow waited for a free stream).
+pub const MAX_CONNS_PER_PEER: usize = 16;
+pub const MAX_STREAMS_PER_CONN: u32 = 1000;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a tunnel goes and whom it speaks for: one pooled connection set per key.

@@ -477,6 +477,16 @@ impl Lab {
         Ok(self.wrapped(&p.netns, &self.pod_cgroup(p), program))
     }
 
+    /// A command in a pod's network namespace but outside the mesh: its
+    /// cgroup sits beside the node's pod cgroups, where no mesh program is
+    /// attached (the benchmark's no-mesh baseline, on the same veths).
+    pub fn exec_unmeshed(&self, pod: &str, program: &str) -> anyhow::Result<Command> {
+        let p = self.pod(pod)?;
+        let cg = self.cgroup_root.join(&p.node).join("unmeshed");
+        fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
+        Ok(self.wrapped(&p.netns, &cg, program))
+    }
+
     /// A command run on a node, outside every pod cgroup (like a host process).
     pub fn node_exec(&self, node: &str, program: &str) -> anyhow::Result<Command> {
         let n = self.node(node)?;

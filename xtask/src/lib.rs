@@ -1,5 +1,6 @@
 //! Developer and CI tasks, as a library so the end-to-end tests drive the
 //! same lab code as `cargo xtask lab`.
+pub mod bench;
 pub mod demo;
 pub mod lab;
 pub mod probe;

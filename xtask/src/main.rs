@@ -27,6 +27,27 @@ enum Cmd {
     },
     /// Unit tests, then the end-to-end tests in the lab.
     Test,
+    /// Benchmark the mesh against no mesh in one lab run (release build):
+    /// a table, target/bench/bench.json and target/bench/bench.png.
+    Bench {
+        /// Rounds; each figure is min/median/max over them.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds of each single-stream throughput run.
+        #[arg(long, default_value_t = 10)]
+        throughput_secs: u64,
+        /// Seconds of each latency and connection-rate run.
+        #[arg(long, default_value_t = 2.0)]
+        short_secs: f64,
+        /// Idle captured connections held to measure agent memory.
+        #[arg(long, default_value_t = 10_000)]
+        hold: usize,
+        /// Debug build (quick smoke run; the figures mean nothing).
+        #[arg(long)]
+        debug: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Regenerate deploy/crds/ from the SMI types in mesh-agent/src/smi.rs.
     GenCrds,
 }
@@ -84,6 +105,22 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lab { cmd } => lab_cmd(cmd),
         Cmd::Demo { keep } => xtask_demo(keep),
         Cmd::Test => xtask_test(),
+        Cmd::Bench {
+            rounds,
+            throughput_secs,
+            short_secs,
+            hold,
+            debug,
+            out,
+        } => xtask::bench::run(&xtask::bench::BenchOptions {
+            rounds,
+            throughput_secs,
+            short_secs,
+            hold,
+            debug,
+            out_dir: out,
+        })
+        .context("bench failed"),
         Cmd::GenCrds => {
             let agent = xtask::build_agent(false)?;
             let status = std::process::Command::new(agent)

@@ -174,20 +174,18 @@ impl Outbound {
             match tunnels.inbound.check(&source, dst) {
                 Ok(admission) => {
                     let (r, w) = downstream.into_split();
-                    tunnels
-                        .inbound
-                        .serve_flow(
-                            super::inbound::Flow {
-                                transport: "local",
-                                peer: &source,
-                                dst,
-                                flow_id,
-                                admission,
-                            },
-                            r,
-                            w,
-                        )
-                        .await;
+                    Box::pin(tunnels.inbound.serve_flow(
+                        super::inbound::Flow {
+                            transport: "local",
+                            peer: &source,
+                            dst,
+                            flow_id,
+                            admission,
+                        },
+                        r,
+                        w,
+                    ))
+                    .await;
                 }
                 Err(refusal) => refuse(downstream, &refusal.to_string()),
             }
@@ -207,7 +205,7 @@ impl Outbound {
                         protocol: Protocol::Tcp as i32,
                         flow_id,
                     };
-                    match quic.open(&key, &header).await {
+                    match Box::pin(quic.open(&key, &header)).await {
                         Ok((mut send, mut recv, _guard)) => {
                             Ok(copy::bidirectional(&mut down_r, &mut down_w, &mut recv, &mut send).await)
                         }
@@ -219,7 +217,7 @@ impl Outbound {
                     detail: "QUIC is not bound".into(),
                 }),
             },
-            Transport::Tcp => match tunnels.hbone.open(&key, SocketAddr::V4(route.dst), flow_id).await {
+            Transport::Tcp => match Box::pin(tunnels.hbone.open(&key, SocketAddr::V4(route.dst), flow_id)).await {
                 Ok((io, _guard)) => {
                     let (mut r, mut w) = tokio::io::split(io);
                     Ok(copy::bidirectional(&mut down_r, &mut down_w, &mut r, &mut w).await)
@@ -298,4 +296,21 @@ fn refuse(stream: TcpStream, why: &str) {
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    fn future_size<A, B, C, F: std::future::Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open flow keeps its task's future allocated for its whole life,
+    /// so its size is memory per idle connection: connect-time futures
+    /// (handshakes, h2) are boxed and freed once the flow is copying.
+    /// Measured (debug build): 7,944 bytes before boxing, 2,592 after.
+    #[test]
+    fn an_idle_flow_holds_a_small_future() {
+        let size = future_size(super::Outbound::handle);
+        assert!(size < 4096, "Outbound::handle's future is {size} bytes");
+    }
 }

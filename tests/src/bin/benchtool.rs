@@ -1,0 +1,301 @@
+//! The benchmark's traffic tool, run inside lab pods by `cargo xtask bench`:
+//! an echo server, a fixed-rate request/response client, a connection-rate
+//! client and a holder of idle connections. Every client prints one JSON
+//! line. Single-threaded on purpose: the bench pins each node to one core.
+use std::{
+    net::SocketAddr,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo every byte back, on every connection, until killed.
+    EchoServe {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Requests of `size` bytes, each echoed back, started at a fixed `rate`
+    /// for `secs` (open loop: a slow answer never delays the next request,
+    /// which takes another connection). Latency runs from the request's
+    /// start (connect included with --new-conn) to its full echo; not from
+    /// its scheduled slot, as tokio's 1 ms timer would add up to 1 ms. Prints
+    /// {"requests", "errors", "p50_us", "p90_us", "p99_us", "max_us"}.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// A new connection per request (else a few persistent ones).
+        #[arg(long)]
+        new_conn: bool,
+    },
+    /// `concurrency` loops of connect, 1-byte round trip, close, for `secs`.
+    /// Prints {"connections", "per_sec", "errors"}.
+    ConnRate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// Connect to `to` every millisecond until connect() gives the wanted
+    /// verdict (denied = EPERM from the mesh, allowed = connected), then
+    /// print {"reached", "at_unix_us", "attempts"}.
+    WaitVerdict {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, value_parser = ["denied", "allowed"])]
+        want: String,
+        #[arg(long, default_value_t = 10.0)]
+        timeout_secs: f64,
+    },
+    /// Open `count` connections, one round trip on each (so every one is
+    /// established end to end), print {"open", "errors"}, then hold them
+    /// until stdin closes.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        match Cli::parse().cmd {
+            Cmd::EchoServe { port } => echo_serve(port).await,
+            Cmd::Rr {
+                to,
+                rate,
+                secs,
+                size,
+                new_conn,
+            } => rr(to, rate, secs, size, new_conn).await,
+            Cmd::ConnRate { to, secs, concurrency } => conn_rate(to, secs, concurrency).await,
+            Cmd::Hold { to, count } => hold(to, count).await,
+            Cmd::WaitVerdict { to, want, timeout_secs } => wait_verdict(to, want == "denied", timeout_secs),
+        }
+    })
+}
+
+/// 10,000 held connections need more than the default 1,024 descriptors.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+async fn echo_serve(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        s.set_nodelay(true)?;
+        tokio::task::spawn_local(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn round_trip(s: &mut TcpStream, req: &[u8], reply: &mut [u8]) -> std::io::Result<()> {
+    s.write_all(req).await?;
+    s.read_exact(reply).await?;
+    if reply != req {
+        return Err(std::io::Error::other("echo differs from request"));
+    }
+    Ok(())
+}
+
+async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(to).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+async fn rr(to: SocketAddr, rate: u32, secs: f64, size: usize, new_conn: bool) -> anyhow::Result<()> {
+    let req: Rc<Vec<u8>> = Rc::new((0..size).map(|i| (i % 251) as u8).collect());
+    // Persistent connections, reused by whichever request comes next; more
+    // are opened only when a request finds them all busy.
+    let idle: Rc<std::cell::RefCell<Vec<TcpStream>>> = Rc::default();
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let total = (secs * rate as f64) as usize;
+    let start = tokio::time::Instant::now() + Duration::from_millis(10);
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let scheduled = start + period * i as u32;
+        tokio::time::sleep_until(scheduled).await;
+        let (req, idle) = (req.clone(), idle.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            let began = Instant::now();
+            let mut reply = vec![0u8; req.len()];
+            let pooled = if new_conn { None } else { idle.borrow_mut().pop() };
+            let mut s = match pooled {
+                Some(s) => s,
+                None => connect(to).await?,
+            };
+            round_trip(&mut s, &req, &mut reply).await?;
+            let took = began.elapsed();
+            if !new_conn {
+                idle.borrow_mut().push(s);
+            }
+            Ok::<Duration, std::io::Error>(took)
+        }));
+    }
+    let mut lat = Vec::with_capacity(total);
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await? {
+            Ok(d) => lat.push(d.as_secs_f64() * 1e6),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+    };
+    errors.truncate(5);
+    println!(
+        "{}",
+        json!({
+            "requests": lat.len(), "errors": total - lat.len(), "first_errors": errors,
+            "p50_us": pct(0.50), "p90_us": pct(0.90), "p99_us": pct(0.99), "max_us": lat.last(),
+        })
+    );
+    Ok(())
+}
+
+async fn conn_rate(to: SocketAddr, secs: f64, concurrency: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let loops: Vec<_> = (0..concurrency)
+        .map(|_| {
+            tokio::task::spawn_local(async move {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                let mut reply = [0u8; 1];
+                while Instant::now() < deadline {
+                    let r = async {
+                        let mut s = connect(to).await?;
+                        round_trip(&mut s, b"x", &mut reply).await
+                    };
+                    match r.await {
+                        Ok(()) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for l in loops {
+        let (o, f) = l.await?;
+        ok += o;
+        failed += f;
+    }
+    let took = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"connections": ok, "per_sec": ok as f64 / took, "errors": failed})
+    );
+    Ok(())
+}
+
+async fn hold(to: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let mut held = Vec::with_capacity(count);
+    let mut errors = 0;
+    // In batches, so the agents see a burst they can absorb, not 10,000 SYNs at once.
+    for batch in (0..count).collect::<Vec<_>>().chunks(250) {
+        let opened: Vec<_> = batch
+            .iter()
+            .map(|_| {
+                tokio::task::spawn_local(async move {
+                    let mut s = connect(to).await?;
+                    let mut reply = [0u8; 1];
+                    round_trip(&mut s, b"h", &mut reply).await?;
+                    Ok::<_, std::io::Error>(s)
+                })
+            })
+            .collect();
+        for o in opened {
+            match o.await? {
+                Ok(s) => held.push(s),
+                Err(_) => errors += 1,
+            }
+        }
+    }
+    println!("{}", json!({"open": held.len(), "errors": errors}));
+    // Hold until the bench closes our stdin; idle sockets need no runtime,
+    // so blocking here is fine.
+    let mut sink = [0u8; 64];
+    while std::io::Read::read(&mut std::io::stdin(), &mut sink).unwrap_or(0) > 0 {}
+    drop(held);
+    Ok(())
+}
+
+fn wait_verdict(to: SocketAddr, want_denied: bool, timeout_secs: f64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout_secs);
+    let mut attempts = 0u64;
+    let reached = loop {
+        attempts += 1;
+        let denied = match std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
+            Ok(_) => false,
+            Err(e) => e.raw_os_error() == Some(libc::EPERM),
+        };
+        if denied == want_denied {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_micros() as u64;
+    println!(
+        "{}",
+        json!({"reached": reached, "at_unix_us": at, "attempts": attempts})
+    );
+    Ok(())
+}
