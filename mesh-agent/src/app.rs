@@ -44,7 +44,6 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     preflight::check(&s.bpffs_dir, &s.pod_cgroup_root)?;
     raise_memlock_limit();
     raise_open_files_limit();
-    let agent_cgroup = preflight::own_cgroup().context("finding the agent's own cgroup (is cgroup2 mounted?)")?;
 
     // Listen before capture starts, so no captured connect finds it closed.
     let listener = outbound::bind(s.capture_ip, s.outbound_port).await?;
@@ -52,7 +51,6 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut redirect = Redirect::load(&RedirectOptions {
         bpffs_dir: &s.bpffs_dir,
         pod_cgroup_root: &s.pod_cgroup_root,
-        agent_cgroup: &agent_cgroup,
         capture_ip: s.capture_ip,
         outbound_port: s.outbound_port,
         fail_open: s.fail_open,
@@ -159,7 +157,6 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         node = %s.node_name,
         outbound = %format!("{}:{}", s.capture_ip, s.outbound_port),
         pod_cgroup_root = %s.pod_cgroup_root.display(),
-        agent_cgroup = %agent_cgroup.display(),
         bpffs = %s.bpffs_dir.display(),
         fail_open = s.fail_open,
         splice = s.splice,

@@ -69,23 +69,3 @@ fn ensure_bpffs(bpffs_dir: &Path) -> Result<(), PreflightError> {
     }
     Ok(())
 }
-
-/// The cgroup2 mount point and this process's own cgroup directory in it.
-pub fn own_cgroup() -> std::io::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    let root = mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_dev, mnt, ty) = (f.next()?, f.next()?, f.next()?);
-            (ty == "cgroup2").then(|| PathBuf::from(mnt))
-        })
-        .next()
-        .ok_or_else(|| std::io::Error::other("no cgroup2 mount in /proc/self/mounts"))?;
-    let own = std::fs::read_to_string("/proc/self/cgroup")?;
-    let rel = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| std::io::Error::other("no cgroup2 entry in /proc/self/cgroup"))?;
-    Ok(root.join(rel.trim_start_matches('/')))
-}

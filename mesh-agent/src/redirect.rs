@@ -74,8 +74,6 @@ pub enum RedirectError {
 pub struct RedirectOptions<'a> {
     pub bpffs_dir: &'a Path,
     pub pod_cgroup_root: &'a Path,
-    /// The agent's own cgroup: its accepted sockets are spliced to the pods'.
-    pub agent_cgroup: &'a Path,
     pub capture_ip: Ipv4Addr,
     pub outbound_port: u16,
     pub fail_open: bool,
@@ -90,6 +88,7 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 /// Names the pinned links in the bpffs directory.
 const LINK_CONNECT4: &str = "link_connect4";
 const LINK_SOCKOPS_PODS: &str = "link_sockops_pods";
+/// Pinned by earlier agents; released on start.
 const LINK_SOCKOPS_AGENT: &str = "link_sockops_agent";
 const LINK_SK_MSG: &str = "link_sk_msg";
 
@@ -221,7 +220,6 @@ impl Redirect {
         };
 
         let pods = open_cgroup(opts.pod_cgroup_root)?;
-        let agent = open_cgroup(opts.agent_cgroup)?;
         let mut links = Vec::new();
 
         // connect4: swap the program inside the pinned link atomically, so
@@ -259,10 +257,7 @@ impl Redirect {
             let name = programs::SOCKOPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
             prog.load().map_err(|err| RedirectError::Program { name, err })?;
-            for (cgroup, cgroup_path, pin_name) in [
-                (&pods, opts.pod_cgroup_root, LINK_SOCKOPS_PODS),
-                (&agent, opts.agent_cgroup, LINK_SOCKOPS_AGENT),
-            ] {
+            for (cgroup, cgroup_path, pin_name) in [(&pods, opts.pod_cgroup_root, LINK_SOCKOPS_PODS)] {
                 let pin = dir.join(pin_name);
                 let old = PinnedLink::from_pin(&pin).ok();
                 let id = prog.attach(cgroup, LINK_MODE).map_err(|err| RedirectError::Attach {
@@ -275,6 +270,9 @@ impl Redirect {
                 release(old);
                 links.push(repin(fd, &pin)?);
             }
+            // Earlier agents also ran sockops in their own cgroup, to splice
+            // the pod-to-agent hop (see mesh-ebpf sockops.rs for why no more).
+            release(PinnedLink::from_pin(dir.join(LINK_SOCKOPS_AGENT)).ok());
         }
 
         // sk_msg attaches to the sockhash, one program per map: release the

@@ -70,9 +70,10 @@ fn cross_node_traffic_goes_through_the_agent_which_names_the_source_workload() {
         peer.starts_with(&format!("{}:", t.lab.node("node-b").unwrap().gateway_ip)),
         "{peer}"
     );
-    // The pod-to-agent hop was spliced too.
+    // The pod-to-agent hop takes TCP, not the splice: sockmap has no
+    // backpressure, and the tunnel is always slower than the pod's writes.
     let (_, spliced) = probe::splice_counters(&t.lab, "node-a").unwrap();
-    assert!(spliced >= size, "pod-to-agent hop spliced only {spliced} bytes");
+    assert_eq!(spliced, 0, "the pod-to-agent hop was spliced");
 }
 
 #[test]

@@ -517,7 +517,7 @@ impl Bench {
         let cpu = self.agents_cpu()? - cpu0;
         let bytes = iperf["end"]["sum_received"]["bytes"]
             .as_f64()
-            .context("iperf3 JSON lacks end.sum_received.bytes")?;
+            .with_context(|| format!("{tag}: iperf3 gave no result; its error: {}", iperf["error"]))?;
         let secs = iperf["end"]["sum_received"]["seconds"].as_f64().unwrap_or(1.0);
         push(s, "throughput_gbps", bytes * 8.0 / secs / 1e9);
         push(s, "agent_cpu_s_per_gib", cpu / (bytes / (1u64 << 30) as f64));
