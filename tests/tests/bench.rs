@@ -18,20 +18,41 @@ fn the_bench_measures_every_path_and_writes_json_and_png() {
         out_dir: out.clone(),
     })
     .expect("bench run");
-    assert!(xtask::lab::lab_netns().is_empty(), "the bench left lab namespaces behind");
+    assert!(
+        xtask::lab::lab_netns().is_empty(),
+        "the bench left lab namespaces behind"
+    );
 
     let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
     let paths = json["paths"].as_object().unwrap();
     assert_eq!(paths.len(), 5, "{paths:?}");
     for (path, p) in paths {
         let figures = p["figures"].as_object().unwrap();
-        for key in ["throughput_gbps", "rr_p50_us", "rr_p99_us", "rr_new_p99_us", "conn_per_sec"] {
+        for key in [
+            "throughput_gbps",
+            "rr_p50_us",
+            "rr_p99_us",
+            "rr_new_p99_us",
+            "conn_per_sec",
+        ] {
             let f = &figures[key];
-            let (min, med, max) = (f["min"].as_f64().unwrap(), f["median"].as_f64().unwrap(), f["max"].as_f64().unwrap());
+            let (min, med, max) = (
+                f["min"].as_f64().unwrap(),
+                f["median"].as_f64().unwrap(),
+                f["max"].as_f64().unwrap(),
+            );
             assert!(min > 0.0 && min <= med && med <= max, "{path} {key}: {f}");
-            assert_eq!(f["samples"].as_array().unwrap().len(), 2, "{path} {key}: one sample per round");
+            assert_eq!(
+                f["samples"].as_array().unwrap().len(),
+                2,
+                "{path} {key}: one sample per round"
+            );
             let has_ratio = !f["ratio_to_no_mesh"].is_null();
-            assert_eq!(has_ratio, !path.starts_with("nomesh"), "{path} {key}: ratio only for meshed paths");
+            assert_eq!(
+                has_ratio,
+                !path.starts_with("nomesh"),
+                "{path} {key}: ratio only for meshed paths"
+            );
         }
         // The agent carries bytes only on the tunnel paths.
         let cpu = figures["agent_cpu_s_per_gib"]["median"].as_f64().unwrap();
@@ -43,7 +64,10 @@ fn the_bench_measures_every_path_and_writes_json_and_png() {
         let idle = json["agent_rss_mib"]["idle"][node].as_f64().unwrap();
         let held = json["agent_rss_mib"]["holding_connections"][node].as_f64().unwrap();
         let peak = json["agent_rss_mib"]["peak"][node].as_f64().unwrap();
-        assert!(idle > 1.0 && peak >= held, "{node}: idle {idle}, held {held}, peak {peak}");
+        assert!(
+            idle > 1.0 && peak >= held,
+            "{node}: idle {idle}, held {held}, peak {peak}"
+        );
     }
     for key in ["deny_ms", "allow_ms"] {
         let median = json["policy_change_to_enforcement_ms"][key]["median"].as_f64().unwrap();
@@ -51,6 +75,9 @@ fn the_bench_measures_every_path_and_writes_json_and_png() {
         assert!(median > 0.0 && median < 1000.0, "{key}: {median} ms");
     }
     let png = std::fs::read(out.join("bench.png")).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "bench.png is not a chart");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "bench.png is not a chart"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -248,7 +248,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         opts: opts.clone(),
         servers: Vec::new(),
         step: 0,
-        steps: opts.rounds * PATHS.len() * 4 + 4,
+        // 4 per path per round; idle RSS, holding, and two policy changes per round.
+        steps: opts.rounds * PATHS.len() * 4 + 2 + 2 * opts.rounds,
         started,
         transport: "quic",
         peak_rss_kib: BTreeMap::new(),
