@@ -257,19 +257,17 @@ impl Redirect {
             let name = programs::SOCKOPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
             prog.load().map_err(|err| RedirectError::Program { name, err })?;
-            for (cgroup, cgroup_path, pin_name) in [(&pods, opts.pod_cgroup_root, LINK_SOCKOPS_PODS)] {
-                let pin = dir.join(pin_name);
-                let old = PinnedLink::from_pin(&pin).ok();
-                let id = prog.attach(cgroup, LINK_MODE).map_err(|err| RedirectError::Attach {
-                    name,
-                    cgroup: cgroup_path.into(),
-                    err,
-                })?;
-                let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
-                let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
-                release(old);
-                links.push(repin(fd, &pin)?);
-            }
+            let pin = dir.join(LINK_SOCKOPS_PODS);
+            let old = PinnedLink::from_pin(&pin).ok();
+            let id = prog.attach(&pods, LINK_MODE).map_err(|err| RedirectError::Attach {
+                name,
+                cgroup: opts.pod_cgroup_root.into(),
+                err,
+            })?;
+            let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+            let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
+            release(old);
+            links.push(repin(fd, &pin)?);
             // Earlier agents also ran sockops in their own cgroup, to splice
             // the pod-to-agent hop (see mesh-ebpf sockops.rs for why no more).
             release(PinnedLink::from_pin(dir.join(LINK_SOCKOPS_AGENT)).ok());
