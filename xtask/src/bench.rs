@@ -20,10 +20,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 
-use crate::lab::{self, Lab, Topology, UpOptions, in_netns};
+use crate::lab::{self, Lab, Topology, UpOptions};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -412,7 +412,7 @@ impl Bench {
                 self.servers.push(echo);
                 let netns = self.lab.pod(pod)?.netns.clone();
                 for p in [port(IPERF_PORT), port(ECHO_PORT)] {
-                    wait_listening(&netns, p)?;
+                    crate::probe::wait_listening(&netns, p)?;
                 }
             }
         }
@@ -527,22 +527,8 @@ impl Bench {
         let to = self.target(path, ECHO_PORT)?;
         let short = format!("{}", self.opts.short_secs);
         let cpu0 = self.agents_cpu()?;
-        let rr = self.json_of(
-            self.in_pod("load", path.meshed(), &tool)?.args([
-                "rr",
-                "--to",
-                &to,
-                "--rate",
-                &RR_RATE.to_string(),
-                "--secs",
-                &short,
-                "--size",
-                &RR_SIZE.to_string(),
-            ]),
-            "benchtool rr",
-        )?;
+        let rr = self.request_response(path, &to, false, &tag)?;
         let cpu = self.agents_cpu()? - cpu0;
-        check_errors(&rr, &tag)?;
         for (key, p) in [
             ("rr_p50_us", "p50_us"),
             ("rr_p90_us", "p90_us"),
@@ -553,22 +539,7 @@ impl Bench {
         push(s, "agent_cpu_s_per_1k_req", cpu / (num(&rr, "requests")? / 1000.0));
 
         self.progress(&format!("{tag}: new connection per request"));
-        let rr = self.json_of(
-            self.in_pod("load", path.meshed(), &tool)?.args([
-                "rr",
-                "--to",
-                &to,
-                "--rate",
-                &RR_RATE.to_string(),
-                "--secs",
-                &short,
-                "--size",
-                &RR_SIZE.to_string(),
-                "--new-conn",
-            ]),
-            "benchtool rr --new-conn",
-        )?;
-        check_errors(&rr, &tag)?;
+        let rr = self.request_response(path, &to, true, &tag)?;
         for (key, p) in [
             ("rr_new_p50_us", "p50_us"),
             ("rr_new_p90_us", "p90_us"),
@@ -589,6 +560,27 @@ impl Bench {
         );
         push(s, "conn_per_sec", num(&cr, "per_sec")?);
         Ok(())
+    }
+
+    /// One `benchtool rr` run from the load pod: 1 KiB at RR_RATE for
+    /// short_secs, persistent or a new connection per request; no errors.
+    fn request_response(&self, path: Route, to: &str, new_conn: bool, tag: &str) -> anyhow::Result<Value> {
+        let (rate, secs, size) = (
+            RR_RATE.to_string(),
+            self.opts.short_secs.to_string(),
+            RR_SIZE.to_string(),
+        );
+        let mut cmd = self.in_pod("load", path.meshed(), &self.benchtool.to_string_lossy())?;
+        cmd.args(["rr", "--to", to, "--rate", &rate, "--secs", &secs, "--size", &size]);
+        if new_conn {
+            cmd.arg("--new-conn");
+        }
+        let rr = self.json_of(&mut cmd, "benchtool rr")?;
+        ensure!(
+            num(&rr, "errors")? == 0.0,
+            "{tag}: request/response run had errors: {rr}"
+        );
+        Ok(rr)
     }
 
     /// Opens `hold` idle captured connections across nodes (default
@@ -653,22 +645,6 @@ impl Bench {
     }
 }
 
-fn wait_listening(netns: &str, port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let out = in_netns(netns, "ss")
-            .args(["-Hltn", &format!("sport = :{port}")])
-            .output()?;
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("no server listening on port {port} in {netns} after 5 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     fs::File::create(&tmp)?.write_all(text.as_bytes())?;
@@ -710,11 +686,6 @@ fn push(s: &mut Samples, key: &'static str, v: f64) {
 
 fn num(v: &Value, key: &str) -> anyhow::Result<f64> {
     v[key].as_f64().with_context(|| format!("no number {key:?} in {v}"))
-}
-
-fn check_errors(v: &Value, tag: &str) -> anyhow::Result<()> {
-    ensure!(num(v, "errors")? == 0.0, "{tag}: request/response run had errors: {v}");
-    Ok(())
 }
 
 /// min, median, max.

@@ -18,6 +18,23 @@ pub struct Traffic<'a> {
     pub labtool: PathBuf,
 }
 
+/// Waits (up to 5 s) until something listens on TCP `port` in `netns`.
+pub fn wait_listening(netns: &str, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = in_netns(netns, "ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no server listening on port {port} in {netns} after 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Traffic<'_> {
     /// Starts a hashing server in `pod` and waits until it listens.
     pub fn serve(&self, pod: &str, port: u16) -> anyhow::Result<Child> {
@@ -29,20 +46,8 @@ impl Traffic<'_> {
             .stdout(Stdio::null())
             .spawn()
             .context("starting labtool serve")?;
-        let netns = &self.lab.pod(pod)?.netns;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let out = in_netns(netns, "ss")
-                .args(["-Hltn", &format!("sport = :{port}")])
-                .output()?;
-            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-                return Ok(child);
-            }
-            if Instant::now() > deadline {
-                bail!("server in {pod} not listening on {port} after 5s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(&self.lab.pod(pod)?.netns, port)?;
+        Ok(child)
     }
 
     fn json(cmd: &mut Command) -> anyhow::Result<Value> {
