@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::{
     audit::Audit,
+    drain::Drain,
     identity::{SpiffeId, manager::IdentityManager},
     policy::InForce,
     redirect::Redirect,
@@ -145,7 +146,8 @@ async fn set_log_level(Query(q): Query<HashMap<String, String>>) -> (StatusCode,
 }
 
 /// Serves the admin API (HTTP and the audit gRPC service) on `listener`.
-pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, audit: Arc<Audit>) {
+/// Stops when the agent drains (the successor serves the port then).
+pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, audit: Arc<Audit>, drain: Drain) {
     let grpc = tonic::service::Routes::new(crate::audit::proto::audit_trail_server::AuditTrailServer::new(
         crate::audit::AuditService(audit),
     ))
@@ -159,18 +161,18 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, audit: 
         .route("/logging", put(set_log_level).post(set_log_level))
         .with_state(state)
         .merge(grpc);
-    if let Err(e) = axum::serve(listener, app).await {
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(drain.draining()).await {
         tracing::error!(error = %e, "admin API stopped");
     }
 }
 
 /// `/healthz` (the process answers) and `/readyz` for the kubelet.
-pub async fn serve_health(listener: tokio::net::TcpListener, state: AdminState) {
+pub async fn serve_health(listener: tokio::net::TcpListener, state: AdminState, drain: Drain) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app).await {
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(drain.draining()).await {
         tracing::error!(error = %e, "health endpoint stopped");
     }
 }

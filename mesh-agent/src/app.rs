@@ -12,6 +12,8 @@ use tokio::sync::watch;
 
 use crate::{
     config::{CaCommand, CertSource, Settings},
+    drain::{Drain, Phase},
+    handoff,
     identity::{
         SpiffeId,
         authority::Authority,
@@ -28,7 +30,7 @@ use crate::{
         hbone::Hbone,
         inbound::Inbound,
         outbound::{self, Outbound, Tunnels},
-        quic::Quic,
+        quic::{Quic, QuicServer},
         tls::TunnelTls,
     },
 };
@@ -45,8 +47,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     raise_memlock_limit();
     raise_open_files_limit();
 
-    // Listen before capture starts, so no captured connect finds it closed.
-    let listener = outbound::bind(s.capture_ip, s.outbound_port).await?;
+    // An agent already serving this node hands its listeners over once we
+    // are ready. Without one, listen before capture starts, so no captured
+    // connect finds the port closed.
+    let predecessor = handoff::Predecessor::find(&s.handoff_socket)?;
+    let fresh = match &predecessor {
+        None => Some(bind_listeners(&s).await?),
+        Some(_) => {
+            tracing::info!(handoff_socket = %s.handoff_socket.display(), "an agent serves this node: taking over its listeners once ready");
+            None
+        }
+    };
 
     let mut redirect = Redirect::load(&RedirectOptions {
         bpffs_dir: &s.bpffs_dir,
@@ -76,32 +87,33 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     };
     tracing::info!(source = %source.describe(), "reading workloads and policy");
     tokio::spawn(source.run(tx));
-    tokio::spawn(sync_loop(
+    // What writes the kernel's maps; stopped when a successor takes over.
+    let mut kernel_writers = vec![tokio::spawn(sync_loop(
         redirect.clone(),
         rx.clone(),
         s.node_name.clone(),
         s.pod_cgroup_root.clone(),
-    ));
+    ))];
     let mut registry = Registry::default();
     let connections = crate::metrics::ConnectionMetrics::default();
     connections.register(&mut registry);
     let kernel_metrics = crate::metrics::KernelMetrics::new(connections.clone());
     kernel_metrics.register(&mut registry);
-    tokio::spawn(heartbeat(redirect.clone(), kernel_metrics.clone(), rx.clone()));
+    kernel_writers.push(tokio::spawn(heartbeat(redirect.clone(), kernel_metrics.clone(), rx.clone())));
     let policy_metrics = PolicyMetrics::default();
     policy_metrics.register(&mut registry);
     let (policy_tx, policy_rx) = watch::channel(Arc::new(InForce {
         policy: Arc::default(),
         mode: s.policy_mode,
     }));
-    tokio::spawn(policy_loop(
+    kernel_writers.push(tokio::spawn(policy_loop(
         redirect.clone(),
         rx.clone(),
         s.policy_mode,
         policy_tx,
         policy_metrics.clone(),
         s.node_name.clone(),
-    ));
+    )));
     let audit = Arc::new(Audit::new(
         s.node_name.clone(),
         s.audit_log.clone(),
@@ -109,8 +121,9 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         4096,
     ));
     audit.register(&mut registry);
+    let events_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(events) = redirect_events.take() {
-        drain_kernel_events(events, audit.clone(), rx.clone(), policy_rx.clone());
+        drain_kernel_events(events, audit.clone(), rx.clone(), policy_rx.clone(), events_stop.clone());
     }
     let authorizer = Arc::new(PolicyAuthorizer {
         in_force: policy_rx.clone(),
@@ -118,25 +131,21 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         node: s.node_name.clone(),
         audit: audit.clone(),
     });
+    let drain = Drain::default();
     let identities = start_identities(&s, rx.clone(), audit.clone(), &mut registry)?;
     let tunnels = match &identities {
-        Some((manager, roots)) => Some(
-            start_tunnels(
-                &s,
-                manager.clone(),
-                roots,
-                rx.clone(),
-                authorizer,
-                connections,
-                &mut registry,
-            )
-            .await?,
-        ),
+        Some((manager, roots)) => Some(start_tunnels(
+            &s,
+            manager.clone(),
+            roots,
+            rx.clone(),
+            authorizer,
+            connections,
+            drain.clone(),
+            &mut registry,
+        )?),
         None => None,
     };
-    let admin = tokio::net::TcpListener::bind(s.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin API on {} (--admin-addr)", s.admin_addr))?;
     let admin_state = crate::admin::AdminState {
         node: s.node_name.clone(),
         snapshots: rx.clone(),
@@ -145,13 +154,45 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         trust_domain: s.identity.trust_domain.clone(),
         redirect: redirect.clone(),
     };
-    tokio::spawn(crate::admin::serve(admin, admin_state.clone(), audit.clone()));
-    let health = tokio::net::TcpListener::bind(s.health_addr)
-        .await
-        .with_context(|| format!("binding the health endpoint on {} (--health-addr)", s.health_addr))?;
-    tokio::spawn(crate::admin::serve_health(health, admin_state));
-    let metrics_listener = metrics::bind(s.metrics_addr).await?;
-    tokio::spawn(metrics::serve(metrics_listener, Arc::new(registry)));
+
+    let (listeners, predecessor) = match (fresh, predecessor) {
+        (Some(l), _) => (l, None),
+        (None, Some(p)) => (take_over(&p, &admin_state).await?, Some(p)),
+        (None, None) => unreachable!("either bound or found"),
+    };
+    let offer = handoff::Offer::listen(&s.handoff_socket, &listeners)?;
+    let handoff::Listeners {
+        outbound: outbound_listener,
+        admin,
+        health,
+        metrics: metrics_listener,
+        tunnel_tcp,
+        tunnel_udp,
+    } = listeners;
+    let quic_server = Arc::new(std::sync::OnceLock::new());
+    if let Some((tunnels, (tls, hbone))) = tunnels.as_ref().map(|t| (&t.0, &t.1)) {
+        if let Some(tcp) = tunnel_tcp {
+            tokio::spawn(hbone.clone().serve(tokio_listener(tcp)?, tunnels.inbound.clone(), drain.clone()));
+        }
+        let start = StartQuic {
+            tls: tls.clone(),
+            metrics: tunnels.metrics.clone(),
+            inbound: tunnels.inbound.clone(),
+            drain: drain.clone(),
+            addr: std::net::SocketAddr::from((s.tunnel.addr, s.tunnel.port)),
+            server: quic_server.clone(),
+        };
+        match (tunnel_udp, predecessor) {
+            (Some(udp), _) => start.serve(udp)?,
+            (None, Some(p)) => {
+                tokio::spawn(start.after_predecessor(p));
+            }
+            (None, None) => unreachable!("a fresh agent binds UDP"),
+        }
+    }
+    tokio::spawn(crate::admin::serve(tokio_listener(admin)?, admin_state.clone(), audit.clone(), drain.clone()));
+    tokio::spawn(crate::admin::serve_health(tokio_listener(health)?, admin_state, drain.clone()));
+    tokio::spawn(metrics::serve(tokio_listener(metrics_listener)?, Arc::new(registry), drain.clone()));
 
     tracing::info!(
         node = %s.node_name,
@@ -166,26 +207,199 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         "agent ready"
     );
 
+    tokio::spawn(outbound::serve(
+        tokio_listener(outbound_listener)?,
+        Arc::new(Outbound {
+            redirect: redirect.clone(),
+            snapshots: rx,
+            tunnels: tunnels.map(|t| t.0),
+            drain: drain.clone(),
+        }),
+    ));
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    tokio::select! {
-        () = outbound::serve(listener, Arc::new(Outbound { redirect: redirect.clone(), snapshots: rx, tunnels })) => {}
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; pins stay in place"),
-        _ = term.recv() => tracing::info!("terminated; pins stay in place"),
+    let mut stopping = false;
+    let successor = tokio::select! {
+        successor = offer.wait_successor() => Some(successor),
+        _ = tokio::signal::ctrl_c() => { stopping = true; None }
+        _ = term.recv() => { stopping = true; None }
+    };
+    if successor.is_some() {
+        // The successor owns the kernel maps and the audit events now.
+        for task in &kernel_writers {
+            task.abort();
+        }
+        events_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    run_drain(&drain, s.drain_grace, successor.is_some()).await;
+    if let Some(successor) = successor {
+        let server = quic_server.get().cloned();
+        if let Some(server) = &server {
+            server.release().await;
+        }
+        successor.send_udp(server.as_ref().map(|s| s.handoff_copy()));
+        tracing::info!("handed over; the successor serves this node");
+        if !stopping {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+    }
+    tracing::info!("stopped; pins stay in place");
     Ok(())
 }
 
-/// Binds both tunnel listeners (QUIC on UDP, HTTP/2 CONNECT on TCP) and
-/// returns what outbound flows use.
-async fn start_tunnels(
+/// Stops taking new work and waits for open flows, at most `grace`; then
+/// ends what is left cleanly.
+async fn run_drain(drain: &Drain, grace: Duration, handed_over: bool) {
+    drain.advance(Phase::Draining);
+    tracing::info!(
+        open_flows = drain.open_flows(),
+        grace_ms = grace.as_millis() as u64,
+        handed_over,
+        "draining: no new connections here; open flows may finish"
+    );
+    if drain.flows_done_within(grace).await {
+        tracing::info!("drained: every flow finished");
+        return;
+    }
+    tracing::info!(
+        open_flows = drain.open_flows(),
+        "grace period over: ending the remaining flows cleanly"
+    );
+    drain.advance(Phase::Ending);
+    if !drain.flows_done_within(Duration::from_secs(3)).await {
+        tracing::warn!(
+            open_flows = drain.open_flows(),
+            "flows still open 3 s after they were ended; they close with the process"
+        );
+    }
+}
+
+/// Waits until this agent is ready (or 15 s), then takes the predecessor's listeners.
+async fn take_over(
+    predecessor: &handoff::Predecessor,
+    admin: &crate::admin::AdminState,
+) -> anyhow::Result<handoff::Listeners> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let why = admin.not_ready();
+        if why.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!(not_ready = ?why, "not ready after 15 s; taking over anyway (the predecessor cannot serve forever)");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listeners = predecessor
+        .take()
+        .context("taking the listeners from the running agent (see its log)")?;
+    tracing::info!("took over the listeners; the previous agent drains");
+    Ok(listeners)
+}
+
+/// Binds every listening socket of a fresh start.
+async fn bind_listeners(s: &Settings) -> anyhow::Result<handoff::Listeners> {
+    let std_tcp = |l: tokio::net::TcpListener| l.into_std();
+    let outbound = std_tcp(outbound::bind(s.capture_ip, s.outbound_port).await?)?;
+    let admin = std_tcp(
+        tokio::net::TcpListener::bind(s.admin_addr)
+            .await
+            .with_context(|| format!("binding the admin API on {} (--admin-addr)", s.admin_addr))?,
+    )?;
+    let health = std_tcp(
+        tokio::net::TcpListener::bind(s.health_addr)
+            .await
+            .with_context(|| format!("binding the health endpoint on {} (--health-addr)", s.health_addr))?,
+    )?;
+    let metrics = std_tcp(metrics::bind(s.metrics_addr).await?)?;
+    let (mut tunnel_tcp, mut tunnel_udp) = (None, None);
+    if s.identity.source.is_some() {
+        let addr = std::net::SocketAddr::from((s.tunnel.addr, s.tunnel.port));
+        tunnel_udp = Some(
+            std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("binding the QUIC tunnel on UDP {addr} (is another agent running?)"))?,
+        );
+        tunnel_tcp = Some(std_tcp(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the mTLS tunnel on TCP {addr} (is another agent running?)")
+        })?)?);
+    }
+    Ok(handoff::Listeners {
+        outbound,
+        admin,
+        health,
+        metrics,
+        tunnel_tcp,
+        tunnel_udp,
+    })
+}
+
+fn tokio_listener(l: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}
+
+/// Everything the QUIC server needs, for whenever its socket is there.
+struct StartQuic {
+    tls: TunnelTls,
+    metrics: TunnelMetrics,
+    inbound: Arc<Inbound>,
+    drain: Drain,
+    addr: std::net::SocketAddr,
+    server: Arc<std::sync::OnceLock<Arc<QuicServer>>>,
+}
+
+impl StartQuic {
+    fn serve(self, socket: std::net::UdpSocket) -> anyhow::Result<()> {
+        let server = QuicServer::new(socket, &self.tls, self.metrics)
+            .with_context(|| format!("serving the QUIC tunnel on UDP {}", self.addr))?;
+        let _ = self.server.set(server.clone());
+        tokio::spawn(server.serve(self.inbound, self.drain));
+        tracing::info!(listen = %self.addr, "QUIC tunnel serving");
+        Ok(())
+    }
+
+    /// Until the predecessor has drained, it serves UDP; peers take the TCP
+    /// transport for new flows. Then its socket comes here (or, if it died,
+    /// the port is bound afresh).
+    async fn after_predecessor(self, predecessor: handoff::Predecessor) {
+        let socket = tokio::task::spawn_blocking(move || predecessor.wait_udp()).await.ok().flatten();
+        let socket = match socket {
+            Some(s) => {
+                tracing::info!("received the QUIC tunnel socket from the previous agent");
+                s
+            }
+            None => loop {
+                match std::net::UdpSocket::bind(self.addr) {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::warn!(addr = %self.addr, error = %e, "binding the QUIC tunnel port; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            },
+        };
+        if let Err(e) = self.serve(socket) {
+            tracing::error!(error = %e, "QUIC tunnel not served; peers use the TCP transport");
+        }
+    }
+}
+
+/// Builds both transports' client sides and the inbound flow handler; the
+/// servers start once their sockets are there (bound, or handed over).
+#[allow(clippy::too_many_arguments)]
+fn start_tunnels(
     s: &Settings,
     manager: Arc<IdentityManager>,
     roots: &[CertificateDer<'static>],
     snapshots: state::SnapshotRx,
     authorizer: Arc<PolicyAuthorizer>,
     connections: crate::metrics::ConnectionMetrics,
+    drain: Drain,
     registry: &mut Registry,
-) -> anyhow::Result<Arc<Tunnels>> {
+) -> anyhow::Result<(Arc<Tunnels>, (TunnelTls, Arc<Hbone>))> {
     let bundle = Arc::new(
         TrustBundle::new(roots, &s.identity.trust_domain).context("the CA root is not a usable trust anchor")?,
     );
@@ -201,26 +415,25 @@ async fn start_tunnels(
         snapshots,
         authorizer,
         metrics: metrics.clone(),
+        drain,
     });
-    let addr = std::net::SocketAddr::from((s.tunnel.addr, s.tunnel.port));
-    let quic = Quic::bind(addr, tls.clone(), metrics.clone())
-        .with_context(|| format!("binding the QUIC tunnel on UDP {addr} (is another agent running?)"))?;
-    tokio::spawn(quic.clone().serve(inbound.clone()));
-    let hbone = Hbone::new(tls, metrics.clone());
-    let tcp = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the mTLS tunnel on TCP {addr} (is another agent running?)"))?;
-    tokio::spawn(hbone.clone().serve(tcp, inbound.clone()));
-    tracing::info!(listen = %addr, outbound_transport = ?s.tunnel.transport, "tunnels serving (UDP and TCP)");
-    Ok(Arc::new(Tunnels {
-        transport: s.tunnel.transport,
-        quic: Some(quic),
-        hbone,
-        trust_domain: s.identity.trust_domain.clone(),
-        port: s.tunnel.port,
-        metrics,
-        inbound,
-    }))
+    let client_addr = std::net::SocketAddr::from((s.tunnel.addr, 0));
+    let quic = Quic::client(client_addr, tls.clone(), metrics.clone())
+        .with_context(|| format!("binding the QUIC dialler on UDP {client_addr}"))?;
+    let hbone = Hbone::new(tls.clone(), metrics.clone());
+    tracing::info!(outbound_transport = ?s.tunnel.transport, "tunnel clients ready");
+    Ok((
+        Arc::new(Tunnels {
+            transport: s.tunnel.transport,
+            quic,
+            hbone: hbone.clone(),
+            trust_domain: s.identity.trust_domain.clone(),
+            port: s.tunnel.port,
+            metrics,
+            inbound,
+        }),
+        (tls, hbone),
+    ))
 }
 
 /// PEM certificates from a file (the CA root bundle).
@@ -672,11 +885,12 @@ fn drain_kernel_events(
     audit: Arc<Audit>,
     snapshots: state::SnapshotRx,
     policy: watch::Receiver<Arc<InForce>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd as _;
     std::thread::spawn(move || {
-        loop {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let ready = {
                 let mut fds = [PollFd::new(ring.as_fd(), PollFlags::POLLIN)];
                 poll(&mut fds, PollTimeout::from(500u16))

@@ -298,6 +298,18 @@ pub struct RunArgs {
     /// Tokio worker threads.
     #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
+
+    /// Unix socket where a running agent hands its listening sockets to its
+    /// successor (a restart or upgrade on this node refuses no connection).
+    /// Keep it in a directory only root can write.
+    #[arg(long, env = "MESH_HANDOFF_SOCKET", default_value = "/run/mesh/handoff.sock")]
+    pub handoff_socket: PathBuf,
+
+    /// After handing over or on SIGTERM: how long flows this agent carries
+    /// may still run; those left are then ended cleanly (FIN, no reset).
+    /// 0s to 10m.
+    #[arg(long, env = "MESH_DRAIN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub drain_grace: Duration,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -335,6 +347,8 @@ pub struct Settings {
     pub metrics_addr: std::net::SocketAddr,
     pub worker_threads: usize,
     pub log: LogSettings,
+    pub handoff_socket: PathBuf,
+    pub drain_grace: Duration,
 }
 
 #[derive(Debug)]
@@ -380,6 +394,10 @@ pub enum ConfigError {
     WorkerThreads(usize),
     #[error("--bpffs-dir {0} must be an absolute path under a bpffs mount")]
     RelativeBpffs(PathBuf),
+    #[error("--drain-grace must be between 0s and 10m, got {0:?}")]
+    DrainGrace(Duration),
+    #[error("--handoff-socket {0} must be an absolute path")]
+    RelativeHandoff(PathBuf),
 }
 
 impl Settings {
@@ -405,6 +423,12 @@ impl Settings {
         }
         if !a.bpffs_dir.is_absolute() {
             return Err(ConfigError::RelativeBpffs(a.bpffs_dir));
+        }
+        if a.drain_grace > Duration::from_secs(600) {
+            return Err(ConfigError::DrainGrace(a.drain_grace));
+        }
+        if !a.handoff_socket.is_absolute() {
+            return Err(ConfigError::RelativeHandoff(a.handoff_socket));
         }
         Ok(Settings {
             node_name: a.node_name,
@@ -443,6 +467,8 @@ impl Settings {
                 level: a.log_level,
                 format: a.log_format,
             },
+            handoff_socket: a.handoff_socket,
+            drain_grace: a.drain_grace,
         })
     }
 }
@@ -496,6 +522,8 @@ mod tests {
         assert!(args(&["--bpffs-dir", "rel"]).unwrap_err().contains("--bpffs-dir"));
         assert!(args(&["--no-such-flag"]).is_err());
         assert!(args(&["--cert-ttl", "30s"]).unwrap_err().contains("--cert-ttl"));
+        assert!(args(&["--drain-grace", "11m"]).unwrap_err().contains("--drain-grace"));
+        assert!(args(&["--handoff-socket", "x.sock"]).unwrap_err().contains("--handoff-socket"));
         assert!(
             args(&["--trust-domain", "Bad_Domain"])
                 .unwrap_err()

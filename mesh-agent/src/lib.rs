@@ -9,6 +9,8 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod config;
+pub mod drain;
+pub mod handoff;
 pub mod identity;
 pub mod logging;
 pub mod memory;

@@ -17,7 +17,8 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsEr
         .map_err(|err| MetricsError::Bind { addr, err })
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
+/// Stops when the agent drains (the successor serves the port then).
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, drain: crate::drain::Drain) {
     let app = Router::new().route(
         "/metrics",
         get(move |headers: axum::http::HeaderMap| {
@@ -52,7 +53,7 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
             }
         }),
     );
-    if let Err(e) = axum::serve(listener, app).await {
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(drain.draining()).await {
         tracing::error!(error = %e, "metrics server stopped");
     }
 }

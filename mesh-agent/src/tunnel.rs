@@ -55,6 +55,8 @@ pub enum TunnelError {
     },
     #[error("peer node {addr} refused the flow: {detail}")]
     Refused { addr: SocketAddr, detail: String },
+    #[error("peer node {addr} is draining (its agent is being replaced) and takes no new QUIC connection")]
+    Draining { addr: SocketAddr },
     #[error("no certificate for {0} yet (is the CA reachable?)")]
     NoCertificate(SpiffeId),
 }

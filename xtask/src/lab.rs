@@ -466,6 +466,11 @@ impl Lab {
         Path::new(STATE_DIR).join(format!("agent-{node}.log"))
     }
 
+    /// Where a node's agent hands its listeners to a successor.
+    pub fn handoff_socket(&self, node: &str) -> PathBuf {
+        Path::new(STATE_DIR).join(format!("agent-{node}.handoff.sock"))
+    }
+
     fn agent_pid_file(&self, node: &str) -> PathBuf {
         Path::new(STATE_DIR).join(format!("agent-{node}.pid"))
     }
@@ -535,6 +540,11 @@ impl Lab {
             .arg(self.node_token_file(node))
             .arg("--audit-log")
             .arg(self.audit_log(node))
+            .arg("--handoff-socket")
+            .arg(self.handoff_socket(node))
+            // Short, so stopping an agent with open flows stays quick; a
+            // test or the user may override it with --agent-arg.
+            .args(["--drain-grace", "3s"])
             .args(&self.agent_args);
         let ready = format!("\"node\":\"{node}\"");
         self.spawn_logged(
@@ -681,6 +691,33 @@ impl Lab {
             .parse()
             .ok()?;
         pid_alive(pid).then_some(pid)
+    }
+
+    /// Replaces a node's agent as a DaemonSet rolling update with surge
+    /// does: the new agent starts beside the old one and takes its
+    /// listeners when ready; then the old one gets SIGTERM and drains
+    /// (within its grace period, up to `drain_limit`).
+    pub fn roll_agent(&self, node: &str, drain_limit: Duration) -> anyhow::Result<()> {
+        let old = self.agent_pid(node);
+        self.start_agent(node)?;
+        if let Some(pid) = old {
+            let started = Instant::now();
+            signal(pid, libc::SIGTERM);
+            while pid_alive(pid) && started.elapsed() < drain_limit {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if pid_alive(pid) {
+                signal(pid, libc::SIGKILL);
+                reap(pid);
+                bail!("the old agent on {node} (pid {pid}) did not finish draining within {drain_limit:?}; killed");
+            }
+            reap(pid);
+            eprintln!(
+                "lab: old agent on {node} (pid {pid}) drained and exited in {} ms",
+                started.elapsed().as_millis()
+            );
+        }
+        Ok(())
     }
 
     /// Stops a node's agent (SIGTERM, then SIGKILL), leaving its pins.

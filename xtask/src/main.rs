@@ -90,7 +90,9 @@ enum LabCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Stop or start one node's agent (pins stay).
+    /// Stop or start one node's agent (pins stay). `restart` is a rolling
+    /// one: a new agent takes over the running one's listeners, then the
+    /// old one drains and exits (no connection refused).
     Agent {
         node: String,
         #[arg(value_parser = ["stop", "start", "restart"])]
@@ -168,11 +170,10 @@ fn lab_cmd(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::NodeExec { node, cmd } => exit_with(Lab::load()?.node_exec(&node, &cmd[0])?.args(&cmd[1..]).status()?),
         LabCmd::Agent { node, action } => {
             let lab = Lab::load()?;
-            if action != "start" {
-                lab.stop_agent(&node)?;
-            }
-            if action != "stop" {
-                lab.start_agent(&node)?;
+            match action.as_str() {
+                "stop" => lab.stop_agent(&node)?,
+                "start" => lab.start_agent(&node)?,
+                _ => lab.roll_agent(&node, std::time::Duration::from_secs(60))?,
             }
         }
     }

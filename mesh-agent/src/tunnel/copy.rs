@@ -2,7 +2,13 @@
 //! finishes sending, the other side's write half is shut down, and the
 //! opposite direction keeps going. Bounded buffers: a slow reader slows
 //! the writer (backpressure), it never grows memory past the cap.
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use std::{
+    future::Future,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Copied {
@@ -10,13 +16,23 @@ pub struct Copied {
     pub a_to_b: u64,
     /// Bytes from `b` to `a`.
     pub b_to_a: u64,
+    /// `ending` fired: the flow was ended (cleanly) by a draining agent.
+    pub ended_by_drain: bool,
 }
 
+/// How long an ended flow's readers are drained so that closing the sockets
+/// does not reset them (unread data turns a close into RST).
+const ENDING_LINGER: Duration = Duration::from_secs(1);
+
+/// Copies until both directions end, or until `ending` resolves: then both
+/// write halves are shut down (FIN), what still arrives is read and dropped
+/// until each side closes (up to a second), and the flow ends cleanly.
 pub async fn bidirectional<AR, AW, BR, BW>(
     a_read: &mut AR,
     a_write: &mut AW,
     b_read: &mut BR,
     b_write: &mut BW,
+    ending: impl Future<Output = ()>,
 ) -> (Copied, Option<std::io::Error>)
 where
     AR: AsyncRead + Unpin,
@@ -24,23 +40,55 @@ where
     BR: AsyncRead + Unpin,
     BW: AsyncWrite + Unpin,
 {
-    let forward = async {
-        let r = copy_buf(a_read, b_write).await;
-        let _ = b_write.shutdown().await;
-        r
+    let (a_to_b, b_to_a) = (AtomicU64::new(0), AtomicU64::new(0));
+    let both = async {
+        let forward = async {
+            let r = copy_buf(a_read, b_write, &a_to_b).await;
+            let _ = b_write.shutdown().await;
+            r
+        };
+        let backward = async {
+            let r = copy_buf(b_read, a_write, &b_to_a).await;
+            let _ = a_write.shutdown().await;
+            r
+        };
+        tokio::join!(forward, backward)
     };
-    let backward = async {
-        let r = copy_buf(b_read, a_write).await;
-        let _ = a_write.shutdown().await;
-        r
+    let outcome = tokio::select! {
+        (f, b) = both => Some(f.err().or(b.err())),
+        () = ending => None,
     };
-    let (f, b) = tokio::join!(forward, backward);
+    let ended_by_drain = outcome.is_none();
+    let err = match outcome {
+        Some(err) => err,
+        None => {
+            // Boxed: only ended flows pay for this future's space.
+            Box::pin(end_cleanly(a_read, a_write, b_read, b_write)).await;
+            None
+        }
+    };
     crate::memory::flow_ended();
     let copied = Copied {
-        a_to_b: *f.as_ref().unwrap_or(&0),
-        b_to_a: *b.as_ref().unwrap_or(&0),
+        a_to_b: a_to_b.into_inner(),
+        b_to_a: b_to_a.into_inner(),
+        ended_by_drain,
     };
-    (copied, f.err().or(b.err()))
+    (copied, err)
+}
+
+async fn end_cleanly(
+    a_read: &mut (impl AsyncRead + Unpin),
+    a_write: &mut (impl AsyncWrite + Unpin),
+    b_read: &mut (impl AsyncRead + Unpin),
+    b_write: &mut (impl AsyncWrite + Unpin),
+) {
+    let _ = tokio::join!(a_write.shutdown(), b_write.shutdown());
+    let _ = tokio::time::timeout(ENDING_LINGER, async { tokio::join!(discard(a_read), discard(b_read)) }).await;
+}
+
+async fn discard(r: &mut (impl AsyncRead + Unpin)) {
+    let mut buf = [0u8; 1024];
+    while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 /// Per-direction buffer: an idle flow holds only `BUF_START`; a read that
@@ -53,18 +101,20 @@ where
 const BUF_START: usize = 256;
 const BUF_MAX: usize = 16 * 1024;
 
-async fn copy_buf(r: &mut (impl AsyncRead + Unpin), w: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<u64> {
-    use tokio::io::AsyncReadExt as _;
-    let mut total = 0u64;
+async fn copy_buf(
+    r: &mut (impl AsyncRead + Unpin),
+    w: &mut (impl AsyncWrite + Unpin),
+    total: &AtomicU64,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; BUF_START];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
             w.flush().await?;
-            return Ok(total);
+            return Ok(());
         }
         w.write_all(&buf[..n]).await?;
-        total += n as u64;
+        total.fetch_add(n as u64, Ordering::Relaxed);
         if n == buf.len() && buf.len() < BUF_MAX {
             buf.resize((buf.len() * 4).min(BUF_MAX), 0);
         }

@@ -18,6 +18,8 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::drain::Drain;
+
 use super::{
     HANDSHAKE_TIMEOUT, MAX_CONNS_PER_PEER, MAX_STREAMS_PER_CONN, PeerKey, TunnelError, TunnelMetrics,
     inbound::{Flow, Inbound, Refusal},
@@ -58,18 +60,35 @@ impl Hbone {
         flow_id: u64,
     ) -> Result<(TokioIo<Upgraded>, Lease<SendRequest<Empty<Bytes>>>), TunnelError> {
         let addr = key.node_addr;
-        let lease = self.pool.get(key, || self.connect(key)).await?;
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(dst.to_string())
-            .header(FLOW_ID_HEADER, flow_id.to_string())
-            .body(Empty::new())
-            .expect("valid request");
-        let mut sender = (*lease).clone();
-        let resp = sender.send_request(req).await.map_err(|e| TunnelError::Connect {
-            addr,
-            detail: e.to_string(),
-        })?;
+        // A pooled connection whose peer agent is draining answers a new
+        // stream with GOAWAY / REFUSED_STREAM before any byte of the flow
+        // is sent: retire it and ask once more on a new connection (which
+        // the successor agent accepts).
+        let mut retried = false;
+        let (resp, lease) = loop {
+            let lease = self.pool.get(key, || self.connect(key)).await?;
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(dst.to_string())
+                .header(FLOW_ID_HEADER, flow_id.to_string())
+                .body(Empty::new())
+                .expect("valid request");
+            let mut sender = (*lease).clone();
+            match sender.send_request(req).await {
+                Ok(resp) => break (resp, lease),
+                Err(e) if !retried => {
+                    tracing::debug!(peer = %addr, error = %e, "tunnel: HTTP/2 connection refused a stream; retrying on a new one");
+                    lease.retire();
+                    retried = true;
+                }
+                Err(e) => {
+                    return Err(TunnelError::Connect {
+                        addr,
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        };
         if resp.status() != StatusCode::OK {
             let why = resp
                 .headers()
@@ -156,9 +175,11 @@ impl Hbone {
     }
 
     /// Accepts peers' TLS connections and their CONNECT streams.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, inbound: Arc<Inbound>) {
+    /// Once `drain` says so, stops accepting and sends every peer GOAWAY;
+    /// streams already open are served to their end.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, inbound: Arc<Inbound>, drain: Drain) {
         let server = self.tls.server_config(ALPN_H2);
-        self.serve_with(listener, server, inbound).await
+        self.serve_with(listener, server, inbound, drain).await
     }
 
     /// As `serve`, with the TLS configuration given (tests use it to play an impostor).
@@ -167,12 +188,18 @@ impl Hbone {
         listener: TcpListener,
         server: rustls::ServerConfig,
         inbound: Arc<Inbound>,
+        drain: Drain,
     ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         loop {
-            let Ok((tcp, remote)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = drain.draining() => return,
+            };
+            let Ok((tcp, remote)) = accepted else {
                 continue;
             };
+            let drain = drain.clone();
             let acceptor = acceptor.clone();
             let inbound = inbound.clone();
             let metrics = self.metrics.clone();
@@ -191,13 +218,21 @@ impl Hbone {
                     let (inbound, metrics, peer) = (inbound.clone(), metrics.clone(), peer.clone());
                     async move { Ok::<_, Infallible>(handle(req, inbound, metrics, peer, remote)) }
                 });
-                let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(MAX_STREAMS_PER_CONN)
                     .keep_alive_interval(Duration::from_secs(1))
                     .keep_alive_timeout(Duration::from_secs(3))
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                    .clone();
+                let conn = builder.serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                let served = tokio::select! {
+                    served = conn.as_mut() => served,
+                    () = drain.draining() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
                 if let Err(e) = served {
                     tracing::debug!(peer = %remote, error = %e, "tunnel: HTTP/2 peer connection ended");
                 }

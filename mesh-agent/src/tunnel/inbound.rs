@@ -15,6 +15,7 @@ use tokio::{
 
 use super::{TunnelMetrics, copy};
 use crate::{
+    drain::Drain,
     identity::SpiffeId,
     state::{Pod, SnapshotRx},
 };
@@ -73,6 +74,8 @@ pub struct Inbound {
     pub snapshots: SnapshotRx,
     pub authorizer: Arc<dyn Authorizer>,
     pub metrics: TunnelMetrics,
+    /// Flows count towards the drain and end cleanly when it ends.
+    pub drain: Drain,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -114,6 +117,7 @@ impl Inbound {
             admission,
         } = flow;
         let started = Instant::now();
+        let _flow = self.drain.flow();
         let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -129,7 +133,11 @@ impl Inbound {
         };
         let _ = upstream.set_nodelay(true);
         if let Admission::Http(check) = admission {
-            let result = serve_http(r, w, upstream, check).await;
+            let result = tokio::select! {
+                result = serve_http(r, w, upstream, check) => result,
+                // Dropping hyper's connections closes both sockets (FIN).
+                () = self.drain.ending() => Ok(()),
+            };
             self.metrics
                 .flow(transport, "inbound", if result.is_err() { "error" } else { "ok" });
             tracing::info!(transport, flow_id, peer = %peer, destination = %dst, http = true,
@@ -137,7 +145,7 @@ impl Inbound {
             return;
         }
         let (mut ur, mut uw) = upstream.into_split();
-        let (copied, err) = copy::bidirectional(&mut r, &mut w, &mut ur, &mut uw).await;
+        let (copied, err) = copy::bidirectional(&mut r, &mut w, &mut ur, &mut uw, self.drain.ending()).await;
         if err.is_some() {
             // Tell the pod the flow broke (RST), rather than a clean end.
             if let Ok(s) = ur.reunite(uw) {
@@ -149,7 +157,7 @@ impl Inbound {
             .flow(transport, "inbound", if err.is_some() { "error" } else { "ok" });
         tracing::info!(
             transport, flow_id, peer = %peer, destination = %dst,
-            bytes_in = copied.a_to_b, bytes_out = copied.b_to_a,
+            bytes_in = copied.a_to_b, bytes_out = copied.b_to_a, ended_by_drain = copied.ended_by_drain,
             duration_ms = started.elapsed().as_millis() as u64,
             error = err.map(|e| e.to_string()),
             "inbound flow closed"

@@ -8,7 +8,7 @@ use std::{
     future::Future,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -24,6 +24,8 @@ pub trait PooledConn: Send + Sync + 'static {
 
 pub struct Entry<C> {
     pub conn: C,
+    /// Takes no new streams (its peer is going away); finishes what it has.
+    retired: AtomicBool,
     active: AtomicUsize,
     idle_since: Mutex<Option<Instant>>,
 }
@@ -40,9 +42,22 @@ impl<C> std::ops::Deref for Lease<C> {
     }
 }
 
+impl<C> Lease<C> {
+    /// No new stream goes to this connection again.
+    pub fn retire(&self) {
+        self.entry.retired.store(true, Ordering::SeqCst);
+    }
+}
+
 impl<C> Drop for Lease<C> {
     fn drop(&mut self) {
         self.entry.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<C: PooledConn> Entry<C> {
+    fn usable(&self) -> bool {
+        self.conn.is_alive() && !self.retired.load(Ordering::SeqCst)
     }
 }
 
@@ -86,6 +101,7 @@ impl<C: PooledConn> Pool<C> {
         }
         let entry = Arc::new(Entry {
             conn: connect().await?,
+            retired: AtomicBool::new(false),
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(None),
         });
@@ -103,7 +119,7 @@ impl<C: PooledConn> Pool<C> {
     fn pick(&self, key: &PeerKey) -> Option<Lease<C>> {
         let mut pool = self.conns.lock().expect("pool lock");
         let conns = pool.entry(key.clone()).or_default();
-        conns.retain(|e| e.conn.is_alive());
+        conns.retain(|e| e.usable());
         let entry = conns.iter().min_by_key(|e| e.active.load(Ordering::SeqCst)).cloned()?;
         if entry.active.load(Ordering::SeqCst) >= self.max_streams && conns.len() < self.max_conns {
             return None;
@@ -119,7 +135,7 @@ impl<C: PooledConn> Pool<C> {
         let mut pool = self.conns.lock().expect("pool lock");
         for conns in pool.values_mut() {
             conns.retain(|e| {
-                if !e.conn.is_alive() {
+                if !e.usable() {
                     return false;
                 }
                 let mut since = e.idle_since.lock().expect("idle lock");

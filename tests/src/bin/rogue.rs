@@ -11,6 +11,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time
 
 use clap::{Parser, Subcommand};
 use mesh_agent::{
+    drain::Drain,
     identity::{
         SpiffeId,
         authority::Authority,
@@ -24,7 +25,7 @@ use mesh_agent::{
         hbone::Hbone,
         header::{FlowHeader, Protocol},
         inbound::{AllowAll, Inbound},
-        quic::Quic,
+        quic::{Quic, QuicServer},
         tls::{ALPN_H2, ALPN_QUIC, TunnelTls},
     },
 };
@@ -101,7 +102,7 @@ async fn main() {
             bad_header: Some(kind),
         } => {
             // A well-authenticated peer that speaks garbage on its stream.
-            let quic = Quic::bind("0.0.0.0:0".parse().unwrap(), tls, metrics).expect("bind");
+            let quic = Quic::client("0.0.0.0:0".parse().unwrap(), tls, metrics).expect("bind");
             let key = PeerKey {
                 source: cli.identity.clone(),
                 destination: peer_identity,
@@ -141,7 +142,7 @@ async fn main() {
             };
             let result: Result<(), String> = async {
                 if cli.transport == "quic" {
-                    let quic = Quic::bind("0.0.0.0:0".parse().unwrap(), tls, metrics).map_err(|e| e.to_string())?;
+                    let quic = Quic::client("0.0.0.0:0".parse().unwrap(), tls, metrics).map_err(|e| e.to_string())?;
                     let header = FlowHeader {
                         destination: dst.to_string(),
                         protocol: Protocol::Tcp as i32,
@@ -181,6 +182,7 @@ async fn main() {
                 snapshots: srx,
                 authorizer: Arc::new(AllowAll),
                 metrics: metrics.clone(),
+                drain: Drain::default(),
             });
             // An impostor presents its (valid) certificate whatever
             // identity the client asks for.
@@ -201,12 +203,13 @@ async fn main() {
                 cfg
             };
             if cli.transport == "quic" {
-                let quic = Quic::bind_with(listen, server(ALPN_QUIC), tls, metrics.clone()).expect("bind");
-                tokio::spawn(quic.serve(inbound));
+                let socket = std::net::UdpSocket::bind(listen).expect("bind");
+                let quic = QuicServer::with_tls(socket, server(ALPN_QUIC), metrics.clone()).expect("serve");
+                tokio::spawn(quic.serve(inbound, Drain::default()));
             } else {
                 let hbone = Hbone::new(tls, metrics.clone());
                 let l = tokio::net::TcpListener::bind(listen).await.expect("bind");
-                tokio::spawn(hbone.serve_with(l, server(ALPN_H2), inbound));
+                tokio::spawn(hbone.serve_with(l, server(ALPN_H2), inbound, Drain::default()));
             }
             println!("{}", serde_json::json!({"listening": listen.to_string()}));
             tokio::time::sleep(Duration::from_secs(seconds)).await;

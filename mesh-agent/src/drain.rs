@@ -1,0 +1,120 @@
+//! How an agent stops without dropping what it carries: `Serving`, then
+//! `Draining` (listeners given away or closed, no new work accepted, flows
+//! run on), then `Ending` (the grace period is over: every flow still open
+//! is ended cleanly, FIN both ways, never reset). Servers and flows watch
+//! the phase; the app moves it forward.
+use std::{future::Future, time::Duration};
+
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    Draining,
+    Ending,
+}
+
+#[derive(Clone)]
+pub struct Drain {
+    phase: watch::Sender<Phase>,
+    flows: watch::Sender<usize>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            phase: watch::Sender::new(Phase::Serving),
+            flows: watch::Sender::new(0),
+        }
+    }
+}
+
+/// One open flow; counted until dropped.
+pub struct FlowGuard {
+    flows: watch::Sender<usize>,
+}
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        self.flows.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Drain {
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    pub fn advance(&self, to: Phase) {
+        self.phase.send_if_modified(|p| {
+            let moved = to > *p;
+            if moved {
+                *p = to;
+            }
+            moved
+        });
+    }
+
+    /// Resolves once the agent stops taking new work.
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.reached(Phase::Draining)
+    }
+
+    /// Resolves once open flows must end.
+    pub fn ending(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.reached(Phase::Ending)
+    }
+
+    fn reached(&self, phase: Phase) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.phase.subscribe();
+        async move {
+            // The sender lives in the app for the whole run; if it is gone
+            // the process is ending anyway.
+            let _ = rx.wait_for(|p| *p >= phase).await;
+        }
+    }
+
+    pub fn flow(&self) -> FlowGuard {
+        self.flows.send_modify(|n| *n += 1);
+        FlowGuard {
+            flows: self.flows.clone(),
+        }
+    }
+
+    pub fn open_flows(&self) -> usize {
+        *self.flows.borrow()
+    }
+
+    /// Waits until no flow is open, for at most `limit`; true if none is.
+    pub async fn flows_done_within(&self, limit: Duration) -> bool {
+        let mut rx = self.flows.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn phases_only_move_forward_and_flows_are_counted() {
+        let d = Drain::default();
+        let ending = d.ending();
+        let g1 = d.flow();
+        let g2 = d.flow();
+        assert_eq!(d.open_flows(), 2);
+        d.advance(Phase::Ending);
+        d.advance(Phase::Draining);
+        assert_eq!(d.phase(), Phase::Ending);
+        ending.await;
+        d.draining().await;
+        assert!(!d.flows_done_within(Duration::from_millis(20)).await);
+        drop(g1);
+        let waiter = tokio::spawn({
+            let d = d.clone();
+            async move { d.flows_done_within(Duration::from_secs(5)).await }
+        });
+        drop(g2);
+        assert!(waiter.await.unwrap());
+    }
+}
