@@ -161,7 +161,10 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, audit: 
         .route("/logging", put(set_log_level).post(set_log_level))
         .with_state(state)
         .merge(grpc);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(drain.draining()).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(drain.draining())
+        .await
+    {
         tracing::error!(error = %e, "admin API stopped");
     }
 }
@@ -172,7 +175,10 @@ pub async fn serve_health(listener: tokio::net::TcpListener, state: AdminState, 
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(drain.draining()).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(drain.draining())
+        .await
+    {
         tracing::error!(error = %e, "health endpoint stopped");
     }
 }

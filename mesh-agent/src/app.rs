@@ -99,7 +99,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     connections.register(&mut registry);
     let kernel_metrics = crate::metrics::KernelMetrics::new(connections.clone());
     kernel_metrics.register(&mut registry);
-    kernel_writers.push(tokio::spawn(heartbeat(redirect.clone(), kernel_metrics.clone(), rx.clone())));
+    kernel_writers.push(tokio::spawn(heartbeat(
+        redirect.clone(),
+        kernel_metrics.clone(),
+        rx.clone(),
+    )));
     let policy_metrics = PolicyMetrics::default();
     policy_metrics.register(&mut registry);
     let (policy_tx, policy_rx) = watch::channel(Arc::new(InForce {
@@ -123,7 +127,13 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     audit.register(&mut registry);
     let events_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(events) = redirect_events.take() {
-        drain_kernel_events(events, audit.clone(), rx.clone(), policy_rx.clone(), events_stop.clone());
+        drain_kernel_events(
+            events,
+            audit.clone(),
+            rx.clone(),
+            policy_rx.clone(),
+            events_stop.clone(),
+        );
     }
     let authorizer = Arc::new(PolicyAuthorizer {
         in_force: policy_rx.clone(),
@@ -170,9 +180,14 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         tunnel_udp,
     } = listeners;
     let quic_server = Arc::new(std::sync::OnceLock::new());
-    if let Some((tunnels, (tls, hbone))) = tunnels.as_ref().map(|t| (&t.0, &t.1)) {
+    if let Some((tunnels, tls)) = &tunnels {
         if let Some(tcp) = tunnel_tcp {
-            tokio::spawn(hbone.clone().serve(tokio_listener(tcp)?, tunnels.inbound.clone(), drain.clone()));
+            tokio::spawn(
+                tunnels
+                    .hbone
+                    .clone()
+                    .serve(tokio_listener(tcp)?, tunnels.inbound.clone(), drain.clone()),
+            );
         }
         let start = StartQuic {
             tls: tls.clone(),
@@ -190,9 +205,22 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             (None, None) => unreachable!("a fresh agent binds UDP"),
         }
     }
-    tokio::spawn(crate::admin::serve(tokio_listener(admin)?, admin_state.clone(), audit.clone(), drain.clone()));
-    tokio::spawn(crate::admin::serve_health(tokio_listener(health)?, admin_state, drain.clone()));
-    tokio::spawn(metrics::serve(tokio_listener(metrics_listener)?, Arc::new(registry), drain.clone()));
+    tokio::spawn(crate::admin::serve(
+        tokio_listener(admin)?,
+        admin_state.clone(),
+        audit.clone(),
+        drain.clone(),
+    ));
+    tokio::spawn(crate::admin::serve_health(
+        tokio_listener(health)?,
+        admin_state,
+        drain.clone(),
+    ));
+    tokio::spawn(metrics::serve(
+        tokio_listener(metrics_listener)?,
+        Arc::new(registry),
+        drain.clone(),
+    ));
 
     tracing::info!(
         node = %s.node_name,
@@ -322,9 +350,9 @@ async fn bind_listeners(s: &Settings) -> anyhow::Result<handoff::Listeners> {
             std::net::UdpSocket::bind(addr)
                 .with_context(|| format!("binding the QUIC tunnel on UDP {addr} (is another agent running?)"))?,
         );
-        tunnel_tcp = Some(std_tcp(tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!("binding the mTLS tunnel on TCP {addr} (is another agent running?)")
-        })?)?);
+        tunnel_tcp = Some(std_tcp(tokio::net::TcpListener::bind(addr).await.with_context(
+            || format!("binding the mTLS tunnel on TCP {addr} (is another agent running?)"),
+        )?)?);
     }
     Ok(handoff::Listeners {
         outbound,
@@ -365,7 +393,10 @@ impl StartQuic {
     /// transport for new flows. Then its socket comes here (or, if it died,
     /// the port is bound afresh).
     async fn after_predecessor(self, predecessor: handoff::Predecessor) {
-        let socket = tokio::task::spawn_blocking(move || predecessor.wait_udp()).await.ok().flatten();
+        let socket = tokio::task::spawn_blocking(move || predecessor.wait_udp())
+            .await
+            .ok()
+            .flatten();
         let socket = match socket {
             Some(s) => {
                 tracing::info!("received the QUIC tunnel socket from the previous agent");
@@ -399,7 +430,7 @@ fn start_tunnels(
     connections: crate::metrics::ConnectionMetrics,
     drain: Drain,
     registry: &mut Registry,
-) -> anyhow::Result<(Arc<Tunnels>, (TunnelTls, Arc<Hbone>))> {
+) -> anyhow::Result<(Arc<Tunnels>, TunnelTls)> {
     let bundle = Arc::new(
         TrustBundle::new(roots, &s.identity.trust_domain).context("the CA root is not a usable trust anchor")?,
     );
@@ -426,13 +457,13 @@ fn start_tunnels(
         Arc::new(Tunnels {
             transport: s.tunnel.transport,
             quic,
-            hbone: hbone.clone(),
+            hbone,
             trust_domain: s.identity.trust_domain.clone(),
             port: s.tunnel.port,
             metrics,
             inbound,
         }),
-        (tls, hbone),
+        tls,
     ))
 }
 

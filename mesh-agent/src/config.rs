@@ -523,7 +523,11 @@ mod tests {
         assert!(args(&["--no-such-flag"]).is_err());
         assert!(args(&["--cert-ttl", "30s"]).unwrap_err().contains("--cert-ttl"));
         assert!(args(&["--drain-grace", "11m"]).unwrap_err().contains("--drain-grace"));
-        assert!(args(&["--handoff-socket", "x.sock"]).unwrap_err().contains("--handoff-socket"));
+        assert!(
+            args(&["--handoff-socket", "x.sock"])
+                .unwrap_err()
+                .contains("--handoff-socket")
+        );
         assert!(
             args(&["--trust-domain", "Bad_Domain"])
                 .unwrap_err()

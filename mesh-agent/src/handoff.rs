@@ -158,7 +158,8 @@ impl Predecessor {
 
     /// Asks for the TCP listeners; from here on the predecessor drains.
     pub fn take(&self) -> Result<Listeners, HandoffError> {
-        send_message(&self.conn, &message(true, &[]), &[]).map_err(|e| HandoffError::Protocol(format!("a failed write: {e}")))?;
+        send_message(&self.conn, &message(true, &[]), &[])
+            .map_err(|e| HandoffError::Protocol(format!("a failed write: {e}")))?;
         let Some((m, fds)) = receive(&self.conn)? else {
             return Err(HandoffError::Protocol("a hang-up before any socket".into()));
         };
@@ -221,7 +222,8 @@ impl Offer {
             err,
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err("create its directory", Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| err("create its directory", Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
         }
         let _ = std::fs::remove_file(path);
         let (fd, addr) = seqpacket(path)?;
@@ -231,8 +233,13 @@ impl Offer {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| err("chmod", Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
         socket::listen(&fd, Backlog::new(4).expect("small backlog")).map_err(|e| err("listen", e))?;
-        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).map_err(|e| err("fcntl", e))?;
-        let dup = |fd: &dyn std::os::fd::AsFd| fd.as_fd().try_clone_to_owned().map_err(|e| err("dup", Errno::from_raw(e.raw_os_error().unwrap_or(0))));
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+            .map_err(|e| err("fcntl", e))?;
+        let dup = |fd: &dyn std::os::fd::AsFd| {
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| err("dup", Errno::from_raw(e.raw_os_error().unwrap_or(0))))
+        };
         let mut tcp = vec![
             ("outbound", dup(&listeners.outbound)?),
             ("admin", dup(&listeners.admin)?),
@@ -316,7 +323,9 @@ impl Offer {
             let fds: Vec<RawFd> = self.tcp.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
             match send(&conn, &names, &fds) {
                 Ok(()) => return Successor { conn },
-                Err(e) => tracing::warn!(error = %e, "handoff: sending the listeners failed; waiting for another successor"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "handoff: sending the listeners failed; waiting for another successor")
+                }
             }
         }
     }

@@ -53,7 +53,10 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, d
             }
         }),
     );
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(drain.draining()).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(drain.draining())
+        .await
+    {
         tracing::error!(error = %e, "metrics server stopped");
     }
 }

@@ -273,24 +273,41 @@ impl Redirect {
             release(PinnedLink::from_pin(dir.join(LINK_SOCKOPS_AGENT)).ok());
         }
 
-        // sk_msg attaches to the sockhash, one program per map: release the
-        // old one first. Sockets already in the map keep the program they
-        // were added with, so established splices are unaffected.
+        // sk_msg attaches to the sockhash, one program per map. A running
+        // predecessor (a rolling restart) still holds the pinned link, so it
+        // cannot be released and replaced: swap the program inside it.
+        // Sockets already in the map keep the program they were added with,
+        // so established splices are unaffected.
         {
             let name = programs::SK_MSG;
             let pin = dir.join(LINK_SK_MSG);
-            release(PinnedLink::from_pin(&pin).ok());
             let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, maps::SOCKS)?;
             let prog: &mut SkMsg = program(&mut ebpf, name)?;
             prog.load().map_err(|err| RedirectError::Program { name, err })?;
-            let id = prog.attach(socks.fd()).map_err(|err| RedirectError::Attach {
-                name,
-                cgroup: dir.join(maps::SOCKS),
-                err,
-            })?;
-            let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
-            let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
-            links.push(repin(fd, &pin)?);
+            let adopted = {
+                let prog_fd = prog.fd().map_err(|err| RedirectError::Program { name, err })?;
+                match update_pinned_link(&pin, std::os::fd::AsFd::as_fd(prog_fd)) {
+                    Ok(adopted) => adopted,
+                    Err(e) => {
+                        tracing::warn!(link = %pin.display(), error = %e, "cannot update the pinned sk_msg link; replacing it");
+                        release(PinnedLink::from_pin(&pin).ok());
+                        false
+                    }
+                }
+            };
+            if adopted {
+                tracing::info!(link = %pin.display(), "adopting pinned sk_msg link");
+                links.push(PinnedLink::from_pin(&pin).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?);
+            } else {
+                let id = prog.attach(socks.fd()).map_err(|err| RedirectError::Attach {
+                    name,
+                    cgroup: dir.join(maps::SOCKS),
+                    err,
+                })?;
+                let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+                let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
+                links.push(repin(fd, &pin)?);
+            }
         }
 
         let config = Config {
@@ -699,6 +716,77 @@ fn repin(link: FdLink, pin: &Path) -> Result<PinnedLink, RedirectError> {
 
 fn link_id(link: &FdLink) -> Option<u32> {
     link.info().ok().map(|i| i.id())
+}
+
+/// Puts `prog` into the link pinned at `pin` (BPF_LINK_UPDATE; aya has no
+/// public call for it on sk_msg links). Ok(false): nothing is pinned there.
+#[allow(unsafe_code)]
+fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<bool> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: bpf(2) reads `size_of::<ObjGet>()` bytes of a live struct;
+    // `path` outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENOENT) {
+            Ok(false)
+        } else {
+            Err(err)
+        };
+    }
+    // SAFETY: BPF_OBJ_GET returned a new descriptor owned by nobody else.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let update = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: as above, a live struct of the size given.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &update as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(true)
 }
 
 /// Unpins and closes an old link, which detaches it.

@@ -142,36 +142,57 @@ fn manifests_agree_with_the_code() {
     }
     assert_eq!(container["args"][0], "run");
 
-    // Ports: the container's, the ConfigMap's and the probes' agree with the agent.
-    let port = |name: &str| -> u64 {
-        container["ports"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("no port {name}"))["containerPort"]
-            .as_u64()
-            .unwrap()
-    };
+    // Ports: the ConfigMap's and the probes' agree with the agent. The
+    // container declares none: with hostNetwork each would be a hostPort,
+    // and the scheduler would keep the surge pod of a rolling update off
+    // the node its predecessor still runs on.
+    assert!(container["ports"].is_null(), "no container ports (see daemonset.yaml)");
     let cm_str = |k: &str| cm["data"][k].as_str().unwrap().to_string();
     let addr_port = |a: &str| a.rsplit(':').next().unwrap().parse::<u64>().unwrap();
-    assert_eq!(port("outbound").to_string(), default_of(&run, "--outbound-port"));
-    assert_eq!(port("outbound").to_string(), cm_str("MESH_OUTBOUND_PORT"));
-    assert_eq!(port("tunnel-tcp").to_string(), default_of(&run, "--tunnel-port"));
-    assert_eq!(port("tunnel-quic"), port("tunnel-tcp"));
-    assert_eq!(port("metrics"), addr_port(&default_of(&run, "--metrics-addr")));
-    assert_eq!(port("metrics"), addr_port(&cm_str("MESH_METRICS_ADDR")));
-    assert_eq!(port("health"), addr_port(&default_of(&run, "--health-addr")));
-    assert_eq!(
-        container["livenessProbe"]["httpGet"]["port"].as_u64(),
-        Some(port("health"))
-    );
-    assert_eq!(
-        container["readinessProbe"]["httpGet"]["port"].as_u64(),
-        Some(port("health"))
-    );
+    assert_eq!(cm_str("MESH_OUTBOUND_PORT"), default_of(&run, "--outbound-port"));
+    assert_eq!(cm_str("MESH_TUNNEL_PORT"), default_of(&run, "--tunnel-port"));
+    let metrics = addr_port(&cm_str("MESH_METRICS_ADDR"));
+    let health = addr_port(&cm_str("MESH_HEALTH_ADDR"));
+    assert_eq!(metrics, addr_port(&default_of(&run, "--metrics-addr")));
+    assert_eq!(health, addr_port(&default_of(&run, "--health-addr")));
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"].as_u64(), Some(health));
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"].as_u64(), Some(health));
     let ds_anno = &ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"];
-    assert_eq!(ds_anno.as_str().unwrap(), port("metrics").to_string());
+    assert_eq!(ds_anno.as_str().unwrap(), metrics.to_string());
+
+    // Rolling updates hand over: the new agent starts beside the old one
+    // (surge), reaches the old one's handoff socket on a shared host
+    // directory, and the old one may drain for its grace period before
+    // the kubelet kills it.
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"], 1);
+    assert_eq!(rolling["maxUnavailable"], 0);
+    let socket = std::path::PathBuf::from(cm_str("MESH_HANDOFF_SOCKET"));
+    assert_eq!(socket.to_string_lossy(), default_of(&run, "--handoff-socket"));
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == socket.parent().unwrap().to_str())
+        .expect("the handoff socket's directory is mounted");
+    let volume = ds["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert!(
+        volume["hostPath"]["path"].is_string(),
+        "the handoff directory is the host's"
+    );
+    let grace = humantime::parse_duration(&cm_str("MESH_DRAIN_GRACE")).unwrap();
+    let kill_after = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        grace.as_secs() + 5 <= kill_after,
+        "the drain must end before the kubelet kills the agent"
+    );
 
     // The CA: flags exist, the Service and the agents' address agree with its port.
     let serve = help(&["ca", "serve"]);

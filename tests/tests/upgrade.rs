@@ -105,3 +105,178 @@ fn uninstall_removes_every_pin_program_and_map_and_pods_still_talk() {
     let (ok, text) = uninstall("node-a", false);
     assert!(ok && text.contains("nothing pinned"), "{text}");
 }
+
+const BENCHTOOL: &str = env!("CARGO_BIN_EXE_benchtool");
+const ECHO_PORT: u16 = 9100;
+const GRACE_S: u64 = 2;
+
+/// A benchtool client in a pod, stopped by closing its stdin.
+struct Load {
+    what: String,
+    child: std::process::Child,
+}
+
+impl Load {
+    fn start(t: &TestLab, what: &str, pod: &str, args: &[&str]) -> Load {
+        let child = t
+            .lab
+            .exec(pod, BENCHTOOL)
+            .unwrap()
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Load {
+            what: what.to_string(),
+            child,
+        }
+    }
+
+    fn finish(mut self) -> (String, serde_json::Value) {
+        drop(self.child.stdin.take());
+        let out = self.child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{}: no JSON ({e}): {text}", self.what));
+        (self.what, v)
+    }
+}
+
+/// Issue 8, must-show 1: every node's agent is replaced in turn (the new
+/// one takes the listeners, the old one drains for --drain-grace and
+/// exits) while new connections keep coming, same node and across nodes
+/// both ways, and long-lived connections ping every 200 ms. No new
+/// connection may be refused or broken, no same-node connection may end,
+/// and each tunneled long-lived one survives or ends cleanly (EOF, not
+/// reset) while its agent drains.
+#[test]
+fn a_rolling_restart_under_load_refuses_nothing_and_breaks_nothing() {
+    let grace = format!("--drain-grace={GRACE_S}s");
+    let t = TestLab::up(&["--policy-mode=permissive", &grace], LABTOOL);
+    let lab = &t.lab;
+    let _servers: Vec<mesh_tests::KillOnDrop> = ["pod-a", "pod-b", "pod-c"]
+        .iter()
+        .map(|p| {
+            mesh_tests::KillOnDrop(
+                lab.exec(p, BENCHTOOL)
+                    .unwrap()
+                    .args(["echo-serve", "--port", &ECHO_PORT.to_string()])
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let to = |pod: &str| format!("{}:{ECHO_PORT}", t.addr(pod).ip());
+    for pod in ["pod-a", "pod-b", "pod-c"] {
+        xtask::probe::wait_listening(&lab.pod(pod).unwrap().netns, ECHO_PORT).unwrap();
+    }
+    let loads = vec![
+        Load::start(
+            &t,
+            "new, same node (a->b)",
+            "pod-a",
+            &["churn", "--to", &to("pod-b"), "--rate", "100"],
+        ),
+        Load::start(
+            &t,
+            "new, cross node (a->c)",
+            "pod-a",
+            &["churn", "--to", &to("pod-c"), "--rate", "100"],
+        ),
+        Load::start(
+            &t,
+            "new, cross node (c->a)",
+            "pod-c",
+            &["churn", "--to", &to("pod-a"), "--rate", "100"],
+        ),
+        Load::start(
+            &t,
+            "long, same node (a->b)",
+            "pod-a",
+            &["long", "--to", &to("pod-b"), "--count", "10"],
+        ),
+        Load::start(
+            &t,
+            "long, cross node (a->c)",
+            "pod-a",
+            &["long", "--to", &to("pod-c"), "--count", "10"],
+        ),
+        Load::start(
+            &t,
+            "long, cross node (c->b)",
+            "pod-c",
+            &["long", "--to", &to("pod-b"), "--count", "10"],
+        ),
+    ];
+    std::thread::sleep(Duration::from_secs(1));
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let mut rolls = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let started = now_ms();
+        lab.roll_agent(node, Duration::from_secs(GRACE_S + 10)).unwrap();
+        rolls.push((node, started, now_ms()));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let results: Vec<(String, serde_json::Value)> = loads.into_iter().map(Load::finish).collect();
+
+    let cell = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+    println!(
+        "{:<26} {:>6} {:>8} {:>6} {:>7} {:>9} {:>13}",
+        "load", "ok", "refused", "ended", "broken", "survived", "ended (drain)"
+    );
+    for (what, r) in &results {
+        let ended_long = r["ended_at_unix_ms"].as_array().map(|a| a.len().to_string());
+        println!(
+            "{what:<26} {:>6} {:>8} {:>6} {:>7} {:>9} {:>13}   {}",
+            cell(&r["ok"]),
+            cell(&r["refused"]),
+            cell(&r["ended"]),
+            cell(&r["broken"]),
+            cell(&r["survived"]),
+            ended_long.unwrap_or_else(|| "-".into()),
+            r["errors"]
+        );
+    }
+    for (what, r) in &results {
+        assert_eq!(r["broken"], 0, "{what}: broken connections: {r}");
+        if what.starts_with("new") {
+            assert_eq!(r["refused"], 0, "{what}: refused new connections: {r}");
+            assert!(
+                r["ok"].as_u64().unwrap() > 300,
+                "{what}: too little load to mean anything: {r}"
+            );
+            assert_eq!(r["ended"], 0, "{what}: short connections ended before their echo: {r}");
+        } else if what.contains("same node") {
+            assert_eq!(r["survived"], 10, "{what}: same-node connections must all survive: {r}");
+        } else {
+            let ended = r["ended_at_unix_ms"].as_array().unwrap();
+            assert_eq!(r["survived"].as_u64().unwrap() + ended.len() as u64, 10, "{what}: {r}");
+            // A clean end happens while an agent drains: after its
+            // successor took over, by the end of the grace period (plus
+            // the 200 ms ping interval to notice).
+            for at in ended.iter().map(|v| v.as_u64().unwrap()) {
+                assert!(
+                    rolls.iter().any(|(_, from, to)| (*from..=*to + 500).contains(&at)),
+                    "{what}: ended at {at}, outside every roll {rolls:?}"
+                );
+            }
+        }
+    }
+    // Each replacement was a handoff, not a restart from scratch.
+    for node in ["node-a", "node-b"] {
+        let records = log_records(&lab.agent_log(node));
+        let said = |m: &str| records.iter().filter(|r| r["message"] == m).count();
+        assert_eq!(said("took over the listeners; the previous agent drains"), 1, "{node}");
+        assert_eq!(said("handed over; the successor serves this node"), 1, "{node}");
+        assert_eq!(
+            said("received the QUIC tunnel socket from the previous agent"),
+            1,
+            "{node}"
+        );
+    }
+}

@@ -209,14 +209,9 @@ impl Outbound {
         };
         let (mut down_r, mut down_w) = downstream.into_split();
         let result = match Box::pin(open_tunnel(tunnels, &key, route.dst, flow_id)).await {
-            Ok(mut t) => Ok(copy::bidirectional(
-                &mut down_r,
-                &mut down_w,
-                &mut t.read,
-                &mut t.write,
-                self.drain.ending(),
-            )
-            .await),
+            Ok(mut t) => {
+                Ok(copy::bidirectional(&mut down_r, &mut down_w, &mut t.read, &mut t.write, self.drain.ending()).await)
+            }
             Err(e) => Err(e),
         };
         let downstream = down_r.reunite(down_w).ok();

@@ -23,8 +23,8 @@ use std::{
 };
 
 use quinn::{
-    AsyncUdpSocket, Connection, ConnectionError, Endpoint, RecvStream, SendStream, TransportConfig,
-    TransportErrorCode, UdpPoller, VarInt,
+    AsyncUdpSocket, Connection, ConnectionError, Endpoint, RecvStream, SendStream, TransportConfig, TransportErrorCode,
+    UdpPoller, VarInt,
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
     udp::{RecvMeta, Transmit},
 };
@@ -202,7 +202,6 @@ impl Quic {
             self.pool.reap(IDLE_CLOSE);
         }
     }
-
 }
 
 /// Marks a dialled connection as not for new streams once its server says GOAWAY.

@@ -57,6 +57,26 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
     },
+    /// New connections at `rate` per second until stdin closes: each
+    /// connects, does one 16-byte round trip and closes. Prints {"ok",
+    /// "refused" (connect failed), "ended" (a clean EOF before the echo),
+    /// "broken" (reset, error or timeout after connecting), "errors"}.
+    Churn {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+    },
+    /// `count` long-lived connections, each doing a round trip every 200 ms
+    /// until stdin closes. Prints {"survived" (still answering at the end),
+    /// "ended_at_unix_ms" (a clean EOF, when), "broken" (reset or error),
+    /// "errors"}.
+    Long {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+    },
     /// Connect to `to` every millisecond until connect() gives the wanted
     /// verdict (denied = EPERM from the mesh, allowed = connected), then
     /// print {"reached", "at_unix_us", "attempts"}.
@@ -95,6 +115,8 @@ fn main() -> anyhow::Result<()> {
             } => rr(to, rate, secs, size, new_conn).await,
             Cmd::ConnRate { to, secs, concurrency } => conn_rate(to, secs, concurrency).await,
             Cmd::Hold { to, count } => hold(to, count).await,
+            Cmd::Churn { to, rate } => churn(to, rate).await,
+            Cmd::Long { to, count } => long(to, count).await,
             Cmd::WaitVerdict { to, want, timeout_secs } => wait_verdict(to, want == "denied", timeout_secs),
         }
     })
@@ -270,6 +292,136 @@ async fn hold(to: SocketAddr, count: usize) -> anyhow::Result<()> {
     let mut sink = [0u8; 64];
     while std::io::Read::read(&mut std::io::stdin(), &mut sink).unwrap_or(0) > 0 {}
     drop(held);
+    Ok(())
+}
+
+/// Resolves when stdin closes (the test's way to say "stop").
+fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 64];
+        while std::io::Read::read(&mut std::io::stdin(), &mut sink).unwrap_or(0) > 0 {}
+        let _ = tx.send(());
+    });
+    rx
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How a connection's life went, for churn and long.
+#[derive(Clone, Copy, PartialEq)]
+enum Outcome {
+    Ok,
+    Refused,
+    Ended,
+    Broken,
+}
+
+fn classify_io(e: &std::io::Error) -> Outcome {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        Outcome::Ended
+    } else {
+        Outcome::Broken
+    }
+}
+
+async fn churn(to: SocketAddr, rate: u32) -> anyhow::Result<()> {
+    let outcomes: Rc<std::cell::RefCell<Vec<(Outcome, String)>>> = Rc::default();
+    let mut stop = stdin_closed();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let mut running = Vec::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let outcomes = outcomes.clone();
+        running.push(tokio::task::spawn_local(async move {
+            let limit = Duration::from_secs(10);
+            let result = match tokio::time::timeout(limit, connect(to)).await {
+                Err(_) => (Outcome::Refused, "connect timed out".to_string()),
+                Ok(Err(e)) => (Outcome::Refused, format!("connect: {e}")),
+                Ok(Ok(mut s)) => {
+                    let mut reply = [0u8; 16];
+                    match tokio::time::timeout(limit, round_trip(&mut s, b"0123456789abcdef", &mut reply)).await {
+                        Err(_) => (Outcome::Broken, "no echo within 10 s".to_string()),
+                        Ok(Err(e)) => (classify_io(&e), e.to_string()),
+                        Ok(Ok(())) => (Outcome::Ok, String::new()),
+                    }
+                }
+            };
+            outcomes.borrow_mut().push(result);
+        }));
+        running.retain(|t| !t.is_finished());
+    }
+    for t in running {
+        let _ = t.await;
+    }
+    let o = outcomes.borrow();
+    let count = |want| o.iter().filter(|(k, _)| *k == want).count();
+    let errors: Vec<&str> = o
+        .iter()
+        .filter(|(k, _)| *k != Outcome::Ok)
+        .map(|(_, e)| e.as_str())
+        .take(5)
+        .collect();
+    println!(
+        "{}",
+        json!({"ok": count(Outcome::Ok), "refused": count(Outcome::Refused), "ended": count(Outcome::Ended),
+               "broken": count(Outcome::Broken), "errors": errors})
+    );
+    Ok(())
+}
+
+async fn long(to: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let mut stop = stdin_closed();
+    let (done_tx, _) = tokio::sync::watch::channel(false);
+    let mut conns = Vec::new();
+    for i in 0..count {
+        let mut s = connect(to).await?;
+        let mut reply = [0u8; 8];
+        round_trip(&mut s, b"pingpong", &mut reply).await?;
+        let mut done = done_tx.subscribe();
+        conns.push(tokio::task::spawn_local(async move {
+            // Spread the pings so the connections do not move in lockstep.
+            tokio::time::sleep(Duration::from_millis(20 * i as u64 % 200)).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    _ = done.changed() => return (Outcome::Ok, 0, String::new()),
+                    _ = tick.tick() => {}
+                }
+                let mut reply = [0u8; 8];
+                match tokio::time::timeout(Duration::from_secs(10), round_trip(&mut s, b"pingpong", &mut reply)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return (classify_io(&e), unix_ms(), e.to_string()),
+                    Err(_) => return (Outcome::Broken, unix_ms(), "no echo within 10 s".to_string()),
+                }
+            }
+        }));
+    }
+    let _ = (&mut stop).await;
+    let _ = done_tx.send(true);
+    let (mut survived, mut ended, mut broken, mut errors) = (0, Vec::new(), 0, Vec::new());
+    for c in conns {
+        let (outcome, at, error) = c.await?;
+        match outcome {
+            Outcome::Ok => survived += 1,
+            Outcome::Ended => ended.push(at),
+            _ => {
+                broken += 1;
+                errors.push(error);
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({"survived": survived, "ended_at_unix_ms": ended, "broken": broken, "errors": errors})
+    );
     Ok(())
 }
 
