@@ -167,7 +167,18 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
     let (listeners, predecessor) = match (fresh, predecessor) {
         (Some(l), _) => (l, None),
-        (None, Some(p)) => (take_over(&p, &admin_state).await?, Some(p)),
+        (None, Some(p)) => match take_over(&p, &admin_state).await {
+            Ok(l) => (l, Some(p)),
+            // It stopped before handing over: the ports are free, or will
+            // be once it exits (then binding says so).
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the running agent did not hand over; binding the ports afresh"
+                );
+                (bind_listeners(&s).await?, None)
+            }
+        },
         (None, None) => unreachable!("either bound or found"),
     };
     let offer = handoff::Offer::listen(&s.handoff_socket, &listeners)?;
@@ -247,6 +258,9 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut stopping = false;
     let successor = tokio::select! {
+        // First: the lab (or the DaemonSet controller) sends SIGTERM right
+        // after the successor took over; the handover must still win.
+        biased;
         successor = offer.wait_successor() => Some(successor),
         _ = tokio::signal::ctrl_c() => { stopping = true; None }
         _ = term.recv() => { stopping = true; None }
@@ -393,10 +407,11 @@ impl StartQuic {
     /// transport for new flows. Then its socket comes here (or, if it died,
     /// the port is bound afresh).
     async fn after_predecessor(self, predecessor: handoff::Predecessor) {
-        let socket = tokio::task::spawn_blocking(move || predecessor.wait_udp())
-            .await
-            .ok()
-            .flatten();
+        // A plain thread, not spawn_blocking: the runtime waits for those
+        // at exit, and the predecessor may drain for a long time.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || tx.send(predecessor.wait_udp()));
+        let socket = rx.await.ok().flatten();
         let socket = match socket {
             Some(s) => {
                 tracing::info!("received the QUIC tunnel socket from the previous agent");
