@@ -34,7 +34,7 @@ pub enum HandoffError {
     Socket {
         path: PathBuf,
         what: &'static str,
-        err: Errno,
+        err: std::io::Error,
     },
     #[error("the other agent answered the handoff with {0}")]
     Protocol(String),
@@ -64,8 +64,6 @@ struct Message {
     sockets: Vec<String>,
     version: String,
 }
-
-const TCP_NAMES: [&str; 5] = ["outbound", "admin", "health", "metrics", "tunnel_tcp"];
 
 fn message(take: bool, sockets: &[&str]) -> Vec<u8> {
     serde_json::to_vec(&Message {
@@ -123,15 +121,19 @@ fn receive(sock: &OwnedFd) -> Result<Option<(Message, Vec<OwnedFd>)>, HandoffErr
     Ok(Some((m, fds)))
 }
 
-fn seqpacket(path: &Path) -> Result<(OwnedFd, UnixAddr), HandoffError> {
-    let err = |what, err| HandoffError::Socket {
+/// Names the socket and the step that failed.
+fn socket_error<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -> HandoffError + 'a {
+    move |err| HandoffError::Socket {
         path: path.to_owned(),
         what,
         err,
-    };
+    }
+}
+
+fn seqpacket(path: &Path) -> Result<(OwnedFd, UnixAddr), HandoffError> {
     let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| err("socket", e))?;
-    let addr = UnixAddr::new(path).map_err(|e| err("address", e))?;
+        .map_err(|e| socket_error(path, "socket")(e.into()))?;
+    let addr = UnixAddr::new(path).map_err(|e| socket_error(path, "address")(e.into()))?;
     Ok((fd, addr))
 }
 
@@ -148,11 +150,7 @@ impl Predecessor {
         match socket::connect(fd.as_raw_fd(), &addr) {
             Ok(()) => Ok(Some(Predecessor { conn: fd })),
             Err(Errno::ENOENT | Errno::ECONNREFUSED) => Ok(None),
-            Err(e) => Err(HandoffError::Socket {
-                path: path.to_owned(),
-                what: "connect",
-                err: e,
-            }),
+            Err(e) => Err(socket_error(path, "connect")(e.into())),
         }
     }
 
@@ -216,30 +214,20 @@ impl Offer {
     /// offering copies of `listeners`' TCP descriptors (the UDP one goes
     /// later, with `Successor::send_udp`).
     pub fn listen(path: &Path, listeners: &Listeners) -> Result<Offer, HandoffError> {
-        let err = |what, err| HandoffError::Socket {
-            path: path.to_owned(),
-            what,
-            err,
-        };
+        let err = |what| socket_error(path, what);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| err("create its directory", Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+            std::fs::create_dir_all(dir).map_err(err("create its directory"))?;
         }
         let _ = std::fs::remove_file(path);
         let (fd, addr) = seqpacket(path)?;
-        socket::bind(fd.as_raw_fd(), &addr).map_err(|e| err("bind", e))?;
+        socket::bind(fd.as_raw_fd(), &addr).map_err(|e| err("bind")(e.into()))?;
         // Whoever connects gets our listening sockets: root only.
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| err("chmod", Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
-        socket::listen(&fd, Backlog::new(4).expect("small backlog")).map_err(|e| err("listen", e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err("chmod"))?;
+        socket::listen(&fd, Backlog::new(4).expect("small backlog")).map_err(|e| err("listen")(e.into()))?;
         nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-            .map_err(|e| err("fcntl", e))?;
-        let dup = |fd: &dyn std::os::fd::AsFd| {
-            fd.as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| err("dup", Errno::from_raw(e.raw_os_error().unwrap_or(0))))
-        };
+            .map_err(|e| err("fcntl")(e.into()))?;
+        let dup = |fd: &dyn std::os::fd::AsFd| fd.as_fd().try_clone_to_owned().map_err(err("dup"));
         let mut tcp = vec![
             ("outbound", dup(&listeners.outbound)?),
             ("admin", dup(&listeners.admin)?),
@@ -249,7 +237,6 @@ impl Offer {
         if let Some(t) = &listeners.tunnel_tcp {
             tcp.push(("tunnel_tcp", dup(t)?));
         }
-        debug_assert!(tcp.iter().all(|(n, _)| TCP_NAMES.contains(n)));
         Ok(Offer {
             listener: fd,
             path: path.to_owned(),

@@ -748,24 +748,11 @@ fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io:
         path_fd: 0,
         _pad: 0,
     };
-    // SAFETY: bpf(2) reads `size_of::<ObjGet>()` bytes of a live struct;
-    // `path` outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
+    let fd = match sys_bpf(BPF_OBJ_GET, &get) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
+        Err(e) => return Err(e),
     };
-    if fd < 0 {
-        let err = std::io::Error::last_os_error();
-        return if err.raw_os_error() == Some(libc::ENOENT) {
-            Ok(false)
-        } else {
-            Err(err)
-        };
-    }
     // SAFETY: BPF_OBJ_GET returned a new descriptor owned by nobody else.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let update = LinkUpdate {
@@ -774,19 +761,22 @@ fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io:
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: as above, a live struct of the size given.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &update as *const LinkUpdate,
-            std::mem::size_of::<LinkUpdate>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    sys_bpf(BPF_LINK_UPDATE, &update)?;
     Ok(true)
+}
+
+/// bpf(2) with `attr` as the command's attribute struct.
+#[allow(unsafe_code)]
+fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: the kernel reads `size_of::<T>()` bytes of a live struct (a
+    // prefix of union bpf_attr; the rest counts as zero); pointers inside
+    // it are the caller's and outlive the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 /// Unpins and closes an old link, which detaches it.

@@ -170,44 +170,22 @@ fn a_rolling_restart_under_load_refuses_nothing_and_breaks_nothing() {
     for pod in ["pod-a", "pod-b", "pod-c"] {
         xtask::probe::wait_listening(&lab.pod(pod).unwrap().netns, ECHO_PORT).unwrap();
     }
-    let loads = vec![
-        Load::start(
-            &t,
-            "new, same node (a->b)",
-            "pod-a",
-            &["churn", "--to", &to("pod-b"), "--rate", "100"],
-        ),
-        Load::start(
-            &t,
-            "new, cross node (a->c)",
-            "pod-a",
-            &["churn", "--to", &to("pod-c"), "--rate", "100"],
-        ),
-        Load::start(
-            &t,
-            "new, cross node (c->a)",
-            "pod-c",
-            &["churn", "--to", &to("pod-a"), "--rate", "100"],
-        ),
-        Load::start(
-            &t,
-            "long, same node (a->b)",
-            "pod-a",
-            &["long", "--to", &to("pod-b"), "--count", "10"],
-        ),
-        Load::start(
-            &t,
-            "long, cross node (a->c)",
-            "pod-a",
-            &["long", "--to", &to("pod-c"), "--count", "10"],
-        ),
-        Load::start(
-            &t,
-            "long, cross node (c->b)",
-            "pod-c",
-            &["long", "--to", &to("pod-b"), "--count", "10"],
-        ),
+    // (what, from, mode, to, how many: per second, or held)
+    let plan = [
+        ("new, same node (a->b)", "pod-a", "churn", "pod-b", "100"),
+        ("new, cross node (a->c)", "pod-a", "churn", "pod-c", "100"),
+        ("new, cross node (c->a)", "pod-c", "churn", "pod-a", "100"),
+        ("long, same node (a->b)", "pod-a", "long", "pod-b", "10"),
+        ("long, cross node (a->c)", "pod-a", "long", "pod-c", "10"),
+        ("long, cross node (c->b)", "pod-c", "long", "pod-b", "10"),
     ];
+    let loads: Vec<Load> = plan
+        .iter()
+        .map(|(what, from, mode, dst, n)| {
+            let amount = if *mode == "churn" { "--rate" } else { "--count" };
+            Load::start(&t, what, from, &[mode, "--to", &to(dst), amount, n])
+        })
+        .collect();
     std::thread::sleep(Duration::from_secs(1));
     let now_ms = || {
         std::time::SystemTime::now()

@@ -679,7 +679,7 @@ impl Lab {
 
     pub fn stop_ca(&self) -> anyhow::Result<()> {
         if let Some(pid) = self.ca_pid() {
-            stop_pid(pid);
+            stop_pid(pid, Duration::from_secs(5));
         }
         Ok(())
     }
@@ -702,16 +702,9 @@ impl Lab {
         self.start_agent(node)?;
         if let Some(pid) = old {
             let started = Instant::now();
-            signal(pid, libc::SIGTERM);
-            while pid_alive(pid) && started.elapsed() < drain_limit {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if pid_alive(pid) {
-                signal(pid, libc::SIGKILL);
-                reap(pid);
+            if !stop_pid(pid, drain_limit) {
                 bail!("the old agent on {node} (pid {pid}) did not finish draining within {drain_limit:?}; killed");
             }
-            reap(pid);
             eprintln!(
                 "lab: old agent on {node} (pid {pid}) drained and exited in {} ms",
                 started.elapsed().as_millis()
@@ -723,7 +716,7 @@ impl Lab {
     /// Stops a node's agent (SIGTERM, then SIGKILL), leaving its pins.
     pub fn stop_agent(&self, node: &str) -> anyhow::Result<()> {
         if let Some(pid) = self.agent_pid(node) {
-            stop_pid(pid);
+            stop_pid(pid, Duration::from_secs(5));
         }
         let _ = fs::remove_file(self.agent_pid_file(node));
         Ok(())
@@ -758,17 +751,19 @@ impl Lab {
     }
 }
 
-/// SIGTERM, a grace period, then SIGKILL.
-fn stop_pid(pid: u32) {
+/// SIGTERM, up to `limit` to exit, then SIGKILL; true if it exited by itself.
+fn stop_pid(pid: u32, limit: Duration) -> bool {
     signal(pid, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + limit;
     while pid_alive(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if pid_alive(pid) {
+    let exited = !pid_alive(pid);
+    if !exited {
         signal(pid, libc::SIGKILL);
     }
     reap(pid);
+    exited
 }
 
 fn random_hex(bytes: usize) -> anyhow::Result<String> {
