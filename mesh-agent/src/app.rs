@@ -88,9 +88,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     tracing::info!(source = %source.describe(), "reading workloads and policy");
     tokio::spawn(source.run(tx));
     // What writes the kernel's maps; stopped when a successor takes over.
+    let (http_splits_tx, http_splits) = watch::channel(Arc::default());
     let mut kernel_writers = vec![tokio::spawn(sync_loop(
         redirect.clone(),
         rx.clone(),
+        http_splits_tx,
         s.node_name.clone(),
         s.pod_cgroup_root.clone(),
     ))];
@@ -251,6 +253,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Arc::new(Outbound {
             redirect: redirect.clone(),
             snapshots: rx,
+            http_splits,
             tunnels: tunnels.map(|t| t.0),
             drain: drain.clone(),
         }),
@@ -842,7 +845,13 @@ async fn policy_loop(
 
 /// Re-applies the latest snapshot when it changes, and every second so pods
 /// whose cgroup appears after their Pod object get enrolled.
-async fn sync_loop(redirect: Arc<Redirect>, mut rx: state::SnapshotRx, node: String, root: std::path::PathBuf) {
+async fn sync_loop(
+    redirect: Arc<Redirect>,
+    mut rx: state::SnapshotRx,
+    http_splits: watch::Sender<Arc<crate::services::HttpSplits>>,
+    node: String,
+    root: std::path::PathBuf,
+) {
     let mut last: Option<(u64, usize, usize)> = None;
     let mut splits = crate::services::Splits::default();
     let mut last_refused = Vec::new();
@@ -856,7 +865,14 @@ async fn sync_loop(redirect: Arc<Redirect>, mut rx: state::SnapshotRx, node: Str
                 }
                 last_refused = compiled.refused.clone();
             }
-            match redirect.sync_services(&compiled.tables) {
+            // The outbound listener knows a new HTTP split before the kernel
+            // sends it connects, and an old one until the kernel stopped.
+            let mut both = (*http_splits.borrow()).as_ref().clone();
+            both.extend(compiled.http.clone());
+            http_splits.send_replace(Arc::new(both));
+            let written = redirect.sync_services(&compiled.tables);
+            http_splits.send_replace(Arc::new(compiled.http));
+            match written {
                 Ok(0) => {}
                 Ok(changed) => tracing::info!(
                     changed,

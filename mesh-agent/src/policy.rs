@@ -56,6 +56,23 @@ pub struct HttpMatch {
     pub headers: Vec<(String, Regex)>,
 }
 
+impl HttpMatch {
+    /// Method, path (anchored at `^`) and every listed header: all must match.
+    pub fn matches(&self, req: &HttpRequest<'_>) -> bool {
+        let method_ok = self
+            .methods
+            .as_ref()
+            .is_none_or(|ms| ms.contains(&req.method.to_ascii_uppercase()));
+        let path_ok = self.path.as_ref().is_none_or(|re| re.is_match(req.path));
+        let headers_ok = self.headers.iter().all(|(name, re)| {
+            req.headers
+                .iter()
+                .any(|(h, v)| h.eq_ignore_ascii_case(name) && re.is_match(v))
+        });
+        method_ok && path_ok && headers_ok
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Target {
     /// `namespace/name` of the TrafficTarget.
@@ -229,7 +246,7 @@ impl Policy {
         port: u16,
         req: &HttpRequest<'_>,
     ) -> Decision {
-        let HttpRequest { method, path, headers } = *req;
+        let HttpRequest { method, path, .. } = *req;
         let l4 = self.evaluate(mode, src, dst, port, Proto::Tcp);
         if !l4.allowed || l4.target.is_none() {
             return l4;
@@ -252,17 +269,7 @@ impl Policy {
         }
         for t in &allowing {
             for m in &t.http {
-                let method_ok = m
-                    .methods
-                    .as_ref()
-                    .is_none_or(|ms| ms.contains(&method.to_ascii_uppercase()));
-                let path_ok = m.path.as_ref().is_none_or(|re| re.is_match(path));
-                let headers_ok = m.headers.iter().all(|(name, re)| {
-                    headers
-                        .iter()
-                        .any(|(h, v)| h.eq_ignore_ascii_case(name) && re.is_match(v))
-                });
-                if method_ok && path_ok && headers_ok {
+                if m.matches(req) {
                     return allow(
                         t,
                         format!("HTTPRouteGroup/{}#{}", m.group, m.name),
@@ -561,7 +568,7 @@ fn port_rule(ports: &[u16]) -> Result<Option<BTreeSet<u16>>, String> {
     Ok((!ports.is_empty()).then(|| ports.iter().copied().collect()))
 }
 
-fn http_matches(g: &Named<crate::smi::HTTPRouteGroupSpec>) -> Result<Vec<HttpMatch>, String> {
+pub fn http_matches(g: &Named<crate::smi::HTTPRouteGroupSpec>) -> Result<Vec<HttpMatch>, String> {
     let mut out = Vec::new();
     for m in &g.spec.matches {
         // Anchored at ^, as the spec says.

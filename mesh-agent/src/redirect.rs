@@ -533,7 +533,11 @@ impl Redirect {
         let mut changed = 0;
         for (key, t) in &want {
             let previous = st.written.get(key).cloned();
-            if previous.as_ref().is_some_and(|(_, slots)| *slots == t.slots) {
+            let flags = if t.via_agent { mesh_common::SERVICE_VIA_AGENT } else { 0 };
+            if previous
+                .as_ref()
+                .is_some_and(|(v, slots)| *slots == t.slots && v.flags == flags)
+            {
                 continue;
             }
             // After a restart the pinned entry tells which generation is live.
@@ -546,7 +550,7 @@ impl Redirect {
                 service_id: t.id(),
                 generation,
                 slots: t.slots.len() as u32,
-                _pad: 0,
+                flags,
             };
             for (i, (ip, port)) in t.slots.iter().enumerate() {
                 let slot = BackendKey {

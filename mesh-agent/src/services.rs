@@ -7,16 +7,25 @@
 //! by weight, then evenly among each backend's ready endpoints (largest
 //! remainder rounding, so a 90/10 split is exactly 900/100 slots).
 //!
+//! A TrafficSplit with `matches` (HTTPRouteGroups) splits per request, which
+//! the kernel cannot do: its root service's table is marked "via agent", so
+//! `mesh_connect4` hands those connections to the agent, and the agent
+//! routes each request ([`HttpSplit::route`]): matching requests by weight
+//! over the backends, all others to the root service's own endpoints, as
+//! the SMI spec says.
+//!
 //! A TrafficSplit that does not make sense (weights summing to 0, a negative
 //! weight, a backend service that does not exist or lacks one of the root's
 //! ports) is refused with its reason, and the last good version of the same
 //! TrafficSplit stays in force.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use crate::{
+    policy::{HttpMatch, HttpRequest},
     smi::TrafficSplitSpec,
     state::{Named, Service, ServicePort, Snapshot},
 };
@@ -35,6 +44,10 @@ pub struct ServiceTable {
     pub slots: Vec<(Ipv4Addr, u16)>,
     /// The TrafficSplit in force for it, `namespace/name`.
     pub split: Option<String>,
+    /// An HTTP-matched split: connects go to the agent, which routes each
+    /// request; `slots` (the root's own endpoints) serve only while no
+    /// agent is configured on the node.
+    pub via_agent: bool,
 }
 
 impl ServiceTable {
@@ -43,6 +56,47 @@ impl ServiceTable {
         crate::state::identity_id("service", &self.name)
     }
 }
+
+/// An HTTP-matched TrafficSplit on one root service port, as the agent's
+/// outbound listener routes its requests.
+#[derive(Debug)]
+pub struct HttpSplit {
+    /// The TrafficSplit, `namespace/name`.
+    pub split: String,
+    /// The root service port, `namespace/name:port`.
+    pub service: String,
+    /// Its HTTPRouteGroups' matches: any one matching sends a request to
+    /// `backends`.
+    pub matches: Vec<HttpMatch>,
+    /// The backends' endpoints, weighted like a kernel slot table.
+    pub backends: Vec<(Ipv4Addr, u16)>,
+    /// The root service's own ready endpoints, for every other request.
+    pub root: Vec<(Ipv4Addr, u16)>,
+}
+
+/// Where one request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routed {
+    /// `None` when the side it belongs to has no ready endpoint.
+    pub endpoint: Option<SocketAddrV4>,
+    /// It matched the split's routes: a weighted backend, not the root.
+    pub matched: bool,
+}
+
+impl HttpSplit {
+    pub fn route(&self, req: &HttpRequest<'_>) -> Routed {
+        let matched = self.matches.iter().any(|m| m.matches(req));
+        let pool = if matched { &self.backends } else { &self.root };
+        let endpoint = (!pool.is_empty()).then(|| {
+            let (ip, port) = pool[rand::random::<u32>() as usize % pool.len()];
+            SocketAddrV4::new(ip, port)
+        });
+        Routed { endpoint, matched }
+    }
+}
+
+/// The HTTP-matched splits in force, by root VIP:port.
+pub type HttpSplits = BTreeMap<SocketAddrV4, Arc<HttpSplit>>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefusedSplit {
@@ -63,6 +117,7 @@ pub struct Splits {
 pub struct Compiled {
     pub tables: Vec<ServiceTable>,
     pub refused: Vec<RefusedSplit>,
+    pub http: HttpSplits,
 }
 
 impl Splits {
@@ -122,26 +177,46 @@ impl Splits {
         }
 
         let mut tables = Vec::new();
+        let mut http = HttpSplits::new();
         for (key, svc) in &snap.services {
             let Some(vip) = svc.cluster_ip else { continue };
             for port in svc.ports.iter().filter(|p| p.protocol.eq_ignore_ascii_case("TCP")) {
-                let (slots, split) = match by_root.get(key) {
-                    Some(split) => (
-                        split_slots(split, port.port, snap),
-                        Some(format!("{}/{}", split.namespace, split.name)),
-                    ),
-                    None => (endpoints(svc, port), None),
-                };
-                tables.push(ServiceTable {
-                    name: format!("{key}:{}", port.port),
+                let name = format!("{key}:{}", port.port);
+                let mut table = ServiceTable {
+                    name: name.clone(),
                     vip,
                     port: port.port,
-                    slots,
-                    split,
-                });
+                    slots: endpoints(svc, port),
+                    split: None,
+                    via_agent: false,
+                };
+                if let Some(split) = by_root.get(key) {
+                    let split_name = format!("{}/{}", split.namespace, split.name);
+                    let backends = split_slots(split, port.port, snap);
+                    // validate() compiled these already; an error here cannot happen.
+                    match route_matches(split, snap) {
+                        Ok(None) => table.slots = backends,
+                        Ok(Some(matches)) => {
+                            table.via_agent = true;
+                            http.insert(
+                                SocketAddrV4::new(vip, port.port),
+                                Arc::new(HttpSplit {
+                                    split: split_name.clone(),
+                                    service: name,
+                                    matches,
+                                    backends,
+                                    root: table.slots.clone(),
+                                }),
+                            );
+                        }
+                        Err(_) => continue,
+                    }
+                    table.split = Some(split_name);
+                }
+                tables.push(table);
             }
         }
-        Compiled { tables, refused }
+        Compiled { tables, refused, http }
     }
 }
 
@@ -160,9 +235,7 @@ fn validate(split: &Named<TrafficSplitSpec>, snap: &Snapshot) -> Result<(), Stri
     if root.cluster_ip.is_none() {
         return Err(format!("root service {ns}/{root_name} has no ClusterIP (headless)"));
     }
-    if split.spec.matches.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err("HTTP-matched splits (spec.matches) are not supported yet".into());
-    }
+    route_matches(split, snap)?;
     if split.spec.backends.is_empty() {
         return Err("no backends".into());
     }
@@ -190,6 +263,39 @@ fn validate(split: &Named<TrafficSplitSpec>, snap: &Snapshot) -> Result<(), Stri
         return Err("the backends' weights sum to 0".into());
     }
     Ok(())
+}
+
+/// The HTTP matches of a split's `matches` (HTTPRouteGroups of its
+/// namespace, all of each group's matches); `None` for a plain split.
+fn route_matches(split: &Named<TrafficSplitSpec>, snap: &Snapshot) -> Result<Option<Vec<HttpMatch>>, String> {
+    let Some(refs) = split.spec.matches.as_ref().filter(|m| !m.is_empty()) else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for r in refs {
+        if r.kind != "HTTPRouteGroup" {
+            return Err(format!(
+                "matches: kind {:?} is not supported (only HTTPRouteGroup)",
+                r.kind
+            ));
+        }
+        let group = snap
+            .smi
+            .http_route_groups
+            .iter()
+            .find(|g| g.namespace == split.namespace && g.name == r.name)
+            .ok_or_else(|| format!("matches: HTTPRouteGroup {}/{} does not exist", split.namespace, r.name))?;
+        let matches = crate::policy::http_matches(group)
+            .map_err(|e| format!("matches: HTTPRouteGroup {}/{}: {e}", split.namespace, r.name))?;
+        if matches.is_empty() {
+            return Err(format!(
+                "matches: HTTPRouteGroup {}/{} has no matches",
+                split.namespace, r.name
+            ));
+        }
+        out.extend(matches);
+    }
+    Ok(Some(out))
 }
 
 /// The ready endpoints of `svc` for one of its ports, as (IP, target port).
@@ -390,6 +496,44 @@ mod tests {
         assert_eq!(c.tables.iter().find(|t| t.name == "t/web:80").unwrap().slots.len(), 3);
         let c = splits.compile(&snap(vec![split("canary", &[("web-v1", 0), ("web-v2", 0)])]));
         assert!(!c.refused[0].kept_previous);
+    }
+
+    #[test]
+    fn an_http_matched_split_goes_via_the_agent_and_routes_each_request() {
+        let mut s = snap(vec![split("ab", &[("web-v1", 0), ("web-v2", 100)])]);
+        s.smi.traffic_splits[0].spec.matches = Some(vec![crate::smi::TypedLocalObjectReference {
+            kind: "HTTPRouteGroup".into(),
+            name: "canary".into(),
+        }]);
+        let c = Splits::default().compile(&s);
+        assert!(
+            c.refused[0].reason.contains("HTTPRouteGroup t/canary does not exist"),
+            "{c:?}"
+        );
+        s.smi.http_route_groups.push(Named {
+            namespace: "t".into(),
+            name: "canary".into(),
+            spec: serde_yaml::from_str("matches: [{name: beta, pathRegex: /beta}]").unwrap(),
+        });
+        let c = Splits::default().compile(&s);
+        assert!(c.refused.is_empty(), "{:?}", c.refused);
+        let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+        assert!(web.via_agent);
+        assert_eq!(web.slots.len(), 3, "the root's own endpoints, for when no agent serves");
+        let http = &c.http[&"10.96.0.10:80".parse().unwrap()];
+        let req = |path| HttpRequest {
+            method: "GET",
+            path,
+            headers: &[],
+        };
+        for _ in 0..50 {
+            let r = http.route(&req("/beta/x"));
+            assert!(r.matched);
+            assert_eq!(r.endpoint, Some("198.18.1.11:8080".parse().unwrap()));
+            let r = http.route(&req("/other/beta"));
+            assert!(!r.matched, "the path regex is anchored at ^");
+            assert!(r.endpoint.is_some());
+        }
     }
 
     #[test]

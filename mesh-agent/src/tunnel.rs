@@ -12,6 +12,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod pool;
 pub mod quic;
+pub mod split;
 pub mod tls;
 
 use std::{net::SocketAddr, time::Duration};
@@ -94,6 +95,14 @@ pub struct TunnelMetrics {
     pub received: Family<ByteLabels, Counter>,
     pub handshake_seconds: Family<TransportLabels, Histogram>,
     pub rejected: Family<RejectLabels, Counter>,
+    pub split_requests: Family<SplitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SplitLabels {
+    pub traffic_split: String,
+    /// backend (matched), root (unmatched), no_endpoint, upstream_failed, denied.
+    pub route: &'static str,
 }
 
 impl Default for TunnelMetrics {
@@ -107,6 +116,7 @@ impl Default for TunnelMetrics {
                 Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0])
             }),
             rejected: Family::default(),
+            split_requests: Family::default(),
         }
     }
 }
@@ -138,6 +148,20 @@ impl TunnelMetrics {
             "Tunnel connections or streams refused, by reason",
             self.rejected.clone(),
         );
+        r.register(
+            "mesh_split_requests",
+            "Requests of HTTP-matched TrafficSplits, by where they were routed",
+            self.split_requests.clone(),
+        );
+    }
+
+    pub fn split_request(&self, split: &str, route: &'static str) {
+        self.split_requests
+            .get_or_create(&SplitLabels {
+                traffic_split: split.to_string(),
+                route,
+            })
+            .inc();
     }
 
     pub fn flow(&self, transport: &'static str, direction: &'static str, result: &'static str) {

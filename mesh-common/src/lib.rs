@@ -271,8 +271,14 @@ pub struct ServiceValue {
     pub generation: u32,
     /// Number of slots; 0 = no ready endpoint (connect() is refused).
     pub slots: u32,
-    pub _pad: u32,
+    /// [`SERVICE_VIA_AGENT`]: requests are routed by the agent.
+    pub flags: u32,
 }
+
+/// `ServiceValue::flags`: an HTTP-matched TrafficSplit applies, so connects
+/// go to the agent with the VIP as their original destination (the kernel
+/// cannot read requests); the slots serve only when no agent is configured.
+pub const SERVICE_VIA_AGENT: u32 = 1;
 
 /// One slot of a service's table. An endpoint fills as many slots as its
 /// share of the traffic (TrafficSplit weight / endpoints of that backend).

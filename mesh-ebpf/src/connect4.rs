@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    ANY_PORT, BackendKey, CaptureStats, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP, PolicyEvent, PolicyKey,
-    ServiceKey, VERDICT_ALLOW, VERDICT_DENY,
+    ANY_PORT, BackendKey, CaptureStats, Config, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP, PolicyEvent,
+    PolicyKey, SERVICE_VIA_AGENT, ServiceKey, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::maps::{
@@ -59,6 +59,16 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     if let Some(svc) = unsafe { mesh_services.get(&service) } {
+        // An HTTP-matched split: the agent routes each request, so it gets
+        // the connection with the VIP as its destination. Policy is then
+        // the destination's to decide, per backend (there is no endpoint
+        // yet to decide on here).
+        if svc.flags & SERVICE_VIA_AGENT != 0
+            && let Some(cfg) = config()
+            && agent_serves(cfg)
+        {
+            return to_agent(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port);
+        }
         if svc.slots == 0 {
             // A service without a ready endpoint: refuse at once rather
             // than let the client wait on an address nobody serves.
@@ -135,19 +145,43 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         count(|s| &mut s.same_node);
         return ALLOW;
     }
+    if !agent_serves(cfg) {
+        return ALLOW;
+    }
+    to_agent(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port)
+}
+
+/// Whether captured connects go to the agent: one has configured this node,
+/// and it is alive or fail-open is off (then a dead agent refuses them).
+#[inline(always)]
+fn agent_serves(cfg: &Config) -> bool {
     if cfg.agent_ipv4 == 0 {
-        return ALLOW; // no agent has configured this node yet
+        return false; // no agent has configured this node yet
     }
     if cfg.fail_open != 0 && unsafe { bpf_ktime_get_ns() } > cfg.alive_until_ns {
         count(|s| &mut s.failed_open);
-        return ALLOW;
+        return false;
     }
+    true
+}
+
+/// Records the original destination by socket cookie and rewrites the
+/// connect to the agent's outbound listener.
+#[inline(always)]
+fn to_agent(
+    ctx: &SockAddrContext,
+    sa: &mut bpf_sock_addr,
+    cfg: &Config,
+    workload_id: u32,
+    dst_ip: u32,
+    dst_port: u16,
+) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let orig = OrigDst {
         ipv4: dst_ip,
         port: dst_port,
         _pad: 0,
-        workload_id: workload.workload_id,
+        workload_id,
         _pad2: 0,
     };
     if mesh_cookies.insert(&cookie, &orig, 0).is_err() {
@@ -159,7 +193,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         debug!(
             ctx,
             "capture workload {} -> {:i}:{}",
-            workload.workload_id,
+            workload_id,
             u32::from_be(dst_ip),
             dst_port
         );

@@ -52,6 +52,7 @@ struct ServiceLab {
 }
 
 impl ServiceLab {
+    /// Echo servers (`labtool serve`) on 8080 in every endpoint pod.
     fn up() -> ServiceLab {
         let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
         let servers = ["v1a", "v1b", "v2"]
@@ -59,6 +60,29 @@ impl ServiceLab {
             .map(|p| KillOnDrop(t.traffic().serve(p, 8080).unwrap()))
             .collect();
         ServiceLab { t, _servers: servers }
+    }
+
+    /// HTTP servers that name themselves (`labtool http-serve`) instead.
+    fn up_http() -> ServiceLab {
+        let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
+        let servers = ["v1a", "v1b", "v2"]
+            .iter()
+            .map(|p| {
+                KillOnDrop(
+                    t.lab
+                        .exec(p, LABTOOL)
+                        .unwrap()
+                        .args(["http-serve", "--port", "8080"])
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let s = ServiceLab { t, _servers: servers };
+        for p in ["v1a", "v1b", "v2"] {
+            xtask::probe::wait_listening(&s.t.lab.pod(p).unwrap().netns, 8080).unwrap();
+        }
+        s
     }
 
     fn ip(&self, pod: &str) -> String {
@@ -216,4 +240,94 @@ fn a_removed_endpoint_receives_no_new_connections() {
         t.get("v1a").copied().unwrap_or(0) > 300 && t.get("v2").copied().unwrap_or(0) > 300,
         "{t:?}"
     );
+}
+
+/// The SMI spec's A/B example: requests with `x-canary: yes` go to web-v2,
+/// every other request to the root service `web` (v1a and v1b), decided
+/// per request on one client connection.
+const HTTP_SPLIT: &str = "
+kind: HTTPRouteGroup
+metadata: {name: canary-users, namespace: t}
+spec:
+  matches:
+  - {name: canary-header, headers: {x-canary: \"^yes$\"}}
+---
+kind: TrafficSplit
+metadata: {name: ab-test, namespace: t}
+spec:
+  service: web
+  matches: [{kind: HTTPRouteGroup, name: canary-users}]
+  backends: [{service: web-v1, weight: 0}, {service: web-v2, weight: 100}]
+";
+
+#[test]
+fn an_http_matched_split_sends_matching_requests_to_v2_and_the_rest_to_the_root_service() {
+    let s = ServiceLab::up_http();
+    s.write_services(&["v1a", "v1b"]);
+    s.write_split(HTTP_SPLIT);
+    s.wait_in_force(1);
+    const N: usize = 400;
+    let out =
+        s.t.lab
+            .exec("client", LABTOOL)
+            .unwrap()
+            .args([
+                "http-tally",
+                "--to",
+                ROOT_VIP,
+                "--count",
+                &N.to_string(),
+                "--with",
+                "x-canary: yes",
+            ])
+            .output()
+            .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("http-tally: {}", String::from_utf8_lossy(&out.stderr)));
+    println!("{N} requests through the HTTP-matched split: {v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    // Routed per request: one client connection carried all of them.
+    assert_eq!(v["connections"], 1, "{v}");
+    let at = |p: &str| format!("{}:8080", s.ip(p));
+    let matched = v["matched"].as_object().unwrap();
+    assert_eq!(matched.len(), 1, "matching requests went elsewhere than v2: {v}");
+    assert_eq!(matched[&at("v2")], N as u64 / 2, "{v}");
+    let unmatched = v["unmatched"].as_object().unwrap();
+    assert!(
+        !unmatched.contains_key(&at("v2")),
+        "an unmatched request reached v2: {v}"
+    );
+    // The root's endpoints on both paths: v1a on this node, v1b through the tunnel.
+    for p in ["v1a", "v1b"] {
+        assert!(
+            unmatched.get(&at(p)).and_then(Value::as_u64).unwrap_or(0) > N as u64 / 10,
+            "{p}: {v}"
+        );
+    }
+    let metrics = mesh_tests::metrics_text(&s.t.lab, "node-a");
+    let routed = |route| {
+        mesh_tests::metric(
+            &metrics,
+            "mesh_split_requests_total",
+            &[("traffic_split", "t/ab-test"), ("route", route)],
+        )
+    };
+    assert_eq!(
+        (routed("backend"), routed("root")),
+        ((N / 2) as f64, (N / 2) as f64),
+        "{metrics}"
+    );
+
+    // A bad route group reference is refused; the split in force stays.
+    s.write_split(&HTTP_SPLIT.replace("name: canary-users}]", "name: no-such-group}]"));
+    wait_for("refusal", Duration::from_secs(5), || {
+        log_records(&s.t.lab.agent_log("node-a")).iter().any(|r| {
+            r["message"] == "TrafficSplit refused"
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("HTTPRouteGroup t/no-such-group does not exist")
+                && r["previous_version_in_force"] == true
+        })
+    });
 }

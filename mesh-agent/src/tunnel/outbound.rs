@@ -27,7 +27,7 @@ use super::{
     header::{FlowHeader, Protocol},
     quic::Quic,
 };
-use crate::{drain::Drain, identity::SpiffeId, redirect::Redirect, state::SnapshotRx};
+use crate::{drain::Drain, identity::SpiffeId, redirect::Redirect, services::HttpSplits, state::SnapshotRx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -66,6 +66,8 @@ pub struct Tunnels {
 pub struct Outbound {
     pub redirect: Arc<Redirect>,
     pub snapshots: SnapshotRx,
+    /// HTTP-matched TrafficSplits: their VIPs' connects come here.
+    pub http_splits: tokio::sync::watch::Receiver<Arc<HttpSplits>>,
     pub tunnels: Option<Arc<Tunnels>>,
     pub drain: Drain,
 }
@@ -93,14 +95,14 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
 }
 
 /// Where a captured flow goes, resolved from the capture record.
-struct Route {
+pub(super) struct Route {
     source_name: String,
-    source: Option<SpiffeId>,
+    pub(super) source: Option<SpiffeId>,
     destination_name: String,
-    destination: Option<SpiffeId>,
-    node_ip: Option<Ipv4Addr>,
+    pub(super) destination: Option<SpiffeId>,
+    pub(super) node_ip: Option<Ipv4Addr>,
     dst: SocketAddrV4,
-    same_node: bool,
+    pub(super) same_node: bool,
     labels: ConnectionLabels,
 }
 
@@ -114,8 +116,32 @@ impl Outbound {
             tracing::warn!(client = %peer, "no capture record for this connection (it did not come through mesh_connect4); closing");
             return;
         };
-        let route = self.route(orig);
         let flow_id: u64 = rand::random();
+        let vip = SocketAddrV4::new(Ipv4Addr::from(orig.ipv4.to_ne_bytes()), orig.port);
+        let split = self.http_splits.borrow().get(&vip).cloned();
+        if let Some(split) = split {
+            let Some(tunnels) = &self.tunnels else {
+                refuse(
+                    stream,
+                    "no tunnel: this agent has no workload certificates (configure --ca-addr or --local-ca-dir)",
+                );
+                return;
+            };
+            let span = tracing::info_span!("split", client = %peer, service = %split.service,
+                traffic_split = %split.split, flow_id);
+            Box::pin(super::split::serve(
+                self,
+                tunnels,
+                stream,
+                orig.workload_id,
+                split,
+                flow_id,
+            ))
+            .instrument(span)
+            .await;
+            return;
+        }
+        let route = self.route(orig);
         let transport = self.tunnels.as_ref().map_or("none", |t| match t.transport {
             Transport::Quic => "quic",
             Transport::Tcp => "tcp",
@@ -125,7 +151,7 @@ impl Outbound {
         self.proxy(stream, route, flow_id).instrument(span).await;
     }
 
-    fn route(&self, orig: mesh_common::OrigDst) -> Route {
+    pub(super) fn route(&self, orig: mesh_common::OrigDst) -> Route {
         let snap = self.snapshots.borrow().clone();
         let dst = SocketAddrV4::new(Ipv4Addr::from(orig.ipv4.to_ne_bytes()), orig.port);
         let td = self
@@ -259,14 +285,14 @@ impl Outbound {
 
 /// A tunnel stream of either transport, as one type: a single copy loop
 /// (one future per idle flow) serves both.
-struct TunnelStream {
-    read: Box<dyn AsyncRead + Send + Unpin>,
-    write: Box<dyn AsyncWrite + Send + Unpin>,
+pub(super) struct TunnelStream {
+    pub(super) read: Box<dyn AsyncRead + Send + Unpin>,
+    pub(super) write: Box<dyn AsyncWrite + Send + Unpin>,
     /// The pooled connection's lease, held while the flow lives.
-    _lease: Box<dyn Send>,
+    pub(super) lease: Box<dyn Send>,
 }
 
-async fn open_tunnel(
+pub(super) async fn open_tunnel(
     tunnels: &Tunnels,
     key: &PeerKey,
     dst: SocketAddrV4,
@@ -283,7 +309,7 @@ async fn open_tunnel(
                 return Ok(TunnelStream {
                     read: Box::new(recv),
                     write: Box::new(send),
-                    _lease: Box::new(lease),
+                    lease: Box::new(lease),
                 });
             }
             // The peer's agent is being replaced; its successor already
@@ -299,7 +325,7 @@ async fn open_tunnel(
     Ok(TunnelStream {
         read: Box::new(read),
         write: Box::new(write),
-        _lease: Box::new(lease),
+        lease: Box::new(lease),
     })
 }
 

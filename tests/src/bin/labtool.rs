@@ -41,11 +41,22 @@ enum Cmd {
         #[arg(long)]
         marker: Option<String>,
     },
-    /// A minimal HTTP/1.1 server: answers every request with 200 and the
-    /// body "<METHOD> <PATH>", one request per connection.
+    /// A minimal HTTP/1.1 server: answers every request with 200, the body
+    /// "<METHOD> <PATH>" and an `x-served-by: <its ip:port>` header.
     HttpServe {
         #[arg(long)]
         port: u16,
+    },
+    /// Send `count` GETs, every other one with the header `with`
+    /// ("name: value"), on one keep-alive connection; print who answered:
+    /// {"matched": {"ip:port": N}, "unmatched": {..}, "failed", "connections"}.
+    HttpTally {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        with: String,
     },
     /// Open `flows` connections at once, then send `bytes` on each and check
     /// each reply; print {"ok": N, "failed": N, "errors": [...]}.
@@ -103,6 +114,7 @@ fn main() {
         } => std::process::exit(send(to, bytes, seed, hold_ms, marker.as_deref())),
         Cmd::Burst { to, flows, bytes } => burst(to, flows, bytes),
         Cmd::HttpServe { port } => http_serve(port),
+        Cmd::HttpTally { to, count, with } => http_tally(to, count, &with),
         Cmd::LabUpAndHang { agent_bin } => {
             let topo: xtask::lab::Topology = serde_json::from_value(serde_json::json!({
                 "nodes": [{"name": "node-a"}, {"name": "node-b"}],
@@ -329,41 +341,103 @@ fn http_serve(port: u16) {
     for stream in listener.incoming().flatten() {
         std::thread::spawn(move || {
             let mut stream = stream;
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match read_retrying(&mut stream, &mut byte) {
-                    Ok(1) => head.push(byte[0]),
-                    _ => return,
+            let me = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            // Keep-alive: requests until the client closes.
+            while let Some((head, _)) = read_http_message(&mut stream) {
+                let mut words = head.split_whitespace();
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let reply = format!("{method} {path}\n");
+                let sent = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-served-by: {me}\r\n\r\n{reply}",
+                    reply.len()
+                );
+                if sent.is_err() {
+                    return;
                 }
             }
-            let head = String::from_utf8_lossy(&head).to_string();
-            let mut words = head.split_whitespace();
-            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            let mut body = vec![0u8; len];
-            let mut got = 0;
-            while got < len {
-                match read_retrying(&mut stream, &mut body[got..]) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got += n,
-                }
-            }
-            let reply = format!("{method} {path}\n");
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
-                reply.len()
-            );
         });
     }
+}
+
+/// One HTTP/1.1 message (head and content-length body); `None` at EOF.
+fn read_http_message(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match read_retrying(stream, &mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let len: usize = header(&head, "content-length").map_or(0, |v| v.parse().unwrap_or(0));
+    let mut body = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match read_retrying(stream, &mut body[got..]) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got += n,
+        }
+    }
+    Some((head, body))
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// `count` GET requests, every other one carrying `header`, on as few
+/// connections as the server allows; prints who answered each kind.
+fn http_tally(to: SocketAddr, count: usize, with: &str) {
+    let mut by_kind: [std::collections::BTreeMap<String, u64>; 2] = Default::default();
+    let (mut failed, mut connections, mut errors) = (0u64, 0u64, Vec::new());
+    let mut stream: Option<TcpStream> = None;
+    for i in 0..count {
+        let matched = i % 2 == 0;
+        let extra = if matched { format!("{with}\r\n") } else { String::new() };
+        let request = format!("GET /item/{i} HTTP/1.1\r\nhost: {to}\r\n{extra}\r\n");
+        let answer = (|| -> Result<String, String> {
+            if stream.is_none() {
+                stream = Some(TcpStream::connect(to).map_err(|e| format!("connect: {e}"))?);
+                connections += 1;
+            }
+            let s = stream.as_mut().expect("connected");
+            s.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
+            let (head, body) = read_http_message(s).ok_or("connection closed before an answer")?;
+            if !head.starts_with("HTTP/1.1 200") {
+                return Err(format!(
+                    "{}: {}",
+                    head.lines().next().unwrap_or(""),
+                    String::from_utf8_lossy(&body).trim()
+                ));
+            }
+            if String::from_utf8_lossy(&body) != format!("GET /item/{i}\n") {
+                return Err(format!("wrong body {:?}", String::from_utf8_lossy(&body)));
+            }
+            header(&head, "x-served-by")
+                .map(str::to_string)
+                .ok_or("no x-served-by".into())
+        })();
+        match answer {
+            Ok(server) => *by_kind[usize::from(matched)].entry(server).or_default() += 1,
+            Err(e) => {
+                failed += 1;
+                stream = None;
+                if errors.len() < 5 {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    let out = serde_json::json!({
+        "matched": by_kind[1], "unmatched": by_kind[0],
+        "failed": failed, "connections": connections, "errors": errors,
+    });
+    println!("{out}");
 }
 
 /// All connections are open before any sends (a barrier), so the agent

@@ -1,0 +1,205 @@
+//! HTTP-matched TrafficSplits, per request.
+//!
+//! `mesh_connect4` sends connects to such a split's root VIP here (the
+//! kernel cannot read requests). We serve the client's HTTP/1.1 with hyper
+//! and route each request on its own ([`HttpSplit::route`]): one client
+//! connection may reach several endpoints, each over its own upstream
+//! connection, opened on first use and reused while it stays open. An
+//! endpoint on this node is reached directly after the same check the
+//! destination side of a tunnel makes; one on another node through a
+//! tunnel, whose far end checks policy as for any flow.
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::{Request, Response, StatusCode, body::Incoming, client::conn::http1::SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpStream, sync::Mutex};
+
+use super::{
+    PeerKey,
+    inbound::{Admission, HttpCheck},
+    outbound::{Outbound, Tunnels, open_tunnel},
+};
+use crate::{
+    policy::HttpRequest,
+    services::{HttpSplit, Routed},
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// An open connection to one endpoint, and the HTTP rules its destination
+/// applies (same-node endpoints only; the far agent checks its own).
+struct Upstream {
+    sender: SendRequest<Incoming>,
+    check: Option<Arc<dyn HttpCheck>>,
+}
+
+/// Serves one captured client connection until it closes (or the agent's
+/// drain ends it).
+pub async fn serve(
+    outbound: &Outbound,
+    tunnels: &Tunnels,
+    downstream: TcpStream,
+    workload_id: u32,
+    split: Arc<HttpSplit>,
+    flow_id: u64,
+) {
+    let _flow = outbound.drain.flow();
+    let _ = downstream.set_nodelay(true);
+    let upstreams: Mutex<HashMap<SocketAddrV4, Upstream>> = Mutex::default();
+    let service = hyper::service::service_fn(|req: Request<Incoming>| {
+        let (split, upstreams) = (&split, &upstreams);
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                forward(outbound, tunnels, split, upstreams, workload_id, flow_id, req).await,
+            )
+        }
+    });
+    let served = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(downstream), service);
+    let result = tokio::select! {
+        r = served => r.map_err(|e| e.to_string()),
+        // Dropping the connections closes both sides (FIN).
+        () = outbound.drain.ending() => Ok(()),
+    };
+    tracing::info!(error = result.err(), "split connection closed");
+}
+
+async fn forward(
+    outbound: &Outbound,
+    tunnels: &Tunnels,
+    split: &HttpSplit,
+    upstreams: &Mutex<HashMap<SocketAddrV4, Upstream>>,
+    workload_id: u32,
+    flow_id: u64,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let (method, path) = (req.method().as_str().to_string(), req.uri().path().to_string());
+    let http = HttpRequest {
+        method: &method,
+        path: &path,
+        headers: &headers,
+    };
+    let Routed { endpoint, matched } = split.route(&http);
+    let route = if matched { "backend" } else { "root" };
+    let Some(endpoint) = endpoint else {
+        tunnels.metrics.split_request(&split.split, "no_endpoint");
+        let side = if matched {
+            "the split's backends"
+        } else {
+            "the root service"
+        };
+        return answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("mesh: no ready endpoint in {side} of {}\n", split.service),
+        );
+    };
+    tracing::debug!(%method, %path, %endpoint, route, "request routed");
+    let mut upstreams = upstreams.lock().await;
+    if upstreams.get(&endpoint).is_none_or(|u| u.sender.is_closed()) {
+        match connect(outbound, tunnels, workload_id, endpoint, flow_id).await {
+            Ok(u) => {
+                upstreams.insert(endpoint, u);
+            }
+            Err(reason) => {
+                tunnels.metrics.split_request(&split.split, "upstream_failed");
+                tracing::warn!(%endpoint, reason, "split: cannot reach the endpoint");
+                return answer(StatusCode::BAD_GATEWAY, format!("mesh: {endpoint}: {reason}\n"));
+            }
+        }
+    }
+    let upstream = upstreams.get_mut(&endpoint).expect("inserted above");
+    if let Some(check) = &upstream.check
+        && let Err(reason) = check.check(&method, &path, &headers)
+    {
+        tunnels.metrics.split_request(&split.split, "denied");
+        return answer(StatusCode::FORBIDDEN, format!("denied by mesh policy: {reason}\n"));
+    }
+    tunnels.metrics.split_request(&split.split, route);
+    let sent = match upstream.sender.ready().await {
+        Ok(()) => upstream.sender.send_request(req).await,
+        Err(e) => Err(e),
+    };
+    match sent {
+        Ok(resp) => resp.map(Either::Left),
+        Err(e) => {
+            upstreams.remove(&endpoint);
+            answer(StatusCode::BAD_GATEWAY, format!("mesh: upstream {endpoint}: {e}\n"))
+        }
+    }
+}
+
+fn answer(status: StatusCode, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Either::Right(Full::from(body)))
+        .expect("valid response")
+}
+
+/// Opens an HTTP/1.1 connection to `endpoint` on behalf of the client
+/// workload: directly on this node, else through a tunnel.
+async fn connect(
+    outbound: &Outbound,
+    tunnels: &Tunnels,
+    workload_id: u32,
+    endpoint: SocketAddrV4,
+    flow_id: u64,
+) -> Result<Upstream, String> {
+    let route = outbound.route(mesh_common::OrigDst {
+        ipv4: u32::from_ne_bytes(endpoint.ip().octets()),
+        port: endpoint.port(),
+        workload_id,
+        ..Default::default()
+    });
+    let (Some(source), Some(destination), Some(node_ip)) = (route.source, route.destination, route.node_ip) else {
+        return Err("the client or the endpoint workload, or the endpoint's node, is unknown to this agent".into());
+    };
+    if route.same_node {
+        let check = match tunnels.inbound.check(&source, SocketAddr::V4(endpoint)) {
+            Ok(Admission::Open) => None,
+            Ok(Admission::Http(check)) => Some(check),
+            Err(refusal) => return Err(refusal.to_string()),
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint))
+            .await
+            .map_err(|_| format!("connect timed out after {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        return Ok(Upstream { sender, check });
+    }
+    let key = PeerKey {
+        source,
+        destination,
+        node_addr: SocketAddr::from((node_ip, tunnels.port)),
+    };
+    let stream = Box::pin(open_tunnel(tunnels, &key, endpoint, flow_id))
+        .await
+        .map_err(|e| e.to_string())?;
+    let lease = stream.lease;
+    let io = tokio::io::join(stream.read, stream.write);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _lease = lease; // the pooled tunnel connection stays leased while this lives
+        let _ = conn.await;
+    });
+    Ok(Upstream { sender, check: None })
+}
