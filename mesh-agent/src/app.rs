@@ -89,10 +89,14 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     tokio::spawn(source.run(tx));
     // What writes the kernel's maps; stopped when a successor takes over.
     let (http_splits_tx, http_splits) = watch::channel(Arc::default());
+    // UDP relays need the tunnel, which starts later; tables wait for them.
+    let udp_relays: Arc<std::sync::OnceLock<Arc<crate::tunnel::udp::Relays>>> = Arc::default();
     let mut kernel_writers = vec![tokio::spawn(sync_loop(
         redirect.clone(),
         rx.clone(),
         http_splits_tx,
+        udp_relays.clone(),
+        s.identity.source.is_some(),
         s.node_name.clone(),
         s.pod_cgroup_root.clone(),
     ))];
@@ -158,6 +162,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    if let Some((t, _)) = &tunnels {
+        let _ = udp_relays.set(crate::tunnel::udp::Relays::new(
+            s.capture_ip,
+            s.node_name.clone(),
+            s.identity.trust_domain.clone(),
+            s.tunnel.port,
+            rx.clone(),
+            t.quic.clone(),
+            t.metrics.clone(),
+        ));
+    }
     let admin_state = crate::admin::AdminState {
         node: s.node_name.clone(),
         snapshots: rx.clone(),
@@ -849,6 +864,8 @@ async fn sync_loop(
     redirect: Arc<Redirect>,
     mut rx: state::SnapshotRx,
     http_splits: watch::Sender<Arc<crate::services::HttpSplits>>,
+    udp_relays: Arc<std::sync::OnceLock<Arc<crate::tunnel::udp::Relays>>>,
+    tunnels_expected: bool,
     node: String,
     root: std::path::PathBuf,
 ) {
@@ -858,7 +875,18 @@ async fn sync_loop(
     loop {
         let snap = rx.borrow_and_update().clone();
         if snap.generation > 0 {
-            let compiled = splits.compile(&snap);
+            let mut compiled = splits.compile(&snap);
+            match udp_relays.get() {
+                Some(relays) => relays.assign(&mut compiled.tables),
+                // Tables wait for the tunnel (a second at most), so a UDP
+                // endpoint on another node is never sent to untunneled; the
+                // pinned tables of a predecessor stay in force meanwhile.
+                None if tunnels_expected => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                    continue;
+                }
+                None => {}
+            }
             if compiled.refused != last_refused {
                 for r in &compiled.refused {
                     tracing::warn!(traffic_split = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficSplit refused");

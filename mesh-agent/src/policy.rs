@@ -431,6 +431,14 @@ pub struct PolicyAuthorizer {
     pub audit: Arc<crate::audit::Audit>,
 }
 
+/// What a destination-side decision was about.
+enum Seen<'a> {
+    /// A TCP flow or a UDP session.
+    Flow(Proto),
+    /// An HTTP request (method, path).
+    Request(&'a str, &'a str),
+}
+
 impl PolicyAuthorizer {
     fn audit(
         &self,
@@ -438,9 +446,14 @@ impl PolicyAuthorizer {
         source: &crate::identity::SpiffeId,
         destination: &crate::state::Pod,
         port: u16,
-        request: Option<(&str, &str)>,
+        seen: Seen<'_>,
         generation: u64,
     ) {
+        let (protocol, request) = match seen {
+            Seen::Flow(Proto::Tcp) => ("tcp", None),
+            Seen::Flow(Proto::Udp) => ("udp", None),
+            Seen::Request(method, path) => ("http", Some((method, path))),
+        };
         let verdict = if d.allowed { "allow" } else { "deny" };
         self.metrics
             .decisions
@@ -460,7 +473,7 @@ impl PolicyAuthorizer {
             destination_identity: format!("{}/{}", destination.namespace, destination.service_account),
             destination_address: format!("{}:{port}", destination.ip),
             port,
-            protocol: if request.is_some() { "http" } else { "tcp" }.into(),
+            protocol: protocol.into(),
             rule: d.rule.clone(),
             traffic_target: d.target.clone().unwrap_or_default(),
             generation,
@@ -473,7 +486,7 @@ impl PolicyAuthorizer {
             target: "audit", kind = "policy", node = %self.node, verdict, enforced_at = "destination",
             source_identity = %source, destination_workload = %destination.workload_name(),
             destination_identity = %format!("{}/{}", destination.namespace, destination.service_account),
-            port, protocol = if request.is_some() { "http" } else { "tcp" }, method, path, rule = %d.rule,
+            port, protocol, method, path, rule = %d.rule,
             traffic_target = d.target.as_deref().unwrap_or(""), generation, reason = %d.reason, "policy decision"
         );
     }
@@ -485,6 +498,7 @@ impl crate::tunnel::inbound::Authorizer for PolicyAuthorizer {
         source: &crate::identity::SpiffeId,
         destination: &crate::state::Pod,
         port: u16,
+        proto: Proto,
     ) -> Result<crate::tunnel::inbound::Admission, String> {
         let now = self.in_force.borrow().clone();
         let src = Ident {
@@ -495,12 +509,12 @@ impl crate::tunnel::inbound::Authorizer for PolicyAuthorizer {
             namespace: destination.namespace.clone(),
             service_account: destination.service_account.clone(),
         };
-        let d = now.policy.evaluate(now.mode, &src, &dst, port, Proto::Tcp);
-        self.audit(&d, source, destination, port, None, now.policy.generation);
+        let d = now.policy.evaluate(now.mode, &src, &dst, port, proto);
+        self.audit(&d, source, destination, port, Seen::Flow(proto), now.policy.generation);
         if !d.allowed {
             return Err(d.reason);
         }
-        if now.mode == PolicyMode::Enforcing && now.policy.http_restricted(&src, &dst, port) {
+        if proto == Proto::Tcp && now.mode == PolicyMode::Enforcing && now.policy.http_restricted(&src, &dst, port) {
             return Ok(crate::tunnel::inbound::Admission::Http(Arc::new(HttpRequests {
                 authorizer: Arc::new(PolicyAuthorizer {
                     in_force: self.in_force.clone(),
@@ -541,7 +555,7 @@ impl crate::tunnel::inbound::HttpCheck for HttpRequests {
             &self.source,
             &self.destination,
             self.port,
-            Some((method, path)),
+            Seen::Request(method, path),
             p.generation,
         );
         if d.allowed { Ok(()) } else { Err(d.reason) }

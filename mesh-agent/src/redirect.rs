@@ -87,6 +87,8 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 /// Names the pinned links in the bpffs directory.
 const LINK_CONNECT4: &str = "link_connect4";
+const LINK_SENDMSG4: &str = "link_sendmsg4";
+const LINK_RECVMSG4: &str = "link_recvmsg4";
 const LINK_SOCKOPS_PODS: &str = "link_sockops_pods";
 /// Pinned by earlier agents; released on start.
 const LINK_SOCKOPS_AGENT: &str = "link_sockops_agent";
@@ -222,19 +224,23 @@ impl Redirect {
         let pods = open_cgroup(opts.pod_cgroup_root)?;
         let mut links = Vec::new();
 
-        // connect4: swap the program inside the pinned link atomically, so
-        // pods are never uncaptured during an agent restart.
-        {
-            let name = programs::CONNECT4;
+        // connect4 (TCP and connected UDP), sendmsg4 and recvmsg4 (UDP to
+        // VIPs): swap the program inside the pinned link atomically, so pods
+        // are never uncaptured during an agent restart.
+        for (name, link_name) in [
+            (programs::CONNECT4, LINK_CONNECT4),
+            (programs::SENDMSG4, LINK_SENDMSG4),
+            (programs::RECVMSG4, LINK_RECVMSG4),
+        ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|err| RedirectError::Program { name, err })?;
-            let pin = dir.join(LINK_CONNECT4);
+            let pin = dir.join(link_name);
             let adopted = PinnedLink::from_pin(&pin)
                 .ok()
                 .and_then(|p| CgroupSockAddrLink::try_from(FdLink::from(p)).ok());
             let id = match adopted {
                 Some(old) => {
-                    tracing::info!(link = %pin.display(), "adopting pinned connect4 link");
+                    tracing::info!(link = %pin.display(), "adopting pinned {} link", name.trim_start_matches("mesh_"));
                     prog.attach_to_link(old)
                 }
                 None => prog.attach(&pods, LINK_MODE),
@@ -525,18 +531,26 @@ impl Redirect {
             let key = ServiceKey {
                 vip: u32::from_ne_bytes(t.vip.octets()),
                 port: t.port,
-                protocol: mesh_common::PROTO_TCP,
+                protocol: t.protocol,
                 _pad: 0,
             };
             want.insert(key, t);
         }
         let mut changed = 0;
         for (key, t) in &want {
+            let slots: Vec<Slot> = t
+                .slots
+                .iter()
+                .map(|(ip, port)| {
+                    let relay = t.relays.get(&std::net::SocketAddrV4::new(*ip, *port));
+                    (*ip, *port, relay.copied().unwrap_or(0))
+                })
+                .collect();
             let previous = st.written.get(key).cloned();
             let flags = if t.via_agent { mesh_common::SERVICE_VIA_AGENT } else { 0 };
             if previous
                 .as_ref()
-                .is_some_and(|(v, slots)| *slots == t.slots && v.flags == flags)
+                .is_some_and(|(v, written)| *written == slots && v.flags == flags)
             {
                 continue;
             }
@@ -549,10 +563,10 @@ impl Redirect {
             let value = ServiceValue {
                 service_id: t.id(),
                 generation,
-                slots: t.slots.len() as u32,
+                slots: slots.len() as u32,
                 flags,
             };
-            for (i, (ip, port)) in t.slots.iter().enumerate() {
+            for (i, (ip, port, relay_port)) in slots.iter().enumerate() {
                 let slot = BackendKey {
                     service_id: value.service_id,
                     generation,
@@ -562,7 +576,7 @@ impl Redirect {
                 let backend = Backend {
                     ipv4: u32::from_ne_bytes(ip.octets()),
                     port: *port,
-                    _pad: 0,
+                    relay_port: *relay_port,
                 };
                 st.backends
                     .insert(&slot, &backend, 0)
@@ -578,7 +592,7 @@ impl Redirect {
             if let Some((old, slots)) = &previous {
                 delete_slots(&mut st.backends, old, slots.len());
             }
-            st.written.insert(*key, (value, t.slots.clone()));
+            st.written.insert(*key, (value, slots));
             changed += 1;
         }
         if !st.swept {
@@ -670,7 +684,7 @@ struct ServiceState {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     /// What this agent wrote, so an unchanged table is not rewritten.
-    written: BTreeMap<ServiceKey, (ServiceValue, Vec<(std::net::Ipv4Addr, u16)>)>,
+    written: BTreeMap<ServiceKey, (ServiceValue, Vec<Slot>)>,
     swept: bool,
 }
 
@@ -687,6 +701,9 @@ pub struct SyncReport {
     /// Pods of this node whose cgroup does not exist (yet).
     pub missing_cgroup: Vec<PathBuf>,
 }
+
+/// A written slot: endpoint IP, target port, UDP relay port (0: none).
+type Slot = (std::net::Ipv4Addr, u16, u16);
 
 fn delete_slots(backends: &mut HashMap<MapData, BackendKey, Backend>, old: &ServiceValue, n: usize) {
     for slot in 0..n as u32 {

@@ -40,6 +40,8 @@ pub struct ServiceTable {
     pub name: String,
     pub vip: Ipv4Addr,
     pub port: u16,
+    /// `mesh_common::PROTO_TCP` or `PROTO_UDP`.
+    pub protocol: u8,
     /// (pod IP, target port); empty: no ready endpoint.
     pub slots: Vec<(Ipv4Addr, u16)>,
     /// The TrafficSplit in force for it, `namespace/name`.
@@ -48,6 +50,9 @@ pub struct ServiceTable {
     /// request; `slots` (the root's own endpoints) serve only while no
     /// agent is configured on the node.
     pub via_agent: bool,
+    /// UDP: the agent's relay port for each endpoint on another node
+    /// (filled by `tunnel::udp::Relays::assign`); the others are sent to directly.
+    pub relays: BTreeMap<SocketAddrV4, u16>,
 }
 
 impl ServiceTable {
@@ -180,15 +185,23 @@ impl Splits {
         let mut http = HttpSplits::new();
         for (key, svc) in &snap.services {
             let Some(vip) = svc.cluster_ip else { continue };
-            for port in svc.ports.iter().filter(|p| p.protocol.eq_ignore_ascii_case("TCP")) {
-                let name = format!("{key}:{}", port.port);
+            for port in &svc.ports {
+                let (protocol, name) = if port.protocol.eq_ignore_ascii_case("TCP") {
+                    (mesh_common::PROTO_TCP, format!("{key}:{}", port.port))
+                } else if port.protocol.eq_ignore_ascii_case("UDP") {
+                    (mesh_common::PROTO_UDP, format!("{key}:{}/udp", port.port))
+                } else {
+                    continue; // SCTP: not meshed
+                };
                 let mut table = ServiceTable {
                     name: name.clone(),
                     vip,
                     port: port.port,
+                    protocol,
                     slots: endpoints(svc, port),
                     split: None,
                     via_agent: false,
+                    relays: BTreeMap::new(),
                 };
                 if let Some(split) = by_root.get(key) {
                     let split_name = format!("{}/{}", split.namespace, split.name);
@@ -196,6 +209,8 @@ impl Splits {
                     // validate() compiled these already; an error here cannot happen.
                     match route_matches(split, snap) {
                         Ok(None) => table.slots = backends,
+                        // Requests are HTTP: a UDP port of the root is split by weight only.
+                        Ok(Some(_)) if protocol == mesh_common::PROTO_UDP => table.slots = backends,
                         Ok(Some(matches)) => {
                             table.via_agent = true;
                             http.insert(
@@ -250,7 +265,7 @@ fn validate(split: &Named<TrafficSplitSpec>, snap: &Snapshot) -> Result<(), Stri
             .services
             .get(&format!("{ns}/{name}"))
             .ok_or_else(|| format!("backend service {ns}/{name} does not exist"))?;
-        for p in root.ports.iter().filter(|p| p.protocol.eq_ignore_ascii_case("TCP")) {
+        for p in &root.ports {
             if !svc.ports.iter().any(|q| q.port == p.port) {
                 return Err(format!(
                     "backend service {ns}/{name} has no port {} (the root service's)",

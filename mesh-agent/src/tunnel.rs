@@ -14,6 +14,7 @@ pub mod pool;
 pub mod quic;
 pub mod split;
 pub mod tls;
+pub mod udp;
 
 use std::{net::SocketAddr, time::Duration};
 

@@ -46,11 +46,16 @@ pub mod maps {
     /// [`crate::BackendKey`] -> [`crate::Backend`]: each service's weighted
     /// slot table of endpoints.
     pub const BACKENDS: &str = "mesh_backends";
+    /// [`crate::UdpPeerKey`] -> [`crate::UdpService`]: which VIP a UDP
+    /// socket's rewritten peer stands for, so replies show the VIP.
+    pub const UDP_PEERS: &str = "mesh_udp_peers";
 }
 
 /// Program names, as the kernel and `bpftool prog` show them.
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const RECVMSG4: &str = "mesh_recvmsg4";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
 }
@@ -213,9 +218,9 @@ pub struct CaptureStats {
     /// Decisions whose audit event did not fit in `mesh_events` (the agent
     /// was not draining fast enough): counted, never silent.
     pub events_dropped: u64,
-    /// Connects to a service VIP given one of its endpoints.
+    /// Connects (TCP) and datagrams (UDP) to a service VIP given one of its endpoints.
     pub load_balanced: u64,
-    /// Connects to a service VIP with no ready endpoint: refused.
+    /// Connects (and UDP sends) to a service VIP with no ready endpoint: refused.
     pub no_endpoint: u64,
 }
 
@@ -297,6 +302,32 @@ pub struct BackendKey {
 pub struct Backend {
     pub ipv4: u32,
     pub port: u16,
+    /// UDP services only: non-zero when the endpoint runs on another node.
+    /// Datagrams for it go to this port on the agent's address instead,
+    /// and the agent carries them through the QUIC tunnel.
+    pub relay_port: u16,
+}
+
+/// A UDP socket's view of a peer it was given by a service rewrite: the
+/// socket (cookie) and the address it really talks to. `mesh_recvmsg4`
+/// shows datagrams from there as coming from the service VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpPeerKey {
+    pub cookie: u64,
+    /// Network byte order.
+    pub ipv4: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The service address a UDP socket addressed (VIP network order, port host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpService {
+    pub vip: u32,
+    pub port: u16,
     pub _pad: u16,
 }
 
@@ -339,6 +370,8 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<BackendKey>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<UdpPeerKey>() == 16);
+    assert!(core::mem::size_of::<UdpService>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -364,4 +397,6 @@ mod user {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for UdpPeerKey {}
+    unsafe impl aya::Pod for UdpService {}
 }

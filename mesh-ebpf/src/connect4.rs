@@ -24,16 +24,17 @@ use crate::maps::{
 };
 
 /// connect() proceeds; 0 makes it fail with EPERM.
-const ALLOW: i32 = 1;
-const DENY: i32 = 0;
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const DENY: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     try_connect4(&ctx)
 }
 
-fn count(field: fn(&mut CaptureStats) -> &mut u64) {
+pub(crate) fn count(field: fn(&mut CaptureStats) -> &mut u64) {
     if let Some(stats) = mesh_capture.get_ptr_mut(0) {
         // Per-CPU slot: no other writer runs on this CPU meanwhile.
         *field(unsafe { &mut *stats }) += 1;
@@ -42,7 +43,7 @@ fn count(field: fn(&mut CaptureStats) -> &mut u64) {
 
 fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
+    if sa.type_ != SOCK_STREAM && sa.type_ != SOCK_DGRAM {
         return ALLOW;
     }
     // The cgroup of the calling task: kernel-attested, a pod cannot forge it.
@@ -50,6 +51,10 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let Some(workload) = (unsafe { mesh_workloads.get(&cgroup_id) }) else {
         return ALLOW; // not an enrolled pod
     };
+    if sa.type_ == SOCK_DGRAM {
+        // A connected UDP socket: its service is resolved once, here.
+        return crate::udp::to_service(ctx, sa, workload);
+    }
     let mut dst_ip = sa.user_ip4;
     let mut dst_port = u16::from_be(sa.user_port as u16);
     let service = ServiceKey {
@@ -108,6 +113,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
             workload.identity_id,
             endpoint.identity_id,
             dst_port,
+            PROTO_TCP,
         );
         let event = PolicyEvent {
             time_ns: unsafe { bpf_ktime_get_ns() },
@@ -154,7 +160,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
 /// Whether captured connects go to the agent: one has configured this node,
 /// and it is alive or fail-open is off (then a dead agent refuses them).
 #[inline(always)]
-fn agent_serves(cfg: &Config) -> bool {
+pub(crate) fn agent_serves(cfg: &Config) -> bool {
     if cfg.agent_ipv4 == 0 {
         return false; // no agent has configured this node yet
     }
@@ -207,13 +213,13 @@ fn to_agent(
 /// The flags of the allow rule for this exact port, or for any port, in the
 /// generation in force; `None` when no rule allows it.
 #[inline(always)]
-fn allowed(generation: u32, src: u32, dst: u32, port: u16) -> Option<u32> {
+pub(crate) fn allowed(generation: u32, src: u32, dst: u32, port: u16, protocol: u8) -> Option<u32> {
     let mut key = PolicyKey {
         generation,
         src_identity: src,
         dst_identity: dst,
         port,
-        protocol: PROTO_TCP,
+        protocol,
         _pad: 0,
     };
     if let Some(v) = mesh_policy.get_ptr(&key) {

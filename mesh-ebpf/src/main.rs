@@ -11,6 +11,7 @@ mod connect4;
 mod maps;
 mod sk_msg;
 mod sockops;
+mod udp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, PolicyEvent, PolicyKey, PolicyValue, ServiceKey,
-    ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, Workload,
+    ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, UdpPeerKey, UdpService, Workload,
 };
 
 /// cgroup id -> enrolled pod of this node.
@@ -45,6 +45,11 @@ pub static mesh_services: HashMap<ServiceKey, ServiceValue, 16384> = HashMap::ne
 #[btf_map(pin_by_name)]
 pub static mesh_backends: HashMap<BackendKey, Backend, 1048576, { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+/// UDP sockets' rewritten peers -> the VIP they stand for; written on every
+/// rewritten send, read on receive. LRU: nothing tells us a socket closed.
+#[btf_map(pin_by_name)]
+pub static mesh_udp_peers: LruHashMap<UdpPeerKey, UdpService, 65536> = LruHashMap::new();
 
 /// L4 allow rules of the policy generations in force (see Config).
 #[btf_map(pin_by_name)]

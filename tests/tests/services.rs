@@ -331,3 +331,120 @@ fn an_http_matched_split_sends_matching_requests_to_v2_and_the_rest_to_the_root_
         })
     });
 }
+
+/// A UDP service on port 53 whose endpoints answer on 5353.
+fn udp_service(name: &str, vip: &str, endpoints: &[&str]) -> String {
+    let addrs = endpoints.join(", ");
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\n\
+         spec: {{clusterIP: {vip}, ports: [{{port: 53, protocol: UDP}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+         metadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         ports: [{{port: 5353, protocol: UDP}}]\nendpoints: [{{addresses: [{addrs}]}}]\n---\n"
+    )
+}
+
+const DNS_VIP: &str = "198.19.0.53:53";
+
+/// `labtool udp-ask` from the client pod to the DNS VIP.
+fn udp_ask(t: &TestLab, count: usize, connected: bool) -> Value {
+    let mut cmd = t.lab.exec("client", LABTOOL).unwrap();
+    cmd.args(["udp-ask", "--to", DNS_VIP, "--count", &count.to_string()]);
+    if connected {
+        cmd.arg("--connected");
+    }
+    let out = cmd.output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("udp-ask: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn udp_requests_to_a_service_vip_are_answered_across_nodes_through_the_tunnel() {
+    let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
+    let _servers: Vec<KillOnDrop> = ["v1a", "v1b", "v2"]
+        .iter()
+        .map(|p| {
+            KillOnDrop(
+                t.lab
+                    .exec(p, LABTOOL)
+                    .unwrap()
+                    .args(["udp-serve", "--port", "5353"])
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let ip = |p: &str| t.lab.pod(p).unwrap().ip.to_string();
+    // Both endpoints on node-b: every request crosses nodes.
+    std::fs::write(
+        t.lab.source_dir.join("services.yaml"),
+        udp_service("dns", "198.19.0.53", &[&ip("v1b"), &ip("v2")]),
+    )
+    .unwrap();
+    wait_for("the UDP service in force", Duration::from_secs(5), || {
+        log_records(&t.lab.agent_log("node-a"))
+            .iter()
+            .any(|r| r["message"] == "service tables in force" && r["services"] == 1)
+    });
+    let before = mesh_tests::metrics_text(&t.lab, "node-b");
+    let tunneled_in = |m: &str| {
+        mesh_tests::metric(
+            m,
+            "mesh_tunnel_flows_total",
+            &[("transport", "quic"), ("direction", "udp_in"), ("result", "ok")],
+        )
+    };
+    const N: usize = 1_000;
+    let v = udp_ask(&t, N, false);
+    println!("{N} UDP requests to {DNS_VIP} (endpoints on the other node): {v}");
+    let warnings: Vec<String> = ["node-a", "node-b"]
+        .iter()
+        .flat_map(|n| log_records(&t.lab.agent_log(n)))
+        .filter(|r| r["level"] == "WARN" || r["message"].as_str().unwrap_or("").starts_with("udp"))
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(
+        (v["ok"].as_u64(), v["wrong"].as_u64(), v["lost"].as_u64()),
+        (Some(N as u64), Some(0), Some(0)),
+        "{v}\nagent warnings and udp records: {warnings:#?}"
+    );
+    let servers = v["servers"].as_object().unwrap();
+    for p in ["v1b", "v2"] {
+        let n = servers
+            .get(&format!("{}:5353", ip(p)))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        assert!(n > N as u64 / 4, "{p} answered {n}: {v}");
+    }
+    // Every request reached node-b as a QUIC datagram (not straight to the pod).
+    let after = mesh_tests::metrics_text(&t.lab, "node-b");
+    let carried = tunneled_in(&after) - tunneled_in(&before);
+    assert!(
+        carried >= N as f64,
+        "node-b's agent forwarded {carried} tunneled datagrams, want >= {N}"
+    );
+
+    // A connected UDP socket (connect() once, then send/recv) works too.
+    let v = udp_ask(&t, 200, true);
+    assert_eq!(
+        (v["ok"].as_u64(), v["wrong"].as_u64()),
+        (Some(200), Some(0)),
+        "connected: {v}"
+    );
+
+    // Same node: the endpoint set changes to v1a; new datagrams go there, directly.
+    std::fs::write(
+        t.lab.source_dir.join("services.yaml"),
+        udp_service("dns", "198.19.0.53", &[&ip("v1a")]),
+    )
+    .unwrap();
+    let at_v1a = format!("{}:5353", ip("v1a"));
+    wait_for("v1a serving the VIP", Duration::from_secs(5), || {
+        udp_ask(&t, 5, false)["servers"].get(&at_v1a) == Some(&Value::from(5))
+    });
+    let v = udp_ask(&t, 200, false);
+    assert_eq!(
+        (v["ok"].as_u64(), v["servers"][&at_v1a].as_u64()),
+        (Some(200), Some(200)),
+        "same node: {v}"
+    );
+}

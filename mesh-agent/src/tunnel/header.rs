@@ -7,7 +7,7 @@ pub mod proto {
     tonic::include_proto!("mesh.tunnel.v1");
 }
 
-pub use proto::{FlowHeader, Protocol};
+pub use proto::{FlowHeader, Protocol, UdpDatagram};
 
 /// Headers are tiny; anything larger is garbage or an attack.
 pub const MAX_HEADER: usize = 1024;

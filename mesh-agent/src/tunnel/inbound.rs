@@ -17,12 +17,13 @@ use super::{TunnelMetrics, copy};
 use crate::{
     drain::Drain,
     identity::SpiffeId,
+    policy::Proto,
     state::{Pod, SnapshotRx},
 };
 
 /// The policy hook on the inbound path.
 pub trait Authorizer: Send + Sync {
-    fn authorize(&self, source: &SpiffeId, destination: &Pod, port: u16) -> Result<Admission, String>;
+    fn authorize(&self, source: &SpiffeId, destination: &Pod, port: u16, proto: Proto) -> Result<Admission, String>;
 }
 
 /// How an allowed flow is carried: bytes as they are, or HTTP/1.1 requests
@@ -40,7 +41,7 @@ pub trait HttpCheck: Send + Sync {
 pub struct AllowAll;
 
 impl Authorizer for AllowAll {
-    fn authorize(&self, _: &SpiffeId, _: &Pod, _: u16) -> Result<Admission, String> {
+    fn authorize(&self, _: &SpiffeId, _: &Pod, _: u16, _: Proto) -> Result<Admission, String> {
         Ok(Admission::Open)
     }
 }
@@ -85,6 +86,17 @@ impl Inbound {
     /// the tunnel is never an open relay.
     #[allow(clippy::result_large_err)] // once per flow; boxing buys nothing
     pub fn check(&self, peer: &SpiffeId, dst: SocketAddr) -> Result<Admission, Refusal> {
+        self.check_proto(peer, dst, Proto::Tcp)
+    }
+
+    /// The same for UDP datagrams (once per client and endpoint).
+    #[allow(clippy::result_large_err)]
+    pub fn check_udp(&self, peer: &SpiffeId, dst: SocketAddr) -> Result<Admission, Refusal> {
+        self.check_proto(peer, dst, Proto::Udp)
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn check_proto(&self, peer: &SpiffeId, dst: SocketAddr, proto: Proto) -> Result<Admission, Refusal> {
         let SocketAddr::V4(v4) = dst else {
             return Err(Refusal::NotLocal(dst));
         };
@@ -95,7 +107,7 @@ impl Inbound {
             .cloned()
             .ok_or(Refusal::NotLocal(dst))?;
         self.authorizer
-            .authorize(peer, &pod, dst.port())
+            .authorize(peer, &pod, dst.port(), proto)
             .map_err(|reason| Refusal::Denied {
                 from: peer.clone(),
                 destination: dst,

@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use quinn::{
     AsyncUdpSocket, Connection, ConnectionError, Endpoint, RecvStream, SendStream, TransportConfig, TransportErrorCode,
     UdpPoller, VarInt,
@@ -86,12 +87,16 @@ impl PooledConn for QuicConn {
     }
 }
 
+/// Where datagrams arriving on dialled connections go (UDP replies).
+pub type DatagramSink = Arc<dyn Fn(Bytes) + Send + Sync>;
+
 /// The dialling side: its own endpoint on an ephemeral port.
 pub struct Quic {
     endpoint: Endpoint,
     tls: TunnelTls,
     pool: Pool<QuicConn>,
     metrics: TunnelMetrics,
+    datagrams: std::sync::OnceLock<DatagramSink>,
 }
 
 impl Quic {
@@ -103,6 +108,7 @@ impl Quic {
             tls,
             pool: Pool::new(MAX_CONNS_PER_PEER, MAX_STREAMS_PER_CONN as usize),
             metrics,
+            datagrams: std::sync::OnceLock::new(),
         });
         tokio::spawn(quic.clone().reap_idle());
         Ok(quic)
@@ -122,6 +128,20 @@ impl Quic {
                 detail: e.to_string(),
             })?;
         Ok((send, recv, lease))
+    }
+
+    /// Sets where datagrams from peers go; once, before the first dial.
+    pub fn on_datagram(&self, sink: DatagramSink) {
+        let _ = self.datagrams.set(sink);
+    }
+
+    /// Sends one datagram on a pooled connection to `key`'s node.
+    pub async fn send_datagram(&self, key: &PeerKey, datagram: Bytes) -> Result<(), TunnelError> {
+        let lease = self.pool.get(key, || self.connect(key)).await?;
+        lease.send_datagram(datagram).map_err(|e| TunnelError::Connect {
+            addr: key.node_addr,
+            detail: format!("datagram: {e}"),
+        })
     }
 
     /// A stream without a header (tests use it to send a broken one).
@@ -191,6 +211,14 @@ impl Quic {
         tracing::info!(peer = %addr, source = %key.source, destination = %key.destination, "tunnel: QUIC connection up");
         let goaway = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_goaway(conn.clone(), goaway.clone()));
+        if let Some(sink) = self.datagrams.get().cloned() {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                while let Ok(d) = conn.read_datagram().await {
+                    sink(d);
+                }
+            });
+        }
         Ok(QuicConn { conn, goaway })
     }
 
@@ -309,6 +337,7 @@ impl QuicServer {
                     conn.close(VarInt::from_u32(1), b"no identity");
                     return;
                 };
+                tokio::spawn(super::udp::serve_datagrams(inbound.clone(), conn.clone(), peer.clone()));
                 let draining = drain.draining();
                 tokio::pin!(draining);
                 let mut told = false;

@@ -93,6 +93,23 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         threads: usize,
     },
+    /// A DNS-style UDP server: answers each datagram "<it>|<its ip:port>".
+    UdpServe {
+        #[arg(long)]
+        port: u16,
+    },
+    /// `count` UDP requests, one at a time, each waiting up to 1 s for its
+    /// answer (one retry); checks the answer matches the request and comes
+    /// from `to`. Print {"ok", "wrong", "lost", "retried", "servers", "errors"}.
+    UdpAsk {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        /// connect() the socket to `to` first, then send()/recv().
+        #[arg(long)]
+        connected: bool,
+    },
     /// Try to connect; print JSON {"ok", "error", "elapsed_ms"}.
     Connect {
         #[arg(long)]
@@ -137,6 +154,8 @@ fn main() {
             }
         }
         Cmd::Flood { to, count } => flood(to, count),
+        Cmd::UdpServe { port } => udp_serve(port),
+        Cmd::UdpAsk { to, count, connected } => udp_ask(to, count, connected),
         Cmd::Tally { to, count, threads } => tally(to, count, threads),
         Cmd::Connect { to, timeout_ms } => {
             let start = Instant::now();
@@ -436,6 +455,103 @@ fn http_tally(to: SocketAddr, count: usize, with: &str) {
     let out = serde_json::json!({
         "matched": by_kind[1], "unmatched": by_kind[0],
         "failed": failed, "connections": connections, "errors": errors,
+    });
+    println!("{out}");
+}
+
+fn udp_serve(port: u16) {
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
+        eprintln!("udp bind {port}: {e}");
+        std::process::exit(1)
+    });
+    let me = format!("{}:{port}", local_ip());
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let mut answer = buf[..n].to_vec();
+        answer.extend_from_slice(format!("|{me}").as_bytes());
+        let _ = socket.send_to(&answer, from);
+    }
+}
+
+/// The pod's address (its only non-loopback one), found the way a UDP
+/// socket would pick its source.
+fn local_ip() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+    let _ = probe.connect("198.18.0.1:9");
+    probe.local_addr().map(|a| a.ip()).unwrap_or([0, 0, 0, 0].into())
+}
+
+fn udp_ask(to: SocketAddr, count: usize, connected: bool) {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+    socket.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
+    if connected {
+        socket.connect(to).expect("udp connect");
+    }
+    let (mut ok, mut wrong, mut lost, mut retried) = (0u64, 0u64, 0u64, 0u64);
+    let mut servers: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut errors = Vec::new();
+    let mut buf = [0u8; 2048];
+    let mut seed = std::process::id() as u64;
+    for i in 0..count {
+        let mut nonce = [0u8; 8];
+        fill(&mut seed, &mut nonce);
+        let request = format!("q{i}-{}", hex(&nonce));
+        let mut answered = None;
+        for attempt in 0..2 {
+            if attempt > 0 {
+                retried += 1;
+                if errors.len() < 5 {
+                    errors.push(format!("request {i} retried after 1 s without an answer"));
+                }
+            }
+            let sent = if connected {
+                socket.send(request.as_bytes())
+            } else {
+                socket.send_to(request.as_bytes(), to)
+            };
+            if let Err(e) = sent {
+                errors.push(format!("send {i}: {e}"));
+                continue;
+            }
+            // Skip late answers to earlier requests; anything else is the answer.
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                let earlier = text
+                    .strip_prefix('q')
+                    .and_then(|t| t.split('-').next())
+                    .and_then(|j| j.parse::<usize>().ok())
+                    .is_some_and(|j| j < i);
+                if !earlier {
+                    answered = Some((text, from));
+                    break;
+                }
+            }
+            if answered.is_some() {
+                break;
+            }
+        }
+        match answered {
+            None => lost += 1,
+            Some((text, from)) => match text.strip_prefix(&format!("{request}|")) {
+                Some(server) if from == to => {
+                    ok += 1;
+                    *servers.entry(server.to_string()).or_default() += 1;
+                }
+                _ => {
+                    wrong += 1;
+                    if errors.len() < 5 {
+                        errors.push(format!("request {request:?}: answer {text:?} from {from}"));
+                    }
+                }
+            },
+        }
+    }
+    let out = serde_json::json!({
+        "ok": ok, "wrong": wrong, "lost": lost, "retried": retried,
+        "servers": servers, "errors": errors,
     });
     println!("{out}");
 }

@@ -1,0 +1,348 @@
+//! UDP services across nodes, carried as QUIC datagrams.
+//!
+//! Source side ([`Relays`]): for every endpoint of a UDP service that runs
+//! on another node, the agent binds a relay socket and writes its port into
+//! the service's kernel slots; `mesh_sendmsg4` addresses datagrams for that
+//! endpoint to it. A relay socket therefore knows the destination without
+//! any per-datagram record, and the sender's address names the client pod.
+//! Each datagram goes, as one [`UdpDatagram`], over the QUIC connection of
+//! (client identity, endpoint identity, node); replies come back the same
+//! way and leave through the same relay socket, which `mesh_recvmsg4` shows
+//! to the client as the VIP.
+//!
+//! Destination side ([`serve_datagrams`]): per QUIC connection, one session
+//! per (client, endpoint): policy is checked when it starts (UDP, the
+//! endpoint's port), a socket connected to the pod carries the datagrams,
+//! and its replies go back on the same connection. Sessions idle for
+//! [`SESSION_IDLE`] are closed.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use prost::Message as _;
+use quinn::Connection;
+use tokio::{net::UdpSocket, task::AbortHandle};
+
+use super::{PeerKey, TunnelMetrics, header::UdpDatagram, inbound::Inbound, quic::Quic};
+use crate::{identity::SpiffeId, services::ServiceTable, state::SnapshotRx};
+
+const TRANSPORT: &str = "quic";
+/// A (client, endpoint) pair with no datagram for this long is forgotten.
+pub const SESSION_IDLE: Duration = Duration::from_secs(30);
+const MAX_UDP: usize = 65_535;
+
+/// One relay socket, bound to the agent's address, for one remote endpoint.
+struct Relay {
+    socket: Arc<UdpSocket>,
+    port: u16,
+    task: AbortHandle,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The source side: relay sockets by remote endpoint.
+pub struct Relays {
+    ip: Ipv4Addr,
+    node: String,
+    trust_domain: String,
+    tunnel_port: u16,
+    snapshots: SnapshotRx,
+    quic: Arc<Quic>,
+    metrics: TunnelMetrics,
+    relays: Mutex<HashMap<SocketAddrV4, Relay>>,
+}
+
+impl Relays {
+    /// `ip`: the agent address the kernel rewrites to (`--capture-ip`).
+    pub fn new(
+        ip: Ipv4Addr,
+        node: String,
+        trust_domain: String,
+        tunnel_port: u16,
+        snapshots: SnapshotRx,
+        quic: Arc<Quic>,
+        metrics: TunnelMetrics,
+    ) -> Arc<Self> {
+        let relays = Arc::new(Relays {
+            ip,
+            node,
+            trust_domain,
+            tunnel_port,
+            snapshots,
+            quic: quic.clone(),
+            metrics,
+            relays: Mutex::default(),
+        });
+        let sink = Arc::downgrade(&relays);
+        quic.on_datagram(Arc::new(move |datagram| {
+            if let Some(relays) = sink.upgrade() {
+                relays.deliver(datagram);
+            }
+        }));
+        relays
+    }
+
+    /// Fills each UDP table's relay ports: a relay socket for every
+    /// endpoint on another node (bound on first need), none for the rest.
+    /// Sockets no table needs any more are closed.
+    pub fn assign(self: &Arc<Self>, tables: &mut [ServiceTable]) {
+        let snap = self.snapshots.borrow().clone();
+        let mut relays = self.relays.lock().expect("relays lock");
+        let mut used = BTreeSet::new();
+        for table in tables.iter_mut().filter(|t| t.protocol == mesh_common::PROTO_UDP) {
+            for (ip, port) in &table.slots {
+                let endpoint = SocketAddrV4::new(*ip, *port);
+                let remote = snap.pod_by_ip(*ip).is_some_and(|p| p.node != self.node);
+                if !remote {
+                    continue;
+                }
+                let relay = match relays.get(&endpoint) {
+                    Some(r) => r.port,
+                    None => match self.bind(endpoint) {
+                        Ok(relay) => {
+                            let port = relay.port;
+                            relays.insert(endpoint, relay);
+                            port
+                        }
+                        Err(e) => {
+                            tracing::error!(%endpoint, error = %e, "udp: cannot bind a relay socket; datagrams to this endpoint go untunneled until it can");
+                            continue;
+                        }
+                    },
+                };
+                table.relays.insert(endpoint, relay);
+                used.insert(endpoint);
+            }
+        }
+        relays.retain(|e, _| used.contains(e));
+    }
+
+    fn bind(self: &Arc<Self>, endpoint: SocketAddrV4) -> std::io::Result<Relay> {
+        let std = std::net::UdpSocket::bind((self.ip, 0))?;
+        std.set_nonblocking(true)?;
+        let port = std.local_addr()?.port();
+        let socket = Arc::new(UdpSocket::from_std(std)?);
+        let task = tokio::spawn(self.clone().relay(endpoint, socket.clone())).abort_handle();
+        tracing::info!(%endpoint, relay_port = port, "udp: relay socket for a remote endpoint");
+        Ok(Relay { socket, port, task })
+    }
+
+    /// Pod -> tunnel, for one endpoint.
+    async fn relay(self: Arc<Self>, endpoint: SocketAddrV4, socket: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; MAX_UDP];
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(%endpoint, error = %e, "udp: relay receive failed");
+                    continue;
+                }
+            };
+            let SocketAddr::V4(client) = from else { continue };
+            let Some(key) = self.key(client, endpoint) else {
+                self.metrics.reject(TRANSPORT, "udp_unknown_client");
+                tracing::warn!(%client, %endpoint, "udp: datagram from an address that is no meshed pod of this node; dropped");
+                continue;
+            };
+            let datagram = UdpDatagram {
+                endpoint: endpoint.to_string(),
+                client: client.to_string(),
+                payload: buf[..n].to_vec(),
+            };
+            let quic = self.quic.clone();
+            let metrics = self.metrics.clone();
+            // Not inline: a first datagram waits for a handshake, and the
+            // others (to this endpoint, from other clients) must not.
+            tokio::spawn(async move {
+                match quic.send_datagram(&key, Bytes::from(datagram.encode_to_vec())).await {
+                    Ok(()) => metrics.flow(TRANSPORT, "udp_out", "ok"),
+                    Err(e) => {
+                        metrics.flow(TRANSPORT, "udp_out", "error");
+                        tracing::warn!(%client, %endpoint, error = %e, "udp: datagram not tunneled; dropped");
+                    }
+                }
+            });
+        }
+    }
+
+    /// The tunnel key for a client pod of this node and a remote endpoint.
+    /// The client is named by its address: pods cannot reach the relay
+    /// from any other address than their own (see README, UDP services).
+    fn key(&self, client: SocketAddrV4, endpoint: SocketAddrV4) -> Option<PeerKey> {
+        let snap = self.snapshots.borrow().clone();
+        let src = snap.pod_by_ip(*client.ip()).filter(|p| p.node == self.node)?;
+        let dst = snap.pod_by_ip(*endpoint.ip())?;
+        Some(PeerKey {
+            source: SpiffeId::new(&self.trust_domain, &src.namespace, &src.service_account).ok()?,
+            destination: SpiffeId::new(&self.trust_domain, &dst.namespace, &dst.service_account).ok()?,
+            node_addr: SocketAddr::from((*snap.nodes.get(&dst.node)?, self.tunnel_port)),
+        })
+    }
+
+    /// Tunnel -> pod: a reply, out through the endpoint's relay socket.
+    fn deliver(&self, datagram: Bytes) {
+        let Some((msg, endpoint, client)) = decode(&datagram) else {
+            self.metrics.reject(TRANSPORT, "bad_datagram");
+            return;
+        };
+        let socket = self
+            .relays
+            .lock()
+            .expect("relays lock")
+            .get(&endpoint)
+            .map(|r| r.socket.clone());
+        match socket.map(|s| send_now(&s, &msg.payload, Some(client))) {
+            Some(Ok(_)) => self.metrics.flow(TRANSPORT, "udp_in", "ok"),
+            _ => self.metrics.flow(TRANSPORT, "udp_in", "dropped"),
+        }
+    }
+}
+
+/// Sends without waiting: straight to the socket, not through tokio's
+/// readiness (a socket tokio has not yet seen writable, as a fresh one,
+/// would make `try_send` fail and lose the datagram). A full socket buffer
+/// drops it, as UDP does.
+fn send_now(socket: &UdpSocket, payload: &[u8], to: Option<SocketAddrV4>) -> std::io::Result<usize> {
+    let socket = socket2::SockRef::from(socket);
+    match to {
+        Some(to) => socket.send_to(payload, &SocketAddr::V4(to).into()),
+        None => socket.send(payload),
+    }
+}
+
+/// A well-formed datagram and its two addresses.
+fn decode(datagram: &[u8]) -> Option<(UdpDatagram, SocketAddrV4, SocketAddrV4)> {
+    let msg = UdpDatagram::decode(datagram).ok()?;
+    let endpoint = msg.endpoint.parse().ok()?;
+    let client = msg.client.parse().ok()?;
+    Some((msg, endpoint, client))
+}
+
+/// One (client, endpoint) pair on the destination side. `socket` is None
+/// when policy denied it: further datagrams are dropped without asking
+/// (and auditing) again until the session expires.
+struct Session {
+    socket: Option<Arc<UdpSocket>>,
+    last: Instant,
+    replies: Option<AbortHandle>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(t) = &self.replies {
+            t.abort();
+        }
+    }
+}
+
+/// The destination side of one QUIC connection's datagrams, until it closes.
+pub async fn serve_datagrams(inbound: Arc<Inbound>, conn: Connection, peer: SpiffeId) {
+    let mut sessions: HashMap<(SocketAddrV4, SocketAddrV4), Session> = HashMap::new();
+    let mut swept = Instant::now();
+    while let Ok(datagram) = conn.read_datagram().await {
+        let Some((msg, endpoint, client)) = decode(&datagram) else {
+            inbound.metrics.reject(TRANSPORT, "bad_datagram");
+            tracing::warn!(peer = %conn.remote_address(), identity = %peer, "udp: datagram does not decode; dropped");
+            continue;
+        };
+        if swept.elapsed() > Duration::from_secs(5) {
+            sessions.retain(|_, s| s.last.elapsed() < SESSION_IDLE);
+            swept = Instant::now();
+        }
+        let session = sessions
+            .entry((client, endpoint))
+            .or_insert_with(|| open_session(&inbound, &conn, &peer, client, endpoint));
+        session.last = Instant::now();
+        match &session.socket {
+            Some(socket) => {
+                let sent = send_now(socket, &msg.payload, None).is_ok();
+                inbound
+                    .metrics
+                    .flow(TRANSPORT, "udp_in", if sent { "ok" } else { "dropped" });
+            }
+            None => inbound.metrics.flow(TRANSPORT, "udp_in", "denied"),
+        }
+    }
+}
+
+fn open_session(
+    inbound: &Inbound,
+    conn: &Connection,
+    peer: &SpiffeId,
+    client: SocketAddrV4,
+    endpoint: SocketAddrV4,
+) -> Session {
+    let denied = Session {
+        socket: None,
+        last: Instant::now(),
+        replies: None,
+    };
+    if let Err(refusal) = inbound.check_udp(peer, SocketAddr::V4(endpoint)) {
+        inbound.metrics.reject(TRANSPORT, "policy");
+        tracing::warn!(identity = %peer, %client, %endpoint, error = %refusal, "udp: datagrams refused");
+        return denied;
+    }
+    let socket = match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| s.connect(endpoint).map(|()| s))
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .and_then(UdpSocket::from_std)
+    {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::warn!(%endpoint, error = %e, "udp: cannot open a socket to the pod");
+            return denied;
+        }
+    };
+    let replies = tokio::spawn(replies(
+        socket.clone(),
+        conn.clone(),
+        client,
+        endpoint,
+        inbound.metrics.clone(),
+    ));
+    tracing::debug!(identity = %peer, %client, %endpoint, "udp: session opened");
+    Session {
+        socket: Some(socket),
+        last: Instant::now(),
+        replies: Some(replies.abort_handle()),
+    }
+}
+
+/// Pod -> tunnel: the endpoint's replies for one client.
+async fn replies(
+    socket: Arc<UdpSocket>,
+    conn: Connection,
+    client: SocketAddrV4,
+    endpoint: SocketAddrV4,
+    metrics: TunnelMetrics,
+) {
+    let mut buf = vec![0u8; MAX_UDP];
+    loop {
+        let n = match socket.recv(&mut buf).await {
+            Ok(n) => n,
+            // ICMP unreachable and the like: the pod may come back.
+            Err(_) => continue,
+        };
+        let datagram = UdpDatagram {
+            endpoint: endpoint.to_string(),
+            client: client.to_string(),
+            payload: buf[..n].to_vec(),
+        };
+        match conn.send_datagram(Bytes::from(datagram.encode_to_vec())) {
+            Ok(()) => metrics.flow(TRANSPORT, "udp_out", "ok"),
+            Err(quinn::SendDatagramError::ConnectionLost(_)) => return,
+            Err(e) => {
+                metrics.flow(TRANSPORT, "udp_out", "error");
+                tracing::warn!(%endpoint, %client, error = %e, "udp: reply not tunneled; dropped");
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! UDP to service VIPs (cgroup/sendmsg4, cgroup/recvmsg4, and connect4 for
+//! connected UDP sockets).
+//!
+//! A datagram to a VIP is addressed, before it leaves the socket, to one of
+//! the service's endpoints (picked per datagram from the same slot table as
+//! TCP; a connected socket keeps the pick of its connect()). An endpoint on
+//! another node is reached through the agent: the slot carries the agent's
+//! relay port for it, and the agent tunnels the datagram over QUIC. The
+//! socket's rewritten peer is remembered by socket cookie, so its replies
+//! are shown to the application as coming from the VIP, as a DNS client
+//! expects.
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use mesh_common::{
+    BackendKey, POLICY_ENFORCING, PROTO_UDP, PolicyEvent, ServiceKey, UdpPeerKey, UdpService, VERDICT_DENY, Workload,
+};
+
+use crate::{
+    connect4::{ALLOW, DENY, agent_serves, allowed, count},
+    maps::{config, mesh_backends, mesh_endpoints, mesh_events, mesh_services, mesh_udp_peers, mesh_workloads},
+};
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    match unsafe { mesh_workloads.get(&cgroup_id) } {
+        Some(workload) => to_service(&ctx, sa, workload),
+        None => ALLOW, // not an enrolled pod
+    }
+}
+
+/// Shows a reply from a rewritten peer as coming from the VIP the
+/// application addressed. recvmsg4 must return 1.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    let key = UdpPeerKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+        ipv4: sa.user_ip4,
+        port: u16::from_be(sa.user_port as u16),
+        _pad: 0,
+    };
+    if let Some(svc) = unsafe { mesh_udp_peers.get(&key) } {
+        sa.user_ip4 = svc.vip;
+        sa.user_port = u32::from(svc.port.to_be());
+    }
+    ALLOW
+}
+
+/// Resolves a UDP destination that is a service VIP; anything else passes.
+#[inline(always)]
+pub fn to_service(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Workload) -> i32 {
+    let vip = sa.user_ip4;
+    let vip_port = u16::from_be(sa.user_port as u16);
+    let service = ServiceKey {
+        vip,
+        port: vip_port,
+        protocol: PROTO_UDP,
+        _pad: 0,
+    };
+    let Some(svc) = (unsafe { mesh_services.get(&service) }) else {
+        return ALLOW;
+    };
+    if svc.slots == 0 {
+        count(|s| &mut s.no_endpoint);
+        return DENY;
+    }
+    let slot = BackendKey {
+        service_id: svc.service_id,
+        generation: svc.generation,
+        slot: unsafe { bpf_get_prandom_u32() } % svc.slots,
+        _pad: 0,
+    };
+    let Some(backend) = (unsafe { mesh_backends.get(&slot) }) else {
+        count(|s| &mut s.no_endpoint); // the table was swapped under us
+        return DENY;
+    };
+    let Some(cfg) = config() else { return ALLOW };
+    if cfg.policy_mode == POLICY_ENFORCING
+        && let Some(endpoint) = unsafe { mesh_endpoints.get(&backend.ipv4) }
+        && allowed(
+            cfg.policy_generation,
+            workload.identity_id,
+            endpoint.identity_id,
+            backend.port,
+            PROTO_UDP,
+        )
+        .is_none()
+    {
+        // Denials are audited; allowed datagrams are only counted (one
+        // event per datagram would flood the ring).
+        let event = PolicyEvent {
+            time_ns: unsafe { bpf_ktime_get_ns() },
+            workload_id: workload.workload_id,
+            src_identity: workload.identity_id,
+            dst_ipv4: backend.ipv4,
+            dst_identity: endpoint.identity_id,
+            dst_port: backend.port,
+            protocol: PROTO_UDP,
+            verdict: VERDICT_DENY,
+            generation: cfg.policy_generation,
+        };
+        if mesh_events.output(&event, 0).is_err() {
+            count(|s| &mut s.events_dropped);
+        }
+        count(|s| &mut s.denied);
+        return DENY;
+    }
+    let (ip, port) = if backend.relay_port == 0 {
+        (backend.ipv4, backend.port)
+    } else if agent_serves(cfg) {
+        count(|s| &mut s.redirected);
+        (cfg.agent_ipv4, backend.relay_port)
+    } else if cfg.fail_open != 0 {
+        (backend.ipv4, backend.port) // the agent is gone: straight there, unencrypted
+    } else {
+        return DENY;
+    };
+    sa.user_ip4 = ip;
+    sa.user_port = u32::from(port.to_be());
+    let peer = UdpPeerKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+        ipv4: ip,
+        port,
+        _pad: 0,
+    };
+    let shown = UdpService {
+        vip,
+        port: vip_port,
+        _pad: 0,
+    };
+    // Without the record replies would show the real peer; the datagram
+    // still goes (a full LRU map evicts, it does not fail).
+    let _ = mesh_udp_peers.insert(&peer, &shown, 0);
+    count(|s| &mut s.load_balanced);
+    ALLOW
+}
