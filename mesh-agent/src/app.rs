@@ -874,41 +874,24 @@ async fn sync_loop(
     let mut last_refused = Vec::new();
     loop {
         let snap = rx.borrow_and_update().clone();
+        // Service tables wait for the tunnel's UDP relays (moments, at
+        // start), so a UDP endpoint on another node is never sent to
+        // untunneled; a predecessor's pinned tables stay in force meanwhile.
+        let relays = udp_relays.get();
+        let tables_ready = relays.is_some() || !tunnels_expected;
         if snap.generation > 0 {
-            let mut compiled = splits.compile(&snap);
-            match udp_relays.get() {
-                Some(relays) => relays.assign(&mut compiled.tables),
-                // Tables wait for the tunnel (a second at most), so a UDP
-                // endpoint on another node is never sent to untunneled; the
-                // pinned tables of a predecessor stay in force meanwhile.
-                None if tunnels_expected => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
-                    continue;
+            if tables_ready {
+                let mut compiled = splits.compile(&snap);
+                if let Some(relays) = relays {
+                    relays.assign(&mut compiled.tables);
                 }
-                None => {}
-            }
-            if compiled.refused != last_refused {
-                for r in &compiled.refused {
-                    tracing::warn!(traffic_split = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficSplit refused");
+                if compiled.refused != last_refused {
+                    for r in &compiled.refused {
+                        tracing::warn!(traffic_split = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficSplit refused");
+                    }
+                    last_refused = compiled.refused.clone();
                 }
-                last_refused = compiled.refused.clone();
-            }
-            // The outbound listener knows a new HTTP split before the kernel
-            // sends it connects, and an old one until the kernel stopped.
-            let mut both = (*http_splits.borrow()).as_ref().clone();
-            both.extend(compiled.http.clone());
-            http_splits.send_replace(Arc::new(both));
-            let written = redirect.sync_services(&compiled.tables);
-            http_splits.send_replace(Arc::new(compiled.http));
-            match written {
-                Ok(0) => {}
-                Ok(changed) => tracing::info!(
-                    changed,
-                    services = compiled.tables.len(),
-                    splits = compiled.tables.iter().filter(|t| t.split.is_some()).count(),
-                    "service tables in force"
-                ),
-                Err(err) => tracing::error!(error = %err, "writing service tables failed; will retry"),
+                sync_tables(&redirect, compiled, &http_splits);
             }
             match redirect.sync(&snap, &node, &root) {
                 Ok(report) => {
@@ -927,7 +910,33 @@ async fn sync_loop(
                 Err(err) => tracing::error!(error = %err, "writing kernel maps failed; will retry"),
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+        let wait = if tables_ready { 1000 } else { 20 };
+        let _ = tokio::time::timeout(Duration::from_millis(wait), rx.changed()).await;
+    }
+}
+
+/// Writes the service tables. The outbound listener learns a new HTTP
+/// split before the kernel sends it connects, and forgets an old one only
+/// once the kernel has stopped.
+fn sync_tables(
+    redirect: &Redirect,
+    compiled: crate::services::Compiled,
+    http_splits: &watch::Sender<Arc<crate::services::HttpSplits>>,
+) {
+    let mut both = (*http_splits.borrow()).as_ref().clone();
+    both.extend(compiled.http.clone());
+    http_splits.send_replace(Arc::new(both));
+    let written = redirect.sync_services(&compiled.tables);
+    http_splits.send_replace(Arc::new(compiled.http));
+    match written {
+        Ok(0) => {}
+        Ok(changed) => tracing::info!(
+            changed,
+            services = compiled.tables.len(),
+            splits = compiled.tables.iter().filter(|t| t.split.is_some()).count(),
+            "service tables in force"
+        ),
+        Err(err) => tracing::error!(error = %err, "writing service tables failed; will retry"),
     }
 }
 

@@ -37,6 +37,8 @@ pub enum OutboundError {
     Bind { addr: SocketAddr, err: std::io::Error },
 }
 
+const NO_TUNNEL: &str = "no tunnel: this agent has no workload certificates (configure --ca-addr or --local-ca-dir)";
+
 pub async fn bind(ip: Ipv4Addr, port: u16) -> Result<TcpListener, OutboundError> {
     let addr = SocketAddr::from((ip, port));
     let err = |err| OutboundError::Bind { addr, err };
@@ -121,10 +123,7 @@ impl Outbound {
         let split = self.http_splits.borrow().get(&vip).cloned();
         if let Some(split) = split {
             let Some(tunnels) = &self.tunnels else {
-                refuse(
-                    stream,
-                    "no tunnel: this agent has no workload certificates (configure --ca-addr or --local-ca-dir)",
-                );
+                refuse(stream, NO_TUNNEL);
                 return;
             };
             let span = tracing::info_span!("split", client = %peer, service = %split.service,
@@ -184,10 +183,7 @@ impl Outbound {
         let _flow = self.drain.flow();
         let _ = downstream.set_nodelay(true);
         let Some(tunnels) = &self.tunnels else {
-            refuse(
-                downstream,
-                "no tunnel: this agent has no workload certificates (configure --ca-addr or --local-ca-dir)",
-            );
+            refuse(downstream, NO_TUNNEL);
             return;
         };
         let (Some(source), Some(destination), Some(node_ip)) = (route.source, route.destination, route.node_ip) else {
