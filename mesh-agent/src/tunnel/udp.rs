@@ -98,6 +98,7 @@ impl Relays {
         let mut relays = self.relays.lock().expect("relays lock");
         let mut used = BTreeSet::new();
         for table in tables.iter_mut().filter(|t| t.protocol == mesh_common::PROTO_UDP) {
+            let mut unrelayed = BTreeSet::new();
             for (ip, port) in &table.slots {
                 let endpoint = SocketAddrV4::new(*ip, *port);
                 let remote = snap.pod_by_ip(*ip).is_some_and(|p| p.node != self.node);
@@ -113,7 +114,8 @@ impl Relays {
                             port
                         }
                         Err(e) => {
-                            tracing::error!(%endpoint, error = %e, "udp: cannot bind a relay socket; datagrams to this endpoint go untunneled until it can");
+                            tracing::error!(%endpoint, error = %e, "udp: cannot bind a relay socket on the capture address; this endpoint gets no datagrams until it can");
+                            unrelayed.insert((*ip, *port));
                             continue;
                         }
                     },
@@ -121,6 +123,8 @@ impl Relays {
                 table.relays.insert(endpoint, relay);
                 used.insert(endpoint);
             }
+            // Never untunneled: without its relay an endpoint leaves the table.
+            table.slots.retain(|s| !unrelayed.contains(s));
         }
         relays.retain(|e, _| used.contains(e));
     }
