@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    ANY_PORT, BackendKey, CaptureStats, Config, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP, PolicyEvent,
-    PolicyKey, SERVICE_VIA_AGENT, ServiceKey, VERDICT_ALLOW, VERDICT_DENY,
+    ANY_PORT, Backend, BackendKey, CaptureStats, Config, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP,
+    PolicyEvent, PolicyKey, SERVICE_VIA_AGENT, ServiceKey, ServiceValue, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::maps::{
@@ -74,23 +74,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         {
             return to_agent(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port);
         }
-        if svc.slots == 0 {
-            // A service without a ready endpoint: refuse at once rather
-            // than let the client wait on an address nobody serves.
-            count(|s| &mut s.no_endpoint);
-            return DENY;
-        }
-        let slot = BackendKey {
-            service_id: svc.service_id,
-            generation: svc.generation,
-            slot: unsafe { bpf_get_prandom_u32() } % svc.slots,
-            _pad: 0,
-        };
-        let Some(backend) = (unsafe { mesh_backends.get(&slot) }) else {
-            // A slot deleted under us while the agent swapped this
-            // service's table (a rare race): refuse like "no endpoint",
-            // the client retries.
-            count(|s| &mut s.no_endpoint);
+        let Some(backend) = pick_backend(svc) else {
             return DENY;
         };
         dst_ip = backend.ipv4;
@@ -155,6 +139,30 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     to_agent(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port)
+}
+
+/// A random slot of the service's table in force; `None` (counted as
+/// `no_endpoint`, the caller refuses at once rather than let the client
+/// wait on an address nobody serves) when it has no ready endpoint, or
+/// when the slot was deleted under us while the agent swapped the table
+/// (a rare race; the client retries).
+#[inline(always)]
+pub(crate) fn pick_backend(svc: &ServiceValue) -> Option<&'static Backend> {
+    let backend = if svc.slots == 0 {
+        None
+    } else {
+        let slot = BackendKey {
+            service_id: svc.service_id,
+            generation: svc.generation,
+            slot: unsafe { bpf_get_prandom_u32() } % svc.slots,
+            _pad: 0,
+        };
+        unsafe { mesh_backends.get(&slot) }
+    };
+    if backend.is_none() {
+        count(|s| &mut s.no_endpoint);
+    }
+    backend
 }
 
 /// Whether captured connects go to the agent: one has configured this node,

@@ -11,17 +11,17 @@
 //! expects.
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use mesh_common::{
-    BackendKey, POLICY_ENFORCING, PROTO_UDP, PolicyEvent, ServiceKey, UdpPeerKey, UdpService, VERDICT_DENY, Workload,
+    POLICY_ENFORCING, PROTO_UDP, PolicyEvent, ServiceKey, UdpPeerKey, UdpService, VERDICT_DENY, Workload,
 };
 
 use crate::{
-    connect4::{ALLOW, DENY, agent_serves, allowed, count},
-    maps::{config, mesh_backends, mesh_endpoints, mesh_events, mesh_services, mesh_udp_peers, mesh_workloads},
+    connect4::{ALLOW, DENY, agent_serves, allowed, count, pick_backend},
+    maps::{config, mesh_endpoints, mesh_events, mesh_services, mesh_udp_peers, mesh_workloads},
 };
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -66,18 +66,7 @@ pub fn to_service(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Work
     let Some(svc) = (unsafe { mesh_services.get(&service) }) else {
         return ALLOW;
     };
-    if svc.slots == 0 {
-        count(|s| &mut s.no_endpoint);
-        return DENY;
-    }
-    let slot = BackendKey {
-        service_id: svc.service_id,
-        generation: svc.generation,
-        slot: unsafe { bpf_get_prandom_u32() } % svc.slots,
-        _pad: 0,
-    };
-    let Some(backend) = (unsafe { mesh_backends.get(&slot) }) else {
-        count(|s| &mut s.no_endpoint); // the table was swapped under us
+    let Some(backend) = pick_backend(svc) else {
         return DENY;
     };
     let Some(cfg) = config() else { return ALLOW };

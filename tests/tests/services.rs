@@ -46,6 +46,14 @@ fn split(v1: i64, v2: i64) -> String {
     )
 }
 
+/// `labtool <args>` started in every endpoint pod, killed when dropped.
+fn serve_in_endpoints(t: &TestLab, args: &[&str]) -> Vec<KillOnDrop> {
+    ["v1a", "v1b", "v2"]
+        .iter()
+        .map(|p| KillOnDrop(t.lab.exec(p, LABTOOL).unwrap().args(args).spawn().unwrap()))
+        .collect()
+}
+
 struct ServiceLab {
     t: TestLab,
     _servers: Vec<KillOnDrop>,
@@ -65,19 +73,7 @@ impl ServiceLab {
     /// HTTP servers that name themselves (`labtool http-serve`) instead.
     fn up_http() -> ServiceLab {
         let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
-        let servers = ["v1a", "v1b", "v2"]
-            .iter()
-            .map(|p| {
-                KillOnDrop(
-                    t.lab
-                        .exec(p, LABTOOL)
-                        .unwrap()
-                        .args(["http-serve", "--port", "8080"])
-                        .spawn()
-                        .unwrap(),
-                )
-            })
-            .collect();
+        let servers = serve_in_endpoints(&t, &["http-serve", "--port", "8080"]);
         let s = ServiceLab { t, _servers: servers };
         for p in ["v1a", "v1b", "v2"] {
             xtask::probe::wait_listening(&s.t.lab.pod(p).unwrap().netns, 8080).unwrap();
@@ -360,19 +356,7 @@ fn udp_ask(t: &TestLab, count: usize, connected: bool) -> Value {
 #[test]
 fn udp_requests_to_a_service_vip_are_answered_across_nodes_through_the_tunnel() {
     let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
-    let _servers: Vec<KillOnDrop> = ["v1a", "v1b", "v2"]
-        .iter()
-        .map(|p| {
-            KillOnDrop(
-                t.lab
-                    .exec(p, LABTOOL)
-                    .unwrap()
-                    .args(["udp-serve", "--port", "5353"])
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let _servers = serve_in_endpoints(&t, &["udp-serve", "--port", "5353"]);
     let ip = |p: &str| t.lab.pod(p).unwrap().ip.to_string();
     // Both endpoints on node-b: every request crosses nodes.
     std::fs::write(
