@@ -41,12 +41,18 @@ setup_packages() {
 
 setup_toolchain() {
     # rustup will not install a toolchain on demand here (RUSTUP_AUTO_INSTALL=0).
+    # rust-src builds `core` for the BPF target; clippy and rustfmt are
+    # part of the test command (lints and formatting are checked in CI).
     if ! rustup toolchain list | grep -q "^${TOOLCHAIN}-"; then
-        say "setup: installing Rust ${TOOLCHAIN} (minimal, with rust-src)"
-        rustup toolchain install "$TOOLCHAIN" --profile minimal -c rust-src
-    elif ! rustup component list --toolchain "$TOOLCHAIN" --installed | grep -q '^rust-src'; then
-        rustup component add rust-src --toolchain "$TOOLCHAIN"
+        say "setup: installing Rust ${TOOLCHAIN} (minimal, with rust-src, clippy, rustfmt)"
+        rustup toolchain install "$TOOLCHAIN" --profile minimal -c rust-src -c clippy -c rustfmt
     fi
+    local c
+    for c in rust-src clippy rustfmt; do
+        if ! rustup component list --toolchain "$TOOLCHAIN" --installed | grep -q "^${c}"; then
+            rustup component add "$c" --toolchain "$TOOLCHAIN"
+        fi
+    done
 }
 
 setup_bpf_linker() {

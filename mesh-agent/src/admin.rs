@@ -50,7 +50,7 @@ impl AdminState {
         }
         if let Some(ids) = &self.identities {
             for p in snap.pods.values().filter(|p| p.node == self.node) {
-                if let Ok(id) = SpiffeId::new(&self.trust_domain, &p.namespace, &p.service_account)
+                if let Ok(id) = SpiffeId::of(&self.trust_domain, &p.identity())
                     && ids.current(&id).is_none()
                 {
                     why.push(format!("no certificate yet for {id}"));

@@ -90,6 +90,33 @@ impl Drain {
         let mut rx = self.flows.subscribe();
         tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await.is_ok()
     }
+
+    /// Stops taking new work and waits for open flows, at most `grace`;
+    /// then ends what is left cleanly.
+    pub async fn wind_down(&self, grace: Duration, handed_over: bool) {
+        self.advance(Phase::Draining);
+        tracing::info!(
+            open_flows = self.open_flows(),
+            grace_ms = grace.as_millis() as u64,
+            handed_over,
+            "draining: no new connections here; open flows may finish"
+        );
+        if self.flows_done_within(grace).await {
+            tracing::info!("drained: every flow finished");
+            return;
+        }
+        tracing::info!(
+            open_flows = self.open_flows(),
+            "grace period over: ending the remaining flows cleanly"
+        );
+        self.advance(Phase::Ending);
+        if !self.flows_done_within(Duration::from_secs(3)).await {
+            tracing::warn!(
+                open_flows = self.open_flows(),
+                "flows still open 3 s after they were ended; they close with the process"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! mesh-agent: the node agent of a sidecarless, eBPF-accelerated service mesh.
 #![forbid(unsafe_code)]
 
-use mesh_agent::{app, config};
+use mesh_agent::{app, cmd, config};
 
 use clap::Parser as _;
 
@@ -30,19 +30,16 @@ fn main() -> std::process::ExitCode {
                     false,
                 );
             }
-            run_to_exit("mesh-agent ca", 2, app::run_ca(command))
+            run_to_exit("mesh-agent ca", 2, cmd::ca::run(command))
         }
-        config::Command::Crds { dir } => {
-            let _ = std::fs::create_dir_all(&dir);
-            for (file, yaml) in mesh_agent::smi::crds() {
-                if let Err(e) = std::fs::write(dir.join(file), yaml) {
-                    eprintln!("mesh-agent crds: writing {}: {e}", dir.join(file).display());
-                    return std::process::ExitCode::FAILURE;
-                }
+        config::Command::Crds { dir } => match mesh_agent::cmd::write_crds(&dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-agent crds: {e}");
+                std::process::ExitCode::FAILURE
             }
-            std::process::ExitCode::SUCCESS
-        }
-        config::Command::Policy { command } => match mesh_agent::policy::check::run(command) {
+        },
+        config::Command::Policy { command } => match mesh_agent::cmd::policy::run(command) {
             Ok(verdict_allows) => {
                 if verdict_allows {
                     std::process::ExitCode::SUCCESS
@@ -63,49 +60,10 @@ fn main() -> std::process::ExitCode {
         } => run_to_exit(
             "mesh-agent audit",
             1,
-            app::run_audit(follow, verdict, workload, admin_addr),
+            cmd::audit::run(follow, verdict, workload, admin_addr),
         ),
-        config::Command::Status { admin_addr } => run_to_exit("mesh-agent status", 1, app::run_status(admin_addr)),
-        config::Command::Uninstall { bpffs_dir, force } => {
-            // An agent that just stopped leaves a heartbeat a few seconds
-            // fresh: give it that long to go stale before refusing.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while !force && mesh_agent::redirect::agent_alive(&bpffs_dir) && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            if mesh_agent::redirect::agent_alive(&bpffs_dir) && !force {
-                eprintln!(
-                    "mesh-agent uninstall: an agent is running on this node (its heartbeat in {} is current): stop it first (delete the DaemonSet, or stop the service), or pass --force",
-                    bpffs_dir.display()
-                );
-                return std::process::ExitCode::FAILURE;
-            }
-            match mesh_agent::redirect::remove_pins(&bpffs_dir) {
-                Ok(removed) if removed.is_empty() => {
-                    println!(
-                        "nothing pinned in {}: the mesh is not installed here",
-                        bpffs_dir.display()
-                    );
-                    std::process::ExitCode::SUCCESS
-                }
-                Ok(removed) => {
-                    println!(
-                        "removed {} pins from {} ({}): programs detached, maps freed; pods' traffic now flows unmeshed",
-                        removed.len(),
-                        bpffs_dir.display(),
-                        removed.join(", ")
-                    );
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!(
-                        "mesh-agent uninstall: removing pins in {}: {e} (run as root; is bpffs mounted?)",
-                        bpffs_dir.display()
-                    );
-                    std::process::ExitCode::FAILURE
-                }
-            }
-        }
+        config::Command::Status { admin_addr } => run_to_exit("mesh-agent status", 1, cmd::status::run(admin_addr)),
+        config::Command::Uninstall { bpffs_dir, force } => cmd::uninstall::run(&bpffs_dir, force),
         config::Command::Version => {
             println!(
                 "mesh-agent {} (map layout v{})",

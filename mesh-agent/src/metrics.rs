@@ -104,7 +104,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family},
 };
 
-use crate::state::{Pod, Snapshot};
+use crate::state::{Pod, Store};
 
 /// Who talked to whom, and how. Workloads are `namespace/pod`, identities
 /// `namespace/serviceaccount` (as in the audit trail); empty when unknown.
@@ -124,11 +124,7 @@ pub struct ConnectionLabels {
 impl ConnectionLabels {
     pub fn new(source: Option<&Pod>, destination: Option<&Pod>, path: &'static str) -> Self {
         let parts = |p: Option<&Pod>| match p {
-            Some(p) => (
-                p.workload_name(),
-                p.namespace.clone(),
-                format!("{}/{}", p.namespace, p.service_account),
-            ),
+            Some(p) => (p.workload_name(), p.namespace.clone(), p.identity().to_string()),
             None => Default::default(),
         };
         let (source_workload, source_namespace, source_identity) = parts(source);
@@ -266,16 +262,15 @@ impl KernelMetrics {
     /// Adds the spliced traffic per workload pair since the last call.
     /// Pairs absent from `now` (pruned) are forgotten; a pair whose
     /// counters went down was re-created, so all of it is new.
-    pub fn update_traffic(&self, now: &[(TrafficKey, TrafficStats)], snap: &Snapshot) {
+    pub fn update_traffic(&self, now: &[(TrafficKey, TrafficStats)], snap: &Store) {
         let mut last = self.last.lock().expect("kernel metrics");
-        let pods = snap.pods_by_workload_id();
         let mut seen = std::collections::HashMap::with_capacity(now.len());
         for (key, stats) in now {
             let before = last.traffic.get(key).copied().unwrap_or_default();
             let d = |now: u64, before: u64| if now >= before { now - before } else { now };
             let labels = ConnectionLabels::new(
-                pods.get(&key.client_workload).copied(),
-                pods.get(&key.server_workload).copied(),
+                snap.pod_by_workload_id(key.client_workload),
+                snap.pod_by_workload_id(key.server_workload),
                 "spliced",
             );
             let c = &self.connections;

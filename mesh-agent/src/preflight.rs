@@ -69,3 +69,39 @@ fn ensure_bpffs(bpffs_dir: &Path) -> Result<(), PreflightError> {
     }
     Ok(())
 }
+
+/// The process limits a node agent needs (open files for its flows; memlock
+/// for BPF maps on kernels that still charge it).
+pub fn raise_limits() {
+    raise_memlock_limit();
+    raise_open_files_limit();
+}
+
+/// Every carried flow holds sockets; the default soft limit of 1,024 open
+/// files is reached with a few hundred flows (each accepted downstream and
+/// each upstream to a pod is a descriptor). Raise the soft limit to the hard one.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open-files limit; expect EMFILE under load");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
+    }
+}
+
+/// Older kernels charge BPF memory to RLIMIT_MEMLOCK; this one uses memcg, and
+/// root here may lack CAP_SYS_RESOURCE, so failure is only worth a debug line.
+fn raise_memlock_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    if let Err(e) = setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        nix::libc::RLIM_INFINITY,
+        nix::libc::RLIM_INFINITY,
+    ) {
+        tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK (harmless with memcg accounting)");
+    }
+}

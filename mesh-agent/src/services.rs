@@ -24,43 +24,16 @@ use std::{
     sync::Arc,
 };
 
+pub use crate::tables::ServiceTable;
 use crate::{
-    policy::{HttpMatch, HttpRequest},
+    authz::HttpRequest,
+    policy::HttpMatch,
     smi::TrafficSplitSpec,
     state::{Named, Service, ServicePort, Snapshot},
 };
 
 /// Slots of a split service's table: shares are exact to 0.1%.
 pub const SPLIT_SLOTS: u64 = 1000;
-
-/// One service port's table: the kernel picks `slots[random % len]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceTable {
-    /// `namespace/name:port`, for logs.
-    pub name: String,
-    pub vip: Ipv4Addr,
-    pub port: u16,
-    /// `mesh_common::PROTO_TCP` or `PROTO_UDP`.
-    pub protocol: u8,
-    /// (pod IP, target port); empty: no ready endpoint.
-    pub slots: Vec<(Ipv4Addr, u16)>,
-    /// The TrafficSplit in force for it, `namespace/name`.
-    pub split: Option<String>,
-    /// An HTTP-matched split: connects go to the agent, which routes each
-    /// request; `slots` (the root's own endpoints) serve only while no
-    /// agent is configured on the node.
-    pub via_agent: bool,
-    /// UDP: the agent's relay port for each endpoint on another node
-    /// (filled by `tunnel::udp::Relays::assign`); the others are sent to directly.
-    pub relays: BTreeMap<SocketAddrV4, u16>,
-}
-
-impl ServiceTable {
-    /// Stable per service port, so an agent restart rewrites the same ids.
-    pub fn id(&self) -> u32 {
-        crate::state::identity_id("service", &self.name)
-    }
-}
 
 /// An HTTP-matched TrafficSplit on one root service port, as the agent's
 /// outbound listener routes its requests.

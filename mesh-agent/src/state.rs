@@ -2,18 +2,51 @@
 //! stable ids the kernel programs use. Sources produce a [`Snapshot`]; the
 //! rest of the agent reads the latest one from a watch channel.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
 };
 
 use tokio::sync::watch;
 
+/// A workload identity: a Kubernetes ServiceAccount. Policy speaks of it,
+/// the kernel maps carry its [`Identity::kernel_id`], certificates carry
+/// its SPIFFE form (`identity::SpiffeId::of`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Identity {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Identity {
+    pub fn new(namespace: &str, service_account: &str) -> Self {
+        Identity {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    /// The id `mesh_workloads`, `mesh_endpoints` and `mesh_policy` use:
+    /// stable across agents and restarts, so every node's maps agree.
+    pub fn kernel_id(&self) -> u32 {
+        stable_id(&self.to_string())
+    }
+}
+
+/// `namespace/serviceaccount`, as audit records and policy explanations print it.
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)
+    }
+}
+
 /// A meshed pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid` (empty when a file source leaves it out).
+    pub uid: String,
     pub service_account: String,
     pub node: String,
     pub ip: Ipv4Addr,
@@ -23,6 +56,10 @@ impl Pod {
     /// `namespace/name`, how logs and the admin API name a workload.
     pub fn workload_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.namespace, &self.service_account)
     }
 }
 
@@ -107,14 +144,13 @@ impl Snapshot {
     /// an agent restart (records written by the kernel before the restart
     /// still name the right pod); collisions probe to the next free id.
     pub fn workload_ids(&self) -> BTreeMap<String, u32> {
-        let mut used: HashMap<u32, ()> = HashMap::new();
+        let mut used = HashSet::new();
         let mut ids = BTreeMap::new();
         for key in self.pods.keys() {
-            let mut id = fnv1a(key.as_bytes()).max(1);
-            while used.contains_key(&id) {
+            let mut id = stable_id(key);
+            while !used.insert(id) {
                 id = id.wrapping_add(1).max(1);
             }
-            used.insert(id, ());
             ids.insert(key.clone(), id);
         }
         ids
@@ -131,43 +167,98 @@ impl Snapshot {
             && self.mode == other.mode
             && self.errors == other.errors
     }
+}
 
-    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
-        self.pods.values().find(|p| p.ip == ip)
+/// A published snapshot with its lookups built once (ztunnel's
+/// `WorkloadStore`): the connection path asks by address or by kernel
+/// workload id, the kubelet layout by pod UID, and none of them scans.
+#[derive(Debug, Default)]
+pub struct Store {
+    snapshot: Snapshot,
+    by_ip: HashMap<Ipv4Addr, Arc<Pod>>,
+    by_workload_id: HashMap<u32, Arc<Pod>>,
+    by_uid: HashMap<String, Arc<Pod>>,
+    workload_ids: BTreeMap<String, u32>,
+}
+
+impl Store {
+    pub fn new(snapshot: Snapshot) -> Self {
+        let workload_ids = snapshot.workload_ids();
+        let (mut by_ip, mut by_workload_id, mut by_uid) = (HashMap::new(), HashMap::new(), HashMap::new());
+        for (key, pod) in &snapshot.pods {
+            let pod = Arc::new(pod.clone());
+            // Two pods claiming one address: the first by name answers, as a
+            // scan in name order did.
+            by_ip.entry(pod.ip).or_insert_with(|| pod.clone());
+            if !pod.uid.is_empty() {
+                by_uid.insert(pod.uid.clone(), pod.clone());
+            }
+            by_workload_id.insert(workload_ids[key], pod);
+        }
+        Store {
+            snapshot,
+            by_ip,
+            by_workload_id,
+            by_uid,
+            workload_ids,
+        }
     }
 
-    /// Every pod by its kernel workload id (one pass, for bulk lookups).
-    pub fn pods_by_workload_id(&self) -> HashMap<u32, &Pod> {
-        self.workload_ids()
-            .into_iter()
-            .filter_map(|(k, id)| self.pods.get(&k).map(|p| (id, p)))
-            .collect()
+    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
+        self.by_ip.get(&ip).map(|p| &**p)
     }
 
     pub fn pod_by_workload_id(&self, id: u32) -> Option<&Pod> {
-        let ids = self.workload_ids();
-        ids.iter().find(|(_, v)| **v == id).and_then(|(k, _)| self.pods.get(k))
+        self.by_workload_id.get(&id).map(|p| &**p)
+    }
+
+    pub fn pod_by_uid(&self, uid: &str) -> Option<&Pod> {
+        self.by_uid.get(uid).map(|p| &**p)
+    }
+
+    /// The kernel workload id of every pod, by `namespace/name`.
+    pub fn workload_ids(&self) -> &BTreeMap<String, u32> {
+        &self.workload_ids
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
     }
 }
 
-/// The id the kernel maps use for an identity (namespace + ServiceAccount).
-/// A 32-bit hash: stable across agents and restarts, so every node's maps
-/// agree; 0 is reserved for "unknown".
-pub fn identity_id(namespace: &str, service_account: &str) -> u32 {
-    fnv1a(format!("{namespace}/{service_account}").as_bytes()).max(1)
+impl std::ops::Deref for Store {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.snapshot
+    }
 }
 
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes
-        .iter()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+/// The kernel-map id of a name (see [`crate::tables::stable_id`]).
+fn stable_id(name: &str) -> u32 {
+    crate::tables::stable_id(name)
 }
 
-pub type SnapshotRx = watch::Receiver<Arc<Snapshot>>;
-pub type SnapshotTx = watch::Sender<Arc<Snapshot>>;
+pub type SnapshotRx = watch::Receiver<Arc<Store>>;
+
+/// The sources' end of the channel: every publication is indexed once here.
+#[derive(Clone)]
+pub struct SnapshotTx(watch::Sender<Arc<Store>>);
+
+impl SnapshotTx {
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.0.send_replace(Arc::new(Store::new(snapshot)));
+    }
+
+    /// The snapshot last published (to compare a new read against).
+    pub fn borrow(&self) -> watch::Ref<'_, Arc<Store>> {
+        self.0.borrow()
+    }
+}
 
 pub fn channel() -> (SnapshotTx, SnapshotRx) {
-    watch::channel(Arc::new(Snapshot::default()))
+    let (tx, rx) = watch::channel(Arc::new(Store::default()));
+    (SnapshotTx(tx), rx)
 }
 
 #[cfg(test)]
@@ -178,6 +269,7 @@ mod tests {
         Pod {
             namespace: ns.into(),
             name: name.into(),
+            uid: String::new(),
             service_account: "default".into(),
             node: "n1".into(),
             ip: Ipv4Addr::from(ip),

@@ -13,6 +13,7 @@ pub mod outbound;
 pub mod pool;
 pub mod quic;
 pub mod split;
+pub mod start;
 pub mod tls;
 pub mod udp;
 

@@ -352,6 +352,173 @@ pub struct PolicyEvent {
     pub generation: u32,
 }
 
+impl PolicyEvent {
+    /// Decodes one `mesh_events` record, as every reader must: field by
+    /// field at the offsets asserted below, None for a record of another
+    /// size (an agent and kernel programs out of sync).
+    pub fn decode(bytes: &[u8]) -> Option<PolicyEvent> {
+        if bytes.len() != core::mem::size_of::<PolicyEvent>() {
+            return None;
+        }
+        let u64_at = |o: usize| {
+            u64::from_ne_bytes([
+                bytes[o],
+                bytes[o + 1],
+                bytes[o + 2],
+                bytes[o + 3],
+                bytes[o + 4],
+                bytes[o + 5],
+                bytes[o + 6],
+                bytes[o + 7],
+            ])
+        };
+        let u32_at = |o: usize| u32::from_ne_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        Some(PolicyEvent {
+            time_ns: u64_at(core::mem::offset_of!(PolicyEvent, time_ns)),
+            workload_id: u32_at(core::mem::offset_of!(PolicyEvent, workload_id)),
+            src_identity: u32_at(core::mem::offset_of!(PolicyEvent, src_identity)),
+            dst_ipv4: u32_at(core::mem::offset_of!(PolicyEvent, dst_ipv4)),
+            dst_identity: u32_at(core::mem::offset_of!(PolicyEvent, dst_identity)),
+            dst_port: {
+                let o = core::mem::offset_of!(PolicyEvent, dst_port);
+                u16::from_ne_bytes([bytes[o], bytes[o + 1]])
+            },
+            protocol: bytes[core::mem::offset_of!(PolicyEvent, protocol)],
+            verdict: bytes[core::mem::offset_of!(PolicyEvent, verdict)],
+            generation: u32_at(core::mem::offset_of!(PolicyEvent, generation)),
+        })
+    }
+}
+
+/// `offset_of!(T, field) == n`: where each field sits is as much ABI as the
+/// size (the kernel programs, bpftool's BTF view and the agent must agree).
+macro_rules! assert_offsets {
+    ($t:ty { $($field:ident: $off:expr),* $(,)? }) => {
+        $(assert!(core::mem::offset_of!($t, $field) == $off);)*
+    };
+}
+
+const _: () = {
+    assert_offsets!(Workload {
+        workload_id: 0,
+        ipv4: 4,
+        identity_id: 8,
+        _pad: 12
+    });
+    assert_offsets!(Endpoint {
+        workload_id: 0,
+        node_id: 4,
+        same_node: 8,
+        identity_id: 12
+    });
+    assert_offsets!(Config {
+        layout_version: 0,
+        agent_ipv4: 4,
+        agent_port: 8,
+        fail_open: 10,
+        debug: 11,
+        splice: 12,
+        policy_mode: 13,
+        _pad: 14,
+        policy_generation: 16,
+        _pad2: 20,
+        alive_until_ns: 24,
+    });
+    assert_offsets!(PolicyKey {
+        generation: 0,
+        src_identity: 4,
+        dst_identity: 8,
+        port: 12,
+        protocol: 14,
+        _pad: 15
+    });
+    assert_offsets!(PolicyValue { rule: 0, flags: 4 });
+    assert_offsets!(OrigDst {
+        ipv4: 0,
+        port: 4,
+        _pad: 6,
+        workload_id: 8,
+        _pad2: 12
+    });
+    assert_offsets!(SockKey {
+        local_ipv4: 0,
+        remote_ipv4: 4,
+        local_port: 8,
+        remote_port: 10
+    });
+    assert_offsets!(SpliceStats { messages: 0, bytes: 8 });
+    assert_offsets!(CaptureStats {
+        redirected: 0,
+        same_node: 8,
+        passthrough: 16,
+        failed_open: 24,
+        denied: 32,
+        events_dropped: 40,
+        load_balanced: 48,
+        no_endpoint: 56,
+    });
+    assert_offsets!(PolicyEvent {
+        time_ns: 0,
+        workload_id: 8,
+        src_identity: 12,
+        dst_ipv4: 16,
+        dst_identity: 20,
+        dst_port: 24,
+        protocol: 26,
+        verdict: 27,
+        generation: 28,
+    });
+    assert_offsets!(SplicedFlow {
+        key: 0,
+        is_client: 8,
+        _pad: 12
+    });
+    assert_offsets!(TrafficKey {
+        client_workload: 0,
+        server_workload: 4
+    });
+    assert_offsets!(TrafficStats {
+        opened: 0,
+        closed: 8,
+        sent_bytes: 16,
+        received_bytes: 24
+    });
+    assert_offsets!(ServiceKey {
+        vip: 0,
+        port: 4,
+        protocol: 6,
+        _pad: 7
+    });
+    assert_offsets!(ServiceValue {
+        service_id: 0,
+        generation: 4,
+        slots: 8,
+        flags: 12
+    });
+    assert_offsets!(BackendKey {
+        service_id: 0,
+        generation: 4,
+        slot: 8,
+        _pad: 12
+    });
+    assert_offsets!(Backend {
+        ipv4: 0,
+        port: 4,
+        relay_port: 6
+    });
+    assert_offsets!(UdpPeerKey {
+        cookie: 0,
+        ipv4: 8,
+        port: 12,
+        _pad: 14
+    });
+    assert_offsets!(UdpService {
+        vip: 0,
+        port: 4,
+        _pad: 6
+    });
+};
+
 const _: () = {
     assert!(core::mem::size_of::<Workload>() == 16);
     assert!(core::mem::size_of::<Endpoint>() == 16);

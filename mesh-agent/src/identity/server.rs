@@ -60,7 +60,7 @@ impl CaService {
         let snap = self.snapshots.borrow().clone();
         snap.pods
             .values()
-            .filter(|p| p.namespace == id.namespace && p.service_account == id.service_account)
+            .filter(|p| p.identity() == id.identity())
             .map(|p| p.node.clone())
             .collect()
     }

@@ -2,6 +2,8 @@
 //! identity shape the mesh issues or accepts (Istio's convention).
 use std::{fmt, str::FromStr};
 
+use crate::state::Identity;
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {
     pub trust_domain: String,
@@ -46,6 +48,16 @@ impl SpiffeId {
             });
         }
         Ok(id)
+    }
+
+    /// The SPIFFE form of a workload identity in `trust_domain`.
+    pub fn of(trust_domain: &str, identity: &Identity) -> Result<Self, SpiffeError> {
+        Self::new(trust_domain, &identity.namespace, &identity.service_account)
+    }
+
+    /// The workload identity it names (trust domain aside).
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.namespace, &self.service_account)
     }
 
     pub fn uri(&self) -> String {

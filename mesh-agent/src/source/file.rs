@@ -9,7 +9,6 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -239,7 +238,7 @@ pub async fn watch(dir: PathBuf, tx: SnapshotTx) {
                         generation += 1;
                         snap.generation = generation;
                         tracing::info!(pods = snap.pods.len(), generation, dir = %dir.display(), "source: new snapshot");
-                        let _ = tx.send(Arc::new(snap));
+                        tx.publish(snap);
                     }
                 }
                 Err(err) => {
@@ -309,6 +308,8 @@ struct ObjectMeta {
     name: String,
     #[serde(default = "default_ns")]
     namespace: String,
+    #[serde(default)]
+    uid: String,
 }
 
 #[derive(Default, Deserialize)]
@@ -345,6 +346,7 @@ impl PodDoc {
             .map_err(|_| format!("Pod {name}: status.podIP {ip:?} is not an IPv4 address"))?;
         Ok(Pod {
             namespace: self.metadata.namespace,
+            uid: self.metadata.uid,
             service_account: self.spec.service_account_name.unwrap_or_else(|| "default".into()),
             name,
             node,

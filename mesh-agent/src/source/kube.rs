@@ -101,7 +101,7 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
             generation += 1;
             snap.generation = generation;
             tracing::info!(pods = snap.pods.len(), generation, "kubernetes source: new snapshot");
-            let _ = tx.send(Arc::new(snap));
+            tx.publish(snap);
         }
         changed.notified().await;
         // Coalesce a burst of events (a rollout) into one snapshot.
@@ -167,6 +167,7 @@ fn pod(p: &K8sPod) -> Option<Pod> {
     Some(Pod {
         namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         name: p.metadata.name.clone()?,
+        uid: p.metadata.uid.clone().unwrap_or_default(),
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
         node: spec.node_name.clone()?,
         ip: status.pod_ip.as_ref()?.parse().ok()?,
@@ -312,7 +313,7 @@ mod tests {
         // The same compiler as for files: the policy this source yields works.
         let policy = crate::policy::Policy::compile(&snap.smi, snap.generation);
         assert!(policy.rejected.is_empty(), "{:?}", policy.rejected);
-        let id = |sa: &str| crate::policy::Ident {
+        let id = |sa: &str| crate::state::Identity {
             namespace: "shop".into(),
             service_account: sa.into(),
         };
@@ -321,7 +322,7 @@ mod tests {
             &id("front"),
             &id("web"),
             80,
-            crate::policy::Proto::Tcp,
+            crate::authz::Proto::Tcp,
         );
         assert_eq!(d.target.as_deref(), Some("shop/front-to-web"));
         task.abort();

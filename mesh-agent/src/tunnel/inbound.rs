@@ -14,47 +14,23 @@ use tokio::{
 };
 
 use super::{TunnelMetrics, copy};
+pub use crate::authz::{Admission, AllowAll};
 use crate::{
+    authz::{Authorizer, Denial, HttpCheck, HttpRequest, Proto},
     drain::Drain,
     identity::SpiffeId,
-    policy::Proto,
-    state::{Pod, SnapshotRx},
+    state::SnapshotRx,
 };
-
-/// The policy hook on the inbound path.
-pub trait Authorizer: Send + Sync {
-    fn authorize(&self, source: &SpiffeId, destination: &Pod, port: u16, proto: Proto) -> Result<Admission, String>;
-}
-
-/// How an allowed flow is carried: bytes as they are, or HTTP/1.1 requests
-/// each checked before they reach the pod.
-pub enum Admission {
-    Open,
-    Http(Arc<dyn HttpCheck>),
-}
-
-pub trait HttpCheck: Send + Sync {
-    fn check(&self, method: &str, path: &str, headers: &[(String, String)]) -> Result<(), String>;
-}
-
-/// Allows everything (tools and tests that play a peer).
-pub struct AllowAll;
-
-impl Authorizer for AllowAll {
-    fn authorize(&self, _: &SpiffeId, _: &Pod, _: u16, _: Proto) -> Result<Admission, String> {
-        Ok(Admission::Open)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
     #[error("{0} is not a meshed workload on this node")]
     NotLocal(SocketAddr),
-    #[error("policy denied {from} -> {destination}: {reason}")]
+    #[error("policy denied {from} -> {destination}: {denial}")]
     Denied {
         from: SpiffeId,
         destination: SocketAddr,
-        reason: String,
+        denial: Denial,
     },
 }
 
@@ -108,10 +84,10 @@ impl Inbound {
             .ok_or(Refusal::NotLocal(dst))?;
         self.authorizer
             .authorize(peer, &pod, dst.port(), proto)
-            .map_err(|reason| Refusal::Denied {
+            .map_err(|denial| Refusal::Denied {
                 from: peer.clone(),
                 destination: dst,
-                reason,
+                denial,
             })
     }
 
@@ -203,12 +179,16 @@ where
                 .iter()
                 .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
                 .collect();
-            let verdict = check.check(req.method().as_str(), req.uri().path(), &headers);
+            let verdict = check.check(&HttpRequest {
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                headers: &headers,
+            });
             let resp: Response<Either<Incoming, Full<Bytes>>> = match verdict {
-                Err(reason) => Response::builder()
+                Err(denial) => Response::builder()
                     .status(StatusCode::FORBIDDEN)
                     .header("content-type", "text/plain")
-                    .body(Either::Right(Full::from(format!("denied by mesh policy: {reason}\n"))))
+                    .body(Either::Right(Full::from(format!("denied by mesh policy: {denial}\n"))))
                     .expect("valid response"),
                 Ok(()) => match sender.lock().await.send_request(req).await {
                     Ok(resp) => resp.map(Either::Left),

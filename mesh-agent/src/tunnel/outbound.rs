@@ -169,9 +169,9 @@ impl Outbound {
             source_name: src_pod
                 .map(|p| p.workload_name())
                 .unwrap_or_else(|| format!("unknown(id={})", orig.workload_id)),
-            source: src_pod.and_then(|p| SpiffeId::new(&td, &p.namespace, &p.service_account).ok()),
+            source: src_pod.and_then(|p| SpiffeId::of(&td, &p.identity()).ok()),
             destination_name: dst_pod.map(|p| p.workload_name()).unwrap_or_default(),
-            destination: dst_pod.and_then(|p| SpiffeId::new(&td, &p.namespace, &p.service_account).ok()),
+            destination: dst_pod.and_then(|p| SpiffeId::of(&td, &p.identity()).ok()),
             node_ip: dst_pod.and_then(|p| snap.nodes.get(&p.node).copied()),
             same_node,
             dst,

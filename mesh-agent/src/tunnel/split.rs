@@ -23,11 +23,10 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{
     PeerKey,
-    inbound::{Admission, HttpCheck},
     outbound::{Outbound, Tunnels, open_tunnel},
 };
 use crate::{
-    policy::HttpRequest,
+    authz::{Admission, HttpCheck, HttpRequest},
     services::{HttpSplit, Routed},
 };
 
@@ -122,10 +121,10 @@ async fn forward(
     }
     let upstream = upstreams.get_mut(&endpoint).expect("inserted above");
     if let Some(check) = &upstream.check
-        && let Err(reason) = check.check(&method, &path, &headers)
+        && let Err(denial) = check.check(&http)
     {
         tunnels.metrics.split_request(&split.split, "denied");
-        return answer(StatusCode::FORBIDDEN, format!("denied by mesh policy: {reason}\n"));
+        return answer(StatusCode::FORBIDDEN, format!("denied by mesh policy: {denial}\n"));
     }
     tunnels.metrics.split_request(&split.split, route);
     let sent = match upstream.sender.ready().await {

@@ -28,7 +28,7 @@ use quinn::Connection;
 use tokio::{net::UdpSocket, task::AbortHandle};
 
 use super::{PeerKey, TunnelMetrics, header::UdpDatagram, inbound::Inbound, quic::Quic};
-use crate::{identity::SpiffeId, services::ServiceTable, state::SnapshotRx};
+use crate::{identity::SpiffeId, state::SnapshotRx, tables::ServiceTable};
 
 const TRANSPORT: &str = "quic";
 /// A (client, endpoint) pair with no datagram for this long is forgotten.
@@ -185,8 +185,8 @@ impl Relays {
         let src = snap.pod_by_ip(*client.ip()).filter(|p| p.node == self.node)?;
         let dst = snap.pod_by_ip(*endpoint.ip())?;
         Some(PeerKey {
-            source: SpiffeId::new(&self.trust_domain, &src.namespace, &src.service_account).ok()?,
-            destination: SpiffeId::new(&self.trust_domain, &dst.namespace, &dst.service_account).ok()?,
+            source: SpiffeId::of(&self.trust_domain, &src.identity()).ok()?,
+            destination: SpiffeId::of(&self.trust_domain, &dst.identity()).ok()?,
             node_addr: SocketAddr::from((*snap.nodes.get(&dst.node)?, self.tunnel_port)),
         })
     }

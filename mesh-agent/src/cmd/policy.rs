@@ -4,26 +4,21 @@ use std::net::SocketAddr;
 
 use anyhow::{Context as _, bail};
 
-use super::{Ident, Policy, Proto};
 use crate::{
+    authz::{HttpRequest, Proto},
     config::PolicyCommand,
-    state::{PolicyMode, Snapshot},
+    policy::Policy,
+    state::{Identity, PolicyMode, Store},
 };
 
 /// `namespace/sa`, `pod:namespace/name`, or (for the destination) `ip:port`.
-fn resolve(snap: &Snapshot, spec: &str) -> anyhow::Result<(Ident, Option<u16>)> {
+fn resolve(snap: &Store, spec: &str) -> anyhow::Result<(Identity, Option<u16>)> {
     if let Some(pod) = spec.strip_prefix("pod:") {
         let p = snap
             .pods
             .get(pod)
             .with_context(|| format!("no pod {pod} in the source (give it as namespace/name)"))?;
-        return Ok((
-            Ident {
-                namespace: p.namespace.clone(),
-                service_account: p.service_account.clone(),
-            },
-            None,
-        ));
+        return Ok((p.identity(), None));
     }
     if let Ok(addr) = spec.parse::<SocketAddr>() {
         let SocketAddr::V4(v4) = addr else {
@@ -32,24 +27,12 @@ fn resolve(snap: &Snapshot, spec: &str) -> anyhow::Result<(Ident, Option<u16>)> 
         let p = snap
             .pod_by_ip(*v4.ip())
             .with_context(|| format!("{} is not a meshed pod", v4.ip()))?;
-        return Ok((
-            Ident {
-                namespace: p.namespace.clone(),
-                service_account: p.service_account.clone(),
-            },
-            Some(addr.port()),
-        ));
+        return Ok((p.identity(), Some(addr.port())));
     }
     let (ns, sa) = spec
         .split_once('/')
         .with_context(|| format!("{spec:?}: want namespace/serviceaccount, pod:namespace/name or ip:port"))?;
-    Ok((
-        Ident {
-            namespace: ns.into(),
-            service_account: sa.into(),
-        },
-        None,
-    ))
+    Ok((Identity::new(ns, sa), None))
 }
 
 /// Prints the decision; returns whether it allows.
@@ -64,7 +47,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
         path,
         trust_domain: _,
     } = command;
-    let snap = crate::source::file::load(&source_dir)?;
+    let snap = Store::new(crate::source::file::load(&source_dir)?);
     for e in &snap.errors {
         eprintln!("warning: {e}");
     }
@@ -85,7 +68,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
             &src,
             &dst,
             port,
-            &super::HttpRequest {
+            &HttpRequest {
                 method: m,
                 path: p,
                 headers: &[],

@@ -1,0 +1,264 @@
+//! The reconcile loops: whenever the snapshot changes (and every second,
+//! for pods whose cgroup appears after their Pod object), make the kernel
+//! and the agent's runtime views match it. Each loop is the only writer of
+//! what it reconciles; all of them stop when `stop` fires (a successor
+//! agent took over the kernel maps) or the agent exits.
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{sync::watch, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    enrol,
+    identity::SpiffeId,
+    metrics::KernelMetrics,
+    policy::{InForce, KindLabels, Policy, PolicyMetrics},
+    redirect::Redirect,
+    services::{Compiled, HttpSplits, Splits},
+    state::{PolicyMode, SnapshotRx},
+    tunnel::udp::Relays,
+};
+
+/// Runs `job` until it ends or `stop` fires.
+async fn until_stopped(stop: CancellationToken, job: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = job => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// What the reconcile loops need to know about this node.
+pub struct Reconciler {
+    pub redirect: Arc<Redirect>,
+    pub snapshots: SnapshotRx,
+    pub node: String,
+    pub pod_cgroup_root: PathBuf,
+    /// The policy mode when no MeshConfig sets one.
+    pub default_mode: PolicyMode,
+    /// Whether this agent runs tunnels (UDP service tables then wait for
+    /// their relays, so a remote endpoint is never sent to untunneled).
+    pub tunnels_expected: bool,
+    pub policy_metrics: PolicyMetrics,
+    pub kernel_metrics: KernelMetrics,
+}
+
+/// The runtime views the loops publish.
+pub struct Views {
+    /// The policy in force (the inbound authorizer, the admin API, the audit trail).
+    pub policy: watch::Receiver<Arc<InForce>>,
+    /// HTTP-matched TrafficSplits (the outbound listener).
+    pub http_splits: watch::Receiver<Arc<HttpSplits>>,
+    /// Where the tunnel hands in its UDP relays once it runs.
+    pub udp_relays: watch::Sender<Option<Arc<Relays>>>,
+}
+
+impl Reconciler {
+    /// Starts the policy, map and heartbeat loops in `tasks`.
+    pub fn spawn(self, tasks: &mut JoinSet<()>, stop: CancellationToken) -> Views {
+        let this = Arc::new(self);
+        let (policy_tx, policy) = watch::channel(Arc::new(InForce {
+            policy: Arc::default(),
+            mode: this.default_mode,
+        }));
+        let (http_splits_tx, http_splits) = watch::channel(Arc::default());
+        let (udp_relays, relays_rx) = watch::channel(None);
+        tasks.spawn(until_stopped(stop.clone(), this.clone().policy_loop(policy_tx)));
+        tasks.spawn(until_stopped(
+            stop.clone(),
+            this.clone().sync_loop(http_splits_tx, relays_rx),
+        ));
+        tasks.spawn(until_stopped(stop, this.heartbeat()));
+        Views {
+            policy,
+            http_splits,
+            udp_relays,
+        }
+    }
+
+    /// Compiles the policy on every snapshot change and puts it in force: the
+    /// kernel's connect() rules (generation flip) and the inbound authorizer.
+    async fn policy_loop(self: Arc<Self>, tx: watch::Sender<Arc<InForce>>) {
+        let (redirect, metrics, node) = (&self.redirect, &self.policy_metrics, &self.node);
+        let mut snapshots = self.snapshots.clone();
+        loop {
+            let snap = snapshots.borrow_and_update().clone();
+            if snap.generation > 0 {
+                let policy = Policy::compile(&snap.smi, snap.generation);
+                for r in &policy.rejected {
+                    metrics.rejected.get_or_create(&KindLabels { kind: r.kind }).inc();
+                    tracing::error!(kind = r.kind, resource = %r.name, reason = %r.reason, "policy: resource refused; it grants nothing");
+                    tracing::warn!(target: "audit", kind = "policy_resource", node = %node, verdict = "refused", resource_kind = r.kind,
+                        resource = %r.name, reason = %r.reason, generation = snap.generation, "policy resource refused");
+                }
+                let mode = snap.mode.unwrap_or(self.default_mode);
+                let rules = policy.kernel_rules();
+                match redirect.sync_policy(&rules, mode == PolicyMode::Enforcing) {
+                    Ok(()) => {
+                        metrics.generation.set(snap.generation as i64);
+                        tracing::info!(generation = snap.generation, mode = ?mode, targets = policy.targets.len(),
+                            kernel_rules = rules.len(), refused = policy.rejected.len(), "policy in force");
+                        tx.send_replace(Arc::new(InForce {
+                            policy: Arc::new(policy),
+                            mode,
+                        }));
+                    }
+                    // The previous generation stays in force in the kernel.
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy: writing kernel rules failed; the previous policy stays in force")
+                    }
+                }
+            }
+            if snapshots.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Re-applies the latest snapshot when it changes, and every second so pods
+    /// whose cgroup appears after their Pod object get enrolled.
+    async fn sync_loop(
+        self: Arc<Self>,
+        http_splits: watch::Sender<Arc<HttpSplits>>,
+        udp_relays: watch::Receiver<Option<Arc<Relays>>>,
+    ) {
+        let redirect = &self.redirect;
+        let mut rx = self.snapshots.clone();
+        let mut last: Option<(u64, usize, usize)> = None;
+        let mut splits = Splits::default();
+        let mut last_refused = Vec::new();
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            // Service tables wait for the tunnel's UDP relays (moments, at
+            // start), so a UDP endpoint on another node is never sent to
+            // untunneled; a predecessor's pinned tables stay in force meanwhile.
+            let relays = udp_relays.borrow().clone();
+            let tables_ready = relays.is_some() || !self.tunnels_expected;
+            if snap.generation > 0 {
+                if tables_ready {
+                    let mut compiled = splits.compile(&snap);
+                    if let Some(relays) = relays {
+                        relays.assign(&mut compiled.tables);
+                    }
+                    if compiled.refused != last_refused {
+                        for r in &compiled.refused {
+                            tracing::warn!(traffic_split = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficSplit refused");
+                        }
+                        last_refused = compiled.refused.clone();
+                    }
+                    sync_tables(redirect, compiled, &http_splits);
+                }
+                let rows = enrol::enrolment(&snap, &self.node, &self.pod_cgroup_root);
+                match redirect.sync_workloads(&rows.workloads, &rows.endpoints) {
+                    Ok(()) => {
+                        let now = (snap.generation, rows.workloads.len(), rows.endpoints.len());
+                        if last != Some(now) {
+                            tracing::info!(
+                                generation = snap.generation,
+                                enrolled = rows.workloads.len(),
+                                endpoints = rows.endpoints.len(),
+                                missing_cgroups = ?rows.missing_cgroup,
+                                "kernel maps in sync"
+                            );
+                            last = Some(now);
+                        }
+                    }
+                    Err(err) => tracing::error!(error = %err, "writing kernel maps failed; will retry"),
+                }
+            }
+            let wait = if tables_ready { 1000 } else { 20 };
+            let _ = tokio::time::timeout(Duration::from_millis(wait), rx.changed()).await;
+        }
+    }
+
+    /// Keeps the agent's heartbeat in `mesh_config` current (fail-open reads
+    /// it) and the kernel's counters in the metrics.
+    async fn heartbeat(self: Arc<Self>) {
+        let (redirect, kernel, snapshots) = (&self.redirect, &self.kernel_metrics, &self.snapshots);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last = None;
+        let mut n = 0u64;
+        let mut trimmed_at = 0u64;
+        loop {
+            tick.tick().await;
+            n += 1;
+            if n.is_multiple_of(2) {
+                crate::memory::trim_if_flows_ended(&mut trimmed_at);
+            }
+            if let Err(err) = redirect.heartbeat() {
+                tracing::warn!(error = %err, "heartbeat to the kernel failed");
+            }
+            kernel.update(redirect.splice_stats(), redirect.capture_stats());
+            kernel.update_traffic(&redirect.traffic_stats(), &snapshots.borrow().clone());
+            // The kernel's own counters, also logged when they move.
+            if n % 10 == 1 {
+                let (splice, capture) = (redirect.splice_stats(), redirect.capture_stats());
+                let now = (splice, capture);
+                if last != Some(now) {
+                    tracing::info!(
+                        spliced_messages = splice.messages,
+                        spliced_bytes = splice.bytes,
+                        redirected = capture.redirected,
+                        same_node = capture.same_node,
+                        passthrough = capture.passthrough,
+                        failed_open = capture.failed_open,
+                        "kernel counters"
+                    );
+                    last = Some(now);
+                }
+            }
+        }
+    }
+}
+
+/// Writes the service tables. The outbound listener learns a new HTTP
+/// split before the kernel sends it connects, and forgets an old one only
+/// once the kernel has stopped.
+fn sync_tables(redirect: &Redirect, compiled: Compiled, http_splits: &watch::Sender<Arc<HttpSplits>>) {
+    let mut both = (*http_splits.borrow()).as_ref().clone();
+    both.extend(compiled.http.clone());
+    http_splits.send_replace(Arc::new(both));
+    let written = redirect.sync_services(&compiled.tables);
+    http_splits.send_replace(Arc::new(compiled.http));
+    match written {
+        Ok(0) => {}
+        Ok(changed) => tracing::info!(
+            changed,
+            services = compiled.tables.len(),
+            splits = compiled.tables.iter().filter(|t| t.split.is_some()).count(),
+            "service tables in force"
+        ),
+        Err(err) => tracing::error!(error = %err, "writing service tables failed; will retry"),
+    }
+}
+
+/// The identities this node needs: the ServiceAccounts of its pods.
+pub async fn wanted_identities(
+    mut snapshots: SnapshotRx,
+    node: String,
+    trust_domain: String,
+    tx: watch::Sender<BTreeSet<SpiffeId>>,
+) {
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        let want: BTreeSet<SpiffeId> = snap
+            .pods
+            .values()
+            .filter(|p| p.node == node)
+            .filter_map(|p| match SpiffeId::of(&trust_domain, &p.identity()) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(pod = %p.workload_name(), error = %e, "pod has no valid identity");
+                    None
+                }
+            })
+            .collect();
+        tx.send_if_modified(|cur| {
+            let changed = *cur != want;
+            *cur = want;
+            changed
+        });
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}

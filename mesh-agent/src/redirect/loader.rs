@@ -1,0 +1,222 @@
+//! Loads the eBPF object, attaches its programs (adopting the links a
+//! previous agent pinned, so capture never lapses) and opens its maps.
+use std::{collections::BTreeMap, fs::File, path::Path, sync::Mutex};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        cgroup_sock_addr::CgroupSockAddrLink,
+        links::{FdLink, PinnedLink},
+    },
+};
+use mesh_common::{Config, MAP_LAYOUT_VERSION, SockKey, maps, programs};
+
+use super::{
+    ALIVE_WINDOW_NS, Redirect, RedirectError, RedirectOptions, monotonic_ns,
+    pins::{check_pinned_layout, release, repin},
+    policy::PolicyState,
+    services::ServiceState,
+    sys::update_pinned_link,
+};
+
+/// The BPF object built from `mesh-ebpf` by build.rs.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+/// bpf_link cgroup attachments are always multi-attach; the kernel rejects
+/// any flag (EINVAL), which aya's `Single` maps to.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// Names the pinned links in the bpffs directory.
+const LINK_CONNECT4: &str = "link_connect4";
+const LINK_SENDMSG4: &str = "link_sendmsg4";
+const LINK_RECVMSG4: &str = "link_recvmsg4";
+const LINK_SOCKOPS_PODS: &str = "link_sockops_pods";
+/// Pinned by earlier agents; released on start.
+const LINK_SOCKOPS_AGENT: &str = "link_sockops_agent";
+const LINK_SK_MSG: &str = "link_sk_msg";
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(RedirectError::MissingMap(name))?;
+    T::try_from(map).map_err(|err| RedirectError::Map { name, err })
+}
+
+fn open_cgroup(path: &Path) -> Result<File, RedirectError> {
+    File::open(path).map_err(|e| RedirectError::Cgroup(path.into(), e))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(RedirectError::MissingMap(name))?;
+    prog.try_into().map_err(|err| RedirectError::Program { name, err })
+}
+
+impl Redirect {
+    pub fn load(opts: &RedirectOptions<'_>) -> Result<Self, RedirectError> {
+        let dir = opts.bpffs_dir;
+        check_pinned_layout(dir)?;
+        // aya-log level lives in the object; 0 silences the kernel side.
+        let log_level: u8 = if opts.kernel_debug { 4 } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .load(BPF_OBJECT)
+            .map_err(RedirectError::Load)?;
+        let kernel_logger = if opts.kernel_debug {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel debug logging unavailable");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let pods = open_cgroup(opts.pod_cgroup_root)?;
+        let mut links = Vec::new();
+
+        // connect4 (TCP and connected UDP), sendmsg4 and recvmsg4 (UDP to
+        // VIPs): swap the program inside the pinned link atomically, so pods
+        // are never uncaptured during an agent restart.
+        for (name, link_name) in [
+            (programs::CONNECT4, LINK_CONNECT4),
+            (programs::SENDMSG4, LINK_SENDMSG4),
+            (programs::RECVMSG4, LINK_RECVMSG4),
+        ] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|err| RedirectError::Program { name, err })?;
+            let pin = dir.join(link_name);
+            let adopted = PinnedLink::from_pin(&pin)
+                .ok()
+                .and_then(|p| CgroupSockAddrLink::try_from(FdLink::from(p)).ok());
+            let id = match adopted {
+                Some(old) => {
+                    tracing::info!(link = %pin.display(), "adopting pinned {} link", name.trim_start_matches("mesh_"));
+                    prog.attach_to_link(old)
+                }
+                None => prog.attach(&pods, LINK_MODE),
+            }
+            .map_err(|err| RedirectError::Attach {
+                name,
+                cgroup: opts.pod_cgroup_root.into(),
+                err,
+            })?;
+            let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+            links.push(repin(
+                FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?,
+                &pin,
+            )?);
+        }
+
+        // sockops: no in-place update in aya, so attach the new program next
+        // to the old one (multi-attach), then release the old link.
+        {
+            let name = programs::SOCKOPS;
+            let prog: &mut SockOps = program(&mut ebpf, name)?;
+            prog.load().map_err(|err| RedirectError::Program { name, err })?;
+            let pin = dir.join(LINK_SOCKOPS_PODS);
+            let old = PinnedLink::from_pin(&pin).ok();
+            let id = prog.attach(&pods, LINK_MODE).map_err(|err| RedirectError::Attach {
+                name,
+                cgroup: opts.pod_cgroup_root.into(),
+                err,
+            })?;
+            let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+            let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
+            release(old);
+            links.push(repin(fd, &pin)?);
+            // Earlier agents also ran sockops in their own cgroup, to splice
+            // the pod-to-agent hop (see mesh-ebpf sockops.rs for why no more).
+            release(PinnedLink::from_pin(dir.join(LINK_SOCKOPS_AGENT)).ok());
+        }
+
+        // sk_msg attaches to the sockhash, one program per map. A running
+        // predecessor (a rolling restart) still holds the pinned link, so it
+        // cannot be released and replaced: swap the program inside it.
+        // Sockets already in the map keep the program they were added with,
+        // so established splices are unaffected.
+        {
+            let name = programs::SK_MSG;
+            let pin = dir.join(LINK_SK_MSG);
+            let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, maps::SOCKS)?;
+            let prog: &mut SkMsg = program(&mut ebpf, name)?;
+            prog.load().map_err(|err| RedirectError::Program { name, err })?;
+            let adopted = {
+                let prog_fd = prog.fd().map_err(|err| RedirectError::Program { name, err })?;
+                match update_pinned_link(&pin, std::os::fd::AsFd::as_fd(prog_fd)) {
+                    Ok(adopted) => adopted,
+                    Err(e) => {
+                        tracing::warn!(link = %pin.display(), error = %e, "cannot update the pinned sk_msg link; replacing it");
+                        release(PinnedLink::from_pin(&pin).ok());
+                        false
+                    }
+                }
+            };
+            if adopted {
+                tracing::info!(link = %pin.display(), "adopting pinned sk_msg link");
+                links.push(PinnedLink::from_pin(&pin).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?);
+            } else {
+                let id = prog.attach(socks.fd()).map_err(|err| RedirectError::Attach {
+                    name,
+                    cgroup: dir.join(maps::SOCKS),
+                    err,
+                })?;
+                let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+                let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
+                links.push(repin(fd, &pin)?);
+            }
+        }
+
+        let config = Config {
+            layout_version: MAP_LAYOUT_VERSION,
+            agent_ipv4: u32::from_ne_bytes(opts.capture_ip.octets()),
+            agent_port: opts.outbound_port,
+            fail_open: u8::from(opts.fail_open),
+            debug: u8::from(opts.kernel_debug),
+            splice: u8::from(opts.splice),
+            // Until a policy is compiled, allow (as with no agent): the agent
+            // switches to enforcing with the first policy generation.
+            policy_mode: mesh_common::POLICY_OFF,
+            _pad: [0; 2],
+            policy_generation: 0,
+            _pad2: 0,
+            alive_until_ns: monotonic_ns() + ALIVE_WINDOW_NS,
+        };
+        let kernel_events = take_map(&mut ebpf, maps::EVENTS)?;
+        let redirect = Redirect {
+            config: Mutex::new(take_map(&mut ebpf, maps::CONFIG)?),
+            config_value: Mutex::new(config),
+            workloads: Mutex::new(take_map(&mut ebpf, maps::WORKLOADS)?),
+            endpoints: Mutex::new(take_map(&mut ebpf, maps::ENDPOINTS)?),
+            flows: Mutex::new(take_map(&mut ebpf, maps::FLOWS)?),
+            policy: Mutex::new(PolicyState {
+                map: take_map(&mut ebpf, maps::POLICY)?,
+                generation: 0,
+                last: None,
+            }),
+            splice: take_map(&mut ebpf, maps::SPLICE)?,
+            capture: take_map(&mut ebpf, maps::CAPTURE)?,
+            traffic: Mutex::new(take_map(&mut ebpf, maps::TRAFFIC)?),
+            services: Mutex::new(ServiceState {
+                services: take_map(&mut ebpf, maps::SERVICES)?,
+                backends: take_map(&mut ebpf, maps::BACKENDS)?,
+                written: BTreeMap::new(),
+                swept: false,
+            }),
+            _ebpf: ebpf,
+            _links: links,
+            kernel_events: Some(kernel_events),
+            kernel_logger,
+        };
+        redirect.write_config()?;
+        Ok(redirect)
+    }
+}
