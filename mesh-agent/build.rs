@@ -28,7 +28,10 @@ fn main() -> anyhow::Result<()> {
     // A pinned stable toolchain needs RUSTC_BOOTSTRAP for `-Z build-std=core`.
     // Set it for the nested BPF build only, not for the agent's own crates.
     // SAFETY: build scripts are single-threaded.
-    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
+    #[allow(clippy::disallowed_methods)]
+    unsafe {
+        std::env::set_var("RUSTC_BOOTSTRAP", "1")
+    };
     let package = aya_build::Package {
         name: ebpf.name.as_str(),
         root_dir: root_dir.as_str(),

@@ -3,7 +3,12 @@
 //! without one get a clear refusal.
 use std::sync::OnceLock;
 
-type Setter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Why a new log filter was not applied.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FilterError(pub String);
+
+type Setter = Box<dyn Fn(&str) -> Result<(), FilterError> + Send + Sync>;
 
 static SETTER: OnceLock<Setter> = OnceLock::new();
 
@@ -11,7 +16,9 @@ pub fn install(setter: Setter) {
     let _ = SETTER.set(setter);
 }
 
-pub fn set_filter(filter: &str) -> Result<(), String> {
-    let setter = SETTER.get().ok_or("this process cannot change its log filter")?;
+pub fn set_filter(filter: &str) -> Result<(), FilterError> {
+    let setter = SETTER
+        .get()
+        .ok_or_else(|| FilterError("this process cannot change its log filter".into()))?;
     setter(filter)
 }

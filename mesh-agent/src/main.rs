@@ -121,7 +121,10 @@ fn init_tracing(log: &config::LogSettings, kernel_debug: bool) {
     };
     tracing_subscriber::registry().with(filter).with(output).init();
     mesh_agent::logging::install(Box::new(move |f: &str| {
-        let next = EnvFilter::try_new(f).map_err(|e| format!("log filter {f:?} does not parse: {e}"))?;
-        handle.reload(next).map_err(|e| e.to_string())
+        let next = EnvFilter::try_new(f)
+            .map_err(|e| mesh_agent::logging::FilterError(format!("log filter {f:?} does not parse: {e}")))?;
+        handle
+            .reload(next)
+            .map_err(|e| mesh_agent::logging::FilterError(e.to_string()))
     }));
 }

@@ -19,7 +19,7 @@ mod lower;
 mod model;
 
 pub use authorizer::{DecisionLabels, KindLabels, PolicyAuthorizer, PolicyMetrics};
-pub use compile::http_matches;
+pub use compile::{MatchError, http_matches};
 pub use model::{Decision, HttpMatch, InForce, Policy, PortRule, Rejected, Target};
 
 #[cfg(test)]

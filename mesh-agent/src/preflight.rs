@@ -44,7 +44,7 @@ pub fn check(bpffs_dir: &Path, pod_cgroup_root: &Path) -> Result<(), PreflightEr
     Ok(())
 }
 
-/// DESIGN.md section 7: mount bpffs at /sys/fs/bpf when it is not mounted.
+/// Mount bpffs at /sys/fs/bpf when it is not mounted (ARCHITECTURE.md, "Kernel maps").
 fn ensure_bpffs(bpffs_dir: &Path) -> Result<(), PreflightError> {
     let mount_point = Path::new("/sys/fs/bpf");
     let is_bpffs = |p: &Path| {

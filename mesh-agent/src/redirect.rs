@@ -76,8 +76,6 @@ pub enum RedirectError {
 }
 
 /// Settings the kernel programs need.
-
-/// Settings the kernel programs need.
 pub struct RedirectOptions<'a> {
     pub bpffs_dir: &'a Path,
     pub pod_cgroup_root: &'a Path,

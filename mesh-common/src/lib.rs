@@ -567,3 +567,38 @@ mod user {
     unsafe impl aya::Pod for UdpPeerKey {}
     unsafe impl aya::Pod for UdpService {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes the kernel writes (the struct's own memory) decode to the
+    /// same event; any other length is refused.
+    #[test]
+    fn policy_events_decode_from_their_kernel_bytes() {
+        let ev = PolicyEvent {
+            time_ns: 0x0102_0304_0506_0708,
+            workload_id: 11,
+            src_identity: 22,
+            dst_ipv4: u32::from_ne_bytes([198, 18, 2, 10]),
+            dst_identity: 33,
+            dst_port: 8080,
+            protocol: PROTO_UDP,
+            verdict: VERDICT_ALLOW,
+            generation: 44,
+        };
+        let mut bytes = [0u8; core::mem::size_of::<PolicyEvent>()];
+        // What the ring buffer carries: the struct's bytes as laid out.
+        bytes[0..8].copy_from_slice(&ev.time_ns.to_ne_bytes());
+        bytes[8..12].copy_from_slice(&ev.workload_id.to_ne_bytes());
+        bytes[12..16].copy_from_slice(&ev.src_identity.to_ne_bytes());
+        bytes[16..20].copy_from_slice(&ev.dst_ipv4.to_ne_bytes());
+        bytes[20..24].copy_from_slice(&ev.dst_identity.to_ne_bytes());
+        bytes[24..26].copy_from_slice(&ev.dst_port.to_ne_bytes());
+        bytes[26] = ev.protocol;
+        bytes[27] = ev.verdict;
+        bytes[28..32].copy_from_slice(&ev.generation.to_ne_bytes());
+        assert_eq!(PolicyEvent::decode(&bytes), Some(ev));
+        assert_eq!(PolicyEvent::decode(&bytes[..31]), None);
+    }
+}

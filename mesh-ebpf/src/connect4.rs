@@ -15,12 +15,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mesh_common::{
     ANY_PORT, Backend, BackendKey, CaptureStats, Config, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP,
-    PolicyEvent, PolicyKey, SERVICE_VIA_AGENT, ServiceKey, ServiceValue, VERDICT_ALLOW, VERDICT_DENY,
+    PolicyKey, SERVICE_VIA_AGENT, ServiceKey, ServiceValue,
 };
 
-use crate::maps::{
-    config, mesh_backends, mesh_capture, mesh_cookies, mesh_endpoints, mesh_events, mesh_policy, mesh_services,
-    mesh_workloads,
+use crate::{
+    events::{Destination, emit},
+    maps::{
+        config, mesh_backends, mesh_capture, mesh_cookies, mesh_endpoints, mesh_policy, mesh_services, mesh_workloads,
+    },
 };
 
 /// connect() proceeds; 0 makes it fail with EPERM.
@@ -99,20 +101,17 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
             dst_port,
             PROTO_TCP,
         );
-        let event = PolicyEvent {
-            time_ns: unsafe { bpf_ktime_get_ns() },
-            workload_id: workload.workload_id,
-            src_identity: workload.identity_id,
-            dst_ipv4: dst_ip,
-            dst_identity: endpoint.identity_id,
-            dst_port,
-            protocol: PROTO_TCP,
-            verdict: if found.is_some() { VERDICT_ALLOW } else { VERDICT_DENY },
-            generation: cfg.policy_generation,
-        };
-        if mesh_events.output(&event, 0).is_err() {
-            count(|s| &mut s.events_dropped);
-        }
+        emit(
+            cfg,
+            workload,
+            &Destination {
+                ipv4: dst_ip,
+                port: dst_port,
+                endpoint,
+            },
+            PROTO_TCP,
+            found.is_some(),
+        );
         match found {
             None => {
                 count(|s| &mut s.denied);

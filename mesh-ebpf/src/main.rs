@@ -8,6 +8,7 @@
 #![deny(unused)]
 
 mod connect4;
+mod events;
 mod maps;
 mod sk_msg;
 mod sockops;

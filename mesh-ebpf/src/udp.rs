@@ -11,17 +11,16 @@
 //! expects.
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use mesh_common::{
-    POLICY_ENFORCING, PROTO_UDP, PolicyEvent, ServiceKey, UdpPeerKey, UdpService, VERDICT_DENY, Workload,
-};
+use mesh_common::{POLICY_ENFORCING, PROTO_UDP, ServiceKey, UdpPeerKey, UdpService, Workload};
 
 use crate::{
     connect4::{ALLOW, DENY, agent_serves, allowed, count, pick_backend},
-    maps::{config, mesh_endpoints, mesh_events, mesh_services, mesh_udp_peers, mesh_workloads},
+    events::{Destination, emit},
+    maps::{config, mesh_endpoints, mesh_services, mesh_udp_peers, mesh_workloads},
 };
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -83,20 +82,17 @@ pub fn to_service(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Work
     {
         // Denials are audited; allowed datagrams are only counted (one
         // event per datagram would flood the ring).
-        let event = PolicyEvent {
-            time_ns: unsafe { bpf_ktime_get_ns() },
-            workload_id: workload.workload_id,
-            src_identity: workload.identity_id,
-            dst_ipv4: backend.ipv4,
-            dst_identity: endpoint.identity_id,
-            dst_port: backend.port,
-            protocol: PROTO_UDP,
-            verdict: VERDICT_DENY,
-            generation: cfg.policy_generation,
-        };
-        if mesh_events.output(&event, 0).is_err() {
-            count(|s| &mut s.events_dropped);
-        }
+        emit(
+            cfg,
+            workload,
+            &Destination {
+                ipv4: backend.ipv4,
+                port: backend.port,
+                endpoint,
+            },
+            PROTO_UDP,
+            false,
+        );
         count(|s| &mut s.denied);
         return DENY;
     }

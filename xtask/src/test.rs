@@ -1,4 +1,6 @@
-//! `cargo xtask test`: unit tests, then the end-to-end tests in the lab.
+//! `cargo xtask test`: formatting and lints, unit tests, then the
+//! end-to-end tests in the lab. A lint or format failure fails the run,
+//! after the tests have run (so one push shows everything that is wrong).
 use std::{
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
@@ -49,7 +51,22 @@ pub fn run() -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = crate::workspace_root();
     let mut tally = Tally::default();
-    eprintln!("\n=== [1/3] unit tests (mesh-common, mesh-agent, xtask)");
+    eprintln!("\n=== [1/4] rustfmt --check and clippy -D warnings (agent, common, xtask, tests)");
+    let fmt_ok = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["fmt", "--all", "--check"])
+        .status()
+        .context("running cargo fmt (rustup component add rustfmt)")?
+        .success();
+    // mesh-ebpf builds only for the BPF target (inside the agent's build.rs),
+    // so clippy covers the default members, with every target.
+    let clippy_ok = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .status()
+        .context("running cargo clippy (rustup component add clippy)")?
+        .success();
+    eprintln!("\n=== [2/4] unit tests (mesh-common, mesh-agent, xtask)");
     let unit_ok = cargo_test(
         Command::new(&cargo)
             .current_dir(&root)
@@ -57,11 +74,11 @@ pub fn run() -> anyhow::Result<()> {
         &mut tally,
     )?;
 
-    eprintln!("\n=== [2/3] building the agent and labtool");
+    eprintln!("\n=== [3/4] building the agent and labtool");
     let agent = crate::build_agent(false)?;
     crate::demo::build_labtool()?;
 
-    eprintln!("\n=== [3/3] end-to-end tests in the lab (root, one at a time)");
+    eprintln!("\n=== [4/4] end-to-end tests in the lab (root, one at a time)");
     // SAFETY: geteuid has no preconditions.
     ensure!(
         unsafe { libc::geteuid() } == 0,
@@ -76,6 +93,11 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     let _ = crate::lab::down();
     println!("\nsummary: {} passed, {} failed", tally.passed, tally.failed);
+    ensure!(
+        fmt_ok,
+        "cargo fmt --check: the code is not formatted (run `cargo fmt --all`)"
+    );
+    ensure!(clippy_ok, "cargo clippy: lints failed (see above)");
     ensure!(unit_ok && e2e_ok, "tests failed");
     Ok(())
 }

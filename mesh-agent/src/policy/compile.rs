@@ -38,10 +38,10 @@ impl Policy {
         for g in &smi.http_route_groups {
             match http_matches(g) {
                 Ok(m) => groups.push((g.namespace.clone(), g.name.clone(), m)),
-                Err(reason) => rejected.push(Rejected {
+                Err(e) => rejected.push(Rejected {
                     kind: "HTTPRouteGroup",
                     name: full(g),
-                    reason,
+                    reason: e.to_string(),
                 }),
             }
         }
@@ -75,21 +75,50 @@ fn port_rule(ports: &[u16]) -> Result<Option<BTreeSet<u16>>, String> {
     Ok((!ports.is_empty()).then(|| ports.iter().copied().collect()))
 }
 
-pub fn http_matches(g: &Named<crate::smi::HTTPRouteGroupSpec>) -> Result<Vec<HttpMatch>, String> {
+/// An HTTPRouteGroup match that does not compile; the group is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    #[error("match {name}: pathRegex {pattern:?}: {source}")]
+    PathRegex {
+        name: String,
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    #[error("match {name}: header {header} regex {pattern:?}: {source}")]
+    HeaderRegex {
+        name: String,
+        header: String,
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+}
+
+pub fn http_matches(g: &Named<crate::smi::HTTPRouteGroupSpec>) -> Result<Vec<HttpMatch>, MatchError> {
     let mut out = Vec::new();
     for m in &g.spec.matches {
         // Anchored at ^, as the spec says.
         let path = match &m.path_regex {
-            Some(p) => {
-                Some(Regex::new(&format!("^(?:{p})")).map_err(|e| format!("match {}: pathRegex {p:?}: {e}", m.name))?)
-            }
+            Some(p) => Some(
+                Regex::new(&format!("^(?:{p})")).map_err(|source| MatchError::PathRegex {
+                    name: m.name.clone(),
+                    pattern: p.clone(),
+                    source,
+                })?,
+            ),
             None => None,
         };
         let mut headers = Vec::new();
         for (h, re) in m.headers.iter().flatten() {
             headers.push((
                 h.to_ascii_lowercase(),
-                Regex::new(re).map_err(|e| format!("match {}: header {h} regex {re:?}: {e}", m.name))?,
+                Regex::new(re).map_err(|source| MatchError::HeaderRegex {
+                    name: m.name.clone(),
+                    header: h.clone(),
+                    pattern: re.clone(),
+                    source,
+                })?,
             ));
         }
         let methods = match &m.methods {

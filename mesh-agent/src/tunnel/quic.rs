@@ -6,7 +6,7 @@
 //! protobuf header. Stream limits give backpressure: when a connection is
 //! full, `open_bi` waits instead of buffering.
 //!
-//! Draining (DESIGN.md section 3): the server refuses new connections and
+//! Draining (ARCHITECTURE.md, "Lifecycle of an agent"): the server refuses new connections and
 //! sends each peer a GOAWAY on a unidirectional stream; the peer stops
 //! opening streams on that connection, and a refused dial falls back to the
 //! TCP transport, whose listener the successor already serves.

@@ -1,0 +1,174 @@
+//! One benchmark session: the lab, CPU pinning, servers, transports, agent CPU and memory.
+use super::*;
+
+pub(super) struct Bench {
+    pub(super) lab: Lab,
+    pub(super) benchtool: PathBuf,
+    pub(super) opts: BenchOptions,
+    pub(super) servers: Vec<Child>,
+    pub(super) step: usize,
+    pub(super) steps: usize,
+    pub(super) started: Instant,
+    pub(super) transport: &'static str,
+    /// Highest VmHWM seen per node, kept across agent restarts.
+    pub(super) peak_rss_kib: BTreeMap<String, u64>,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+pub(super) const NODES: [(&str, u8); 2] = [("node-a", 0), ("node-b", 1)];
+
+pub(super) fn cpu_of_pod(pod: &str) -> u8 {
+    if pod == "far" { 1 } else { 0 }
+}
+
+impl Bench {
+    pub(super) fn progress(&mut self, what: &str) {
+        self.step += 1;
+        let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let load = load.split_whitespace().next().unwrap_or("?");
+        eprintln!(
+            "[bench {:>3}/{} {:>5.0}s load {load}] {what}",
+            self.step,
+            self.steps,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// A command in `pod`, meshed or not, pinned to its node's CPU.
+    pub(super) fn in_pod(&self, pod: &str, meshed: bool, program: &str) -> anyhow::Result<Command> {
+        let mut c = if meshed {
+            self.lab.exec(pod, "taskset")?
+        } else {
+            self.lab.exec_unmeshed(pod, "taskset")?
+        };
+        c.args(["-c", &cpu_of_pod(pod).to_string(), program]);
+        Ok(c)
+    }
+
+    pub(super) fn pin_agents(&self) -> anyhow::Result<()> {
+        for (node, cpu) in NODES {
+            let pid = self
+                .lab
+                .agent_pid(node)
+                .with_context(|| format!("no agent on {node}"))?;
+            let ok = Command::new("taskset")
+                .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+                .stdout(Stdio::null())
+                .status()?
+                .success();
+            ensure!(ok, "taskset on the agent of {node} failed");
+        }
+        Ok(())
+    }
+
+    pub(super) fn start_servers(&mut self) -> anyhow::Result<()> {
+        for pod in ["near", "far"] {
+            for meshed in [true, false] {
+                let port = |base: u16| if meshed { base } else { base + 1 };
+                let iperf = self
+                    .in_pod(pod, meshed, "iperf3")?
+                    .args(["-s", "-p", &port(IPERF_PORT).to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()?;
+                self.servers.push(iperf);
+                let echo = self
+                    .in_pod(pod, meshed, &self.benchtool.to_string_lossy())?
+                    .args(["echo-serve", "--port", &port(ECHO_PORT).to_string()])
+                    .stdin(Stdio::null())
+                    .spawn()?;
+                self.servers.push(echo);
+                let netns = self.lab.pod(pod)?.netns.clone();
+                for p in [port(IPERF_PORT), port(ECHO_PORT)] {
+                    crate::probe::wait_listening(&netns, p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts both agents with the path's transport when it differs.
+    pub(super) fn use_transport(&mut self, path: Route) -> anyhow::Result<()> {
+        let want = match path {
+            Quic => "quic",
+            Tcp => "tcp",
+            _ => return Ok(()),
+        };
+        if self.transport == want {
+            return Ok(());
+        }
+        self.record_peak_rss()?;
+        self.lab.agent_args = vec![format!("--tunnel-transport={want}")];
+        for (node, _) in NODES {
+            self.lab.stop_agent(node)?;
+            self.lab.start_agent(node)?;
+        }
+        self.pin_agents()?;
+        self.transport = want;
+        // Let the agents enrol the pods before measuring.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
+    pub(super) fn agent_pids(&self) -> anyhow::Result<Vec<(String, u32)>> {
+        NODES
+            .iter()
+            .map(|(n, _)| {
+                let pid = self.lab.agent_pid(n).with_context(|| format!("agent on {n} died"))?;
+                Ok((n.to_string(), pid))
+            })
+            .collect()
+    }
+
+    /// Sum of both agents' user+system CPU seconds.
+    pub(super) fn agents_cpu(&self) -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for (_, pid) in self.agent_pids()? {
+            total += cpu_seconds(pid)?;
+        }
+        Ok(total)
+    }
+
+    /// A /proc/PID/status figure (VmRSS, VmHWM) per node, in KiB.
+    pub(super) fn agents_rss_kib(&self, field: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+        self.agent_pids()?
+            .into_iter()
+            .map(|(n, pid)| Ok((n, status_kib(pid, field)?)))
+            .collect()
+    }
+
+    pub(super) fn record_peak_rss(&mut self) -> anyhow::Result<()> {
+        for (node, kib) in self.agents_rss_kib("VmHWM")? {
+            let peak = self.peak_rss_kib.entry(node).or_default();
+            *peak = (*peak).max(kib);
+        }
+        Ok(())
+    }
+
+    pub(super) fn json_of(&self, cmd: &mut Command, what: &str) -> anyhow::Result<Value> {
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {what}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "{what} failed: {}{}",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        serde_json::from_str(text.trim()).with_context(|| format!("{what} printed {text:?}"))
+    }
+
+    pub(super) fn target(&self, path: Route, base: u16) -> anyhow::Result<String> {
+        Ok(format!("{}:{}", self.lab.pod(path.server())?.ip, path.port(base)))
+    }
+}

@@ -1,0 +1,87 @@
+//! The topology file: nodes, and pods placed on them, validated.
+use super::*;
+
+/// The topology file: nodes, and pods placed on them.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    pub nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    pub pods: Vec<PodSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodSpec {
+    pub name: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    #[serde(default = "default_ns")]
+    pub service_account: String,
+    pub node: String,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+
+impl Topology {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = fs::read_to_string(path).with_context(|| format!("reading topology {}", path.display()))?;
+        let topo: Topology =
+            serde_yaml::from_str(&text).with_context(|| format!("parsing topology {}", path.display()))?;
+        topo.validate()?;
+        Ok(topo)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(!self.nodes.is_empty(), "topology has no nodes");
+        ensure!(self.nodes.len() <= 200, "at most 200 nodes (198.18.N.0/24 per node)");
+        let mut seen = std::collections::HashSet::new();
+        for n in &self.nodes {
+            ensure!(
+                valid_name(&n.name),
+                "node name {:?}: use lowercase letters, digits and '-', up to 20 chars",
+                n.name
+            );
+            ensure!(seen.insert(n.name.clone()), "node {} listed twice", n.name);
+        }
+        let mut pods = std::collections::HashSet::new();
+        for p in &self.pods {
+            ensure!(
+                valid_name(&p.name) && valid_name(&p.namespace),
+                "pod {}/{}: use lowercase letters, digits and '-'",
+                p.namespace,
+                p.name
+            );
+            ensure!(
+                self.nodes.iter().any(|n| n.name == p.node),
+                "pod {}/{} is on unknown node {}",
+                p.namespace,
+                p.name,
+                p.node
+            );
+            ensure!(
+                pods.insert((p.namespace.clone(), p.name.clone())),
+                "pod {}/{} listed twice",
+                p.namespace,
+                p.name
+            );
+        }
+        ensure!(self.pods.len() <= 200, "at most 200 pods");
+        Ok(())
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 20
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
