@@ -15,7 +15,7 @@ use crate::{
     audit::Audit,
     config::{CertSource, Settings},
     drain::Drain,
-    handoff,
+    enrol, handoff,
     identity::{
         authority::Authority,
         manager::{IdentityManager, Timing},
@@ -76,9 +76,19 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         }
     };
 
+    let pod_cgroup_level = enrol::cgroup_level(&s.pod_cgroup_root)
+        .ok()
+        .and_then(|l| u8::try_from(l).ok())
+        .with_context(|| {
+            format!(
+                "{} is not a cgroup2 directory (--pod-cgroup-root)",
+                s.pod_cgroup_root.display()
+            )
+        })?;
     let mut redirect = Redirect::load(&RedirectOptions {
         bpffs_dir: &s.bpffs_dir,
         pod_cgroup_root: &s.pod_cgroup_root,
+        pod_cgroup_level,
         capture_ip: s.capture_ip,
         outbound_port: s.outbound_port,
         fail_open: s.fail_open,
@@ -120,6 +130,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         snapshots: snapshots.clone(),
         node: s.node_name.clone(),
         pod_cgroup_root: s.pod_cgroup_root.clone(),
+        cgroup_driver: s.cgroup_driver,
         default_mode: s.policy_mode,
         tunnels_expected: s.identity.source.is_some(),
         policy_metrics: policy_metrics.clone(),
@@ -255,6 +266,8 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         node = %s.node_name,
         outbound = %format!("{}:{}", s.capture_ip, s.outbound_port),
         pod_cgroup_root = %s.pod_cgroup_root.display(),
+        cgroup_driver = ?s.cgroup_driver.resolve(&s.pod_cgroup_root),
+        pod_cgroup_level,
         bpffs = %s.bpffs_dir.display(),
         fail_open = s.fail_open,
         splice = s.splice,

@@ -188,10 +188,17 @@ pub struct RunArgs {
     )]
     pub kubernetes: bool,
 
-    /// cgroup2 directory holding one sub-directory per pod of this node,
-    /// named `<namespace>_<pod>`. The capture programs attach here only.
+    /// The kubelet's pod cgroup root on the host's cgroup2 mount
+    /// (`/sys/fs/cgroup/kubepods.slice` with the systemd cgroup driver,
+    /// `/sys/fs/cgroup/kubepods` with cgroupfs). The capture programs attach
+    /// here only; pods are found below it by their UID.
     #[arg(long, env = "MESH_POD_CGROUP_ROOT")]
     pub pod_cgroup_root: PathBuf,
+
+    /// How the kubelet names pod cgroups; `auto` decides from the root's
+    /// name (`*.slice`: systemd).
+    #[arg(long, env = "MESH_CGROUP_DRIVER", value_enum, default_value_t = crate::enrol::CgroupDriver::Auto)]
+    pub cgroup_driver: crate::enrol::CgroupDriver,
 
     /// Address of this node that pods can reach; captured connections are
     /// redirected to it.
@@ -331,6 +338,7 @@ pub struct Settings {
     /// None: the Kubernetes API.
     pub source_dir: Option<PathBuf>,
     pub pod_cgroup_root: PathBuf,
+    pub cgroup_driver: crate::enrol::CgroupDriver,
     pub capture_ip: Ipv4Addr,
     pub outbound_port: u16,
     pub bpffs_dir: PathBuf,
@@ -434,6 +442,7 @@ impl Settings {
             node_name: a.node_name,
             source_dir: a.source_dir,
             pod_cgroup_root: a.pod_cgroup_root,
+            cgroup_driver: a.cgroup_driver,
             capture_ip: a.capture_ip,
             outbound_port: a.outbound_port,
             bpffs_dir: a.bpffs_dir,

@@ -27,12 +27,17 @@ async fn until_stopped(stop: CancellationToken, job: impl std::future::Future<Ou
     }
 }
 
+/// How often the pod cgroup tree is read: a new pod is enrolled within
+/// this long of its cgroup appearing.
+const ENROL_TICK: Duration = Duration::from_millis(200);
+
 /// What the reconcile loops need to know about this node.
 pub struct Reconciler {
     pub redirect: Arc<Redirect>,
     pub snapshots: SnapshotRx,
     pub node: String,
     pub pod_cgroup_root: PathBuf,
+    pub cgroup_driver: enrol::CgroupDriver,
     /// The policy mode when no MeshConfig sets one.
     pub default_mode: PolicyMode,
     /// Whether this agent runs tunnels (UDP service tables then wait for
@@ -123,9 +128,10 @@ impl Reconciler {
     ) {
         let redirect = &self.redirect;
         let mut rx = self.snapshots.clone();
-        let mut last: Option<(u64, usize, usize)> = None;
         let mut splits = Splits::default();
         let mut last_refused = Vec::new();
+        let mut written: Option<(u64, enrol::Enrolment)> = None;
+        let mut tables_at: Option<(u64, tokio::time::Instant)> = None;
         loop {
             let snap = rx.borrow_and_update().clone();
             // Service tables wait for the tunnel's UDP relays (moments, at
@@ -133,40 +139,56 @@ impl Reconciler {
             // untunneled; a predecessor's pinned tables stay in force meanwhile.
             let relays = udp_relays.borrow().clone();
             let tables_ready = relays.is_some() || !self.tunnels_expected;
-            if snap.generation > 0 {
-                if tables_ready {
-                    let mut compiled = splits.compile(&snap);
-                    if let Some(relays) = relays {
-                        relays.assign(&mut compiled.tables);
-                    }
-                    if compiled.refused != last_refused {
-                        for r in &compiled.refused {
-                            tracing::warn!(traffic_split = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficSplit refused");
-                        }
-                        last_refused = compiled.refused.clone();
-                    }
-                    sync_tables(redirect, compiled, &http_splits);
+            // Tables: on every new snapshot, else once a second (a failed
+            // write is retried then).
+            let tables_due =
+                tables_at.is_none_or(|(g, at)| g != snap.generation || at.elapsed() >= Duration::from_secs(1));
+            if snap.generation > 0 && tables_ready && tables_due {
+                let mut compiled = splits.compile(&snap);
+                if let Some(relays) = relays {
+                    relays.assign(&mut compiled.tables);
                 }
-                let rows = enrol::enrolment(&snap, &self.node, &self.pod_cgroup_root);
-                match redirect.sync_workloads(&rows.workloads, &rows.endpoints) {
-                    Ok(()) => {
-                        let now = (snap.generation, rows.workloads.len(), rows.endpoints.len());
-                        if last != Some(now) {
+                if compiled.refused != last_refused {
+                    for r in &compiled.refused {
+                        tracing::warn!(traffic_split = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficSplit refused");
+                    }
+                    last_refused = compiled.refused.clone();
+                }
+                sync_tables(redirect, compiled, &http_splits);
+                tables_at = Some((snap.generation, tokio::time::Instant::now()));
+            }
+            // Pods: the cgroup tree is read every tick, so a pod whose cgroup
+            // appears after its Pod object is enrolled within a tick; the
+            // maps are written only when the rows change.
+            if snap.generation > 0 {
+                let cgroups = enrol::scan(&self.pod_cgroup_root, self.cgroup_driver);
+                let rows = enrol::enrolment(&snap, &self.node, &cgroups);
+                if written
+                    .as_ref()
+                    .is_none_or(|(g, w)| *g != snap.generation || *w != rows)
+                {
+                    match redirect.sync_workloads(&rows.workloads, &rows.endpoints) {
+                        Ok(()) => {
                             tracing::info!(
                                 generation = snap.generation,
                                 enrolled = rows.workloads.len(),
                                 endpoints = rows.endpoints.len(),
                                 missing_cgroups = ?rows.missing_cgroup,
+                                qos_class_mismatch = ?rows.qos_mismatch,
                                 "kernel maps in sync"
                             );
-                            last = Some(now);
+                            written = Some((snap.generation, rows));
                         }
+                        Err(err) => tracing::error!(error = %err, "writing kernel maps failed; will retry"),
                     }
-                    Err(err) => tracing::error!(error = %err, "writing kernel maps failed; will retry"),
                 }
             }
-            let wait = if tables_ready { 1000 } else { 20 };
-            let _ = tokio::time::timeout(Duration::from_millis(wait), rx.changed()).await;
+            let wait = if tables_ready {
+                ENROL_TICK
+            } else {
+                Duration::from_millis(20)
+            };
+            let _ = tokio::time::timeout(wait, rx.changed()).await;
         }
     }
 

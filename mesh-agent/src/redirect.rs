@@ -78,7 +78,10 @@ pub enum RedirectError {
 /// Settings the kernel programs need.
 pub struct RedirectOptions<'a> {
     pub bpffs_dir: &'a Path,
+    /// The kubelet's pod cgroup root: the programs attach here.
     pub pod_cgroup_root: &'a Path,
+    /// Its level below the cgroup2 root (`enrol::cgroup_level`).
+    pub pod_cgroup_level: u8,
     pub capture_ip: Ipv4Addr,
     pub outbound_port: u16,
     pub fail_open: bool,

@@ -50,6 +50,11 @@ pub struct Pod {
     pub service_account: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// `status.qosClass`: where the kubelet puts its cgroup.
+    pub qos_class: Option<String>,
+    /// `spec.hostNetwork`: it shares the node's network namespace and
+    /// address, so it is never meshed (neither enrolled nor an endpoint).
+    pub host_network: bool,
 }
 
 impl Pod {
@@ -273,6 +278,8 @@ mod tests {
             service_account: "default".into(),
             node: "n1".into(),
             ip: Ipv4Addr::from(ip),
+            qos_class: None,
+            host_network: false,
         }
     }
 

@@ -56,6 +56,10 @@ pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const SENDMSG4: &str = "mesh_sendmsg4";
     pub const RECVMSG4: &str = "mesh_recvmsg4";
+    /// AF_INET6 sockets to IPv4-mapped addresses, handled as their IPv4 twins.
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
 }
@@ -111,7 +115,11 @@ pub struct Config {
     /// [`POLICY_OFF`] (allow all: no policy loaded, or permissive) or
     /// [`POLICY_ENFORCING`].
     pub policy_mode: u8,
-    pub _pad: [u8; 2],
+    /// Level of the kubelet's pod cgroup root below the cgroup2 root: pods'
+    /// cgroups are the next [`POD_CGROUP_DEPTH`] levels, and the programs
+    /// find a process's pod by walking its ancestors there.
+    pub pod_cgroup_level: u8,
+    pub _pad: u8,
     /// Which entries of `mesh_policy` are in force. The agent writes a new
     /// generation's entries, flips this, then deletes the old ones, so no
     /// half-written policy is ever in force.
@@ -121,6 +129,10 @@ pub struct Config {
     /// it pushes this forward on a timer. Only read when `fail_open` is 1.
     pub alive_until_ns: u64,
 }
+
+/// Pods' cgroups sit 1 (Guaranteed) or 2 (Burstable, BestEffort) levels
+/// below the kubelet's root; the ancestor walk looks this many levels deep.
+pub const POD_CGROUP_DEPTH: u8 = 3;
 
 pub const POLICY_OFF: u8 = 0;
 pub const POLICY_ENFORCING: u8 = 1;
@@ -419,7 +431,8 @@ const _: () = {
         debug: 11,
         splice: 12,
         policy_mode: 13,
-        _pad: 14,
+        pod_cgroup_level: 14,
+        _pad: 15,
         policy_generation: 16,
         _pad2: 20,
         alive_until_ns: 24,

@@ -8,7 +8,7 @@
 //! listener and the original destination is recorded by socket cookie.
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -19,9 +19,10 @@ use mesh_common::{
 };
 
 use crate::{
+    addr::{self, is_v4_mapped},
     events::{Destination, emit},
     maps::{
-        config, mesh_backends, mesh_capture, mesh_cookies, mesh_endpoints, mesh_policy, mesh_services, mesh_workloads,
+        config, current_workload, mesh_backends, mesh_capture, mesh_cookies, mesh_endpoints, mesh_policy, mesh_services,
     },
 };
 
@@ -33,7 +34,18 @@ const SOCK_DGRAM: u32 = 2;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    try_connect4(&ctx)
+    try_connect::<false>(&ctx)
+}
+
+/// AF_INET6 sockets: an IPv4-mapped destination is handled as connect4
+/// would; native IPv6 destinations are not meshed (yet) and pass.
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    if !is_v4_mapped(sa) {
+        return ALLOW;
+    }
+    try_connect::<true>(&ctx)
 }
 
 pub(crate) fn count(field: fn(&mut CaptureStats) -> &mut u64) {
@@ -43,22 +55,22 @@ pub(crate) fn count(field: fn(&mut CaptureStats) -> &mut u64) {
     }
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> i32 {
+#[inline(always)]
+fn try_connect<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM && sa.type_ != SOCK_DGRAM {
         return ALLOW;
     }
-    // The cgroup of the calling task: kernel-attested, a pod cannot forge it.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let Some(workload) = (unsafe { mesh_workloads.get(&cgroup_id) }) else {
+    // The calling task's pod, by its pod-level ancestor cgroup: kernel-attested.
+    let Some(workload) = current_workload() else {
         return ALLOW; // not an enrolled pod
     };
     if sa.type_ == SOCK_DGRAM {
         // A connected UDP socket: its service is resolved once, here.
-        return crate::udp::to_service(ctx, sa, workload);
+        return crate::udp::to_service::<MAPPED>(ctx, sa, workload);
     }
-    let mut dst_ip = sa.user_ip4;
-    let mut dst_port = u16::from_be(sa.user_port as u16);
+    let mut dst_ip = addr::ipv4::<MAPPED>(sa);
+    let mut dst_port = addr::port(sa);
     let service = ServiceKey {
         vip: dst_ip,
         port: dst_port,
@@ -74,15 +86,14 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
             && let Some(cfg) = config()
             && agent_serves(cfg)
         {
-            return to_agent(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port);
+            return to_agent::<MAPPED>(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port);
         }
         let Some(backend) = pick_backend(svc) else {
             return DENY;
         };
         dst_ip = backend.ipv4;
         dst_port = backend.port;
-        sa.user_ip4 = dst_ip;
-        sa.user_port = u32::from(dst_port.to_be());
+        addr::set::<MAPPED>(sa, dst_ip, dst_port);
         count(|s| &mut s.load_balanced);
     }
     let Some(endpoint) = (unsafe { mesh_endpoints.get(&dst_ip) }) else {
@@ -137,7 +148,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     if !agent_serves(cfg) {
         return ALLOW;
     }
-    to_agent(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port)
+    to_agent::<MAPPED>(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port)
 }
 
 /// A random slot of the service's table in force; `None` (counted as
@@ -181,7 +192,7 @@ pub(crate) fn agent_serves(cfg: &Config) -> bool {
 /// Records the original destination by socket cookie and rewrites the
 /// connect to the agent's outbound listener.
 #[inline(always)]
-fn to_agent(
+fn to_agent<const MAPPED: bool>(
     ctx: &SockAddrContext,
     sa: &mut bpf_sock_addr,
     cfg: &Config,
@@ -211,8 +222,7 @@ fn to_agent(
             dst_port
         );
     }
-    sa.user_ip4 = cfg.agent_ipv4;
-    sa.user_port = u32::from(cfg.agent_port.to_be());
+    addr::set::<MAPPED>(sa, cfg.agent_ipv4, cfg.agent_port);
     count(|s| &mut s.redirected);
     ALLOW
 }

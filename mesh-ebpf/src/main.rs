@@ -7,6 +7,7 @@
 // unseen: make the ones that mean "this code is not what you think" errors.
 #![deny(unused)]
 
+mod addr;
 mod connect4;
 mod events;
 mod maps;

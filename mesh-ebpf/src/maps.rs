@@ -3,14 +3,16 @@
 //! userspace writer; see the README's map table for who writes what.
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
+    helpers::bpf_get_current_ancestor_cgroup_id,
     macros::btf_map,
 };
 use mesh_common::{
-    Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, PolicyEvent, PolicyKey, PolicyValue, ServiceKey,
-    ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, UdpPeerKey, UdpService, Workload,
+    Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, POD_CGROUP_DEPTH, PolicyEvent, PolicyKey,
+    PolicyValue, ServiceKey, ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, UdpPeerKey,
+    UdpService, Workload,
 };
 
-/// cgroup id -> enrolled pod of this node.
+/// Pod-level cgroup id -> enrolled pod of this node.
 #[btf_map(pin_by_name)]
 pub static mesh_workloads: HashMap<u64, Workload, 4096> = HashMap::new();
 
@@ -78,6 +80,28 @@ pub static mesh_capture: PerCpuArray<CaptureStats, 1> = PerCpuArray::new();
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     mesh_config.get(0)
+}
+
+/// The enrolled pod the calling task belongs to, by its pod-level ancestor
+/// cgroup: kernel-attested, and the same for a process in a container's
+/// cgroup or in any cgroup it made below (ARCHITECTURE.md, "Pods and
+/// cgroups"). `mesh_workloads` holds only pod-level cgroups, and pods do
+/// not nest, so the first ancestor found there is the pod.
+#[inline(always)]
+pub fn current_workload() -> Option<&'static Workload> {
+    let base = i32::from(config()?.pod_cgroup_level);
+    let mut level = 1;
+    while level <= i32::from(POD_CGROUP_DEPTH) {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(base + level) };
+        if id == 0 {
+            return None; // the task's cgroup is shallower: not below a pod
+        }
+        if let Some(w) = unsafe { mesh_workloads.get(&id) } {
+            return Some(w);
+        }
+        level += 1;
+    }
+    None
 }
 
 #[inline(always)]

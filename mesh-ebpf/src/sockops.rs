@@ -19,6 +19,7 @@ use mesh_common::{SockKey, SplicedFlow, TrafficKey};
 use crate::maps::{config, is_loopback, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks, mesh_spliced, traffic};
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
@@ -27,20 +28,20 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sockops(ctx: &SockOpsContext) {
-    if ctx.family() != AF_INET {
-        return;
-    }
+    // IPv4, and AF_INET6 sockets whose both ends are IPv4-mapped (what a
+    // dual-stack program such as Java uses for IPv4): keyed the same way,
+    // so the agent and the splice see one flow whatever the socket family.
+    let Some(mut key) = sock_key(ctx) else { return };
     let op = ctx.op();
     if op == BPF_SOCK_OPS_STATE_CB {
         if ctx.arg(1) == BPF_TCP_CLOSE {
-            closed(&sock_key(ctx));
+            closed(&key);
         }
         return;
     }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return;
     }
-    let mut key = sock_key(ctx);
     // Two network namespaces can hold the same loopback 4-tuple: never key those.
     if is_loopback(key.local_ipv4) || is_loopback(key.remote_ipv4) {
         return;
@@ -108,14 +109,45 @@ fn try_sockops(ctx: &SockOpsContext) {
     }
 }
 
-fn sock_key(ctx: &SockOpsContext) -> SockKey {
-    SockKey {
-        local_ipv4: ctx.local_ip4(),
-        remote_ipv4: ctx.remote_ip4(),
+fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
+    // Every address field is loaded up front, each straight from the
+    // context, and only the values are chosen by family: the verifier
+    // refuses a context read through a computed pointer, which is what
+    // LLVM makes of branches that load different fields into one variable.
+    let ops = ctx.ops;
+    let field = |p: *const u32| unsafe { core::ptr::read_volatile(p) };
+    let (v4_local, v4_remote) = unsafe { (field(&(*ops).local_ip4), field(&(*ops).remote_ip4)) };
+    let (l, r) = unsafe {
+        (
+            [
+                field(&(*ops).local_ip6[0]),
+                field(&(*ops).local_ip6[1]),
+                field(&(*ops).local_ip6[2]),
+                field(&(*ops).local_ip6[3]),
+            ],
+            [
+                field(&(*ops).remote_ip6[0]),
+                field(&(*ops).remote_ip6[1]),
+                field(&(*ops).remote_ip6[2]),
+                field(&(*ops).remote_ip6[3]),
+            ],
+        )
+    };
+    let prefix = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    let mapped = |a: [u32; 4]| a[0] == 0 && a[1] == 0 && a[2] == prefix;
+    let (local_ipv4, remote_ipv4) = match ctx.family() {
+        AF_INET => (v4_local, v4_remote),
+        // Native IPv6: not meshed (yet).
+        AF_INET6 if mapped(l) && mapped(r) => (l[3], r[3]),
+        _ => return None,
+    };
+    Some(SockKey {
+        local_ipv4,
+        remote_ipv4,
         local_port: ctx.local_port() as u16,
         // remote_port holds the network-order port in its upper 16 bits.
         remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
-    }
+    })
 }
 
 /// A spliced pod-to-pod socket closed: the client side counts the connection.

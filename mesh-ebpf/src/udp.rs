@@ -10,26 +10,36 @@
 //! are shown to the application as coming from the VIP, as a DNS client
 //! expects.
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use mesh_common::{POLICY_ENFORCING, PROTO_UDP, ServiceKey, UdpPeerKey, UdpService, Workload};
 
 use crate::{
+    addr::{self, is_v4_mapped},
     connect4::{ALLOW, DENY, agent_serves, allowed, count, pick_backend},
     events::{Destination, emit},
-    maps::{config, mesh_endpoints, mesh_services, mesh_udp_peers, mesh_workloads},
+    maps::{config, current_workload, mesh_endpoints, mesh_services, mesh_udp_peers},
 };
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    match unsafe { mesh_workloads.get(&cgroup_id) } {
-        Some(workload) => to_service(&ctx, sa, workload),
+    match current_workload() {
+        Some(workload) => to_service::<false>(&ctx, sa, workload),
         None => ALLOW, // not an enrolled pod
+    }
+}
+
+/// AF_INET6 sockets sending to an IPv4-mapped address: as sendmsg4.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if !is_v4_mapped(sa) {
+        return ALLOW;
+    }
+    match current_workload() {
+        Some(workload) => to_service::<true>(&ctx, sa, workload),
+        None => ALLOW,
     }
 }
 
@@ -37,25 +47,39 @@ pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
 /// application addressed. recvmsg4 must return 1.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    show_vip::<false>(&ctx)
+}
+
+/// The same for AF_INET6 sockets receiving from an IPv4-mapped peer.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    if !is_v4_mapped(sa) {
+        return ALLOW;
+    }
+    show_vip::<true>(&ctx)
+}
+
+#[inline(always)]
+fn show_vip<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     let key = UdpPeerKey {
         cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
-        ipv4: sa.user_ip4,
-        port: u16::from_be(sa.user_port as u16),
+        ipv4: addr::ipv4::<MAPPED>(sa),
+        port: addr::port(sa),
         _pad: 0,
     };
     if let Some(svc) = unsafe { mesh_udp_peers.get(&key) } {
-        sa.user_ip4 = svc.vip;
-        sa.user_port = u32::from(svc.port.to_be());
+        addr::set::<MAPPED>(sa, svc.vip, svc.port);
     }
     ALLOW
 }
 
 /// Resolves a UDP destination that is a service VIP; anything else passes.
 #[inline(always)]
-pub fn to_service(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Workload) -> i32 {
-    let vip = sa.user_ip4;
-    let vip_port = u16::from_be(sa.user_port as u16);
+pub fn to_service<const MAPPED: bool>(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Workload) -> i32 {
+    let vip = addr::ipv4::<MAPPED>(sa);
+    let vip_port = addr::port(sa);
     let service = ServiceKey {
         vip,
         port: vip_port,
@@ -106,8 +130,7 @@ pub fn to_service(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Work
     } else {
         return DENY;
     };
-    sa.user_ip4 = ip;
-    sa.user_port = u32::from(port.to_be());
+    addr::set::<MAPPED>(sa, ip, port);
     let peer = UdpPeerKey {
         cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
         ipv4: ip,

@@ -90,9 +90,18 @@ impl PolicyLab {
         SocketAddr::from((self.t.lab.pod(pod).unwrap().ip, port))
     }
 
+    /// `dst:port` as an AF_INET6 socket addresses it: `[::ffff:a.b.c.d]:port`.
+    fn mapped_addr(&self, pod: &str, port: u16) -> SocketAddr {
+        SocketAddr::from((self.t.lab.pod(pod).unwrap().ip.to_ipv6_mapped(), port))
+    }
+
     /// Whether `src` can send to `dst:port`, and the error when it cannot.
     fn try_send(&self, src: &str, dst: &str, port: u16) -> (bool, String) {
-        let r = self.t.traffic().send(src, self.addr(dst, port), 2048).unwrap();
+        self.try_send_to(src, self.addr(dst, port))
+    }
+
+    fn try_send_to(&self, src: &str, to: SocketAddr) -> (bool, String) {
+        let r = self.t.traffic().send(src, to, 2048).unwrap();
         (r["ok"] == true, r["error"].as_str().unwrap_or("").to_string())
     }
 }
@@ -134,7 +143,24 @@ fn policy_check(lab: &Lab, src: &str, dst: SocketAddr) -> (bool, String) {
 
 #[test]
 fn the_matrix_behaves_as_the_policy_says_and_policy_check_agrees() {
-    let p = PolicyLab::up();
+    matrix(&PolicyLab::up(), Family::V4);
+}
+
+/// Java and other dual-stack programs connect AF_INET6 sockets to
+/// `::ffff:a.b.c.d` for IPv4: the same matrix, the same single audit
+/// record per cell, through connect6.
+#[test]
+fn the_matrix_holds_from_ipv6_sockets_to_ipv4_mapped_addresses() {
+    matrix(&PolicyLab::up(), Family::V4Mapped);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Family {
+    V4,
+    V4Mapped,
+}
+
+fn matrix(p: &PolicyLab, family: Family) {
     let mut cells = Vec::new();
     for src in ["a1", "b1", "c1"] {
         for dst in ["a1", "b1", "c1", "a2", "b2", "c2"] {
@@ -143,7 +169,11 @@ fn the_matrix_behaves_as_the_policy_says_and_policy_check_agrees() {
             }
             for port in PORTS {
                 let want = expected(src, dst, port);
-                let (ok, err) = p.try_send(src, dst, port);
+                let to = match family {
+                    Family::V4 => p.addr(dst, port),
+                    Family::V4Mapped => p.mapped_addr(dst, port),
+                };
+                let (ok, err) = p.try_send_to(src, to);
                 let where_ = if dst.ends_with('1') { "same node" } else { "cross node" };
                 assert_eq!(
                     ok, want,

@@ -344,10 +344,17 @@ const DNS_VIP: &str = "198.19.0.53:53";
 
 /// `labtool udp-ask` from the client pod to the DNS VIP.
 fn udp_ask(t: &TestLab, count: usize, connected: bool) -> Value {
+    udp_ask_with(t, count, connected, false)
+}
+
+fn udp_ask_with(t: &TestLab, count: usize, connected: bool, ipv6_socket: bool) -> Value {
     let mut cmd = t.lab.exec("client", LABTOOL).unwrap();
     cmd.args(["udp-ask", "--to", DNS_VIP, "--count", &count.to_string()]);
     if connected {
         cmd.arg("--connected");
+    }
+    if ipv6_socket {
+        cmd.arg("--ipv6-socket");
     }
     let out = cmd.output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("udp-ask: {}", String::from_utf8_lossy(&out.stderr)))
@@ -414,6 +421,18 @@ fn udp_requests_to_a_service_vip_are_answered_across_nodes_through_the_tunnel() 
         (Some(200), Some(0)),
         "connected: {v}"
     );
+
+    // AF_INET6 sockets to the VIP's IPv4-mapped address (Java's default),
+    // unconnected (sendmsg6/recvmsg6) and connected (connect6): the same
+    // tunnel, replies shown as from the VIP.
+    for connected in [false, true] {
+        let v = udp_ask_with(&t, 200, connected, true);
+        assert_eq!(
+            (v["ok"].as_u64(), v["wrong"].as_u64()),
+            (Some(200), Some(0)),
+            "IPv6 socket to ::ffff:{DNS_VIP} (connected: {connected}): {v}"
+        );
+    }
 
     // Same node: the endpoint set changes to v1a; new datagrams go there, directly.
     std::fs::write(

@@ -33,7 +33,7 @@ pub use net::{cgroup2_mount, in_netns, lab_cgroup};
 use net::{ip, run};
 pub use processes::pid_alive;
 use processes::{reap, signal, stop_pid};
-pub use topology::{NodeSpec, PodSpec, Topology};
+pub use topology::{CgroupDriver, NodeSpec, PodSpec, Qos, Topology};
 
 pub const PREFIX: &str = "mesh-lab";
 pub const STATE_DIR: &str = "/run/mesh-lab";
@@ -54,6 +54,9 @@ pub struct Lab {
     pub cgroup_root: PathBuf,
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// How the node's "kubelet" lays out pod cgroups.
+    #[serde(default)]
+    pub cgroup_driver: CgroupDriver,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -74,6 +77,14 @@ pub struct LabPod {
     pub node: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// `metadata.uid`, as the kubelet names the pod's cgroup after it.
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub qos: Qos,
+    /// The one container's id (its cgroup under the pod's).
+    #[serde(default)]
+    pub container_id: String,
 }
 
 /// Options for `up`.
@@ -143,7 +154,8 @@ impl Lab {
     }
 
     fn matches(&self, topo: &Topology) -> bool {
-        self.nodes.len() == topo.nodes.len()
+        self.cgroup_driver == topo.cgroup_driver
+            && self.nodes.len() == topo.nodes.len()
             && self.nodes.iter().zip(&topo.nodes).all(|(a, b)| a.name == b.name)
             && self.pods.len() == topo.pods.len()
             && self.pods.iter().zip(&topo.pods).all(|(a, b)| {
@@ -151,6 +163,7 @@ impl Lab {
                     && a.namespace == b.namespace
                     && a.node == b.node
                     && a.service_account == b.service_account
+                    && b.qos.is_none_or(|q| q == a.qos)
             })
     }
 
@@ -173,6 +186,8 @@ impl Lab {
             let k = per_node.entry(p.node.clone()).or_insert(9);
             *k += 1;
             ensure!(*k < 255, "too many pods on node {}", p.node);
+            let digest = sha2::Sha256::digest(format!("{}/{}", p.namespace, p.name).as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
             pods.push(LabPod {
                 name: p.name.clone(),
                 namespace: p.namespace.clone(),
@@ -180,6 +195,18 @@ impl Lab {
                 node: p.node.clone(),
                 netns: format!("{PREFIX}-{}-{}", p.namespace, p.name),
                 ip: Ipv4Addr::new(198, 18, node.index, *k),
+                // A UUID's shape, stable per pod name, as the API server would give.
+                uid: format!(
+                    "{}-{}-{}-{}-{}",
+                    &hex[0..8],
+                    &hex[8..12],
+                    &hex[12..16],
+                    &hex[16..20],
+                    &hex[20..32]
+                ),
+                // Every lab with three pods or more has all three QoS classes.
+                qos: p.qos.unwrap_or(Qos::ALL[pods.len() % 3]),
+                container_id: hex,
             });
         }
         Ok(Lab {
@@ -189,6 +216,7 @@ impl Lab {
             source_dir: Path::new(STATE_DIR).join("source"),
             cgroup_root,
             agent_args: opts.agent_args.clone(),
+            cgroup_driver: topo.cgroup_driver,
         })
     }
 
@@ -204,8 +232,14 @@ impl Lab {
         }
         for p in &self.pods {
             docs.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\nstatus:\n  podIP: {}\n",
-                p.name, p.namespace, p.node, p.service_account, p.ip
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\nstatus:\n  podIP: {}\n  qosClass: {}\n",
+                p.name,
+                p.namespace,
+                p.uid,
+                p.node,
+                p.service_account,
+                p.ip,
+                p.qos.as_str()
             ));
         }
         fs::write(self.source_dir.join("pods.yaml"), docs)?;
@@ -236,11 +270,43 @@ impl Lab {
             .with_context(|| format!("no pod {name} in the lab"))
     }
 
+    /// Where a node's "kubelet" keeps pod cgroups (`kubepods.slice` with the
+    /// systemd driver, `kubepods` with cgroupfs): the agent attaches there.
+    pub fn kubelet_root(&self, node: &str) -> PathBuf {
+        let root = self.cgroup_root.join(node);
+        match self.cgroup_driver {
+            CgroupDriver::Systemd => root.join("kubepods.slice"),
+            CgroupDriver::Cgroupfs => root.join("kubepods"),
+        }
+    }
+
+    /// The pod-level cgroup, laid out as the kubelet does for its QoS class.
     pub fn pod_cgroup(&self, p: &LabPod) -> PathBuf {
-        self.cgroup_root
-            .join(&p.node)
-            .join("pods")
-            .join(format!("{}_{}", p.namespace, p.name))
+        let root = self.kubelet_root(&p.node);
+        match (self.cgroup_driver, p.qos) {
+            (CgroupDriver::Systemd, Qos::Guaranteed) => {
+                root.join(format!("kubepods-pod{}.slice", p.uid.replace('-', "_")))
+            }
+            (CgroupDriver::Systemd, qos) => {
+                let q = qos.as_str().to_ascii_lowercase();
+                root.join(format!("kubepods-{q}.slice"))
+                    .join(format!("kubepods-{q}-pod{}.slice", p.uid.replace('-', "_")))
+            }
+            (CgroupDriver::Cgroupfs, Qos::Guaranteed) => root.join(format!("pod{}", p.uid)),
+            (CgroupDriver::Cgroupfs, qos) => root
+                .join(qos.as_str().to_ascii_lowercase())
+                .join(format!("pod{}", p.uid)),
+        }
+    }
+
+    /// The pod's container cgroup, where its processes run (containerd's
+    /// scope name with the systemd driver, the bare id with cgroupfs).
+    pub fn container_cgroup(&self, p: &LabPod) -> PathBuf {
+        let pod = self.pod_cgroup(p);
+        match self.cgroup_driver {
+            CgroupDriver::Systemd => pod.join(format!("cri-containerd-{}.scope", p.container_id)),
+            CgroupDriver::Cgroupfs => pod.join(&p.container_id),
+        }
     }
 
     pub fn pin_dir(&self, node: &str) -> PathBuf {
@@ -260,11 +326,11 @@ impl Lab {
         Path::new(STATE_DIR).join(format!("agent-{node}.pid"))
     }
 
-    /// A command run inside a pod: its network namespace and its cgroup, as
-    /// a container's process would be.
+    /// A command run inside a pod: its network namespace and its
+    /// container's cgroup, as a container's process would be.
     pub fn exec(&self, pod: &str, program: &str) -> anyhow::Result<Command> {
         let p = self.pod(pod)?;
-        Ok(self.wrapped(&p.netns, &self.pod_cgroup(p), program))
+        Ok(self.wrapped(&p.netns, &self.container_cgroup(p), program))
     }
 
     /// A command in a pod's network namespace but outside the mesh: its

@@ -32,6 +32,9 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 const LINK_CONNECT4: &str = "link_connect4";
 const LINK_SENDMSG4: &str = "link_sendmsg4";
 const LINK_RECVMSG4: &str = "link_recvmsg4";
+const LINK_CONNECT6: &str = "link_connect6";
+const LINK_SENDMSG6: &str = "link_sendmsg6";
+const LINK_RECVMSG6: &str = "link_recvmsg6";
 const LINK_SOCKOPS_PODS: &str = "link_sockops_pods";
 /// Pinned by earlier agents; released on start.
 const LINK_SOCKOPS_AGENT: &str = "link_sockops_agent";
@@ -83,13 +86,17 @@ impl Redirect {
         let pods = open_cgroup(opts.pod_cgroup_root)?;
         let mut links = Vec::new();
 
-        // connect4 (TCP and connected UDP), sendmsg4 and recvmsg4 (UDP to
-        // VIPs): swap the program inside the pinned link atomically, so pods
-        // are never uncaptured during an agent restart.
+        // connect4/6 (TCP and connected UDP), sendmsg4/6 and recvmsg4/6 (UDP
+        // to VIPs; the *6 hooks act on IPv4-mapped addresses): swap the
+        // program inside the pinned link atomically, so pods are never
+        // uncaptured during an agent restart.
         for (name, link_name) in [
             (programs::CONNECT4, LINK_CONNECT4),
             (programs::SENDMSG4, LINK_SENDMSG4),
             (programs::RECVMSG4, LINK_RECVMSG4),
+            (programs::CONNECT6, LINK_CONNECT6),
+            (programs::SENDMSG6, LINK_SENDMSG6),
+            (programs::RECVMSG6, LINK_RECVMSG6),
         ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|err| RedirectError::Program { name, err })?;
@@ -185,7 +192,8 @@ impl Redirect {
             // Until a policy is compiled, allow (as with no agent): the agent
             // switches to enforcing with the first policy generation.
             policy_mode: mesh_common::POLICY_OFF,
-            _pad: [0; 2],
+            pod_cgroup_level: opts.pod_cgroup_level,
+            _pad: 0,
             policy_generation: 0,
             _pad2: 0,
             alive_until_ns: monotonic_ns() + ALIVE_WINDOW_NS,

@@ -317,6 +317,8 @@ struct ObjectMeta {
 struct PodSpec {
     node_name: Option<String>,
     service_account_name: Option<String>,
+    #[serde(default)]
+    host_network: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -324,6 +326,7 @@ struct PodSpec {
 struct PodStatus {
     #[serde(rename = "podIP")]
     pod_ip: Option<String>,
+    qos_class: Option<String>,
 }
 
 fn default_ns() -> String {
@@ -351,6 +354,8 @@ impl PodDoc {
             name,
             node,
             ip,
+            qos_class: self.status.qos_class,
+            host_network: self.spec.host_network,
         })
     }
 }

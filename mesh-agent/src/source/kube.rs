@@ -171,6 +171,8 @@ fn pod(p: &K8sPod) -> Option<Pod> {
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
         node: spec.node_name.clone()?,
         ip: status.pod_ip.as_ref()?.parse().ok()?,
+        qos_class: status.qos_class.clone(),
+        host_network: spec.host_network.unwrap_or(false),
     })
 }
 

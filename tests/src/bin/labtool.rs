@@ -109,6 +109,10 @@ enum Cmd {
         /// connect() the socket to `to` first, then send()/recv().
         #[arg(long)]
         connected: bool,
+        /// Use an AF_INET6 socket and `to`'s IPv4-mapped address, as Java's
+        /// DatagramSocket does by default.
+        #[arg(long)]
+        ipv6_socket: bool,
     },
     /// Try to connect; print JSON {"ok", "error", "elapsed_ms"}.
     Connect {
@@ -155,7 +159,12 @@ fn main() {
         }
         Cmd::Flood { to, count } => flood(to, count),
         Cmd::UdpServe { port } => udp_serve(port),
-        Cmd::UdpAsk { to, count, connected } => udp_ask(to, count, connected),
+        Cmd::UdpAsk {
+            to,
+            count,
+            connected,
+            ipv6_socket,
+        } => udp_ask(to, count, connected, ipv6_socket),
         Cmd::Tally { to, count, threads } => tally(to, count, threads),
         Cmd::Connect { to, timeout_ms } => {
             let start = Instant::now();
@@ -484,8 +493,14 @@ fn local_ip() -> std::net::IpAddr {
     probe.local_addr().map(|a| a.ip()).unwrap_or([0, 0, 0, 0].into())
 }
 
-fn udp_ask(to: SocketAddr, count: usize, connected: bool) {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+fn udp_ask(to: SocketAddr, count: usize, connected: bool, ipv6_socket: bool) {
+    let (socket, to) = match (ipv6_socket, to) {
+        (true, SocketAddr::V4(v4)) => (
+            std::net::UdpSocket::bind("[::]:0").expect("udp6 socket"),
+            SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+        ),
+        _ => (std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket"), to),
+    };
     socket.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
     if connected {
         socket.connect(to).expect("udp connect");

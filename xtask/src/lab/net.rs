@@ -108,7 +108,7 @@ impl Lab {
             // Forwarding on inside the node namespace only; the host keeps its own setting.
             run(in_netns(&n.netns, "sysctl").args(["-q", "-w", "net.ipv4.ip_forward=1"]))?;
             let node_cg = self.cgroup_root.join(&n.name);
-            for dir in [node_cg.join("agent"), node_cg.join("pods"), self.pin_dir(&n.name)] {
+            for dir in [node_cg.join("agent"), self.kubelet_root(&n.name), self.pin_dir(&n.name)] {
                 fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             }
         }
@@ -131,7 +131,7 @@ impl Lab {
                 &p.netns,
                 &["route", "add", "default", "via", &node.gateway_ip.to_string()],
             )?;
-            let cg = self.pod_cgroup(p);
+            let cg = self.container_cgroup(p);
             fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
         }
         self.write_source(opts.policy_dir.as_deref())?;

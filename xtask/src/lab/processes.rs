@@ -20,7 +20,7 @@ impl Lab {
             .arg("--source-dir")
             .arg(&self.source_dir)
             .arg("--pod-cgroup-root")
-            .arg(self.cgroup_root.join(&n.name).join("pods"))
+            .arg(self.kubelet_root(&n.name))
             .args(["--capture-ip", &n.gateway_ip.to_string()])
             .arg("--bpffs-dir")
             .arg(self.pin_dir(node))

@@ -4,10 +4,46 @@ use super::*;
 /// The topology file: nodes, and pods placed on them.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Topology {
     pub nodes: Vec<NodeSpec>,
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// The kubelet's cgroup driver the lab's nodes imitate.
+    #[serde(default)]
+    pub cgroup_driver: CgroupDriver,
+}
+
+/// The two ways a kubelet lays out pod cgroups (cgroup v2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/cri-containerd-<id>.scope`
+    #[default]
+    Systemd,
+    /// `kubepods/<qos>/pod<uid>/<id>`
+    Cgroupfs,
+}
+
+/// A pod's QoS class, as `status.qosClass` spells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Qos {
+    Guaranteed,
+    #[default]
+    Burstable,
+    BestEffort,
+}
+
+impl Qos {
+    pub const ALL: [Qos; 3] = [Qos::Burstable, Qos::BestEffort, Qos::Guaranteed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Qos::Guaranteed => "Guaranteed",
+            Qos::Burstable => "Burstable",
+            Qos::BestEffort => "BestEffort",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -25,6 +61,9 @@ pub struct PodSpec {
     #[serde(default = "default_ns")]
     pub service_account: String,
     pub node: String,
+    /// Default: Burstable, BestEffort, Guaranteed in turn.
+    #[serde(default)]
+    pub qos: Option<Qos>,
 }
 
 fn default_ns() -> String {
