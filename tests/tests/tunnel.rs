@@ -344,6 +344,52 @@ fn a_killed_peer_agent_fails_its_flows_fast_and_spares_the_others() {
     });
 }
 
+/// A killed peer agent is a failure, and looks like one: every client
+/// waiting on a flow through it reads a reset, never a clean end of
+/// stream, over either transport.
+#[test]
+fn a_killed_peer_agent_resets_every_waiting_client_on_both_transports() {
+    for transport in ["quic", "tcp"] {
+        let t = TestLab::up(&[&format!("--tunnel-transport={transport}")], LABTOOL);
+        let lab = &t.lab;
+        const N: usize = 20;
+        // Each client connects, then waits 6 s before it sends and reads
+        // the reply: its flow is open through node-b's agent when it dies.
+        let clients: Vec<_> = (0..N)
+            .map(|_| {
+                lab.exec("pod-a", LABTOOL)
+                    .unwrap()
+                    .args(["send", "--to", &t.addr("pod-c").to_string(), "--bytes", "1024"])
+                    .args(["--hold-ms", "6000"])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        wait_for("every flow open through node-b", Duration::from_secs(5), || {
+            mesh_tests::metric(
+                &mesh_tests::metrics_text(lab, "node-a"),
+                "mesh_connections_opened_total",
+                &[("path", "tunnel")],
+            ) >= N as f64
+        });
+        let pid = lab.agent_pid("node-b").unwrap();
+        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        let results: Vec<Value> = clients
+            .into_iter()
+            .map(|c| serde_json::from_slice(&c.wait_with_output().unwrap().stdout).unwrap_or(Value::Null))
+            .collect();
+        let resets = results
+            .iter()
+            .filter(|r| r["ok"] == false && r["error"].as_str().unwrap_or("").contains("reset"))
+            .count();
+        assert_eq!(
+            resets, N,
+            "{transport}: every waiting client must see a reset: {results:?}"
+        );
+    }
+}
+
 #[test]
 fn garbage_bad_headers_and_stalled_handshakes_are_refused_and_the_agent_keeps_serving() {
     let t = TestLab::up(&[], LABTOOL);

@@ -2,6 +2,11 @@
 //! finishes sending, the other side's write half is shut down, and the
 //! opposite direction keeps going. Bounded buffers: a slow reader slows
 //! the writer (backpressure), it never grows memory past the cap.
+//!
+//! A failure looks like a failure: when either direction breaks (a reset,
+//! a lost tunnel), nothing is shut down cleanly; the copy stops and returns
+//! the error, and the caller resets the socket and aborts the tunnel stream
+//! ([`StreamWrite::abort`]), so each end sees a reset, never a FIN.
 use std::{
     future::Future,
     sync::atomic::{AtomicU64, Ordering},
@@ -42,20 +47,21 @@ where
 {
     let (a_to_b, b_to_a) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
+        // Only a clean end of one direction is passed on as a half-close.
         let forward = async {
-            let r = copy_buf(a_read, b_write, &a_to_b).await;
+            copy_buf(a_read, b_write, &a_to_b).await?;
             let _ = b_write.shutdown().await;
-            r
+            Ok::<(), std::io::Error>(())
         };
         let backward = async {
-            let r = copy_buf(b_read, a_write, &b_to_a).await;
+            copy_buf(b_read, a_write, &b_to_a).await?;
             let _ = a_write.shutdown().await;
-            r
+            Ok::<(), std::io::Error>(())
         };
-        tokio::join!(forward, backward)
+        tokio::try_join!(forward, backward)
     };
     let outcome = tokio::select! {
-        (f, b) = both => Some(f.err().or(b.err())),
+        r = both => Some(r.err()),
         () = ending => None,
     };
     let ended_by_drain = outcome.is_none();
@@ -75,6 +81,41 @@ where
     };
     (copied, err)
 }
+
+/// The write half of a flow's tunnel end (or of a local socket), which can
+/// also end the stream as broken.
+pub trait StreamWrite: AsyncWrite + Send + Unpin {
+    /// Ends the stream as broken: the far end reads an error, not an EOF.
+    fn abort(&mut self);
+}
+
+/// QUIC: a dropped stream is finished (a clean end), so a broken one is
+/// reset explicitly.
+impl StreamWrite for quinn::SendStream {
+    fn abort(&mut self) {
+        let _ = self.reset(quinn::VarInt::from_u32(RESET_BROKEN));
+    }
+}
+
+/// HTTP/2 CONNECT (hyper upgraded): a stream dropped without END_STREAM is
+/// reset (RST_STREAM CANCEL) by h2, so not shutting it down is the abort.
+impl<T: AsyncRead + AsyncWrite + Send> StreamWrite for tokio::io::WriteHalf<T> {
+    fn abort(&mut self) {}
+}
+
+/// A local socket: the caller resets it (SO_LINGER 0) with its read half.
+impl StreamWrite for tokio::net::tcp::OwnedWriteHalf {
+    fn abort(&mut self) {}
+}
+
+impl StreamWrite for Box<dyn StreamWrite> {
+    fn abort(&mut self) {
+        (**self).abort();
+    }
+}
+
+/// The QUIC stream error code of a flow that broke on the other side.
+pub const RESET_BROKEN: u32 = 3;
 
 async fn end_cleanly(
     a_read: &mut (impl AsyncRead + Unpin),

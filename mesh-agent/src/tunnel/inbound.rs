@@ -95,7 +95,7 @@ impl Inbound {
     pub async fn serve_flow<R, W>(&self, flow: Flow<'_>, mut r: R, mut w: W)
     where
         R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        W: copy::StreamWrite,
     {
         let Flow {
             transport,
@@ -108,14 +108,18 @@ impl Inbound {
         let _flow = self.drain.flow();
         let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
+            // The client already holds a connection (to its agent): a
+            // refused or unreachable pod reaches it as a reset.
             Ok(Err(e)) => {
                 tracing::warn!(transport, flow_id, peer = %peer, destination = %dst, error = %e, "inbound: connect to the pod failed");
                 self.metrics.flow(transport, "inbound", "connect_failed");
+                w.abort();
                 return;
             }
             Err(_) => {
                 tracing::warn!(transport, flow_id, peer = %peer, destination = %dst, "inbound: connect to the pod timed out");
                 self.metrics.flow(transport, "inbound", "connect_failed");
+                w.abort();
                 return;
             }
         };
@@ -135,7 +139,8 @@ impl Inbound {
         let (mut ur, mut uw) = upstream.into_split();
         let (copied, err) = copy::bidirectional(&mut r, &mut w, &mut ur, &mut uw, self.drain.ending()).await;
         if err.is_some() {
-            // Tell the pod the flow broke (RST), rather than a clean end.
+            // Tell both ends the flow broke (RST), rather than a clean end.
+            w.abort();
             if let Ok(s) = ur.reunite(uw) {
                 super::outbound::reset(s);
             }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::AsyncRead,
     net::{TcpListener, TcpStream},
 };
 use tracing::Instrument as _;
@@ -232,7 +232,13 @@ impl Outbound {
         let (mut down_r, mut down_w) = downstream.into_split();
         let result = match Box::pin(open_tunnel(tunnels, &key, route.dst, flow_id)).await {
             Ok(mut t) => {
-                Ok(copy::bidirectional(&mut down_r, &mut down_w, &mut t.read, &mut t.write, self.drain.ending()).await)
+                let copied =
+                    copy::bidirectional(&mut down_r, &mut down_w, &mut t.read, &mut t.write, self.drain.ending()).await;
+                if copied.1.is_some() {
+                    // The far agent resets the server's socket in turn.
+                    t.write.abort();
+                }
+                Ok(copied)
             }
             Err(e) => Err(e),
         };
@@ -283,7 +289,7 @@ impl Outbound {
 /// (one future per idle flow) serves both.
 pub(super) struct TunnelStream {
     pub(super) read: Box<dyn AsyncRead + Send + Unpin>,
-    pub(super) write: Box<dyn AsyncWrite + Send + Unpin>,
+    pub(super) write: Box<dyn copy::StreamWrite>,
     /// The pooled connection's lease, held while the flow lives.
     pub(super) lease: Box<dyn Send>,
 }
