@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 TOOLCHAIN=1.98.0            # must match rust-toolchain.toml and mesh-agent/build.rs
 BPF_LINKER_VERSION=0.13.0
 LLVM=22                     # an eBPF toolchain on LLVM 23 fails with "Invalid record"
-PACKAGES=(bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump python3-venv gnuplot-nox default-jdk-headless)
+PACKAGES=(bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump python3-venv gnuplot-nox default-jdk-headless nginx-light redis-server postgresql wget)
 KUBERNETES_VALIDATE_VERSION=1.37.0
 TOOLS=/opt/mesh-tools          # a venv for kubernetes-validate (checks deploy/)
 

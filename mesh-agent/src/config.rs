@@ -218,9 +218,13 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_FAIL_OPEN", default_value_t = false)]
     pub fail_open: bool,
 
-    /// Splice same-node sockets (pod to pod, pod to agent) in the kernel with
-    /// sockops + sk_msg. `--splice=false` sends them through TCP/IP instead.
-    #[arg(long, env = "MESH_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Opt-in, and not safe for every program: splice same-node pod-to-pod
+    /// sockets in the kernel with sockops + sk_msg. The kernel's sockmap
+    /// changes socket semantics (a blocking recv() can return EAGAIN, a
+    /// sender is not paced by a slow reader, ordering across the splice's
+    /// start is not guaranteed; README, "Known limitations"), so by default
+    /// same-node flows take plain TCP.
+    #[arg(long, env = "MESH_SPLICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub splice: bool,
 
     /// SPIFFE trust domain of this mesh.
@@ -510,8 +514,8 @@ mod tests {
         let s = args(&[]).unwrap();
         assert_eq!(s.outbound_port, 15001);
         assert!(!s.fail_open);
-        assert!(s.splice);
-        assert!(!args(&["--splice=false"]).unwrap().splice);
+        assert!(!s.splice, "the sockmap splice is opt-in");
+        assert!(args(&["--splice=true"]).unwrap().splice);
         assert_eq!(s.bpffs_dir, PathBuf::from("/sys/fs/bpf/mesh"));
     }
 

@@ -116,8 +116,8 @@ pub struct ConnectionLabels {
     pub destination_workload: String,
     pub destination_namespace: String,
     pub destination_identity: String,
-    /// `spliced` (same node, in the kernel), `local` (same node through the
-    /// agent, for HTTP rules) or `tunnel` (cross node).
+    /// `same_node` (pod to pod on one node, counted by the kernel), `local`
+    /// (same node through the agent, for HTTP rules) or `tunnel` (cross node).
     pub path: &'static str,
 }
 
@@ -142,9 +142,9 @@ impl ConnectionLabels {
 }
 
 /// Connections and bytes by workload pair and path, whoever carried them:
-/// the agent counts what it proxies, the kernel (`mesh_traffic`) what it
-/// splices. Bytes are counted when a connection closes for agent paths and
-/// as they flow for spliced ones.
+/// the agent counts what it proxies, the kernel (`mesh_traffic`) same-node
+/// pod-to-pod connections. Bytes are counted when a connection closes, and
+/// as they flow for spliced ones (`--splice=true`).
 #[derive(Clone, Default)]
 pub struct ConnectionMetrics {
     pub opened: Family<ConnectionLabels, Counter>,
@@ -271,7 +271,7 @@ impl KernelMetrics {
             let labels = ConnectionLabels::new(
                 snap.pod_by_workload_id(key.client_workload),
                 snap.pod_by_workload_id(key.server_workload),
-                "spliced",
+                "same_node",
             );
             let c = &self.connections;
             for (family, n, b) in [

@@ -35,8 +35,8 @@ pub mod maps {
     pub const POLICY: &str = "mesh_policy";
     /// Ring buffer of [`crate::PolicyEvent`]s: every decision at connect().
     pub const EVENTS: &str = "mesh_events";
-    /// [`crate::SockKey`] -> [`crate::SplicedFlow`]: which pods a spliced
-    /// pod-to-pod socket joins, and which end it is.
+    /// [`crate::SockKey`] -> [`crate::SplicedFlow`]: which pods a same-node
+    /// pod-to-pod socket joins, which end it is, and whether it is spliced.
     pub const SPLICED: &str = "mesh_spliced";
     /// Per-CPU [`crate::TrafficKey`] -> [`crate::TrafficStats`]: spliced
     /// traffic by client and server workload.
@@ -244,7 +244,9 @@ pub struct SplicedFlow {
     pub key: TrafficKey,
     /// 1 on the connecting (client) side.
     pub is_client: u32,
-    pub _pad: u32,
+    /// 1 when the socket is in `mesh_socks` (`--splice=true`): `mesh_sk_msg`
+    /// counts its bytes; otherwise they are counted from TCP at close.
+    pub spliced: u32,
 }
 
 /// A client and server workload pair (agent-assigned workload ids).
@@ -484,7 +486,7 @@ const _: () = {
     assert_offsets!(SplicedFlow {
         key: 0,
         is_client: 8,
-        _pad: 12
+        spliced: 12
     });
     assert_offsets!(TrafficKey {
         client_workload: 0,

@@ -1,10 +1,10 @@
 //! Socket bookkeeping on established TCP connections (sockops).
 //!
 //! Active side: a captured connection's cookie record is re-keyed by the
-//! socket's addresses (the agent only sees those), and the socket joins the
-//! splice map when its peer is a same-node pod.
-//! Passive side: same-node pods' accepted sockets join the splice map, so
-//! both directions are spliced.
+//! socket's addresses (the agent only sees those). Both sides: a same-node
+//! pod-to-pod socket is counted per workload pair (`mesh_spliced`,
+//! `mesh_traffic`), and joins the splice map only with the opt-in
+//! `--splice=true`.
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
@@ -35,7 +35,7 @@ fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_STATE_CB {
         if ctx.arg(1) == BPF_TCP_CLOSE {
-            closed(&key);
+            closed(ctx, &key);
         }
         return;
     }
@@ -58,32 +58,28 @@ fn try_sockops(ctx: &SockOpsContext) {
             let _ = mesh_cookies.remove(&cookie);
         }
     }
-    if cfg.splice == 0 {
-        return;
-    }
     let to_agent = if active {
         key.remote_ipv4 == cfg.agent_ipv4 && key.remote_port == cfg.agent_port
     } else {
         key.local_ipv4 == cfg.agent_ipv4 && key.local_port == cfg.agent_port
     };
     if to_agent {
-        // The pod-to-agent hop is not spliced. A spliced message lands in
-        // the peer's receive queue with no receive-window backpressure
-        // (sockmap ingress redirect): measured with `cargo xtask bench`, a
-        // bulk sender out-ran the agent's tunnel and got ENOMEM from
-        // write() after ~4 s. Over TCP the sender simply waits, and the
-        // single-stream QUIC throughput rose from 1.9 to 2.3 Gbit/s.
+        // The pod-to-agent hop is never spliced, and the agent counts what
+        // it carries. A spliced message lands in the peer's receive queue
+        // with no receive-window backpressure (sockmap ingress redirect):
+        // measured with `cargo xtask bench`, a bulk sender out-ran the
+        // agent's tunnel and got ENOMEM from write() after ~4 s.
         return;
     }
     let (Some(local), Some(remote)) = (same_node_workload(key.local_ipv4), same_node_workload(key.remote_ipv4)) else {
         return;
     };
-    if mesh_socks
-        .update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        return;
-    }
+    // Only with the opt-in splice (--splice=true): by default same-node
+    // flows stay plain TCP, which applications cannot tell from no mesh.
+    let spliced = cfg.splice != 0
+        && mesh_socks
+            .update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST))
+            .is_ok();
     // Pod to pod: count it per workload pair (the agent counts what it carries).
     let pair = if active {
         TrafficKey {
@@ -99,7 +95,7 @@ fn try_sockops(ctx: &SockOpsContext) {
     let flow = SplicedFlow {
         key: pair,
         is_client: u32::from(active),
-        _pad: 0,
+        spliced: u32::from(spliced),
     };
     if mesh_spliced.insert(&key, &flow, 0).is_ok() {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -150,8 +146,10 @@ fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
     })
 }
 
-/// A spliced pod-to-pod socket closed: the client side counts the connection.
-fn closed(key: &SockKey) {
+/// A same-node pod-to-pod socket closed: the client side counts the
+/// connection, and, when it was not spliced (sk_msg counts spliced bytes as
+/// they pass), the payload TCP carried: acknowledged sent, and received.
+fn closed(ctx: &SockOpsContext, key: &SockKey) {
     let Some(flow) = (unsafe { mesh_spliced.get(key) }) else {
         return;
     };
@@ -161,6 +159,24 @@ fn closed(key: &SockKey) {
         && let Some(t) = traffic(&flow.key)
     {
         t.closed += 1;
+        if flow.spliced == 0 {
+            let ops = ctx.ops;
+            let (acked, received) = unsafe {
+                (
+                    core::ptr::read_volatile(&(*ops).bytes_acked),
+                    core::ptr::read_volatile(&(*ops).bytes_received),
+                )
+            };
+            // TCP counts sequence space: the SYN and our FIN in what was
+            // acked, the peer's FIN in what was received. The state left
+            // says which FINs there were (FIN_WAIT1 4, FIN_WAIT2 5,
+            // CLOSE_WAIT 8, LAST_ACK 9, CLOSING 11); a reset has none.
+            let old = ctx.arg(0);
+            let our_fin = u64::from(matches!(old, 4 | 5 | 9 | 11));
+            let their_fin = u64::from(matches!(old, 4 | 5 | 8 | 9 | 11));
+            t.sent_bytes += acked.saturating_sub(1 + our_fin);
+            t.received_bytes += received.saturating_sub(their_fin);
+        }
     }
 }
 

@@ -24,7 +24,8 @@ fn up(agent_args: &[&str]) -> TestLab {
 
 #[test]
 fn same_node_traffic_is_spliced_in_the_kernel_and_never_reaches_the_agent() {
-    let t = up(&[]);
+    // The splice is opt-in (it changes socket semantics; README).
+    let t = up(&["--splice=true"]);
     let size: u64 = 8 << 20;
     let before = probe::splice_counters(&t.lab, "node-a").unwrap();
     let r = t.traffic().send("pod-a", t.addr("pod-b"), size).unwrap();
@@ -149,7 +150,8 @@ fn splicing_can_be_turned_off() {
 
 #[test]
 fn bpftool_prints_every_map_as_typed_structs() {
-    let t = up(&[]);
+    // The opt-in splice, so mesh_socks has entries to print.
+    let t = up(&["--splice=true"]);
     // Hold a same-node connection open so the sockhash has an entry.
     let held = t
         .lab

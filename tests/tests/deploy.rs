@@ -233,7 +233,8 @@ fn an_agent_with_only_the_daemonsets_capabilities_runs_and_carries_traffic() {
         !caps.iter().any(|c| c == "sys_admin"),
         "the DaemonSet asks for SYS_ADMIN"
     );
-    let t = TestLab::up(&[], LABTOOL);
+    // With the opt-in splice too: sockops and sk_msg need no more capabilities.
+    let t = TestLab::up(&["--splice=true"], LABTOOL);
     let lab = &t.lab;
     let bounding = format!(
         "-all,{}",

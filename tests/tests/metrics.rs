@@ -11,9 +11,10 @@ use serde_json::Value;
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_labtool");
 
-/// (path, destination pod, bytes per flow): spliced same node, tunneled cross node.
+/// (path, destination pod, bytes per flow): same node (counted by the
+/// kernel from TCP), tunneled cross node.
 const FLOWS: [(&str, &str, [u64; 3]); 2] = [
-    ("spliced", "pod-b", [100_000, 1, 3_000_000]),
+    ("same_node", "pod-b", [100_000, 1, 3_000_000]),
     ("tunnel", "pod-c", [250_000, 7, 1_500_000]),
 ];
 
@@ -63,7 +64,7 @@ fn byte_counters_equal_the_bytes_sent_on_each_path_and_promtool_accepts_the_outp
             std::thread::sleep(Duration::from_millis(250));
         };
         // Nothing of this flow is attributed to another path.
-        let other = if path == "spliced" { "tunnel" } else { "spliced" };
+        let other = if path == "same_node" { "tunnel" } else { "same_node" };
         let wrong = pair(labels[3].1, other);
         assert_eq!(metric(&last, "mesh_connection_sent_bytes_total", &wrong), 0.0, "{last}");
     }

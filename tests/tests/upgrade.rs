@@ -20,7 +20,8 @@ fn bpftool_names(what: &str) -> Vec<String> {
 
 #[test]
 fn pins_of_an_older_layout_are_replaced_and_the_agent_says_so() {
-    let t = TestLab::up(&[], LABTOOL);
+    // The opt-in splice, so the replaced sk_msg program is seen to work.
+    let t = TestLab::up(&["--splice=true"], LABTOOL);
     let lab = &t.lab;
     lab.stop_agent("node-a").unwrap();
     // Make the pinned mesh_config claim an older layout (v1, all else zero).

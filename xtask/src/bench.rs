@@ -5,7 +5,8 @@
 //! drift of this shared machine hits all paths alike:
 //! - no-mesh same node / cross node: the same pods' network namespaces,
 //!   processes in a cgroup outside the agents' pod cgroups (plain veth);
-//! - spliced: meshed, same node (sockmap splice in the kernel);
+//! - mesh same: meshed, same node, with the default settings (policy at
+//!   connect(), then plain TCP; the sockmap splice is opt-in);
 //! - quic, tcp: meshed, cross node, through each tunnel transport.
 //!
 //! Node A (agent, client, near server) is pinned to CPU 0 and node B (agent,
@@ -84,20 +85,20 @@ fn policy(allow_far: bool) -> String {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Route {
     NoMeshSame,
-    Spliced,
+    SameNode,
     NoMeshCross,
     Quic,
     Tcp,
 }
 
 use Route::*;
-const PATHS: [Route; 5] = [NoMeshSame, Spliced, NoMeshCross, Quic, Tcp];
+const PATHS: [Route; 5] = [NoMeshSame, SameNode, NoMeshCross, Quic, Tcp];
 
 impl Route {
     fn name(self) -> &'static str {
         match self {
             NoMeshSame => "no-mesh same node",
-            Spliced => "mesh same node (spliced)",
+            SameNode => "mesh same node (TCP)",
             NoMeshCross => "no-mesh cross node",
             Quic => "mesh cross node (QUIC)",
             Tcp => "mesh cross node (mTLS/TCP)",
@@ -107,7 +108,7 @@ impl Route {
     fn short(self) -> &'static str {
         match self {
             NoMeshSame => "no-mesh same",
-            Spliced => "spliced",
+            SameNode => "mesh same",
             NoMeshCross => "no-mesh cross",
             Quic => "QUIC",
             Tcp => "mTLS/TCP",
@@ -116,7 +117,7 @@ impl Route {
     fn key(self) -> &'static str {
         match self {
             NoMeshSame => "nomesh_same",
-            Spliced => "spliced",
+            SameNode => "mesh_same",
             NoMeshCross => "nomesh_cross",
             Quic => "quic",
             Tcp => "tcp",
@@ -127,13 +128,13 @@ impl Route {
     }
     fn server(self) -> &'static str {
         match self {
-            NoMeshSame | Spliced => "near",
+            NoMeshSame | SameNode => "near",
             _ => "far",
         }
     }
     fn baseline(self) -> Option<Route> {
         match self {
-            Spliced => Some(NoMeshSame),
+            SameNode => Some(NoMeshSame),
             Quic | Tcp => Some(NoMeshCross),
             _ => None,
         }
@@ -263,6 +264,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         peak_rss_kib: BTreeMap::new(),
     };
     bench.pin_agents()?;
+    bench.widen_client_ports()?;
     bench.start_servers()?;
     // Idle: agents up, every workload enrolled, no traffic yet.
     std::thread::sleep(Duration::from_secs(1));

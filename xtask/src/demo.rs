@@ -64,16 +64,20 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     step(
         1,
         TOTAL,
-        "same node: client -> web (node-a), spliced socket to socket by mesh_sk_msg",
+        "same node: client -> web (node-a), checked at connect(), then plain TCP pod to pod (counted by the kernel per workload pair)",
     );
-    let before = probe::splice_counters(&lab, "node-a")?;
+    let same_node = || -> anyhow::Result<u64> {
+        Ok(probe::per_cpu_sum(
+            &probe::dump_map(&lab, "node-a", "mesh_capture")?,
+            "same_node",
+        ))
+    };
+    let before = same_node()?;
     let r = t.send("client", web_addr, SIZE)?;
-    let after = probe::splice_counters(&lab, "node-a")?;
     report(&r)?;
     eprintln!(
-        "    kernel mesh_splice on node-a: +{} messages, +{} bytes spliced (the {SIZE}-byte payload plus web's one-line reply)",
-        after.0 - before.0,
-        after.1 - before.1
+        "    kernel mesh_capture on node-a: +{} same-node connect (left on TCP: applications see TCP exactly)",
+        same_node()? - before
     );
 
     step(
@@ -213,12 +217,9 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     eprintln!("\nInspect the datapath yourself (with --keep):");
     eprintln!(
         "    bpftool map dump pinned {}",
-        lab.pin_dir("node-a").join("mesh_splice").display()
+        lab.pin_dir("node-a").join("mesh_traffic").display()
     );
     eprintln!("    cargo xtask lab exec client -- ip addr   |   cargo xtask lab status   |   cargo xtask lab down");
-    eprintln!(
-        "\nNot in this demo yet: HTTPRouteGroup enforcement in the datapath, services and TrafficSplit; see the open issues."
-    );
     Ok(())
 }
 

@@ -40,22 +40,9 @@ impl Policy {
         }
         let reason = format!(
             "no TrafficTarget allows {src} -> {dst} on port {port}/{}",
-            if proto == Proto::Tcp { "tcp" } else { "udp" }
+            proto.as_str()
         );
-        match mode {
-            PolicyMode::Enforcing => Decision {
-                allowed: false,
-                target: None,
-                rule: "default-deny".into(),
-                reason,
-            },
-            PolicyMode::Permissive => Decision {
-                allowed: true,
-                target: None,
-                rule: "permissive".into(),
-                reason: format!("permissive mode ({reason})"),
-            },
-        }
+        nothing_allows(mode, reason)
     }
 
     /// The HTTP decision for one request on a flow L4 allowed: when every
@@ -102,20 +89,7 @@ impl Policy {
             }
         }
         let reason = format!("no HTTPRouteGroup match allows {method} {path} from {src} to {dst}");
-        match mode {
-            PolicyMode::Enforcing => Decision {
-                allowed: false,
-                target: None,
-                rule: "default-deny".into(),
-                reason,
-            },
-            PolicyMode::Permissive => Decision {
-                allowed: true,
-                target: None,
-                rule: "permissive".into(),
-                reason: format!("permissive mode ({reason})"),
-            },
-        }
+        nothing_allows(mode, reason)
     }
 
     /// Whether HTTP requests of this flow must be checked (some allowing
@@ -131,6 +105,25 @@ impl Policy {
             })
             .collect();
         !allowing.is_empty() && allowing.iter().all(|t| !t.http.is_empty())
+    }
+}
+
+/// What no rule allowing means: denied when enforcing, allowed (and said
+/// so) in permissive mode.
+fn nothing_allows(mode: PolicyMode, reason: String) -> Decision {
+    match mode {
+        PolicyMode::Enforcing => Decision {
+            allowed: false,
+            target: None,
+            rule: "default-deny".into(),
+            reason,
+        },
+        PolicyMode::Permissive => Decision {
+            allowed: true,
+            target: None,
+            rule: "permissive".into(),
+            reason: format!("permissive mode ({reason})"),
+        },
     }
 }
 

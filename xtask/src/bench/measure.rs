@@ -64,6 +64,7 @@ impl Bench {
             num(&cr, "errors")? == 0.0,
             "{tag}: connection-rate run had errors: {cr}"
         );
+        self.assert_ports_left(&tag)?;
         push(s, "conn_per_sec", num(&cr, "per_sec")?);
         Ok(())
     }

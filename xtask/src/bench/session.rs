@@ -69,6 +69,41 @@ impl Bench {
         Ok(())
     }
 
+    /// A round opens ~15,000 connections per path from the load pod, and a
+    /// meshed path's connects all go to the same agent address (15001), so
+    /// the next path's client found the ephemeral ports still in TIME-WAIT
+    /// (60 s) and its connection rate collapsed (508 to 1,404 conn/s, 0.20x,
+    /// whichever transport ran second). In the load pod's own network
+    /// namespace only, as a busy client host would be tuned: the whole
+    /// ephemeral range, and TIME-WAIT reuse for outgoing connects (safe with
+    /// TCP timestamps, on by default). `assert_ports_left` checks it held.
+    pub(super) fn widen_client_ports(&self) -> anyhow::Result<()> {
+        let netns = self.lab.pod("load")?.netns.clone();
+        for setting in ["net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"] {
+            let status = crate::lab::in_netns(&netns, "sysctl")
+                .args(["-q", "-w", setting])
+                .status()?;
+            ensure!(status.success(), "sysctl -w {setting} in {netns} failed");
+        }
+        Ok(())
+    }
+
+    /// Fails when the load pod holds so many TIME-WAIT sockets that a
+    /// connection-rate figure could be the port search's, not the path's.
+    pub(super) fn assert_ports_left(&self, tag: &str) -> anyhow::Result<()> {
+        let netns = self.lab.pod("load")?.netns.clone();
+        let out = crate::lab::in_netns(&netns, "ss")
+            .args(["-Htan", "state", "time-wait"])
+            .output()?;
+        let waiting = String::from_utf8_lossy(&out.stdout).lines().count();
+        const RANGE: usize = 65535 - 1024;
+        ensure!(
+            waiting < RANGE / 2,
+            "{tag}: {waiting} client sockets in TIME-WAIT, over half of the {RANGE} ephemeral ports: the connection-rate figures would measure port exhaustion"
+        );
+        Ok(())
+    }
+
     pub(super) fn start_servers(&mut self) -> anyhow::Result<()> {
         for pod in ["near", "far"] {
             for meshed in [true, false] {
