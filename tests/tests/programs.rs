@@ -104,30 +104,37 @@ fn random_file(path: &std::path::Path, len: usize) -> String {
         .collect()
 }
 
-const BLOCKING_CLIENT: &str = r#"
-import hashlib, json, os, socket, sys
-host, port, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+/// The loop every Python client below runs: `one(i)` per run, any
+/// exception a failure; prints `{"runs", "failed", "failures"}`.
+const PY_RUNS: &str = r#"
 failures = []
 for i in range(runs):
-    payload = os.urandom(4096 + i)
     try:
-        s = socket.create_connection((host, port), timeout=10)
-        s.setblocking(True)
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-        s.close()
-        answer = json.loads(reply)
-        if answer.get("sha256") != hashlib.sha256(payload).hexdigest():
-            failures.append(f"run {i}: wrong digest {answer}")
+        one(i)
     except Exception as e:
         failures.append(f"run {i}: {type(e).__name__}: {e}")
 print(json.dumps({"runs": runs, "failures": failures[:10], "failed": len(failures)}))
+"#;
+
+const BLOCKING_CLIENT: &str = r#"
+import hashlib, json, os, socket, sys
+host, port, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def one(i):
+    payload = os.urandom(4096 + i)
+    s = socket.create_connection((host, port), timeout=10)
+    s.setblocking(True)
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    reply = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    s.close()
+    answer = json.loads(reply)
+    if answer.get("sha256") != hashlib.sha256(payload).hexdigest():
+        raise ValueError(f"wrong digest {answer}")
 "#;
 
 #[test]
@@ -137,7 +144,7 @@ fn a_blocking_python_client_sends_shuts_down_and_reads_to_eof() {
         let r = python(
             &t.lab,
             "pod-a",
-            BLOCKING_CLIENT,
+            &format!("{BLOCKING_CLIENT}{PY_RUNS}"),
             &[&ip(&t.lab, server), "8080", &RUNS.to_string()],
         );
         assert_eq!(r["failed"], 0, "{path}: {r}");
@@ -148,16 +155,11 @@ fn a_blocking_python_client_sends_shuts_down_and_reads_to_eof() {
 const URLLIB_CLIENT: &str = r#"
 import hashlib, json, sys, urllib.request
 url, want, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-failures = []
-for i in range(runs):
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            got = hashlib.sha256(r.read()).hexdigest()
-        if got != want:
-            failures.append(f"run {i}: digest {got}")
-    except Exception as e:
-        failures.append(f"run {i}: {type(e).__name__}: {e}")
-print(json.dumps({"runs": runs, "failures": failures[:10], "failed": len(failures)}))
+def one(i):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        got = hashlib.sha256(r.read()).hexdigest()
+    if got != want:
+        raise ValueError(f"digest {got}")
 "#;
 
 #[test]
@@ -181,7 +183,12 @@ fn urllib_against_python_http_server() {
         .collect();
     for (server, path) in PATHS {
         let url = format!("http://{}:8000/blob.bin", ip(&t.lab, server));
-        let r = python(&t.lab, "pod-a", URLLIB_CLIENT, &[&url, &sha, &RUNS.to_string()]);
+        let r = python(
+            &t.lab,
+            "pod-a",
+            &format!("{URLLIB_CLIENT}{PY_RUNS}"),
+            &[&url, &sha, &RUNS.to_string()],
+        );
         assert_eq!(r["failed"], 0, "{path}: {r}");
     }
 }

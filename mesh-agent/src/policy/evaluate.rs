@@ -61,15 +61,7 @@ impl Policy {
         if !l4.allowed || l4.target.is_none() {
             return l4;
         }
-        let allowing: Vec<&Target> = self
-            .targets
-            .iter()
-            .filter(|t| &t.destination == dst && t.sources.contains(src))
-            .filter(|t| {
-                t.tcp.iter().any(|r| r.ports.as_ref().is_none_or(|p| p.contains(&port)))
-                    || (t.tcp.is_empty() && !t.http.is_empty())
-            })
-            .collect();
+        let allowing = self.allowing_tcp(src, dst, port);
         if let Some(t) = allowing.iter().find(|t| t.http.is_empty()) {
             return allow(
                 t,
@@ -92,18 +84,23 @@ impl Policy {
         nothing_allows(mode, reason)
     }
 
-    /// Whether HTTP requests of this flow must be checked (some allowing
-    /// target restricts HTTP and none allows it without HTTP rules).
-    pub fn http_restricted(&self, src: &Identity, dst: &Identity, port: u16) -> bool {
-        let allowing: Vec<&Target> = self
-            .targets
+    /// The targets that allow TCP from `src` to `dst` on `port` (by a port
+    /// rule, or as HTTP-only targets whose requests are checked at L7).
+    fn allowing_tcp(&self, src: &Identity, dst: &Identity, port: u16) -> Vec<&Target> {
+        self.targets
             .iter()
             .filter(|t| &t.destination == dst && t.sources.contains(src))
             .filter(|t| {
                 t.tcp.iter().any(|r| r.ports.as_ref().is_none_or(|p| p.contains(&port)))
                     || (t.tcp.is_empty() && !t.http.is_empty())
             })
-            .collect();
+            .collect()
+    }
+
+    /// Whether HTTP requests of this flow must be checked (some allowing
+    /// target restricts HTTP and none allows it without HTTP rules).
+    pub fn http_restricted(&self, src: &Identity, dst: &Identity, port: u16) -> bool {
+        let allowing = self.allowing_tcp(src, dst, port);
         !allowing.is_empty() && allowing.iter().all(|t| !t.http.is_empty())
     }
 }
