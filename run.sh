@@ -35,7 +35,21 @@ setup_packages() {
     if ((${#missing[@]})); then
         say "setup: installing Debian packages: ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # nginx, redis and PostgreSQL are programs the tests run inside lab
+        # pods; keep their packages from starting host services on install.
+        local guard=""
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            guard=/usr/sbin/policy-rc.d
+            printf '#!/bin/sh\nexit 101\n' > "$guard"
+            chmod 0755 "$guard"
+        fi
+        local rc=0
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || rc=$?
+        if [[ -n $guard ]]; then rm -f "$guard"; fi
+        if ((rc)); then
+            echo "run.sh: apt-get install ${missing[*]} failed (exit $rc)" >&2
+            exit "$rc"
+        fi
     fi
 }
 
