@@ -64,11 +64,17 @@ fn kernel_record(ev: &PolicyEvent, snap: &Store, policy: &InForce) -> AuditRecor
     let dst = snap.pod_by_ip(dst_ip);
     let ident = |p: Option<&Pod>| p.map(|p| p.identity().to_string()).unwrap_or_default();
     let allowed = ev.verdict == mesh_common::VERDICT_ALLOW;
+    // sendmsg4/6 audit UDP denials: explain them with the UDP rules.
+    let proto = if ev.protocol == mesh_common::PROTO_UDP {
+        Proto::Udp
+    } else {
+        Proto::Tcp
+    };
     let (rule, target, reason) = match (src, dst) {
         (Some(s), Some(d)) => {
             let dec = policy
                 .policy
-                .evaluate(policy.mode, &s.identity(), &d.identity(), ev.dst_port, Proto::Tcp);
+                .evaluate(policy.mode, &s.identity(), &d.identity(), ev.dst_port, proto);
             (dec.rule, dec.target.unwrap_or_default(), dec.reason)
         }
         _ => (String::new(), String::new(), String::new()),
@@ -89,7 +95,7 @@ fn kernel_record(ev: &PolicyEvent, snap: &Store, policy: &InForce) -> AuditRecor
         destination_identity: ident(dst),
         destination_address: format!("{dst_ip}:{}", ev.dst_port),
         port: ev.dst_port,
-        protocol: "tcp".into(),
+        protocol: proto.as_str().into(),
         rule,
         traffic_target: if allowed { target } else { String::new() },
         generation: policy.policy.generation,
@@ -126,4 +132,52 @@ pub fn forward_kernel_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log
             logger.flush();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{PolicyMode, Snapshot};
+
+    fn pod(name: &str, ip: [u8; 4]) -> Pod {
+        Pod {
+            namespace: "t".into(),
+            name: name.into(),
+            uid: String::new(),
+            service_account: name.into(),
+            node: "n1".into(),
+            ip: ip.into(),
+            qos_class: None,
+            host_network: false,
+        }
+    }
+
+    /// A denied datagram (sendmsg4) is audited as UDP and explained by the
+    /// UDP rules; a denied connect as TCP.
+    #[test]
+    fn kernel_decisions_are_audited_with_their_protocol() {
+        let mut snap = Snapshot::default();
+        for p in [pod("a", [198, 18, 1, 10]), pod("b", [198, 18, 1, 11])] {
+            snap.pods.insert(p.workload_name(), p);
+        }
+        let store = Store::new(snap);
+        let policy = InForce {
+            policy: Arc::default(),
+            mode: PolicyMode::Enforcing,
+        };
+        for (protocol, want) in [(mesh_common::PROTO_UDP, "udp"), (mesh_common::PROTO_TCP, "tcp")] {
+            let ev = PolicyEvent {
+                workload_id: store.workload_ids()["t/a"],
+                dst_ipv4: u32::from_ne_bytes([198, 18, 1, 11]),
+                dst_port: 53,
+                protocol,
+                verdict: mesh_common::VERDICT_DENY,
+                ..Default::default()
+            };
+            let r = kernel_record(&ev, &store, &policy);
+            assert_eq!(r.protocol, want);
+            assert!(r.reason.contains(&format!("53/{want}")), "{}", r.reason);
+            assert_eq!((r.source_workload.as_str(), r.verdict.as_str()), ("t/a", "deny"));
+        }
+    }
 }
