@@ -40,8 +40,27 @@ impl Drop for TestLab {
             let _ = s.kill();
             let _ = s.wait();
         }
+        if std::thread::panicking() {
+            keep_logs();
+        }
         lab::down().expect("lab down");
     }
+}
+
+/// A failing test's agent and CA logs and audit trails, copied out of the
+/// lab's state directory (which `down` removes) to `target/lab-logs/<pid>/`.
+fn keep_logs() {
+    let dir = xtask::target_dir()
+        .join("lab-logs")
+        .join(std::process::id().to_string());
+    let _ = std::fs::create_dir_all(&dir);
+    for entry in std::fs::read_dir(lab::STATE_DIR).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if matches!(path.extension().and_then(|e| e.to_str()), Some("log" | "jsonl")) {
+            let _ = std::fs::copy(&path, dir.join(entry.file_name()));
+        }
+    }
+    eprintln!("lab logs kept in {}", dir.display());
 }
 
 impl TestLab {

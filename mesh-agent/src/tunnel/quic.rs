@@ -356,7 +356,13 @@ impl QuicServer {
                     let inbound = inbound.clone();
                     let peer = peer.clone();
                     let metrics = metrics.clone();
-                    tokio::spawn(async move { serve_stream(&inbound, &metrics, remote, peer, send, recv).await });
+                    // Counted from its arrival (its header is still to be
+                    // read): the drain must not end under it.
+                    let flow = drain.flow();
+                    tokio::spawn(async move {
+                        serve_stream(&inbound, &metrics, remote, peer, send, recv).await;
+                        drop(flow);
+                    });
                 }
             });
         }
