@@ -83,6 +83,20 @@ impl Redirect {
             None
         };
 
+        // The programs swapped in below find a process's pod from this
+        // level: put it in force first (the rest of the pinned config is
+        // left as the previous agent wrote it until `write_config`).
+        {
+            let name = maps::CONFIG;
+            let map = ebpf.map_mut(name).ok_or(RedirectError::MissingMap(name))?;
+            let mut config: aya::maps::Array<&mut MapData, Config> =
+                aya::maps::Array::try_from(map).map_err(|err| RedirectError::Map { name, err })?;
+            let mut current = config.get(&0, 0).unwrap_or_default();
+            current.pod_cgroup_level = opts.pod_cgroup_level;
+            config
+                .set(0, &current, 0)
+                .map_err(|err| RedirectError::Map { name, err })?;
+        }
         let pods = open_cgroup(opts.pod_cgroup_root)?;
         let mut links = Vec::new();
 
