@@ -53,6 +53,20 @@ fn spawn(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> KillOnDrop {
     )
 }
 
+/// Starts `program` as a server on `port` in each server pod of PATHS
+/// (its arguments per pod from `args`) and waits until each listens.
+fn serve_in_paths(lab: &Lab, program: &str, port: u16, args: impl Fn(&str) -> Vec<String>) -> Vec<KillOnDrop> {
+    PATHS
+        .iter()
+        .map(|(pod, _)| {
+            let args = args(pod);
+            let s = spawn(lab, pod, program, &args.iter().map(String::as_str).collect::<Vec<_>>());
+            wait_listening(lab, pod, port);
+            s
+        })
+        .collect()
+}
+
 fn wait_listening(lab: &Lab, pod: &str, port: u16) {
     xtask::probe::wait_listening(&lab.pod(pod).unwrap().netns, port).unwrap();
 }
@@ -168,19 +182,11 @@ fn urllib_against_python_http_server() {
     let dir = Scratch::new("http");
     let sha = random_file(&dir.0.join("blob.bin"), 300_000);
     let dir_arg = dir.0.to_string_lossy().to_string();
-    let _servers: Vec<KillOnDrop> = PATHS
-        .iter()
-        .map(|(pod, _)| {
-            let s = spawn(
-                &t.lab,
-                pod,
-                "python3",
-                &["-m", "http.server", "8000", "--directory", &dir_arg],
-            );
-            wait_listening(&t.lab, pod, 8000);
-            s
-        })
-        .collect();
+    let _servers = serve_in_paths(&t.lab, "python3", 8000, |_| {
+        ["-m", "http.server", "8000", "--directory", &dir_arg]
+            .map(String::from)
+            .to_vec()
+    });
     for (server, path) in PATHS {
         let url = format!("http://{}:8000/blob.bin", ip(&t.lab, server));
         let r = python(
@@ -210,16 +216,11 @@ fn curl_and_wget_against_nginx_sendfile() {
         ),
     )
     .unwrap();
-    let _servers: Vec<KillOnDrop> = PATHS
-        .iter()
-        .map(|(pod, _)| {
-            let c = dir.0.join(format!("nginx-{pod}.conf"));
-            std::fs::write(&c, std::fs::read_to_string(&conf).unwrap().replace("$NODE", pod)).unwrap();
-            let s = spawn(&t.lab, pod, "nginx", &["-c", &c.to_string_lossy(), "-e", "stderr"]);
-            wait_listening(&t.lab, pod, 8081);
-            s
-        })
-        .collect();
+    let _servers = serve_in_paths(&t.lab, "nginx", 8081, |pod| {
+        let c = dir.0.join(format!("nginx-{pod}.conf"));
+        std::fs::write(&c, std::fs::read_to_string(&conf).unwrap().replace("$NODE", pod)).unwrap();
+        vec!["-c".into(), c.to_string_lossy().into(), "-e".into(), "stderr".into()]
+    });
     for (server, path) in PATHS {
         let url = format!("http://{}:8081/blob.bin", ip(&t.lab, server));
         for client in [
@@ -240,32 +241,26 @@ fn curl_and_wget_against_nginx_sendfile() {
 fn redis_benchmark_against_redis() {
     let t = TestLab::up(&[], LABTOOL);
     let dir = Scratch::new("redis");
-    let _servers: Vec<KillOnDrop> = PATHS
-        .iter()
-        .map(|(pod, _)| {
-            let s = spawn(
-                &t.lab,
-                pod,
-                "redis-server",
-                &[
-                    "--port",
-                    "6379",
-                    "--bind",
-                    &ip(&t.lab, pod),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    &dir.0.to_string_lossy(),
-                    "--protected-mode",
-                    "no",
-                ],
-            );
-            wait_listening(&t.lab, pod, 6379);
-            s
-        })
-        .collect();
+    let dir_arg = dir.0.to_string_lossy().to_string();
+    let _servers = serve_in_paths(&t.lab, "redis-server", 6379, |pod| {
+        let ip = ip(&t.lab, pod);
+        [
+            "--port",
+            "6379",
+            "--bind",
+            &ip,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir_arg,
+            "--protected-mode",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
     for (server, path) in PATHS {
         let out = t
             .lab
@@ -408,16 +403,14 @@ fn socat_echo_and_iperf3() {
     let t = TestLab::up(&[], LABTOOL);
     let dir = Scratch::new("socat");
     let sha = random_file(&dir.0.join("in.bin"), 200_000);
-    let _servers: Vec<KillOnDrop> = PATHS
-        .iter()
-        .flat_map(|(pod, _)| {
-            let echo = spawn(&t.lab, pod, "socat", &["TCP-LISTEN:7007,fork,reuseaddr", "EXEC:cat"]);
-            let iperf = spawn(&t.lab, pod, "iperf3", &["-s", "-p", "5201"]);
-            wait_listening(&t.lab, pod, 7007);
-            wait_listening(&t.lab, pod, 5201);
-            [echo, iperf]
-        })
-        .collect();
+    let _echo = serve_in_paths(&t.lab, "socat", 7007, |_| {
+        ["TCP-LISTEN:7007,fork,reuseaddr", "EXEC:cat"]
+            .map(String::from)
+            .to_vec()
+    });
+    let _iperf = serve_in_paths(&t.lab, "iperf3", 5201, |_| {
+        ["-s", "-p", "5201"].map(String::from).to_vec()
+    });
     for (server, path) in PATHS {
         let body = format!(
             "[ \"$(socat -t 5 - TCP:{}:7007 < {} | sha256sum | cut -d' ' -f1)\" = {sha} ]",
