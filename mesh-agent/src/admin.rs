@@ -85,13 +85,14 @@ impl AdminState {
             "source_generation": snap.generation,
             "source_errors": snap.errors,
             "workloads": snap.pods.values().map(|p| serde_json::json!({
-                "name": p.workload_name(), "ip": p.ip.to_string(), "node": p.node,
+                "name": p.workload_name(), "ip": p.primary_ip().map(|ip| ip.to_string()), "ips": p.ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(), "node": p.node,
                 "service_account": p.service_account, "local": p.node == self.node,
             })).collect::<Vec<_>>(),
             "nodes": snap.nodes.iter().map(|(n, ip)| (n.clone(), ip.to_string())).collect::<HashMap<_, _>>(),
             "services": snap.services.values().map(|s| serde_json::json!({
                 "name": format!("{}/{}", s.namespace, s.name),
-                "cluster_ip": s.cluster_ip.map(|ip| ip.to_string()),
+                "cluster_ip": s.cluster_ips.first().map(|ip| ip.to_string()),
+                "cluster_ips": s.cluster_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
                 "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
                 "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"ip": e.ip.to_string(), "ready": e.ready, "node": e.node})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),

@@ -90,6 +90,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         pod_cgroup_root: &s.pod_cgroup_root,
         pod_cgroup_level,
         capture_ip: s.capture_ip,
+        capture_ip6: s.capture_ip6,
         outbound_port: s.outbound_port,
         fail_open: s.fail_open,
         kernel_debug: s.kernel_debug,
@@ -186,7 +187,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
                 drain.clone(),
             )?;
             views.udp_relays.send_replace(Some(Relays::new(
-                s.capture_ip,
+                (s.capture_ip, s.capture_ip6),
                 s.node_name.clone(),
                 s.identity.trust_domain.clone(),
                 s.tunnel.port,
@@ -207,7 +208,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         redirect: redirect.clone(),
     };
 
-    let (listeners, predecessor) = match (fresh, predecessor) {
+    let (mut listeners, predecessor) = match (fresh, predecessor) {
         (Some(l), _) => (l, None),
         (None, Some(p)) => match listeners::take_over(&p, || admin_state.not_ready()).await {
             Ok(l) => (l, Some(p)),
@@ -223,9 +224,14 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         },
         (None, None) => unreachable!("either bound or found"),
     };
+    if listeners.outbound6.is_none() {
+        // A predecessor without --capture-ip6 had none to hand over.
+        listeners.outbound6 = listeners::bind_outbound6(&s).await?;
+    }
     let offer = handoff::Offer::listen(&s.handoff_socket, &listeners)?;
     let handoff::Listeners {
         outbound: outbound_listener,
+        outbound6: outbound6_listener,
         admin,
         health,
         metrics: metrics_listener,
@@ -265,6 +271,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
     tracing::info!(
         node = %s.node_name,
         outbound = %format!("{}:{}", s.capture_ip, s.outbound_port),
+        outbound6 = ?s.capture_ip6.map(|ip| std::net::SocketAddr::from((ip, s.outbound_port))),
         pod_cgroup_root = %s.pod_cgroup_root.display(),
         cgroup_driver = ?s.cgroup_driver.resolve(&s.pod_cgroup_root),
         pod_cgroup_level,
@@ -278,15 +285,22 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
     );
 
     let quic = tunnels.as_ref().map(|(_, q)| q.clone());
+    let outbound_handler = Arc::new(Outbound {
+        redirect,
+        snapshots,
+        http_splits: views.http_splits,
+        tunnels: tunnels.map(|t| t.0),
+        drain: drain.clone(),
+    });
+    if let Some(l6) = outbound6_listener {
+        tasks.spawn(outbound::serve(
+            listeners::tokio_listener(l6)?,
+            outbound_handler.clone(),
+        ));
+    }
     tasks.spawn(outbound::serve(
         listeners::tokio_listener(outbound_listener)?,
-        Arc::new(Outbound {
-            redirect,
-            snapshots,
-            http_splits: views.http_splits,
-            tunnels: tunnels.map(|t| t.0),
-            drain: drain.clone(),
-        }),
+        outbound_handler,
     ));
     let [outbound, admin, health, metrics] = addrs;
     Ok(Bound {

@@ -2,6 +2,8 @@
 //! whoever carries traffic (the `tunnel` module): the questions the datapath
 //! asks, the answers it gets, and a typed denial. Neither side imports the
 //! other; both import this (ARCHITECTURE.md, "Layers").
+use std::net::SocketAddr;
+
 use std::sync::Arc;
 
 use crate::{identity::SpiffeId, state::Pod};
@@ -51,7 +53,14 @@ pub enum Admission {
 
 /// The destination side's decision for one flow (TCP) or session (UDP).
 pub trait Authorizer: Send + Sync {
-    fn authorize(&self, source: &SpiffeId, destination: &Pod, port: u16, proto: Proto) -> Result<Admission, Denial>;
+    /// `address` is the pod's address (either family) and port the flow is for.
+    fn authorize(
+        &self,
+        source: &SpiffeId,
+        destination: &Pod,
+        address: SocketAddr,
+        proto: Proto,
+    ) -> Result<Admission, Denial>;
 }
 
 /// The decision for each HTTP request of a flow an [`Authorizer`] admitted.
@@ -63,7 +72,7 @@ pub trait HttpCheck: Send + Sync {
 pub struct AllowAll;
 
 impl Authorizer for AllowAll {
-    fn authorize(&self, _: &SpiffeId, _: &Pod, _: u16, _: Proto) -> Result<Admission, Denial> {
+    fn authorize(&self, _: &SpiffeId, _: &Pod, _: SocketAddr, _: Proto) -> Result<Admission, Denial> {
         Ok(Admission::Open)
     }
 }

@@ -1,6 +1,10 @@
 //! Command line and settings. Every flag has an environment fallback so the
 //! DaemonSet can configure the agent from its pod spec.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -205,6 +209,13 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_CAPTURE_IP")]
     pub capture_ip: Ipv4Addr,
 
+    /// IPv6 address of this node that pods can reach: connects to IPv6
+    /// destinations are redirected to it. Without it they go to
+    /// --capture-ip, IPv4-mapped (an IPv6-only pod or a V6ONLY socket then
+    /// cannot reach a meshed destination on another node).
+    #[arg(long, env = "MESH_CAPTURE_IP6")]
+    pub capture_ip6: Option<Ipv6Addr>,
+
     /// Port of the outbound capture listener.
     #[arg(long, env = "MESH_OUTBOUND_PORT", default_value_t = mesh_common::OUTBOUND_PORT)]
     pub outbound_port: u16,
@@ -344,6 +355,7 @@ pub struct Settings {
     pub pod_cgroup_root: PathBuf,
     pub cgroup_driver: crate::enrol::CgroupDriver,
     pub capture_ip: Ipv4Addr,
+    pub capture_ip6: Option<Ipv6Addr>,
     pub outbound_port: u16,
     pub bpffs_dir: PathBuf,
     pub fail_open: bool,
@@ -402,6 +414,8 @@ pub enum ConfigError {
     ZeroPort,
     #[error("--capture-ip {0} is not a unicast address pods can reach")]
     BadCaptureIp(Ipv4Addr),
+    #[error("--capture-ip6 {0} is not a unicast IPv6 address pods can reach")]
+    BadCaptureIp6(Ipv6Addr),
     #[error("--worker-threads must be 1-64, got {0}")]
     WorkerThreads(usize),
     #[error("--bpffs-dir {0} must be an absolute path under a bpffs mount")]
@@ -423,6 +437,15 @@ impl Settings {
         let ip = a.capture_ip;
         if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
             return Err(ConfigError::BadCaptureIp(ip));
+        }
+        if let Some(ip6) = a.capture_ip6
+            && (ip6.is_unspecified()
+                || ip6.is_multicast()
+                || ip6.is_loopback()
+                || ip6.to_ipv4_mapped().is_some()
+                || ip6.is_unicast_link_local())
+        {
+            return Err(ConfigError::BadCaptureIp6(ip6));
         }
         if !(1..=64).contains(&a.worker_threads) {
             return Err(ConfigError::WorkerThreads(a.worker_threads));
@@ -448,6 +471,7 @@ impl Settings {
             pod_cgroup_root: a.pod_cgroup_root,
             cgroup_driver: a.cgroup_driver,
             capture_ip: a.capture_ip,
+            capture_ip6: a.capture_ip6,
             outbound_port: a.outbound_port,
             bpffs_dir: a.bpffs_dir,
             fail_open: a.fail_open,

@@ -139,12 +139,12 @@ pub fn enrolment(store: &Store, node: &str, cgroups: &[PodCgroup]) -> Enrolment 
         let workload_id = store.workload_ids()[key];
         let identity_id = pod.identity().kernel_id();
         let same_node = pod.node == node;
-        out.endpoints.push(EndpointRow {
-            ip: pod.ip,
+        out.endpoints.extend(pod.ips.iter().map(|&ip| EndpointRow {
+            ip,
             workload_id,
             identity_id,
             same_node,
-        });
+        }));
         if !same_node {
             continue;
         }
@@ -156,7 +156,7 @@ pub fn enrolment(store: &Store, node: &str, cgroups: &[PodCgroup]) -> Enrolment 
                 out.workloads.push(WorkloadRow {
                     cgroup_id: cg.cgroup_id,
                     workload_id,
-                    ip: pod.ip,
+                    ipv4: pod.ipv4(),
                     identity_id,
                 });
             }

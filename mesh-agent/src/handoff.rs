@@ -46,6 +46,8 @@ pub enum HandoffError {
 #[derive(Debug)]
 pub struct Listeners {
     pub outbound: std::net::TcpListener,
+    /// The outbound listener on the node's IPv6 address (--capture-ip6).
+    pub outbound6: Option<std::net::TcpListener>,
     pub admin: std::net::TcpListener,
     pub health: std::net::TcpListener,
     pub metrics: std::net::TcpListener,
@@ -168,12 +170,14 @@ impl Predecessor {
             .map(|(name, fd)| (name, std::net::TcpListener::from(fd)))
             .collect();
         let tunnel_tcp = tcp.remove("tunnel_tcp");
+        let outbound6 = tcp.remove("outbound6");
         let mut need = |name: &str| {
             tcp.remove(name)
                 .ok_or_else(|| HandoffError::Protocol(format!("no {name} listener")))
         };
         Ok(Listeners {
             outbound: need("outbound")?,
+            outbound6,
             admin: need("admin")?,
             health: need("health")?,
             metrics: need("metrics")?,
@@ -236,6 +240,9 @@ impl Offer {
         ];
         if let Some(t) = &listeners.tunnel_tcp {
             tcp.push(("tunnel_tcp", dup(t)?));
+        }
+        if let Some(o) = &listeners.outbound6 {
+            tcp.push(("outbound6", dup(o)?));
         }
         Ok(Offer {
             listener: fd,
@@ -340,6 +347,7 @@ mod tests {
         let tcp = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         Listeners {
             outbound: tcp(),
+            outbound6: None,
             admin: tcp(),
             health: tcp(),
             metrics: tcp(),

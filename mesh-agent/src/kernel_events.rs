@@ -60,7 +60,7 @@ pub fn drain_kernel_events(
 /// policy in force.
 fn kernel_record(ev: &PolicyEvent, snap: &Store, policy: &InForce) -> AuditRecord {
     let src = snap.pod_by_workload_id(ev.workload_id);
-    let dst_ip = std::net::Ipv4Addr::from(ev.dst_ipv4.to_ne_bytes());
+    let dst_ip = std::net::IpAddr::from(ev.dst);
     let dst = snap.pod_by_ip(dst_ip);
     let ident = |p: Option<&Pod>| p.map(|p| p.identity().to_string()).unwrap_or_default();
     let allowed = ev.verdict == mesh_common::VERDICT_ALLOW;
@@ -146,7 +146,7 @@ mod tests {
             uid: String::new(),
             service_account: name.into(),
             node: "n1".into(),
-            ip: ip.into(),
+            ips: vec![ip.into()],
             qos_class: None,
             host_network: false,
         }
@@ -168,7 +168,7 @@ mod tests {
         for (protocol, want) in [(mesh_common::PROTO_UDP, "udp"), (mesh_common::PROTO_TCP, "tcp")] {
             let ev = PolicyEvent {
                 workload_id: store.workload_ids()["t/a"],
-                dst_ipv4: u32::from_ne_bytes([198, 18, 1, 11]),
+                dst: mesh_common::Addr::from(std::net::IpAddr::from([198, 18, 1, 11])),
                 dst_port: 53,
                 protocol,
                 verdict: mesh_common::VERDICT_DENY,

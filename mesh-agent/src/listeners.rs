@@ -15,7 +15,8 @@ pub async fn bind(s: &Settings) -> anyhow::Result<handoff::Listeners> {
             .await
             .with_context(|| format!("binding the {what} on {addr}"))
     };
-    let outbound = std_tcp(outbound::bind(s.capture_ip, s.outbound_port).await?)?;
+    let outbound = std_tcp(outbound::bind(s.capture_ip.into(), s.outbound_port).await?)?;
+    let outbound6 = bind_outbound6(s).await?;
     let admin = std_tcp(tcp(s.admin_addr, "admin API (--admin-addr)").await?)?;
     let health = std_tcp(tcp(s.health_addr, "health endpoint (--health-addr)").await?)?;
     let metrics = std_tcp(metrics::bind(s.metrics_addr).await?)?;
@@ -32,12 +33,21 @@ pub async fn bind(s: &Settings) -> anyhow::Result<handoff::Listeners> {
     }
     Ok(handoff::Listeners {
         outbound,
+        outbound6,
         admin,
         health,
         metrics,
         tunnel_tcp,
         tunnel_udp,
     })
+}
+
+/// The IPv6 outbound listener, when the node has an IPv6 capture address.
+pub async fn bind_outbound6(s: &Settings) -> anyhow::Result<Option<std::net::TcpListener>> {
+    match s.capture_ip6 {
+        Some(ip6) => Ok(Some(outbound::bind(ip6.into(), s.outbound_port).await?.into_std()?)),
+        None => Ok(None),
+    }
 }
 
 /// Waits until `not_ready` says nothing (or 15 s), then takes the

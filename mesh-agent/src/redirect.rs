@@ -21,7 +21,7 @@ mod workloads;
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -32,7 +32,7 @@ use aya::{
     programs::links::PinnedLink,
 };
 use mesh_common::{
-    CaptureStats, Config, Endpoint, OrigDst, SockKey, SpliceStats, TrafficKey, TrafficStats, Workload, maps,
+    Addr, CaptureStats, Config, Endpoint, OrigDst, SockKey, SpliceStats, TrafficKey, TrafficStats, Workload, maps,
 };
 
 pub use pins::{agent_alive, pinned_layout, remove_pins};
@@ -83,6 +83,7 @@ pub struct RedirectOptions<'a> {
     /// Its level below the cgroup2 root (`enrol::cgroup_level`).
     pub pod_cgroup_level: u8,
     pub capture_ip: Ipv4Addr,
+    pub capture_ip6: Option<Ipv6Addr>,
     pub outbound_port: u16,
     pub fail_open: bool,
     pub kernel_debug: bool,
@@ -97,7 +98,7 @@ pub struct Redirect {
     config: Mutex<Array<MapData, Config>>,
     config_value: Mutex<Config>,
     workloads: Mutex<HashMap<MapData, u64, Workload>>,
-    endpoints: Mutex<HashMap<MapData, u32, Endpoint>>,
+    endpoints: Mutex<HashMap<MapData, Addr, Endpoint>>,
     flows: Mutex<HashMap<MapData, SockKey, OrigDst>>,
     policy: Mutex<PolicyState>,
     splice: PerCpuArray<MapData, SpliceStats>,
@@ -131,10 +132,12 @@ impl Redirect {
 
     /// Takes the capture record of an accepted connection: `client` is the
     /// pod's address (the accepted socket's peer), `listener` the local one.
-    pub fn take_flow(&self, client: std::net::SocketAddrV4, listener: std::net::SocketAddrV4) -> Option<OrigDst> {
+    /// Either family; an IPv4 client of a dual-stack listener (IPv4-mapped)
+    /// is the same key as on an IPv4 one.
+    pub fn take_flow(&self, client: SocketAddr, listener: SocketAddr) -> Option<OrigDst> {
         let key = SockKey {
-            local_ipv4: u32::from_ne_bytes(client.ip().octets()),
-            remote_ipv4: u32::from_ne_bytes(listener.ip().octets()),
+            local: Addr::from(client.ip()),
+            remote: Addr::from(listener.ip()),
             local_port: client.port(),
             remote_port: listener.port(),
         };

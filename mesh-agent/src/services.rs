@@ -20,7 +20,7 @@
 //! TrafficSplit stays in force.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -47,16 +47,16 @@ pub struct HttpSplit {
     /// `backends`.
     pub matches: Vec<HttpMatch>,
     /// The backends' endpoints, weighted like a kernel slot table.
-    pub backends: Vec<(Ipv4Addr, u16)>,
+    pub backends: Vec<(IpAddr, u16)>,
     /// The root service's own ready endpoints, for every other request.
-    pub root: Vec<(Ipv4Addr, u16)>,
+    pub root: Vec<(IpAddr, u16)>,
 }
 
 /// Where one request goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Routed {
     /// `None` when the side it belongs to has no ready endpoint.
-    pub endpoint: Option<SocketAddrV4>,
+    pub endpoint: Option<SocketAddr>,
     /// It matched the split's routes: a weighted backend, not the root.
     pub matched: bool,
 }
@@ -67,14 +67,14 @@ impl HttpSplit {
         let pool = if matched { &self.backends } else { &self.root };
         let endpoint = (!pool.is_empty()).then(|| {
             let (ip, port) = pool[rand::random::<u32>() as usize % pool.len()];
-            SocketAddrV4::new(ip, port)
+            SocketAddr::new(ip, port)
         });
         Routed { endpoint, matched }
     }
 }
 
 /// The HTTP-matched splits in force, by root VIP:port.
-pub type HttpSplits = BTreeMap<SocketAddrV4, Arc<HttpSplit>>;
+pub type HttpSplits = BTreeMap<SocketAddr, Arc<HttpSplit>>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefusedSplit {
@@ -156,13 +156,20 @@ impl Splits {
 
         let mut tables = Vec::new();
         let mut http = HttpSplits::new();
+        // A dual-stack Service has a ClusterIP per family; each gets its own
+        // tables, with the endpoints of its family (the EndpointSlices of
+        // that address type), as kube-proxy does.
         for (key, svc) in &snap.services {
-            let Some(vip) = svc.cluster_ip else { continue };
-            for port in &svc.ports {
+            for (vip, port) in svc
+                .cluster_ips
+                .iter()
+                .flat_map(|vip| svc.ports.iter().map(move |p| (*vip, p)))
+            {
+                let family = if vip.is_ipv4() { "" } else { "/ipv6" };
                 let (protocol, name) = if port.protocol.eq_ignore_ascii_case("TCP") {
-                    (mesh_common::PROTO_TCP, format!("{key}:{}", port.port))
+                    (mesh_common::PROTO_TCP, format!("{key}:{}{family}", port.port))
                 } else if port.protocol.eq_ignore_ascii_case("UDP") {
-                    (mesh_common::PROTO_UDP, format!("{key}:{}/udp", port.port))
+                    (mesh_common::PROTO_UDP, format!("{key}:{}/udp{family}", port.port))
                 } else {
                     continue; // SCTP: not meshed
                 };
@@ -171,14 +178,14 @@ impl Splits {
                     vip,
                     port: port.port,
                     protocol,
-                    slots: endpoints(svc, port),
+                    slots: endpoints(svc, port, vip),
                     split: None,
                     via_agent: false,
                     relays: BTreeMap::new(),
                 };
                 if let Some(split) = by_root.get(key) {
                     let split_name = format!("{}/{}", split.namespace, split.name);
-                    let backends = split_slots(split, port.port, snap);
+                    let backends = split_slots(split, port.port, vip, snap);
                     // validate() compiled these already; an error here cannot happen.
                     match route_matches(split, snap) {
                         Ok(None) => table.slots = backends,
@@ -187,7 +194,7 @@ impl Splits {
                         Ok(Some(matches)) => {
                             table.via_agent = true;
                             http.insert(
-                                SocketAddrV4::new(vip, port.port),
+                                SocketAddr::new(vip, port.port),
                                 Arc::new(HttpSplit {
                                     split: split_name.clone(),
                                     service: name,
@@ -220,7 +227,7 @@ fn validate(split: &Named<TrafficSplitSpec>, snap: &Snapshot) -> Result<(), Stri
         .services
         .get(&format!("{ns}/{root_name}"))
         .ok_or_else(|| format!("root service {ns}/{root_name} does not exist"))?;
-    if root.cluster_ip.is_none() {
+    if root.cluster_ips.is_empty() {
         return Err(format!("root service {ns}/{root_name} has no ClusterIP (headless)"));
     }
     route_matches(split, snap)?;
@@ -286,12 +293,13 @@ fn route_matches(split: &Named<TrafficSplitSpec>, snap: &Snapshot) -> Result<Opt
     Ok(Some(out))
 }
 
-/// The ready endpoints of `svc` for one of its ports, as (IP, target port).
-fn endpoints(svc: &Service, port: &ServicePort) -> Vec<(Ipv4Addr, u16)> {
-    let mut out: Vec<(Ipv4Addr, u16)> = svc
+/// The ready endpoints of `svc` for one of its ports, as (IP, target
+/// port), of the family of `vip` (the ClusterIP they serve).
+fn endpoints(svc: &Service, port: &ServicePort, vip: IpAddr) -> Vec<(IpAddr, u16)> {
+    let mut out: Vec<(IpAddr, u16)> = svc
         .endpoints
         .iter()
-        .filter(|e| e.ready)
+        .filter(|e| e.ready && e.ip.is_ipv4() == vip.is_ipv4())
         .filter_map(|e| {
             let target = e
                 .ports
@@ -312,8 +320,8 @@ fn endpoints(svc: &Service, port: &ServicePort) -> Vec<(Ipv4Addr, u16)> {
 /// SPLIT_SLOTS slots shared by weight, then evenly among each backend's
 /// ready endpoints. A backend without ready endpoints gets no share (its
 /// weight goes to the others) rather than failing its part of connects.
-fn split_slots(split: &Named<TrafficSplitSpec>, port: u16, snap: &Snapshot) -> Vec<(Ipv4Addr, u16)> {
-    let mut shares: Vec<((Ipv4Addr, u16), u64)> = Vec::new(); // (endpoint, weight numerator)
+fn split_slots(split: &Named<TrafficSplitSpec>, port: u16, vip: IpAddr, snap: &Snapshot) -> Vec<(IpAddr, u16)> {
+    let mut shares: Vec<((IpAddr, u16), u64)> = Vec::new(); // (endpoint, weight numerator)
     let mut groups = Vec::new();
     for b in &split.spec.backends {
         let key = format!("{}/{}", split.namespace, service_name(&b.service));
@@ -321,7 +329,7 @@ fn split_slots(split: &Named<TrafficSplitSpec>, port: u16, snap: &Snapshot) -> V
         let Some(p) = svc.ports.iter().find(|p| p.port == port) else {
             continue;
         };
-        let eps = endpoints(svc, p);
+        let eps = endpoints(svc, p, vip);
         if b.weight > 0 && !eps.is_empty() {
             groups.push((b.weight as u64, eps));
         }
@@ -383,7 +391,7 @@ mod tests {
             Service {
                 namespace: "t".into(),
                 name: name.into(),
-                cluster_ip: Some(vip.parse().unwrap()),
+                cluster_ips: vec![vip.parse().unwrap()],
                 ports: vec![ServicePort {
                     name: None,
                     port,

@@ -63,6 +63,6 @@ pub enum SourceError {
     DuplicateIp {
         first: String,
         second: String,
-        ip: std::net::Ipv4Addr,
+        ip: std::net::IpAddr,
     },
 }

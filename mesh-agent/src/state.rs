@@ -3,7 +3,7 @@
 //! rest of the agent reads the latest one from a watch channel.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -49,7 +49,9 @@ pub struct Pod {
     pub uid: String,
     pub service_account: String,
     pub node: String,
-    pub ip: Ipv4Addr,
+    /// `status.podIPs`: one address per family (dual-stack), the first
+    /// being `status.podIP`. Every one is an endpoint of the pod.
+    pub ips: Vec<IpAddr>,
     /// `status.qosClass`: where the kubelet puts its cgroup.
     pub qos_class: Option<String>,
     /// `spec.hostNetwork`: it shares the node's network namespace and
@@ -65,6 +67,19 @@ impl Pod {
 
     pub fn identity(&self) -> Identity {
         Identity::new(&self.namespace, &self.service_account)
+    }
+
+    /// `status.podIP`, the primary address.
+    pub fn primary_ip(&self) -> Option<IpAddr> {
+        self.ips.first().copied()
+    }
+
+    /// The pod's IPv4 address, when it has one.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
     }
 }
 
@@ -92,8 +107,8 @@ pub struct SmiSet {
 pub struct Service {
     pub namespace: String,
     pub name: String,
-    /// None for headless Services.
-    pub cluster_ip: Option<Ipv4Addr>,
+    /// `spec.clusterIPs` (one per family, dual-stack); empty for headless Services.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<ServiceEndpoint>,
 }
@@ -107,7 +122,7 @@ pub struct ServicePort {
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ServiceEndpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub ready: bool,
     pub node: Option<String>,
     /// (port name, target port) as the slice lists them.
@@ -180,7 +195,7 @@ impl Snapshot {
 #[derive(Debug, Default)]
 pub struct Store {
     snapshot: Snapshot,
-    by_ip: HashMap<Ipv4Addr, Arc<Pod>>,
+    by_ip: HashMap<IpAddr, Arc<Pod>>,
     by_workload_id: HashMap<u32, Arc<Pod>>,
     by_uid: HashMap<String, Arc<Pod>>,
     workload_ids: BTreeMap<String, u32>,
@@ -194,7 +209,9 @@ impl Store {
             let pod = Arc::new(pod.clone());
             // Two pods claiming one address: the first by name answers, as a
             // scan in name order did.
-            by_ip.entry(pod.ip).or_insert_with(|| pod.clone());
+            for ip in &pod.ips {
+                by_ip.entry(*ip).or_insert_with(|| pod.clone());
+            }
             if !pod.uid.is_empty() {
                 by_uid.insert(pod.uid.clone(), pod.clone());
             }
@@ -209,8 +226,10 @@ impl Store {
         }
     }
 
-    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
-        self.by_ip.get(&ip).map(|p| &**p)
+    /// The pod with this address, of either family (an IPv4-mapped IPv6
+    /// address is the IPv4 address it maps).
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.by_ip.get(&ip.to_canonical()).map(|p| &**p)
     }
 
     pub fn pod_by_workload_id(&self, id: u32) -> Option<&Pod> {
@@ -277,7 +296,7 @@ mod tests {
             uid: String::new(),
             service_account: "default".into(),
             node: "n1".into(),
-            ip: Ipv4Addr::from(ip),
+            ips: vec![IpAddr::from(ip)],
             qos_class: None,
             host_network: false,
         }
@@ -316,10 +335,10 @@ mod tests {
                 snap.pods.insert(p.workload_name(), p);
             }
             let store = Store::new(snap);
-            let ids: Vec<(Ipv4Addr, u32, String)> = store
+            let ids: Vec<(IpAddr, u32, String)> = store
                 .pods
                 .iter()
-                .map(|(k, p)| (p.ip, store.workload_ids()[k], p.uid.clone()))
+                .map(|(k, p)| (p.ips[0], store.workload_ids()[k], p.uid.clone()))
                 .collect();
             let rounds = 200_000usize;
             let time = |f: &dyn Fn(usize) -> bool| {
@@ -332,14 +351,14 @@ mod tests {
                 t.elapsed().as_nanos() as f64 / rounds as f64
             };
             let at = |i: usize| &ids[(i * 7919) % ids.len()];
-            let by_ip = time(&|i| store.pod_by_ip(at(i).0).is_some_and(|p| p.ip == at(i).0));
+            let by_ip = time(&|i| store.pod_by_ip(at(i).0).is_some_and(|p| p.ips[0] == at(i).0));
             let by_id = time(&|i| store.pod_by_workload_id(at(i).1).is_some());
             let by_uid = time(&|i| store.pod_by_uid(&at(i).2).is_some_and(|p| p.uid == at(i).2));
             // What every connection paid before the index: a scan in name order.
             let scan_rounds = 2_000usize;
             let t = std::time::Instant::now();
             for i in 0..scan_rounds {
-                assert!(store.pods.values().any(|p| p.ip == at(i).0));
+                assert!(store.pods.values().any(|p| p.ips[0] == at(i).0));
             }
             let scan = t.elapsed().as_nanos() as f64 / scan_rounds as f64;
             let base = *first.get_or_insert(by_ip);

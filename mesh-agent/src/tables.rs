@@ -4,7 +4,7 @@
 //! layouts, and the compilers nothing of aya.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 /// One L4 allow rule of `mesh_policy` (see `mesh_common::PolicyKey`).
@@ -29,14 +29,16 @@ pub struct PolicyRow {
 pub struct WorkloadRow {
     pub cgroup_id: u64,
     pub workload_id: u32,
-    pub ip: Ipv4Addr,
+    /// The pod's IPv4 address, if it has one (shown by bpftool only).
+    pub ipv4: Option<Ipv4Addr>,
     pub identity_id: u32,
 }
 
-/// A meshed pod anywhere in the cluster (`mesh_endpoints`), by its address.
+/// A meshed pod anywhere in the cluster (`mesh_endpoints`), by one of its
+/// addresses (a dual-stack pod has a row per family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndpointRow {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub workload_id: u32,
     pub identity_id: u32,
     pub same_node: bool,
@@ -48,12 +50,12 @@ pub struct EndpointRow {
 pub struct ServiceTable {
     /// `namespace/name:port`, for logs.
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     /// `mesh_common::PROTO_TCP` or `PROTO_UDP`.
     pub protocol: u8,
     /// (pod IP, target port); empty: no ready endpoint.
-    pub slots: Vec<(Ipv4Addr, u16)>,
+    pub slots: Vec<(IpAddr, u16)>,
     /// The TrafficSplit in force for it, `namespace/name`.
     pub split: Option<String>,
     /// An HTTP-matched split: connects go to the agent, which routes each
@@ -62,7 +64,7 @@ pub struct ServiceTable {
     pub via_agent: bool,
     /// UDP: the agent's relay port for each endpoint on another node
     /// (filled by `tunnel::udp::Relays::assign`); the others are sent to directly.
-    pub relays: BTreeMap<SocketAddrV4, u16>,
+    pub relays: BTreeMap<SocketAddr, u16>,
 }
 
 impl ServiceTable {

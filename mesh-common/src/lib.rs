@@ -10,13 +10,13 @@
 /// Bumped whenever a map's key or value layout changes. Pinned state lives in
 /// a directory named after it, so an incompatible older pin set is replaced
 /// deliberately instead of being reused.
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 /// Map names (the kernel keeps 15 characters).
 pub mod maps {
     /// cgroup id -> [`crate::Workload`]: the enrolled pods of this node.
     pub const WORKLOADS: &str = "mesh_workloads";
-    /// IPv4 address -> [`crate::Endpoint`]: where each meshed pod runs.
+    /// Pod address ([`crate::Addr`], either family) -> [`crate::Endpoint`]: where each meshed pod runs.
     pub const ENDPOINTS: &str = "mesh_endpoints";
     /// One [`crate::Config`]: the node's capture settings.
     pub const CONFIG: &str = "mesh_config";
@@ -56,7 +56,7 @@ pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const SENDMSG4: &str = "mesh_sendmsg4";
     pub const RECVMSG4: &str = "mesh_recvmsg4";
-    /// AF_INET6 sockets to IPv4-mapped addresses, handled as their IPv4 twins.
+    /// AF_INET6 sockets: native IPv6, and IPv4-mapped addresses handled as their IPv4 twins.
     pub const CONNECT6: &str = "mesh_connect6";
     pub const SENDMSG6: &str = "mesh_sendmsg6";
     pub const RECVMSG6: &str = "mesh_recvmsg6";
@@ -66,6 +66,92 @@ pub mod programs {
 
 /// Port the agent's outbound capture listener uses unless configured otherwise.
 pub const OUTBOUND_PORT: u16 = 15001;
+
+/// `::ffff:0:0/96`: the third word of an IPv4-mapped IPv6 address, as
+/// network byte order puts it in memory.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// An IP address as every map keys it: 16 bytes in network order, IPv6 as
+/// is and IPv4 in its IPv4-mapped form (`::ffff:a.b.c.d`), so an AF_INET
+/// socket and an AF_INET6 one addressing the same IPv4 peer find the same
+/// entry, and one map serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr {
+    pub words: [u32; 4],
+}
+
+impl Addr {
+    /// The all-zero address: "none".
+    pub const UNSPECIFIED: Addr = Addr { words: [0; 4] };
+
+    /// An IPv4 address given in network byte order (as `user_ip4` holds it).
+    #[inline(always)]
+    pub const fn from_ipv4_be(ipv4: u32) -> Addr {
+        Addr {
+            words: [0, 0, V4_MAPPED_WORD, ipv4],
+        }
+    }
+
+    #[inline(always)]
+    pub const fn is_ipv4(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == V4_MAPPED_WORD
+    }
+
+    /// The IPv4 address in network byte order; meaningful when [`Self::is_ipv4`].
+    #[inline(always)]
+    pub const fn ipv4_be(&self) -> u32 {
+        self.words[3]
+    }
+
+    #[inline(always)]
+    pub const fn is_unspecified(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
+    }
+
+    /// 127.0.0.0/8 or ::1: never keyed (two network namespaces can hold the
+    /// same loopback 4-tuple).
+    #[inline(always)]
+    pub const fn is_loopback(&self) -> bool {
+        if self.is_ipv4() {
+            // Network order in memory: the first octet is the lowest byte.
+            return self.words[3] & 0xff == 127;
+        }
+        self.words[0] == 0
+            && self.words[1] == 0
+            && self.words[2] == 0
+            && self.words[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    }
+}
+
+impl From<core::net::IpAddr> for Addr {
+    fn from(ip: core::net::IpAddr) -> Addr {
+        match ip {
+            core::net::IpAddr::V4(v4) => Addr::from_ipv4_be(u32::from_ne_bytes(v4.octets())),
+            core::net::IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                Addr {
+                    words: [word(0), word(4), word(8), word(12)],
+                }
+            }
+        }
+    }
+}
+
+impl From<Addr> for core::net::IpAddr {
+    /// IPv4-mapped addresses come back as IPv4.
+    fn from(a: Addr) -> core::net::IpAddr {
+        if a.is_ipv4() {
+            return core::net::IpAddr::V4(core::net::Ipv4Addr::from(a.words[3].to_ne_bytes()));
+        }
+        let mut o = [0u8; 16];
+        for (i, w) in a.words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        core::net::IpAddr::V6(core::net::Ipv6Addr::from(o))
+    }
+}
 
 /// An enrolled pod on this node, found by the cgroup id of the connecting
 /// process (kernel-attested: a pod cannot forge it).
@@ -101,7 +187,7 @@ pub struct Config {
     /// [`MAP_LAYOUT_VERSION`] of the agent that wrote it; first field in every
     /// layout so a newer agent can recognise pins it must not reuse.
     pub layout_version: u32,
-    /// Address of the agent's outbound listener, network byte order.
+    /// IPv4 address of the agent's outbound listener, network byte order.
     pub agent_ipv4: u32,
     /// Port of the agent's outbound listener, host byte order.
     pub agent_port: u16,
@@ -128,6 +214,10 @@ pub struct Config {
     /// CLOCK_MONOTONIC nanoseconds until which the agent counts as alive;
     /// it pushes this forward on a timer. Only read when `fail_open` is 1.
     pub alive_until_ns: u64,
+    /// IPv6 address of the agent's outbound listener, for connects to IPv6
+    /// destinations; unspecified when the node has none (they then go to
+    /// the IPv4 listener, IPv4-mapped).
+    pub agent_ipv6: Addr,
 }
 
 /// Pods' cgroups sit 1 (Guaranteed) or 2 (Burstable, BestEffort) levels
@@ -170,24 +260,22 @@ pub const POLICY_FLAG_HTTP: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
-    /// Network byte order.
-    pub ipv4: u32,
+    pub addr: Addr,
     /// Host byte order.
     pub port: u16,
     pub _pad: u16,
     /// The connecting pod, from its cgroup.
     pub workload_id: u32,
-    pub _pad2: u32,
 }
 
-/// A TCP socket as seen from its own side. Addresses in network byte order,
-/// ports in host byte order. Loopback sockets are never keyed (two network
-/// namespaces can hold the same loopback 4-tuple).
+/// A TCP socket as seen from its own side, either family; ports in host
+/// byte order. Loopback sockets are never keyed (two network namespaces can
+/// hold the same loopback 4-tuple).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
-    pub local_ipv4: u32,
-    pub remote_ipv4: u32,
+    pub local: Addr,
+    pub remote: Addr,
     pub local_port: u16,
     pub remote_port: u16,
 }
@@ -197,8 +285,8 @@ impl SockKey {
     #[inline(always)]
     pub const fn peer(&self) -> SockKey {
         SockKey {
-            local_ipv4: self.remote_ipv4,
-            remote_ipv4: self.local_ipv4,
+            local: self.remote,
+            remote: self.local,
             local_port: self.remote_port,
             remote_port: self.local_port,
         }
@@ -269,11 +357,11 @@ pub struct TrafficStats {
     pub received_bytes: u64,
 }
 
-/// A service address: ClusterIP (network order) and port (host order).
+/// A service address: ClusterIP (either family) and port (host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    pub vip: u32,
+    pub vip: Addr,
     pub port: u16,
     pub protocol: u8,
     pub _pad: u8,
@@ -310,11 +398,11 @@ pub struct BackendKey {
     pub _pad: u32,
 }
 
-/// An endpoint: pod IPv4 (network order) and target port (host order).
+/// An endpoint: pod address (the service's family) and target port (host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
-    pub ipv4: u32,
+    pub addr: Addr,
     pub port: u16,
     /// UDP services only: non-zero when the endpoint runs on another node.
     /// Datagrams for it go to this port on the agent's address instead,
@@ -329,18 +417,18 @@ pub struct Backend {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpPeerKey {
     pub cookie: u64,
-    /// Network byte order.
-    pub ipv4: u32,
+    pub addr: Addr,
     /// Host byte order.
     pub port: u16,
     pub _pad: u16,
+    pub _pad2: u32,
 }
 
-/// The service address a UDP socket addressed (VIP network order, port host order).
+/// The service address a UDP socket addressed (port in host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpService {
-    pub vip: u32,
+    pub vip: Addr,
     pub port: u16,
     pub _pad: u16,
 }
@@ -356,14 +444,14 @@ pub struct PolicyEvent {
     pub time_ns: u64,
     pub workload_id: u32,
     pub src_identity: u32,
-    /// Network byte order.
-    pub dst_ipv4: u32,
     pub dst_identity: u32,
     /// Host byte order.
     pub dst_port: u16,
     pub protocol: u8,
     pub verdict: u8,
     pub generation: u32,
+    pub _pad: u32,
+    pub dst: Addr,
 }
 
 impl PolicyEvent {
@@ -391,7 +479,6 @@ impl PolicyEvent {
             time_ns: u64_at(core::mem::offset_of!(PolicyEvent, time_ns)),
             workload_id: u32_at(core::mem::offset_of!(PolicyEvent, workload_id)),
             src_identity: u32_at(core::mem::offset_of!(PolicyEvent, src_identity)),
-            dst_ipv4: u32_at(core::mem::offset_of!(PolicyEvent, dst_ipv4)),
             dst_identity: u32_at(core::mem::offset_of!(PolicyEvent, dst_identity)),
             dst_port: {
                 let o = core::mem::offset_of!(PolicyEvent, dst_port);
@@ -400,6 +487,13 @@ impl PolicyEvent {
             protocol: bytes[core::mem::offset_of!(PolicyEvent, protocol)],
             verdict: bytes[core::mem::offset_of!(PolicyEvent, verdict)],
             generation: u32_at(core::mem::offset_of!(PolicyEvent, generation)),
+            _pad: 0,
+            dst: {
+                let o = core::mem::offset_of!(PolicyEvent, dst);
+                Addr {
+                    words: [u32_at(o), u32_at(o + 4), u32_at(o + 8), u32_at(o + 12)],
+                }
+            },
         })
     }
 }
@@ -438,6 +532,7 @@ const _: () = {
         policy_generation: 16,
         _pad2: 20,
         alive_until_ns: 24,
+        agent_ipv6: 32,
     });
     assert_offsets!(PolicyKey {
         generation: 0,
@@ -448,18 +543,18 @@ const _: () = {
         _pad: 15
     });
     assert_offsets!(PolicyValue { rule: 0, flags: 4 });
+    assert_offsets!(Addr { words: 0 });
     assert_offsets!(OrigDst {
-        ipv4: 0,
-        port: 4,
-        _pad: 6,
-        workload_id: 8,
-        _pad2: 12
+        addr: 0,
+        port: 16,
+        _pad: 18,
+        workload_id: 20
     });
     assert_offsets!(SockKey {
-        local_ipv4: 0,
-        remote_ipv4: 4,
-        local_port: 8,
-        remote_port: 10
+        local: 0,
+        remote: 16,
+        local_port: 32,
+        remote_port: 34
     });
     assert_offsets!(SpliceStats { messages: 0, bytes: 8 });
     assert_offsets!(CaptureStats {
@@ -476,12 +571,13 @@ const _: () = {
         time_ns: 0,
         workload_id: 8,
         src_identity: 12,
-        dst_ipv4: 16,
-        dst_identity: 20,
-        dst_port: 24,
-        protocol: 26,
-        verdict: 27,
-        generation: 28,
+        dst_identity: 16,
+        dst_port: 20,
+        protocol: 22,
+        verdict: 23,
+        generation: 24,
+        _pad: 28,
+        dst: 32,
     });
     assert_offsets!(SplicedFlow {
         key: 0,
@@ -500,9 +596,9 @@ const _: () = {
     });
     assert_offsets!(ServiceKey {
         vip: 0,
-        port: 4,
-        protocol: 6,
-        _pad: 7
+        port: 16,
+        protocol: 18,
+        _pad: 19
     });
     assert_offsets!(ServiceValue {
         service_id: 0,
@@ -517,43 +613,45 @@ const _: () = {
         _pad: 12
     });
     assert_offsets!(Backend {
-        ipv4: 0,
-        port: 4,
-        relay_port: 6
+        addr: 0,
+        port: 16,
+        relay_port: 18
     });
     assert_offsets!(UdpPeerKey {
         cookie: 0,
-        ipv4: 8,
-        port: 12,
-        _pad: 14
+        addr: 8,
+        port: 24,
+        _pad: 26,
+        _pad2: 28
     });
     assert_offsets!(UdpService {
         vip: 0,
-        port: 4,
-        _pad: 6
+        port: 16,
+        _pad: 18
     });
 };
 
 const _: () = {
+    assert!(core::mem::size_of::<Addr>() == 16);
     assert!(core::mem::size_of::<Workload>() == 16);
     assert!(core::mem::size_of::<Endpoint>() == 16);
-    assert!(core::mem::size_of::<Config>() == 32);
+    assert!(core::mem::size_of::<Config>() == 48);
     assert!(core::mem::size_of::<PolicyKey>() == 16);
     assert!(core::mem::size_of::<PolicyValue>() == 8);
-    assert!(core::mem::size_of::<OrigDst>() == 16);
-    assert!(core::mem::size_of::<SockKey>() == 12);
+    assert!(core::mem::size_of::<OrigDst>() == 24);
+    assert!(core::mem::size_of::<SockKey>() == 36);
     assert!(core::mem::size_of::<SpliceStats>() == 16);
     assert!(core::mem::size_of::<CaptureStats>() == 64);
-    assert!(core::mem::size_of::<PolicyEvent>() == 32);
+    assert!(core::mem::size_of::<PolicyEvent>() == 48);
     assert!(core::mem::size_of::<SplicedFlow>() == 16);
     assert!(core::mem::size_of::<TrafficKey>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 32);
-    assert!(core::mem::size_of::<ServiceKey>() == 8);
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<BackendKey>() == 16);
-    assert!(core::mem::size_of::<Backend>() == 8);
-    assert!(core::mem::size_of::<UdpPeerKey>() == 16);
-    assert!(core::mem::size_of::<UdpService>() == 8);
+    assert!(core::mem::size_of::<Backend>() == 20);
+    assert!(core::mem::size_of::<UdpPeerKey>() == 32);
+    assert!(core::mem::size_of::<UdpService>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -562,6 +660,7 @@ mod user {
     // valid for every bit pattern, as aya::Pod requires.
     #![allow(unsafe_code)]
     use super::*;
+    unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for Workload {}
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for Config {}
@@ -595,25 +694,49 @@ mod tests {
             time_ns: 0x0102_0304_0506_0708,
             workload_id: 11,
             src_identity: 22,
-            dst_ipv4: u32::from_ne_bytes([198, 18, 2, 10]),
             dst_identity: 33,
             dst_port: 8080,
             protocol: PROTO_UDP,
             verdict: VERDICT_ALLOW,
             generation: 44,
+            _pad: 0,
+            dst: Addr::from(core::net::IpAddr::from([0x2001, 2, 0, 2, 0, 0, 0, 0x10])),
         };
         let mut bytes = [0u8; core::mem::size_of::<PolicyEvent>()];
         // What the ring buffer carries: the struct's bytes as laid out.
         bytes[0..8].copy_from_slice(&ev.time_ns.to_ne_bytes());
         bytes[8..12].copy_from_slice(&ev.workload_id.to_ne_bytes());
         bytes[12..16].copy_from_slice(&ev.src_identity.to_ne_bytes());
-        bytes[16..20].copy_from_slice(&ev.dst_ipv4.to_ne_bytes());
-        bytes[20..24].copy_from_slice(&ev.dst_identity.to_ne_bytes());
-        bytes[24..26].copy_from_slice(&ev.dst_port.to_ne_bytes());
-        bytes[26] = ev.protocol;
-        bytes[27] = ev.verdict;
-        bytes[28..32].copy_from_slice(&ev.generation.to_ne_bytes());
+        bytes[16..20].copy_from_slice(&ev.dst_identity.to_ne_bytes());
+        bytes[20..22].copy_from_slice(&ev.dst_port.to_ne_bytes());
+        bytes[22] = ev.protocol;
+        bytes[23] = ev.verdict;
+        bytes[24..28].copy_from_slice(&ev.generation.to_ne_bytes());
+        for (i, w) in ev.dst.words.iter().enumerate() {
+            bytes[32 + 4 * i..36 + 4 * i].copy_from_slice(&w.to_ne_bytes());
+        }
         assert_eq!(PolicyEvent::decode(&bytes), Some(ev));
-        assert_eq!(PolicyEvent::decode(&bytes[..31]), None);
+        assert_eq!(PolicyEvent::decode(&bytes[..47]), None);
+    }
+
+    /// IPv4 is keyed in its mapped form, and comes back as IPv4.
+    #[test]
+    fn addresses_key_both_families() {
+        use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let v4 = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 10));
+        let a = Addr::from(v4);
+        assert!(a.is_ipv4());
+        assert_eq!(a, Addr::from_ipv4_be(u32::from_ne_bytes([198, 18, 1, 10])));
+        assert_eq!(
+            a,
+            Addr::from(IpAddr::V6(Ipv4Addr::new(198, 18, 1, 10).to_ipv6_mapped()))
+        );
+        assert_eq!(IpAddr::from(a), v4);
+        let v6 = IpAddr::V6("2001:2:0:1::10".parse::<Ipv6Addr>().unwrap());
+        assert!(!Addr::from(v6).is_ipv4());
+        assert_eq!(IpAddr::from(Addr::from(v6)), v6);
+        assert!(Addr::from(IpAddr::V6(Ipv6Addr::LOCALHOST)).is_loopback());
+        assert!(Addr::from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))).is_loopback());
+        assert!(!a.is_loopback());
     }
 }

@@ -1,14 +1,13 @@
-//! One address-family seam for the sock_addr hooks. An AF_INET6 socket
-//! connecting or sending to an IPv4-mapped address (`::ffff:a.b.c.d`, what
-//! Java and other dual-stack programs use for IPv4) is the IPv4 connect it
-//! is: the same capture, policy, splice or tunnel, and audit. `MAPPED`
-//! picks where the IPv4 address lives in `bpf_sock_addr`; it is a const so
-//! each program only touches the fields its attach type may (the verifier
-//! refuses `user_ip4` in a *6 hook, even on a branch never taken).
+//! One address-family seam for the sock_addr hooks. Every map keys
+//! addresses as [`Addr`] (IPv4 in its IPv4-mapped form), so an AF_INET6
+//! socket connecting or sending to `::ffff:a.b.c.d` (what Java and other
+//! dual-stack programs use for IPv4) is the IPv4 connect it is, and native
+//! IPv6 takes the same path. `V6` picks where the address lives in
+//! `bpf_sock_addr`; it is a const so each program only touches the fields
+//! its attach type may (the verifier refuses `user_ip4` in a *6 hook, even
+//! on a branch never taken).
 use aya_ebpf::bindings::bpf_sock_addr;
-
-/// `::ffff:0:0/96` as `user_ip6[2]` holds it (network byte order).
-const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+use mesh_common::Addr;
 
 /// A context field, loaded straight from its own address: the verifier
 /// refuses a context read through a pointer LLVM computed to serve two
@@ -18,19 +17,20 @@ fn field(p: &u32) -> u32 {
     unsafe { core::ptr::read_volatile(p) }
 }
 
-/// Whether an AF_INET6 hook's address is IPv4-mapped.
+/// The address the socket addresses.
 #[inline(always)]
-pub fn is_v4_mapped(sa: &bpf_sock_addr) -> bool {
-    field(&sa.user_ip6[0]) == 0 && field(&sa.user_ip6[1]) == 0 && field(&sa.user_ip6[2]) == V4_MAPPED_PREFIX
-}
-
-/// The IPv4 address (network byte order) the socket addresses.
-#[inline(always)]
-pub fn ipv4<const MAPPED: bool>(sa: &bpf_sock_addr) -> u32 {
-    if MAPPED {
-        field(&sa.user_ip6[3])
+pub fn address<const V6: bool>(sa: &bpf_sock_addr) -> Addr {
+    if V6 {
+        Addr {
+            words: [
+                field(&sa.user_ip6[0]),
+                field(&sa.user_ip6[1]),
+                field(&sa.user_ip6[2]),
+                field(&sa.user_ip6[3]),
+            ],
+        }
     } else {
-        field(&sa.user_ip4)
+        Addr::from_ipv4_be(field(&sa.user_ip4))
     }
 }
 
@@ -40,14 +40,38 @@ pub fn port(sa: &bpf_sock_addr) -> u16 {
     u16::from_be(sa.user_port as u16)
 }
 
-/// Rewrites the address (network byte order) and port (host byte order);
-/// a mapped address stays mapped.
+/// Rewrites the address and port (host byte order). An AF_INET socket can
+/// only be given an IPv4 address: false (nothing written) otherwise.
 #[inline(always)]
-pub fn set<const MAPPED: bool>(sa: &mut bpf_sock_addr, ipv4: u32, port: u16) {
-    if MAPPED {
-        sa.user_ip6[3] = ipv4;
+pub fn set<const V6: bool>(sa: &mut bpf_sock_addr, addr: &Addr, port: u16) -> bool {
+    if V6 {
+        sa.user_ip6[0] = addr.words[0];
+        sa.user_ip6[1] = addr.words[1];
+        sa.user_ip6[2] = addr.words[2];
+        sa.user_ip6[3] = addr.words[3];
     } else {
-        sa.user_ip4 = ipv4;
+        if !addr.is_ipv4() {
+            return false;
+        }
+        sa.user_ip4 = addr.ipv4_be();
     }
     sa.user_port = u32::from(port.to_be());
+    true
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// A socket's (local, remote) addresses from a sockops or sk_msg context,
+/// whose fields the caller loaded up front (the verifier refuses a context
+/// read through a computed pointer, which is what LLVM makes of branches
+/// that load different fields into one variable). An AF_INET6 socket to an
+/// IPv4-mapped peer already holds the mapped form: the same key as AF_INET.
+#[inline(always)]
+pub fn socket_pair(family: u32, v4: (u32, u32), v6: ([u32; 4], [u32; 4])) -> Option<(Addr, Addr)> {
+    match family {
+        AF_INET => Some((Addr::from_ipv4_be(v4.0), Addr::from_ipv4_be(v4.1))),
+        AF_INET6 => Some((Addr { words: v6.0 }, Addr { words: v6.1 })),
+        _ => None,
+    }
 }

@@ -1,4 +1,5 @@
-//! `connect()` capture for enrolled pods (cgroup/connect4).
+//! `connect()` capture for enrolled pods (cgroup/connect4 and connect6:
+//! one path for both families, addresses keyed as [`Addr`]).
 //!
 //! A service VIP is first replaced by one of its endpoints, picked at random
 //! from the service's weighted slot table (socket-level load balancing: the
@@ -14,12 +15,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    ANY_PORT, Backend, BackendKey, CaptureStats, Config, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP,
+    ANY_PORT, Addr, Backend, BackendKey, CaptureStats, Config, OrigDst, POLICY_ENFORCING, POLICY_FLAG_HTTP, PROTO_TCP,
     PolicyKey, SERVICE_VIA_AGENT, ServiceKey, ServiceValue,
 };
 
 use crate::{
-    addr::{self, is_v4_mapped},
+    addr,
     events::{Destination, emit},
     maps::{
         config, current_workload, mesh_backends, mesh_capture, mesh_cookies, mesh_endpoints, mesh_policy, mesh_services,
@@ -37,14 +38,10 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     try_connect::<false>(&ctx)
 }
 
-/// AF_INET6 sockets: an IPv4-mapped destination is handled as connect4
-/// would; native IPv6 destinations are not meshed (yet) and pass.
+/// AF_INET6 sockets: native IPv6, and IPv4-mapped destinations (found in
+/// the maps as the IPv4 addresses they are).
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
-    if !is_v4_mapped(sa) {
-        return ALLOW;
-    }
     try_connect::<true>(&ctx)
 }
 
@@ -56,7 +53,7 @@ pub(crate) fn count(field: fn(&mut CaptureStats) -> &mut u64) {
 }
 
 #[inline(always)]
-fn try_connect<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
+fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM && sa.type_ != SOCK_DGRAM {
         return ALLOW;
@@ -67,9 +64,9 @@ fn try_connect<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
     };
     if sa.type_ == SOCK_DGRAM {
         // A connected UDP socket: its service is resolved once, here.
-        return crate::udp::to_service::<MAPPED>(ctx, sa, workload);
+        return crate::udp::to_service::<V6>(ctx, sa, workload);
     }
-    let mut dst_ip = addr::ipv4::<MAPPED>(sa);
+    let mut dst_ip = addr::address::<V6>(sa);
     let mut dst_port = addr::port(sa);
     let service = ServiceKey {
         vip: dst_ip,
@@ -86,14 +83,16 @@ fn try_connect<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
             && let Some(cfg) = config()
             && agent_serves(cfg)
         {
-            return to_agent::<MAPPED>(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port);
+            return to_agent::<V6>(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port);
         }
         let Some(backend) = pick_backend(svc) else {
             return DENY;
         };
-        dst_ip = backend.ipv4;
+        dst_ip = backend.addr;
         dst_port = backend.port;
-        addr::set::<MAPPED>(sa, dst_ip, dst_port);
+        if !addr::set::<V6>(sa, &dst_ip, dst_port) {
+            return DENY; // an IPv6 endpoint for an AF_INET socket: a table of the wrong family
+        }
         count(|s| &mut s.load_balanced);
     }
     let Some(endpoint) = (unsafe { mesh_endpoints.get(&dst_ip) }) else {
@@ -116,7 +115,7 @@ fn try_connect<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
             cfg,
             workload,
             &Destination {
-                ipv4: dst_ip,
+                addr: dst_ip,
                 port: dst_port,
                 endpoint,
             },
@@ -127,13 +126,7 @@ fn try_connect<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
             None => {
                 count(|s| &mut s.denied);
                 if cfg.debug != 0 {
-                    debug!(
-                        ctx,
-                        "deny workload {} -> {:i}:{}",
-                        workload.workload_id,
-                        u32::from_be(dst_ip),
-                        dst_port
-                    );
+                    debug!(ctx, "deny workload {} -> port {}", workload.workload_id, dst_port);
                 }
                 return DENY;
             }
@@ -148,7 +141,7 @@ fn try_connect<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
     if !agent_serves(cfg) {
         return ALLOW;
     }
-    to_agent::<MAPPED>(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port)
+    to_agent::<V6>(ctx, sa, cfg, workload.workload_id, dst_ip, dst_port)
 }
 
 /// A random slot of the service's table in force; `None` (counted as
@@ -192,21 +185,20 @@ pub(crate) fn agent_serves(cfg: &Config) -> bool {
 /// Records the original destination by socket cookie and rewrites the
 /// connect to the agent's outbound listener.
 #[inline(always)]
-fn to_agent<const MAPPED: bool>(
+fn to_agent<const V6: bool>(
     ctx: &SockAddrContext,
     sa: &mut bpf_sock_addr,
     cfg: &Config,
     workload_id: u32,
-    dst_ip: u32,
+    dst_ip: Addr,
     dst_port: u16,
 ) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let orig = OrigDst {
-        ipv4: dst_ip,
+        addr: dst_ip,
         port: dst_port,
         _pad: 0,
         workload_id,
-        _pad2: 0,
     };
     if mesh_cookies.insert(&cookie, &orig, 0).is_err() {
         // Without the record the agent could not route the flow; leave it.
@@ -214,17 +206,25 @@ fn to_agent<const MAPPED: bool>(
         return ALLOW;
     }
     if cfg.debug != 0 {
-        debug!(
-            ctx,
-            "capture workload {} -> {:i}:{}",
-            workload_id,
-            u32::from_be(dst_ip),
-            dst_port
-        );
+        debug!(ctx, "capture workload {} -> port {}", workload_id, dst_port);
     }
-    addr::set::<MAPPED>(sa, cfg.agent_ipv4, cfg.agent_port);
+    if !addr::set::<V6>(sa, &agent_address(cfg, &dst_ip), cfg.agent_port) {
+        return DENY; // unreachable: an AF_INET socket only addresses IPv4
+    }
     count(|s| &mut s.redirected);
     ALLOW
+}
+
+/// The agent listener for a destination of this family: its IPv6 address
+/// for IPv6, else (IPv4, or a node without IPv6) its IPv4 one, which an
+/// AF_INET6 socket reaches IPv4-mapped.
+#[inline(always)]
+pub(crate) fn agent_address(cfg: &Config, dst: &Addr) -> Addr {
+    if dst.is_ipv4() || cfg.agent_ipv6.is_unspecified() {
+        Addr::from_ipv4_be(cfg.agent_ipv4)
+    } else {
+        cfg.agent_ipv6
+    }
 }
 
 /// The flags of the allow rule for this exact port, or for any port, in the

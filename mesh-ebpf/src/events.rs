@@ -2,14 +2,13 @@
 //! hook audits the same fields the same way (the agent decodes them with
 //! `PolicyEvent::decode`).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mesh_common::{Config, Endpoint, PolicyEvent, VERDICT_ALLOW, VERDICT_DENY, Workload};
+use mesh_common::{Addr, Config, Endpoint, PolicyEvent, VERDICT_ALLOW, VERDICT_DENY, Workload};
 
 use crate::{connect4::count, maps::mesh_events};
 
 /// Where a decided flow was going.
 pub struct Destination<'a> {
-    /// Network byte order.
-    pub ipv4: u32,
+    pub addr: Addr,
     /// Host byte order.
     pub port: u16,
     pub endpoint: &'a Endpoint,
@@ -22,12 +21,13 @@ pub fn emit(cfg: &Config, workload: &Workload, dst: &Destination<'_>, protocol: 
         time_ns: unsafe { bpf_ktime_get_ns() },
         workload_id: workload.workload_id,
         src_identity: workload.identity_id,
-        dst_ipv4: dst.ipv4,
         dst_identity: dst.endpoint.identity_id,
         dst_port: dst.port,
         protocol,
         verdict: if allowed { VERDICT_ALLOW } else { VERDICT_DENY },
         generation: cfg.policy_generation,
+        _pad: 0,
+        dst: dst.addr,
     };
     if mesh_events.output(&event, 0).is_err() {
         count(|s| &mut s.events_dropped);

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, POD_CGROUP_DEPTH, PolicyEvent, PolicyKey,
+    Addr, Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, POD_CGROUP_DEPTH, PolicyEvent, PolicyKey,
     PolicyValue, ServiceKey, ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, UdpPeerKey,
     UdpService, Workload,
 };
@@ -16,9 +16,9 @@ use mesh_common::{
 #[btf_map(pin_by_name)]
 pub static mesh_workloads: HashMap<u64, Workload, 4096> = HashMap::new();
 
-/// IPv4 (network order) -> meshed pod, on any node.
+/// Pod address (either family) -> meshed pod, on any node.
 #[btf_map(pin_by_name)]
-pub static mesh_endpoints: HashMap<u32, Endpoint, 65536> = HashMap::new();
+pub static mesh_endpoints: HashMap<Addr, Endpoint, 65536> = HashMap::new();
 
 #[btf_map(pin_by_name)]
 pub static mesh_config: Array<Config, 1> = Array::new();
@@ -102,12 +102,6 @@ pub fn current_workload() -> Option<&'static Workload> {
         level += 1;
     }
     None
-}
-
-#[inline(always)]
-pub fn is_loopback(ipv4_be: u32) -> bool {
-    // Network order in memory: the first octet is the lowest byte.
-    ipv4_be & 0xff == 127
 }
 
 /// This CPU's counters for a workload pair, created on first use. None only

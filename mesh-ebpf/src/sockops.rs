@@ -14,12 +14,12 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{SockKey, SplicedFlow, TrafficKey};
+use mesh_common::{Addr, SockKey, SplicedFlow, TrafficKey};
 
-use crate::maps::{config, is_loopback, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks, mesh_spliced, traffic};
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+use crate::{
+    addr::socket_pair,
+    maps::{config, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks, mesh_spliced, traffic},
+};
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
@@ -28,9 +28,10 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sockops(ctx: &SockOpsContext) {
-    // IPv4, and AF_INET6 sockets whose both ends are IPv4-mapped (what a
-    // dual-stack program such as Java uses for IPv4): keyed the same way,
-    // so the agent and the splice see one flow whatever the socket family.
+    // Both families; an AF_INET6 socket to an IPv4-mapped peer (what a
+    // dual-stack program such as Java uses for IPv4) is keyed as the IPv4
+    // socket it is, so the agent and the splice see one flow whatever the
+    // socket family.
     let Some(mut key) = sock_key(ctx) else { return };
     let op = ctx.op();
     if op == BPF_SOCK_OPS_STATE_CB {
@@ -43,7 +44,7 @@ fn try_sockops(ctx: &SockOpsContext) {
         return;
     }
     // Two network namespaces can hold the same loopback 4-tuple: never key those.
-    if is_loopback(key.local_ipv4) || is_loopback(key.remote_ipv4) {
+    if key.local.is_loopback() || key.remote.is_loopback() {
         return;
     }
     let Some(cfg) = config() else { return };
@@ -58,11 +59,13 @@ fn try_sockops(ctx: &SockOpsContext) {
             let _ = mesh_cookies.remove(&cookie);
         }
     }
-    let to_agent = if active {
-        key.remote_ipv4 == cfg.agent_ipv4 && key.remote_port == cfg.agent_port
+    let (agent_side, agent_port) = if active {
+        (&key.remote, key.remote_port)
     } else {
-        key.local_ipv4 == cfg.agent_ipv4 && key.local_port == cfg.agent_port
+        (&key.local, key.local_port)
     };
+    let to_agent = agent_port == cfg.agent_port
+        && ((agent_side.is_ipv4() && agent_side.ipv4_be() == cfg.agent_ipv4) || *agent_side == cfg.agent_ipv6);
     if to_agent {
         // The pod-to-agent hop is never spliced, and the agent counts what
         // it carries. A spliced message lands in the peer's receive queue
@@ -71,7 +74,7 @@ fn try_sockops(ctx: &SockOpsContext) {
         // agent's tunnel and got ENOMEM from write() after ~4 s.
         return;
     }
-    let (Some(local), Some(remote)) = (same_node_workload(key.local_ipv4), same_node_workload(key.remote_ipv4)) else {
+    let (Some(local), Some(remote)) = (same_node_workload(&key.local), same_node_workload(&key.remote)) else {
         return;
     };
     // Only with the opt-in splice (--splice=true): by default same-node
@@ -129,17 +132,10 @@ fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
             ],
         )
     };
-    let prefix = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-    let mapped = |a: [u32; 4]| a[0] == 0 && a[1] == 0 && a[2] == prefix;
-    let (local_ipv4, remote_ipv4) = match ctx.family() {
-        AF_INET => (v4_local, v4_remote),
-        // Native IPv6: not meshed (yet).
-        AF_INET6 if mapped(l) && mapped(r) => (l[3], r[3]),
-        _ => return None,
-    };
+    let (local, remote) = socket_pair(ctx.family(), (v4_local, v4_remote), (l, r))?;
     Some(SockKey {
-        local_ipv4,
-        remote_ipv4,
+        local,
+        remote,
         local_port: ctx.local_port() as u16,
         // remote_port holds the network-order port in its upper 16 bits.
         remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
@@ -181,8 +177,8 @@ fn closed(ctx: &SockOpsContext, key: &SockKey) {
 }
 
 #[inline(always)]
-fn same_node_workload(ipv4: u32) -> Option<u32> {
-    match unsafe { mesh_endpoints.get(&ipv4) } {
+fn same_node_workload(addr: &Addr) -> Option<u32> {
+    match unsafe { mesh_endpoints.get(addr) } {
         Some(ep) if ep.same_node != 0 => Some(ep.workload_id),
         _ => None,
     }

@@ -15,8 +15,8 @@ use aya_ebpf::{
 use mesh_common::{POLICY_ENFORCING, PROTO_UDP, ServiceKey, UdpPeerKey, UdpService, Workload};
 
 use crate::{
-    addr::{self, is_v4_mapped},
-    connect4::{ALLOW, DENY, agent_serves, allowed, count, pick_backend},
+    addr,
+    connect4::{ALLOW, DENY, agent_address, agent_serves, allowed, count, pick_backend},
     events::{Destination, emit},
     maps::{config, current_workload, mesh_endpoints, mesh_services, mesh_udp_peers},
 };
@@ -30,13 +30,10 @@ pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
     }
 }
 
-/// AF_INET6 sockets sending to an IPv4-mapped address: as sendmsg4.
+/// AF_INET6 sockets: native IPv6 and IPv4-mapped destinations.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
-    if !is_v4_mapped(sa) {
-        return ALLOW;
-    }
     match current_workload() {
         Some(workload) => to_service::<true>(&ctx, sa, workload),
         None => ALLOW,
@@ -50,35 +47,32 @@ pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
     show_vip::<false>(&ctx)
 }
 
-/// The same for AF_INET6 sockets receiving from an IPv4-mapped peer.
+/// The same for AF_INET6 sockets.
 #[cgroup_sock_addr(recvmsg6)]
 pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
-    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
-    if !is_v4_mapped(sa) {
-        return ALLOW;
-    }
     show_vip::<true>(&ctx)
 }
 
 #[inline(always)]
-fn show_vip<const MAPPED: bool>(ctx: &SockAddrContext) -> i32 {
+fn show_vip<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     let key = UdpPeerKey {
         cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
-        ipv4: addr::ipv4::<MAPPED>(sa),
+        addr: addr::address::<V6>(sa),
         port: addr::port(sa),
         _pad: 0,
+        _pad2: 0,
     };
     if let Some(svc) = unsafe { mesh_udp_peers.get(&key) } {
-        addr::set::<MAPPED>(sa, svc.vip, svc.port);
+        addr::set::<V6>(sa, &svc.vip, svc.port);
     }
     ALLOW
 }
 
 /// Resolves a UDP destination that is a service VIP; anything else passes.
 #[inline(always)]
-pub fn to_service<const MAPPED: bool>(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Workload) -> i32 {
-    let vip = addr::ipv4::<MAPPED>(sa);
+pub fn to_service<const V6: bool>(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Workload) -> i32 {
+    let vip = addr::address::<V6>(sa);
     let vip_port = addr::port(sa);
     let service = ServiceKey {
         vip,
@@ -94,7 +88,7 @@ pub fn to_service<const MAPPED: bool>(ctx: &SockAddrContext, sa: &mut bpf_sock_a
     };
     let Some(cfg) = config() else { return ALLOW };
     if cfg.policy_mode == POLICY_ENFORCING
-        && let Some(endpoint) = unsafe { mesh_endpoints.get(&backend.ipv4) }
+        && let Some(endpoint) = unsafe { mesh_endpoints.get(&backend.addr) }
         && allowed(
             cfg.policy_generation,
             workload.identity_id,
@@ -110,7 +104,7 @@ pub fn to_service<const MAPPED: bool>(ctx: &SockAddrContext, sa: &mut bpf_sock_a
             cfg,
             workload,
             &Destination {
-                ipv4: backend.ipv4,
+                addr: backend.addr,
                 port: backend.port,
                 endpoint,
             },
@@ -121,21 +115,24 @@ pub fn to_service<const MAPPED: bool>(ctx: &SockAddrContext, sa: &mut bpf_sock_a
         return DENY;
     }
     let (ip, port) = if backend.relay_port == 0 {
-        (backend.ipv4, backend.port)
+        (backend.addr, backend.port)
     } else if agent_serves(cfg) {
         count(|s| &mut s.redirected);
-        (cfg.agent_ipv4, backend.relay_port)
+        (agent_address(cfg, &backend.addr), backend.relay_port)
     } else if cfg.fail_open != 0 {
-        (backend.ipv4, backend.port) // the agent is gone: straight there, unencrypted
+        (backend.addr, backend.port) // the agent is gone: straight there, unencrypted
     } else {
         return DENY;
     };
-    addr::set::<MAPPED>(sa, ip, port);
+    if !addr::set::<V6>(sa, &ip, port) {
+        return DENY; // an IPv6 endpoint for an AF_INET socket: a table of the wrong family
+    }
     let peer = UdpPeerKey {
         cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
-        ipv4: ip,
+        addr: ip,
         port,
         _pad: 0,
+        _pad2: 0,
     };
     let shown = UdpService {
         vip,

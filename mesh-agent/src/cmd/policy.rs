@@ -21,12 +21,9 @@ fn resolve(snap: &Store, spec: &str) -> anyhow::Result<(Identity, Option<u16>)> 
         return Ok((p.identity(), None));
     }
     if let Ok(addr) = spec.parse::<SocketAddr>() {
-        let SocketAddr::V4(v4) = addr else {
-            bail!("{spec}: only IPv4 is meshed")
-        };
         let p = snap
-            .pod_by_ip(*v4.ip())
-            .with_context(|| format!("{} is not a meshed pod", v4.ip()))?;
+            .pod_by_ip(addr.ip())
+            .with_context(|| format!("{} is not a meshed pod", addr.ip()))?;
         return Ok((p.identity(), Some(addr.port())));
     }
     let (ns, sa) = spec

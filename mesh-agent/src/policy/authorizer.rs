@@ -1,6 +1,8 @@
 //! The destination side's policy check (authoritative), behind the
 //! [`Authorizer`] seam the tunnel calls: one audit line and one metric per
 //! decision, for flows and, where HTTP rules apply, for each request.
+use std::net::SocketAddr;
+
 use std::sync::Arc;
 
 use prometheus_client::{
@@ -92,7 +94,16 @@ impl PolicyAuthorizer {
 }
 
 impl Recorder {
-    fn record(&self, d: &Decision, source: &SpiffeId, destination: &Pod, port: u16, seen: Seen<'_>, generation: u64) {
+    fn record(
+        &self,
+        d: &Decision,
+        source: &SpiffeId,
+        destination: &Pod,
+        address: SocketAddr,
+        seen: Seen<'_>,
+        generation: u64,
+    ) {
+        let port = address.port();
         let (protocol, request) = match seen {
             Seen::Flow(proto) => (proto.as_str(), None),
             Seen::Request(method, path) => ("http", Some((method, path))),
@@ -115,7 +126,7 @@ impl Recorder {
             source_identity: source.to_string(),
             destination_workload: destination.workload_name(),
             destination_identity: destination_identity.clone(),
-            destination_address: format!("{}:{port}", destination.ip),
+            destination_address: address.to_string(),
             port,
             protocol: protocol.into(),
             rule: d.rule.clone(),
@@ -144,13 +155,26 @@ fn denial(d: Decision) -> Denial {
 }
 
 impl Authorizer for PolicyAuthorizer {
-    fn authorize(&self, source: &SpiffeId, destination: &Pod, port: u16, proto: Proto) -> Result<Admission, Denial> {
+    fn authorize(
+        &self,
+        source: &SpiffeId,
+        destination: &Pod,
+        address: SocketAddr,
+        proto: Proto,
+    ) -> Result<Admission, Denial> {
+        let port = address.port();
         let now = self.in_force.borrow().clone();
         let src = source.identity();
         let dst = destination.identity();
         let d = now.policy.evaluate(now.mode, &src, &dst, port, proto);
-        self.recorder
-            .record(&d, source, destination, port, Seen::Flow(proto), now.policy.generation);
+        self.recorder.record(
+            &d,
+            source,
+            destination,
+            address,
+            Seen::Flow(proto),
+            now.policy.generation,
+        );
         if !d.allowed {
             return Err(denial(d));
         }
@@ -162,7 +186,7 @@ impl Authorizer for PolicyAuthorizer {
                 destination: destination.clone(),
                 src,
                 dst,
-                port,
+                address,
             })));
         }
         Ok(Admission::Open)
@@ -177,18 +201,18 @@ struct HttpRequests {
     destination: Pod,
     src: Identity,
     dst: Identity,
-    port: u16,
+    address: SocketAddr,
 }
 
 impl HttpCheck for HttpRequests {
     fn check(&self, req: &HttpRequest<'_>) -> Result<(), Denial> {
         let p = &self.in_force.policy;
-        let d = p.evaluate_http(self.in_force.mode, &self.src, &self.dst, self.port, req);
+        let d = p.evaluate_http(self.in_force.mode, &self.src, &self.dst, self.address.port(), req);
         self.recorder.record(
             &d,
             &self.source,
             &self.destination,
-            self.port,
+            self.address,
             Seen::Request(req.method, req.path),
             p.generation,
         );

@@ -11,7 +11,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{Config, MAP_LAYOUT_VERSION, SockKey, maps, programs};
+use mesh_common::{Addr, Config, MAP_LAYOUT_VERSION, SockKey, maps, programs};
 
 use super::{
     ALIVE_WINDOW_NS, Redirect, RedirectError, RedirectOptions, monotonic_ns,
@@ -211,6 +211,9 @@ impl Redirect {
             policy_generation: 0,
             _pad2: 0,
             alive_until_ns: monotonic_ns() + ALIVE_WINDOW_NS,
+            agent_ipv6: opts
+                .capture_ip6
+                .map_or(Addr::UNSPECIFIED, |ip| Addr::from(std::net::IpAddr::V6(ip))),
         };
         let kernel_events = take_map(&mut ebpf, maps::EVENTS)?;
         let redirect = Redirect {

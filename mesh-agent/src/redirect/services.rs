@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use aya::maps::{HashMap, MapData};
-use mesh_common::{Backend, BackendKey, ServiceKey, ServiceValue, maps};
+use mesh_common::{Addr, Backend, BackendKey, ServiceKey, ServiceValue, maps};
 
 use super::{Redirect, RedirectError};
 use crate::tables::ServiceTable;
@@ -17,7 +17,7 @@ pub(super) struct ServiceState {
 }
 
 /// A written slot: endpoint IP, target port, UDP relay port (0: none).
-type Slot = (std::net::Ipv4Addr, u16, u16);
+type Slot = (std::net::IpAddr, u16, u16);
 
 fn delete_slots(backends: &mut HashMap<MapData, BackendKey, Backend>, old: &ServiceValue, n: usize) {
     for slot in 0..n as u32 {
@@ -41,7 +41,7 @@ impl Redirect {
         let mut want = BTreeMap::new();
         for t in tables {
             let key = ServiceKey {
-                vip: u32::from_ne_bytes(t.vip.octets()),
+                vip: Addr::from(t.vip),
                 port: t.port,
                 protocol: t.protocol,
                 _pad: 0,
@@ -54,7 +54,7 @@ impl Redirect {
                 .slots
                 .iter()
                 .map(|(ip, port)| {
-                    let relay = t.relays.get(&std::net::SocketAddrV4::new(*ip, *port));
+                    let relay = t.relays.get(&std::net::SocketAddr::new(*ip, *port));
                     (*ip, *port, relay.copied().unwrap_or(0))
                 })
                 .collect();
@@ -86,7 +86,7 @@ impl Redirect {
                     _pad: 0,
                 };
                 let backend = Backend {
-                    ipv4: u32::from_ne_bytes(ip.octets()),
+                    addr: Addr::from(*ip),
                     port: *port,
                     relay_port: *relay_port,
                 };

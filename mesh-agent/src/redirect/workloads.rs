@@ -2,7 +2,7 @@
 //! (every pod by address) and the pruning of `mesh_traffic`.
 use std::collections::{BTreeMap, BTreeSet};
 
-use mesh_common::{Endpoint, TrafficKey, Workload, maps};
+use mesh_common::{Addr, Endpoint, TrafficKey, Workload, maps};
 
 use super::{Redirect, RedirectError, replace_all};
 use crate::tables::{EndpointRow, WorkloadRow};
@@ -18,18 +18,19 @@ impl Redirect {
                     w.cgroup_id,
                     Workload {
                         workload_id: w.workload_id,
-                        ipv4: u32::from_ne_bytes(w.ip.octets()),
+                        // Informational (bpftool): the programs find pods by cgroup.
+                        ipv4: w.ipv4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
                         identity_id: w.identity_id,
                         _pad: 0,
                     },
                 )
             })
             .collect();
-        let want_endpoints: BTreeMap<u32, Endpoint> = endpoints
+        let want_endpoints: BTreeMap<Addr, Endpoint> = endpoints
             .iter()
             .map(|e| {
                 (
-                    u32::from_ne_bytes(e.ip.octets()),
+                    Addr::from(e.ip),
                     Endpoint {
                         workload_id: e.workload_id,
                         node_id: 0,

@@ -7,7 +7,7 @@
 //! needs no extra crate.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -159,15 +159,17 @@ impl Reader {
             errors,
             ..Snapshot::default()
         };
-        let mut by_ip: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        let mut by_ip: BTreeMap<IpAddr, String> = BTreeMap::new();
         for docs in self.last_good.values() {
             for pod in &docs.pods {
-                if let Some(first) = by_ip.insert(pod.ip, pod.workload_name()) {
-                    return Err(SourceError::DuplicateIp {
-                        first,
-                        second: pod.workload_name(),
-                        ip: pod.ip,
-                    });
+                for ip in &pod.ips {
+                    if let Some(first) = by_ip.insert(*ip, pod.workload_name()) {
+                        return Err(SourceError::DuplicateIp {
+                            first,
+                            second: pod.workload_name(),
+                            ip: *ip,
+                        });
+                    }
                 }
                 snapshot.pods.insert(pod.workload_name(), pod.clone());
             }
@@ -326,7 +328,15 @@ struct PodSpec {
 struct PodStatus {
     #[serde(rename = "podIP")]
     pod_ip: Option<String>,
+    /// Dual-stack: every address, `podIP` first.
+    #[serde(rename = "podIPs", default)]
+    pod_ips: Vec<PodIpDoc>,
     qos_class: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PodIpDoc {
+    ip: String,
 }
 
 fn default_ns() -> String {
@@ -344,16 +354,15 @@ impl PodDoc {
             .status
             .pod_ip
             .ok_or_else(|| format!("Pod {name}: status.podIP is required"))?;
-        let ip: Ipv4Addr = ip
-            .parse()
-            .map_err(|_| format!("Pod {name}: status.podIP {ip:?} is not an IPv4 address"))?;
+        let listed: Vec<String> = self.status.pod_ips.into_iter().map(|p| p.ip).collect();
+        let ips = super::k8s::pod_ips(&ip, &listed).map_err(|e| format!("Pod {name}: {e}"))?;
         Ok(Pod {
             namespace: self.metadata.namespace,
             uid: self.metadata.uid,
             service_account: self.spec.service_account_name.unwrap_or_else(|| "default".into()),
             name,
             node,
-            ip,
+            ips,
             qos_class: self.status.qos_class,
             host_network: self.spec.host_network,
         })
@@ -409,8 +418,8 @@ mod tests {
         assert_eq!(s.pods.len(), 2);
         let a = &s.pods["shop/a"];
         assert_eq!(
-            (a.service_account.as_str(), a.node.as_str(), a.ip),
-            ("web", "n1", Ipv4Addr::new(198, 18, 1, 10))
+            (a.service_account.as_str(), a.node.as_str(), a.ips.as_slice()),
+            ("web", "n1", [IpAddr::from([198, 18, 1, 10])].as_slice())
         );
         assert_eq!(s.pods["default/b"].service_account, "default");
     }

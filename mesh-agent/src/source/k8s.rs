@@ -1,7 +1,7 @@
 //! Conversions from Kubernetes objects (k8s-openapi types) to the agent's
 //! model, shared by both sources so a Service read from a file and one read
 //! from the API server mean the same thing.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::{
     core::v1::{Service as K8sService, ServiceAccount},
@@ -20,6 +20,34 @@ fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
     ))
 }
 
+/// A pod's addresses from `status.podIP` and `status.podIPs` (dual-stack:
+/// at most one per family, the primary first, as the API server keeps them).
+pub fn pod_ips(primary: &str, listed: &[String]) -> Result<Vec<IpAddr>, String> {
+    let parse = |s: &str| {
+        s.parse::<IpAddr>()
+            .map_err(|_| format!("status.podIP(s) {s:?} is not an IPv4 or IPv6 address"))
+    };
+    let primary = parse(primary)?;
+    let mut ips = vec![primary];
+    for s in listed {
+        let ip = parse(s)?;
+        if ip == primary {
+            continue;
+        }
+        if ips.iter().any(|known| known.is_ipv4() == ip.is_ipv4()) {
+            return Err(format!(
+                "status.podIPs lists two {} addresses; a pod has at most one per family",
+                if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+            ));
+        }
+        ips.push(ip);
+    }
+    if !listed.is_empty() && !listed.iter().any(|s| parse(s).ok() == Some(primary)) {
+        return Err(format!("status.podIPs does not list status.podIP {primary}"));
+    }
+    Ok(ips)
+}
+
 /// Services keyed `namespace/name`, with the endpoints of their slices.
 pub fn services(svcs: &[&K8sService], slices: &[&EndpointSlice]) -> BTreeMap<String, Service> {
     let mut out = BTreeMap::new();
@@ -28,7 +56,17 @@ pub fn services(svcs: &[&K8sService], slices: &[&EndpointSlice]) -> BTreeMap<Str
             continue;
         };
         let spec = s.spec.clone().unwrap_or_default();
-        let cluster_ip = spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+        // `clusterIPs` (dual-stack) holds `clusterIP` first; older objects
+        // may only set the latter. "None" (headless) parses to nothing.
+        let mut cluster_ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .unwrap_or_default()
+            .iter()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        cluster_ips.sort_by_key(|ip| ip.is_ipv6());
+        cluster_ips.dedup();
         let ports = spec
             .ports
             .unwrap_or_default()
@@ -46,7 +84,7 @@ pub fn services(svcs: &[&K8sService], slices: &[&EndpointSlice]) -> BTreeMap<Str
             Service {
                 namespace,
                 name,
-                cluster_ip,
+                cluster_ips,
                 ports,
                 endpoints: Vec::new(),
             },
@@ -111,10 +149,47 @@ mod tests {
         .unwrap();
         let m = services(&[&svc], &[&slice, &other]);
         let web = &m["shop/web"];
-        assert_eq!(web.cluster_ip, Some(Ipv4Addr::new(198, 19, 0, 10)));
+        assert_eq!(web.cluster_ips, [IpAddr::from([198, 19, 0, 10])]);
         assert_eq!(web.ports[0].port, 80);
         assert_eq!(web.endpoints.len(), 2);
         assert_eq!(web.endpoints.iter().filter(|e| e.ready).count(), 1);
         assert_eq!(web.endpoints[0].ports, [(Some("http".to_string()), 8080)]);
+    }
+
+    #[test]
+    fn dual_stack_services_keep_both_cluster_ips_and_slices() {
+        let svc: K8sService = serde_yaml::from_str(
+            "metadata: {name: web, namespace: shop}\nspec: {clusterIP: 198.19.0.10, clusterIPs: [198.19.0.10, '2001:2:ff::10'], ipFamilies: [IPv4, IPv6], ports: [{port: 80}]}\n",
+        )
+        .unwrap();
+        let v6: EndpointSlice = serde_yaml::from_str(
+            "addressType: IPv6\nmetadata: {name: web-6, namespace: shop, labels: {kubernetes.io/service-name: web}}\nports: [{port: 8080}]\nendpoints:\n- {addresses: ['2001:2:0:1::10'], nodeName: n1}\n",
+        )
+        .unwrap();
+        let m = services(&[&svc], &[&v6]);
+        let web = &m["shop/web"];
+        let ip6: IpAddr = "2001:2:ff::10".parse().unwrap();
+        assert_eq!(web.cluster_ips, [IpAddr::from([198, 19, 0, 10]), ip6]);
+        assert_eq!(web.endpoints[0].ip, "2001:2:0:1::10".parse::<IpAddr>().unwrap());
+        let headless: K8sService =
+            serde_yaml::from_str("metadata: {name: h}\nspec: {clusterIP: None, clusterIPs: [None]}\n").unwrap();
+        assert!(services(&[&headless], &[])["default/h"].cluster_ips.is_empty());
+    }
+
+    #[test]
+    fn pod_ips_are_one_per_family_primary_first() {
+        let v6: IpAddr = "2001:2:0:1::10".parse().unwrap();
+        let v4 = IpAddr::from([198, 18, 1, 10]);
+        assert_eq!(pod_ips("198.18.1.10", &[]), Ok(vec![v4]));
+        assert_eq!(
+            pod_ips("198.18.1.10", &["198.18.1.10".into(), "2001:2:0:1::10".into()]),
+            Ok(vec![v4, v6])
+        );
+        assert_eq!(pod_ips("2001:2:0:1::10", &[]), Ok(vec![v6]));
+        let two = pod_ips("198.18.1.10", &["198.18.1.10".into(), "198.18.1.11".into()]).unwrap_err();
+        assert!(two.contains("at most one per family"), "{two}");
+        let missing = pod_ips("198.18.1.10", &["2001:2:0:1::10".into()]).unwrap_err();
+        assert!(missing.contains("does not list"), "{missing}");
+        assert!(pod_ips("10.0.0.300", &[]).unwrap_err().contains("not an IPv4 or IPv6"));
     }
 }

@@ -170,7 +170,16 @@ fn pod(p: &K8sPod) -> Option<Pod> {
         uid: p.metadata.uid.clone().unwrap_or_default(),
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
         node: spec.node_name.clone()?,
-        ip: status.pod_ip.as_ref()?.parse().ok()?,
+        ips: {
+            let listed: Vec<String> = status.pod_ips.iter().flatten().map(|p| p.ip.clone()).collect();
+            match crate::source::k8s::pod_ips(status.pod_ip.as_ref()?, &listed) {
+                Ok(ips) => ips,
+                Err(e) => {
+                    tracing::warn!(pod = ?p.metadata.name, error = %e, "pod skipped: its addresses do not parse");
+                    return None;
+                }
+            }
+        },
         qos_class: status.qos_class.clone(),
         host_network: spec.host_network.unwrap_or(false),
     })

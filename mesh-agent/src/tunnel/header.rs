@@ -1,4 +1,6 @@
 //! The length-prefixed protobuf header at the start of a QUIC tunnel stream.
+use std::net::SocketAddr;
+
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
@@ -34,7 +36,7 @@ pub async fn write(w: &mut (impl AsyncWrite + Unpin), header: &FlowHeader) -> st
     w.write_all(&buf).await
 }
 
-pub async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<(FlowHeader, std::net::SocketAddr), HeaderError> {
+pub async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<(FlowHeader, SocketAddr), HeaderError> {
     let mut len = [0u8; 2];
     r.read_exact(&mut len).await.map_err(eof_is_truncation)?;
     let len = u16::from_be_bytes(len) as usize;
@@ -44,11 +46,12 @@ pub async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<(FlowHeader, std::
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(eof_is_truncation)?;
     let header = FlowHeader::decode(body.as_slice())?;
-    let dst = header
+    let dst: SocketAddr = header
         .destination
         .parse()
         .map_err(|_| HeaderError::Destination(header.destination.clone()))?;
-    Ok((header, dst))
+    // `[::ffff:a.b.c.d]:p` is the IPv4 destination it maps.
+    Ok((header, SocketAddr::new(dst.ip().to_canonical(), dst.port())))
 }
 
 fn eof_is_truncation(e: std::io::Error) -> HeaderError {

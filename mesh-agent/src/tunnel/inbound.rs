@@ -73,17 +73,14 @@ impl Inbound {
 
     #[allow(clippy::result_large_err)]
     fn check_proto(&self, peer: &SpiffeId, dst: SocketAddr, proto: Proto) -> Result<Admission, Refusal> {
-        let SocketAddr::V4(v4) = dst else {
-            return Err(Refusal::NotLocal(dst));
-        };
         let snap = self.snapshots.borrow().clone();
         let pod = snap
-            .pod_by_ip(*v4.ip())
+            .pod_by_ip(dst.ip())
             .filter(|p| p.node == self.node)
             .cloned()
             .ok_or(Refusal::NotLocal(dst))?;
         self.authorizer
-            .authorize(peer, &pod, dst.port(), proto)
+            .authorize(peer, &pod, dst, proto)
             .map_err(|denial| Refusal::Denied {
                 from: peer.clone(),
                 destination: dst,

@@ -1,6 +1,6 @@
 //! The outbound capture listener (15001).
 //!
-//! `mesh_connect4` rewrote the pod's connect() to this listener and recorded
+//! `the connect hooks` rewrote the pod's connect() to this listener and recorded
 //! the original destination; here we take that record by the accepted
 //! socket's addresses and carry the flow to the destination node's agent
 //! through a tunnel that authenticates the source workload (its client
@@ -8,7 +8,7 @@
 //! present). The agent's own sockets are never captured: capture is attached
 //! to the pods' cgroup subtree, and the agent is not in it.
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -39,13 +39,18 @@ pub enum OutboundError {
 
 const NO_TUNNEL: &str = "no tunnel: this agent has no workload certificates (configure --ca-addr or --local-ca-dir)";
 
-pub async fn bind(ip: Ipv4Addr, port: u16) -> Result<TcpListener, OutboundError> {
+pub async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, OutboundError> {
     let addr = SocketAddr::from((ip, port));
     let err = |err| OutboundError::Bind { addr, err };
     // A deep accept queue: a burst of pods connecting at once must neither
     // overflow it nor push the kernel into SYN cookies (tokio's default
     // backlog is 1,024; the kernel caps this at net.core.somaxconn).
-    let socket = tokio::net::TcpSocket::new_v4().map_err(err)?;
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(8192).map_err(err)
@@ -103,7 +108,7 @@ pub(super) struct Route {
     destination_name: String,
     pub(super) destination: Option<SpiffeId>,
     pub(super) node_ip: Option<Ipv4Addr>,
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     pub(super) same_node: bool,
     labels: ConnectionLabels,
 }
@@ -111,15 +116,12 @@ pub(super) struct Route {
 impl Outbound {
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
         let Ok(local) = stream.local_addr() else { return };
-        let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else {
-            return;
-        };
         let Some(orig) = self.redirect.take_flow(peer, local) else {
-            tracing::warn!(client = %peer, "no capture record for this connection (it did not come through mesh_connect4); closing");
+            tracing::warn!(client = %peer, "no capture record for this connection (it did not come through the connect hooks); closing");
             return;
         };
         let flow_id: u64 = rand::random();
-        let vip = SocketAddrV4::new(Ipv4Addr::from(orig.ipv4.to_ne_bytes()), orig.port);
+        let vip = SocketAddr::new(IpAddr::from(orig.addr), orig.port);
         let split = self.http_splits.borrow().get(&vip).cloned();
         if let Some(split) = split {
             let Some(tunnels) = &self.tunnels else {
@@ -152,14 +154,14 @@ impl Outbound {
 
     pub(super) fn route(&self, orig: mesh_common::OrigDst) -> Route {
         let snap = self.snapshots.borrow().clone();
-        let dst = SocketAddrV4::new(Ipv4Addr::from(orig.ipv4.to_ne_bytes()), orig.port);
+        let dst = SocketAddr::new(IpAddr::from(orig.addr), orig.port);
         let td = self
             .tunnels
             .as_ref()
             .map(|t| t.trust_domain.clone())
             .unwrap_or_default();
         let src_pod = snap.pod_by_workload_id(orig.workload_id);
-        let dst_pod = snap.pod_by_ip(*dst.ip());
+        let dst_pod = snap.pod_by_ip(dst.ip());
         let same_node = match (dst_pod, &self.tunnels) {
             (Some(p), Some(t)) => p.node == t.inbound.node,
             _ => false,
@@ -203,7 +205,7 @@ impl Outbound {
         if route.same_node {
             // The kernel routes a same-node flow here only when HTTP rules
             // apply to it: check it as the destination would.
-            let dst = SocketAddr::V4(route.dst);
+            let dst = route.dst;
             match tunnels.inbound.check(&source, dst) {
                 Ok(admission) => {
                     let (r, w) = downstream.into_split();
@@ -297,7 +299,7 @@ pub(super) struct TunnelStream {
 pub(super) async fn open_tunnel(
     tunnels: &Tunnels,
     key: &PeerKey,
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     flow_id: u64,
 ) -> Result<TunnelStream, TunnelError> {
     if tunnels.transport == Transport::Quic {
@@ -322,7 +324,7 @@ pub(super) async fn open_tunnel(
             Err(e) => return Err(e),
         }
     }
-    let (io, lease) = tunnels.hbone.open(key, SocketAddr::V4(dst), flow_id).await?;
+    let (io, lease) = tunnels.hbone.open(key, dst, flow_id).await?;
     let (read, write) = tokio::io::split(io);
     Ok(TunnelStream {
         read: Box::new(read),

@@ -8,12 +8,7 @@
 //! endpoint on this node is reached directly after the same check the
 //! destination side of a tunnel makes; one on another node through a
 //! tunnel, whose far end checks policy as for any flow.
-use std::{
-    collections::HashMap,
-    net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -53,7 +48,7 @@ pub async fn serve(
 ) {
     let _flow = outbound.drain.flow();
     let _ = downstream.set_nodelay(true);
-    let upstreams: Mutex<HashMap<SocketAddrV4, Upstream>> = Mutex::default();
+    let upstreams: Mutex<HashMap<SocketAddr, Upstream>> = Mutex::default();
     let service = hyper::service::service_fn(|req: Request<Incoming>| {
         let (split, upstreams) = (&split, &upstreams);
         async move {
@@ -75,7 +70,7 @@ async fn forward(
     outbound: &Outbound,
     tunnels: &Tunnels,
     split: &HttpSplit,
-    upstreams: &Mutex<HashMap<SocketAddrV4, Upstream>>,
+    upstreams: &Mutex<HashMap<SocketAddr, Upstream>>,
     workload_id: u32,
     flow_id: u64,
     req: Request<Incoming>,
@@ -154,11 +149,11 @@ async fn connect(
     outbound: &Outbound,
     tunnels: &Tunnels,
     workload_id: u32,
-    endpoint: SocketAddrV4,
+    endpoint: SocketAddr,
     flow_id: u64,
 ) -> Result<Upstream, String> {
     let route = outbound.route(mesh_common::OrigDst {
-        ipv4: u32::from_ne_bytes(endpoint.ip().octets()),
+        addr: mesh_common::Addr::from(endpoint.ip()),
         port: endpoint.port(),
         workload_id,
         ..Default::default()
@@ -167,7 +162,7 @@ async fn connect(
         return Err("the client or the endpoint workload, or the endpoint's node, is unknown to this agent".into());
     };
     if route.same_node {
-        let check = match tunnels.inbound.check(&source, SocketAddr::V4(endpoint)) {
+        let check = match tunnels.inbound.check(&source, endpoint) {
             Ok(Admission::Open) => None,
             Ok(Admission::Http(check)) => Some(check),
             Err(refusal) => return Err(refusal.to_string()),

@@ -17,7 +17,7 @@
 //! [`SESSION_IDLE`] are closed.
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -51,19 +51,21 @@ impl Drop for Relay {
 /// The source side: relay sockets by remote endpoint.
 pub struct Relays {
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     node: String,
     trust_domain: String,
     tunnel_port: u16,
     snapshots: SnapshotRx,
     quic: Arc<Quic>,
     metrics: TunnelMetrics,
-    relays: Mutex<HashMap<SocketAddrV4, Relay>>,
+    relays: Mutex<HashMap<SocketAddr, Relay>>,
 }
 
 impl Relays {
-    /// `ip`: the agent address the kernel rewrites to (`--capture-ip`).
+    /// `capture`: the agent addresses the kernel rewrites to
+    /// (`--capture-ip`, `--capture-ip6`).
     pub fn new(
-        ip: Ipv4Addr,
+        capture: (Ipv4Addr, Option<Ipv6Addr>),
         node: String,
         trust_domain: String,
         tunnel_port: u16,
@@ -71,8 +73,10 @@ impl Relays {
         quic: Arc<Quic>,
         metrics: TunnelMetrics,
     ) -> Arc<Self> {
+        let (ip, ip6) = capture;
         let relays = Arc::new(Relays {
             ip,
+            ip6,
             node,
             trust_domain,
             tunnel_port,
@@ -100,7 +104,7 @@ impl Relays {
         for table in tables.iter_mut().filter(|t| t.protocol == mesh_common::PROTO_UDP) {
             let mut unrelayed = BTreeSet::new();
             for (ip, port) in &table.slots {
-                let endpoint = SocketAddrV4::new(*ip, *port);
+                let endpoint = SocketAddr::new(*ip, *port);
                 let remote = snap.pod_by_ip(*ip).is_some_and(|p| p.node != self.node);
                 if !remote {
                     continue;
@@ -129,8 +133,15 @@ impl Relays {
         relays.retain(|e, _| used.contains(e));
     }
 
-    fn bind(self: &Arc<Self>, endpoint: SocketAddrV4) -> std::io::Result<Relay> {
-        let std = std::net::UdpSocket::bind((self.ip, 0))?;
+    fn bind(self: &Arc<Self>, endpoint: SocketAddr) -> std::io::Result<Relay> {
+        // Where the kernel sends this endpoint's datagrams (connect4.rs,
+        // agent_address): the IPv6 capture address for an IPv6 endpoint,
+        // if the node has one, else the IPv4 one.
+        let on: IpAddr = match (endpoint, self.ip6) {
+            (SocketAddr::V6(_), Some(ip6)) => ip6.into(),
+            _ => self.ip.into(),
+        };
+        let std = std::net::UdpSocket::bind((on, 0))?;
         std.set_nonblocking(true)?;
         let port = std.local_addr()?.port();
         let socket = Arc::new(UdpSocket::from_std(std)?);
@@ -140,7 +151,7 @@ impl Relays {
     }
 
     /// Pod -> tunnel, for one endpoint.
-    async fn relay(self: Arc<Self>, endpoint: SocketAddrV4, socket: Arc<UdpSocket>) {
+    async fn relay(self: Arc<Self>, endpoint: SocketAddr, socket: Arc<UdpSocket>) {
         let mut buf = vec![0u8; MAX_UDP];
         loop {
             let (n, from) = match socket.recv_from(&mut buf).await {
@@ -150,7 +161,7 @@ impl Relays {
                     continue;
                 }
             };
-            let SocketAddr::V4(client) = from else { continue };
+            let client = SocketAddr::new(from.ip().to_canonical(), from.port());
             let Some(key) = self.key(client, endpoint) else {
                 self.metrics.reject(TRANSPORT, "udp_unknown_client");
                 tracing::warn!(%client, %endpoint, "udp: datagram from an address that is no meshed pod of this node; dropped");
@@ -180,10 +191,10 @@ impl Relays {
     /// The tunnel key for a client pod of this node and a remote endpoint.
     /// The client is named by its address: pods cannot reach the relay
     /// from any other address than their own (see README, UDP services).
-    fn key(&self, client: SocketAddrV4, endpoint: SocketAddrV4) -> Option<PeerKey> {
+    fn key(&self, client: SocketAddr, endpoint: SocketAddr) -> Option<PeerKey> {
         let snap = self.snapshots.borrow().clone();
-        let src = snap.pod_by_ip(*client.ip()).filter(|p| p.node == self.node)?;
-        let dst = snap.pod_by_ip(*endpoint.ip())?;
+        let src = snap.pod_by_ip(client.ip()).filter(|p| p.node == self.node)?;
+        let dst = snap.pod_by_ip(endpoint.ip())?;
         Some(PeerKey {
             source: SpiffeId::of(&self.trust_domain, &src.identity()).ok()?,
             destination: SpiffeId::of(&self.trust_domain, &dst.identity()).ok()?,
@@ -214,16 +225,16 @@ impl Relays {
 /// readiness (a socket tokio has not yet seen writable, as a fresh one,
 /// would make `try_send` fail and lose the datagram). A full socket buffer
 /// drops it, as UDP does.
-fn send_now(socket: &UdpSocket, payload: &[u8], to: Option<SocketAddrV4>) -> std::io::Result<usize> {
+fn send_now(socket: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> std::io::Result<usize> {
     let socket = socket2::SockRef::from(socket);
     match to {
-        Some(to) => socket.send_to(payload, &SocketAddr::V4(to).into()),
+        Some(to) => socket.send_to(payload, &to.into()),
         None => socket.send(payload),
     }
 }
 
 /// A well-formed datagram and its two addresses.
-fn decode(datagram: &[u8]) -> Option<(UdpDatagram, SocketAddrV4, SocketAddrV4)> {
+fn decode(datagram: &[u8]) -> Option<(UdpDatagram, SocketAddr, SocketAddr)> {
     let msg = UdpDatagram::decode(datagram).ok()?;
     let endpoint = msg.endpoint.parse().ok()?;
     let client = msg.client.parse().ok()?;
@@ -249,7 +260,7 @@ impl Drop for Session {
 
 /// The destination side of one QUIC connection's datagrams, until it closes.
 pub async fn serve_datagrams(inbound: Arc<Inbound>, conn: Connection, peer: SpiffeId) {
-    let mut sessions: HashMap<(SocketAddrV4, SocketAddrV4), Session> = HashMap::new();
+    let mut sessions: HashMap<(SocketAddr, SocketAddr), Session> = HashMap::new();
     let mut swept = Instant::now();
     while let Ok(datagram) = conn.read_datagram().await {
         let Some((msg, endpoint, client)) = decode(&datagram) else {
@@ -281,20 +292,20 @@ fn open_session(
     inbound: &Inbound,
     conn: &Connection,
     peer: &SpiffeId,
-    client: SocketAddrV4,
-    endpoint: SocketAddrV4,
+    client: SocketAddr,
+    endpoint: SocketAddr,
 ) -> Session {
     let denied = Session {
         socket: None,
         last: Instant::now(),
         replies: None,
     };
-    if let Err(refusal) = inbound.check_udp(peer, SocketAddr::V4(endpoint)) {
+    if let Err(refusal) = inbound.check_udp(peer, endpoint) {
         inbound.metrics.reject(TRANSPORT, "policy");
         tracing::warn!(identity = %peer, %client, %endpoint, error = %refusal, "udp: datagrams refused");
         return denied;
     }
-    let socket = match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+    let socket = match std::net::UdpSocket::bind(unspecified_like(endpoint))
         .and_then(|s| s.connect(endpoint).map(|()| s))
         .and_then(|s| s.set_nonblocking(true).map(|()| s))
         .and_then(UdpSocket::from_std)
@@ -324,8 +335,8 @@ fn open_session(
 async fn replies(
     socket: Arc<UdpSocket>,
     conn: Connection,
-    client: SocketAddrV4,
-    endpoint: SocketAddrV4,
+    client: SocketAddr,
+    endpoint: SocketAddr,
     metrics: TunnelMetrics,
 ) {
     let mut buf = vec![0u8; MAX_UDP];
@@ -348,5 +359,14 @@ async fn replies(
                 tracing::warn!(%endpoint, %client, error = %e, "udp: reply not tunneled; dropped");
             }
         }
+    }
+}
+
+/// The any-address of `addr`'s family, port 0: where a socket that
+/// connects to `addr` binds.
+fn unspecified_like(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     }
 }
