@@ -93,7 +93,7 @@ fn kernel_record(ev: &PolicyEvent, snap: &Store, policy: &InForce) -> AuditRecor
         source_identity: ident(src),
         destination_workload: dst.map(|p| p.workload_name()).unwrap_or_default(),
         destination_identity: ident(dst),
-        destination_address: format!("{dst_ip}:{}", ev.dst_port),
+        destination_address: std::net::SocketAddr::new(dst_ip, ev.dst_port).to_string(),
         port: ev.dst_port,
         protocol: proto.as_str().into(),
         rule,

@@ -90,6 +90,11 @@ impl PolicyLab {
         SocketAddr::from((self.t.lab.pod(pod).unwrap().ip, port))
     }
 
+    /// The pod's IPv6 address (lab pods are dual-stack).
+    fn addr6(&self, pod: &str, port: u16) -> SocketAddr {
+        SocketAddr::from((self.t.lab.pod(pod).unwrap().ip6, port))
+    }
+
     /// `dst:port` as an AF_INET6 socket addresses it: `[::ffff:a.b.c.d]:port`.
     fn mapped_addr(&self, pod: &str, port: u16) -> SocketAddr {
         SocketAddr::from((self.t.lab.pod(pod).unwrap().ip.to_ipv6_mapped(), port))
@@ -154,10 +159,18 @@ fn the_matrix_holds_from_ipv6_sockets_to_ipv4_mapped_addresses() {
     matrix(&PolicyLab::up(), Family::V4Mapped);
 }
 
+/// Native IPv6 between dual-stack pods: the same matrix, through connect6
+/// and the agent's IPv6 listener, audited with the IPv6 addresses.
+#[test]
+fn the_matrix_holds_over_ipv6() {
+    matrix(&PolicyLab::up(), Family::V6);
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Family {
     V4,
     V4Mapped,
+    V6,
 }
 
 fn matrix(p: &PolicyLab, family: Family) {
@@ -172,6 +185,7 @@ fn matrix(p: &PolicyLab, family: Family) {
                 let to = match family {
                     Family::V4 => p.addr(dst, port),
                     Family::V4Mapped => p.mapped_addr(dst, port),
+                    Family::V6 => p.addr6(dst, port),
                 };
                 let (ok, err) = p.try_send_to(src, to);
                 let where_ = if dst.ends_with('1') { "same node" } else { "cross node" };
@@ -185,12 +199,18 @@ fn matrix(p: &PolicyLab, family: Family) {
                         "{src} -> {dst}:{port}: denied but not with EPERM: {err}"
                     );
                 }
-                let (allows, text) = policy_check(&p.t.lab, src, p.addr(dst, port));
+                let (allows, text) = policy_check(&p.t.lab, src, to);
                 assert_eq!(allows, ok, "policy check disagrees for {src} -> {dst}:{port}:\n{text}");
                 if allows {
                     assert!(text.contains("by TrafficTarget t/"), "{text}");
                 }
-                cells.push((src, dst, port, want));
+                // The kernel audits an IPv4-mapped destination as the IPv4 address it is.
+                let audited = if family == Family::V4Mapped {
+                    p.addr(dst, port)
+                } else {
+                    to
+                };
+                cells.push((src, dst, port, want, audited));
             }
         }
     }
@@ -209,9 +229,9 @@ fn matrix(p: &PolicyLab, family: Family) {
         .collect();
     let want: Vec<(String, String, String)> = cells
         .iter()
-        .map(|(src, dst, port, ok)| {
+        .map(|(src, _, _, ok, audited)| {
             let verdict = if *ok { "allow" } else { "deny" };
-            (format!("t/{src}"), p.addr(dst, *port).to_string(), verdict.to_string())
+            (format!("t/{src}"), audited.to_string(), verdict.to_string())
         })
         .collect();
     assert_eq!(kernel, want, "kernel audit records, one per cell");

@@ -18,7 +18,7 @@ mod topology;
 use std::{
     collections::BTreeMap,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -41,6 +41,11 @@ pub const BPFFS_DIR: &str = "/sys/fs/bpf/mesh-lab";
 pub const FABRIC_NETNS: &str = "mesh-lab-fabric";
 /// The mesh CA runs in its own namespace on the fabric, as a Deployment would.
 pub const CA_NETNS: &str = "mesh-lab-ca";
+/// Node `node`'s pod subnet 2001:2:0:<node>::/64, host `host` in it.
+pub fn lab_ip6(node: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, u16::from(node), 0, 0, 0, u16::from(host))
+}
+
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const CA_PORT: u16 = 15012;
 
@@ -67,6 +72,17 @@ pub struct LabNode {
     pub fabric_ip: Ipv4Addr,
     /// The node's address on its pod bridge: pods' gateway and capture IP.
     pub gateway_ip: Ipv4Addr,
+    /// The same two in IPv6 (the lab is dual-stack, in 2001:2::/48, the
+    /// IPv6 benchmarking range as 198.18.0.0/15 is IPv4's).
+    #[serde(default = "no_ipv6")]
+    pub fabric_ip6: Ipv6Addr,
+    #[serde(default = "no_ipv6")]
+    pub gateway_ip6: Ipv6Addr,
+}
+
+/// A lab state written before the lab was dual-stack.
+fn no_ipv6() -> Ipv6Addr {
+    Ipv6Addr::UNSPECIFIED
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -77,6 +93,9 @@ pub struct LabPod {
     pub node: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address: every lab pod is dual-stack (IPv4 first, as podIP).
+    #[serde(default = "no_ipv6")]
+    pub ip6: Ipv6Addr,
     /// `metadata.uid`, as the kubelet names the pod's cgroup after it.
     #[serde(default)]
     pub uid: String,
@@ -177,6 +196,8 @@ impl Lab {
                 netns: format!("{PREFIX}-{}", n.name),
                 fabric_ip: Ipv4Addr::new(198, 18, 0, 10 + index),
                 gateway_ip: Ipv4Addr::new(198, 18, index, 1),
+                fabric_ip6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 10 + u16::from(index)),
+                gateway_ip6: lab_ip6(index, 1),
             });
         }
         let mut per_node: BTreeMap<String, u8> = BTreeMap::new();
@@ -195,6 +216,7 @@ impl Lab {
                 node: p.node.clone(),
                 netns: format!("{PREFIX}-{}-{}", p.namespace, p.name),
                 ip: Ipv4Addr::new(198, 18, node.index, *k),
+                ip6: lab_ip6(node.index, *k),
                 // A UUID's shape, stable per pod name, as the API server would give.
                 uid: format!(
                     "{}-{}-{}-{}-{}",
@@ -220,7 +242,7 @@ impl Lab {
         })
     }
 
-    /// The agents' file source: the pods as Kubernetes Pod objects, plus the
+    /// The agents' file source: the pods as (dual-stack) Kubernetes Pod objects, plus the
     /// policy directory's YAML files.
     fn write_source(&self, policy_dir: Option<&Path>) -> anyhow::Result<()> {
         let mut docs = String::new();
@@ -232,13 +254,15 @@ impl Lab {
         }
         for p in &self.pods {
             docs.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\nstatus:\n  podIP: {}\n  qosClass: {}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\nstatus:\n  podIP: {}\n  podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]\n  qosClass: {}\n",
                 p.name,
                 p.namespace,
                 p.uid,
                 p.node,
                 p.service_account,
                 p.ip,
+                p.ip,
+                p.ip6,
                 p.qos.as_str()
             ));
         }
@@ -380,14 +404,18 @@ impl Lab {
                 None => "agent DOWN".into(),
             };
             s.push_str(&format!(
-                "node {:<10} {:<14} pods 198.18.{}.0/24  {agent}\n",
-                n.name, n.fabric_ip, n.index
+                "node {:<10} {:<14} pods 198.18.{}.0/24 {}/64  {agent}\n",
+                n.name,
+                n.fabric_ip,
+                n.index,
+                lab_ip6(n.index, 0)
             ));
             for p in self.pods.iter().filter(|p| p.node == n.name) {
                 s.push_str(&format!(
-                    "  pod {:<24} {:<14} sa={}\n",
+                    "  pod {:<24} {:<14} {:<18} sa={}\n",
                     format!("{}/{}", p.namespace, p.name),
                     p.ip,
+                    p.ip6,
                     p.service_account
                 ));
             }
@@ -451,6 +479,16 @@ mod tests {
         }
         let ips: Vec<String> = lab.pods.iter().map(|p| p.ip.to_string()).collect();
         assert_eq!(ips, ["198.18.1.10", "198.18.1.11", "198.18.2.10"]);
+        let ip6s: Vec<String> = lab.pods.iter().map(|p| p.ip6.to_string()).collect();
+        assert_eq!(ip6s, ["2001:2:0:1::a", "2001:2:0:1::b", "2001:2:0:2::a"]);
+        for ip6 in lab
+            .nodes
+            .iter()
+            .flat_map(|n| [n.fabric_ip6, n.gateway_ip6])
+            .chain(lab.pods.iter().map(|p| p.ip6))
+        {
+            assert_eq!(ip6.segments()[..3], [0x2001, 2, 0], "{ip6} is outside 2001:2::/48");
+        }
         assert_eq!(lab.pods[1].service_account, "web");
         assert_eq!(lab.pod("shop/p3").unwrap().netns, "mesh-lab-shop-p3");
     }

@@ -249,44 +249,63 @@ fn flood(to: SocketAddr, count: u64) {
     println!("{out}");
 }
 
-/// A listener with a deep accept queue: the tests open 1,000 connections at
-/// once, and std's default backlog (128) would drop SYNs and stall them.
-fn listen(port: u16) -> TcpListener {
+/// Listeners with a deep accept queue (the tests open 1,000 connections
+/// at once, and std's default backlog of 128 would drop SYNs and stall
+/// them), one per family: lab pods are dual-stack. Two sockets rather than
+/// one dual-stack one, so an IPv4 peer is shown as IPv4, not IPv4-mapped.
+fn listen(port: u16) -> [TcpListener; 2] {
     use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket.set_reuse_address(true).expect("SO_REUSEADDR");
-    socket
-        .bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
-        .expect("bind");
-    socket.listen(4096).expect("listen");
-    socket.into()
+    let bind = |domain: Domain, addr: SocketAddr| {
+        let socket = Socket::new(domain, Type::STREAM, None).expect("socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        if domain == Domain::IPV6 {
+            socket.set_only_v6(true).expect("IPV6_V6ONLY");
+        }
+        socket.bind(&addr.into()).expect("bind");
+        socket.listen(4096).expect("listen");
+        TcpListener::from(socket)
+    };
+    [
+        bind(Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], port))),
+        bind(Domain::IPV6, SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))),
+    ]
+}
+
+/// Serves every connection to `port`, either family, on its own thread.
+fn each_connection(port: u16, handle: fn(TcpStream)) {
+    let [v4, v6] = listen(port);
+    std::thread::spawn(move || {
+        for stream in v6.incoming().flatten() {
+            std::thread::spawn(move || handle(stream));
+        }
+    });
+    for stream in v4.incoming().flatten() {
+        std::thread::spawn(move || handle(stream));
+    }
 }
 
 fn serve(port: u16) {
-    let listener = listen(port);
-    for stream in listener.incoming().flatten() {
-        std::thread::spawn(move || {
-            let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
-            let server = stream.local_addr().map(|p| p.to_string()).unwrap_or_default();
-            let mut stream = stream;
-            let mut hasher = Sha256::new();
-            let mut total = 0u64;
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match read_retrying(&mut stream, &mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        hasher.update(&buf[..n]);
-                        total += n as u64;
-                    }
-                    Err(_) => return,
+    each_connection(port, |stream| {
+        let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+        let server = stream.local_addr().map(|p| p.to_string()).unwrap_or_default();
+        let mut stream = stream;
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match read_retrying(&mut stream, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    total += n as u64;
                 }
+                Err(_) => return,
             }
-            let line =
-                serde_json::json!({"sha256": hex(&hasher.finalize()), "bytes": total, "peer": peer, "server": server});
-            let _ = writeln!(stream, "{line}");
-        });
-    }
+        }
+        let line =
+            serde_json::json!({"sha256": hex(&hasher.finalize()), "bytes": total, "peer": peer, "server": server});
+        let _ = writeln!(stream, "{line}");
+    });
 }
 
 /// xorshift64*: fast, deterministic, and no two seeds give the same stream.
@@ -365,9 +384,8 @@ fn send(to: SocketAddr, bytes: u64, seed: u64, hold_ms: u64, marker: Option<&str
 }
 
 fn http_serve(port: u16) {
-    let listener = listen(port);
-    for stream in listener.incoming().flatten() {
-        std::thread::spawn(move || {
+    each_connection(port, |stream| {
+        {
             let mut stream = stream;
             let me = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
             // Keep-alive: requests until the client closes.
@@ -384,8 +402,8 @@ fn http_serve(port: u16) {
                     return;
                 }
             }
-        });
-    }
+        }
+    });
 }
 
 /// One HTTP/1.1 message (head and content-length body); `None` at EOF.
@@ -468,12 +486,34 @@ fn http_tally(to: SocketAddr, count: usize, with: &str) {
     println!("{out}");
 }
 
+/// Answers datagrams on `port` of both families (one socket each, so an
+/// IPv4 peer is answered from the IPv4 socket).
 fn udp_serve(port: u16) {
-    let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
-        eprintln!("udp bind {port}: {e}");
-        std::process::exit(1)
-    });
-    let me = format!("{}:{port}", local_ip());
+    let bind = |addr: SocketAddr| {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)
+            .and_then(|s| {
+                if addr.is_ipv6() {
+                    s.set_only_v6(true)?;
+                }
+                s.bind(&addr.into()).map(|()| std::net::UdpSocket::from(s))
+            })
+            .unwrap_or_else(|e| {
+                eprintln!("udp bind {addr}: {e}");
+                std::process::exit(1)
+            });
+        socket
+    };
+    let v6 = bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)));
+    std::thread::spawn(move || answer(&v6, SocketAddr::new(local_ip(true), port)));
+    answer(
+        &bind(SocketAddr::from(([0, 0, 0, 0], port))),
+        SocketAddr::new(local_ip(false), port),
+    );
+}
+
+/// Echoes each datagram with `|<me>` appended: which server answered.
+fn answer(socket: &std::net::UdpSocket, me: SocketAddr) {
+    let me = me.to_string();
     let mut buf = [0u8; 2048];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf) else {
@@ -485,11 +525,16 @@ fn udp_serve(port: u16) {
     }
 }
 
-/// The pod's address (its only non-loopback one), found the way a UDP
-/// socket would pick its source.
-fn local_ip() -> std::net::IpAddr {
-    let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
-    let _ = probe.connect("198.18.0.1:9");
+/// The pod's address of one family (its only non-loopback one), found the
+/// way a UDP socket would pick its source.
+fn local_ip(ipv6: bool) -> std::net::IpAddr {
+    let (bind, toward) = if ipv6 {
+        ("[::]:0", "[2001:2::1]:9")
+    } else {
+        ("0.0.0.0:0", "198.18.0.1:9")
+    };
+    let probe = std::net::UdpSocket::bind(bind).expect("udp socket");
+    let _ = probe.connect(toward);
     probe.local_addr().map(|a| a.ip()).unwrap_or([0, 0, 0, 0].into())
 }
 
@@ -499,7 +544,8 @@ fn udp_ask(to: SocketAddr, count: usize, connected: bool, ipv6_socket: bool) {
             std::net::UdpSocket::bind("[::]:0").expect("udp6 socket"),
             SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
         ),
-        _ => (std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket"), to),
+        (_, SocketAddr::V6(_)) => (std::net::UdpSocket::bind("[::]:0").expect("udp6 socket"), to),
+        (_, SocketAddr::V4(_)) => (std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket"), to),
     };
     socket.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
     if connected {

@@ -69,7 +69,13 @@ impl Lab {
         fs::create_dir_all(self.cgroup_root.join("ca"))?;
         self.write_ca_material()?;
         for n in &self.nodes {
-            eprintln!("lab: node {} ({}, pods 198.18.{}.0/24)", n.name, n.fabric_ip, n.index);
+            eprintln!(
+                "lab: node {} ({}, pods 198.18.{}.0/24 and {}/64)",
+                n.name,
+                n.fabric_ip,
+                n.index,
+                lab_ip6(n.index, 0)
+            );
             ip(&["netns", "add", &n.netns])?;
             ip_in(&n.netns, &["link", "set", "lo", "up"])?;
             // Create the pair inside the fabric, then move one end: no veth
@@ -86,11 +92,21 @@ impl Lab {
                 &n.netns,
                 &["addr", "add", &format!("{}/24", n.fabric_ip), "dev", "eth0"],
             )?;
+            // nodad: the lab's addresses are unique by construction, and an
+            // address in DAD is unusable for its first second or two.
+            ip_in(
+                &n.netns,
+                &["addr", "add", &format!("{}/64", n.fabric_ip6), "dev", "eth0", "nodad"],
+            )?;
             ip_in(&n.netns, &["link", "set", "eth0", "up"])?;
             ip_in(&n.netns, &["link", "add", "cni0", "type", "bridge"])?;
             ip_in(
                 &n.netns,
                 &["addr", "add", &format!("{}/24", n.gateway_ip), "dev", "cni0"],
+            )?;
+            ip_in(
+                &n.netns,
+                &["addr", "add", &format!("{}/64", n.gateway_ip6), "dev", "cni0", "nodad"],
             )?;
             ip_in(&n.netns, &["link", "set", "cni0", "up"])?;
             for other in self.nodes.iter().filter(|o| o.name != n.name) {
@@ -104,9 +120,24 @@ impl Lab {
                         &other.fabric_ip.to_string(),
                     ],
                 )?;
+                ip_in(
+                    &n.netns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("{}/64", lab_ip6(other.index, 0)),
+                        "via",
+                        &other.fabric_ip6.to_string(),
+                    ],
+                )?;
             }
             // Forwarding on inside the node namespace only; the host keeps its own setting.
-            run(in_netns(&n.netns, "sysctl").args(["-q", "-w", "net.ipv4.ip_forward=1"]))?;
+            run(in_netns(&n.netns, "sysctl").args([
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ]))?;
             let node_cg = self.cgroup_root.join(&n.name);
             for dir in [node_cg.join("agent"), self.kubelet_root(&n.name), self.pin_dir(&n.name)] {
                 fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -114,7 +145,10 @@ impl Lab {
         }
         for (k, p) in self.pods.iter().enumerate() {
             let node = self.node(&p.node)?;
-            eprintln!("lab: pod {}/{} on {} ({})", p.namespace, p.name, p.node, p.ip);
+            eprintln!(
+                "lab: pod {}/{} on {} ({}, {})",
+                p.namespace, p.name, p.node, p.ip, p.ip6
+            );
             ip(&["netns", "add", &p.netns])?;
             ip_in(&p.netns, &["link", "set", "lo", "up"])?;
             let host_if = format!("vp{k}");
@@ -126,10 +160,18 @@ impl Lab {
             )?;
             ip_in(&node.netns, &["link", "set", &host_if, "master", "cni0", "up"])?;
             ip_in(&p.netns, &["addr", "add", &format!("{}/24", p.ip), "dev", "eth0"])?;
+            ip_in(
+                &p.netns,
+                &["addr", "add", &format!("{}/64", p.ip6), "dev", "eth0", "nodad"],
+            )?;
             ip_in(&p.netns, &["link", "set", "eth0", "up"])?;
             ip_in(
                 &p.netns,
                 &["route", "add", "default", "via", &node.gateway_ip.to_string()],
+            )?;
+            ip_in(
+                &p.netns,
+                &["-6", "route", "add", "default", "via", &node.gateway_ip6.to_string()],
             )?;
             let cg = self.container_cgroup(p);
             fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;

@@ -22,6 +22,7 @@ impl Lab {
             .arg("--pod-cgroup-root")
             .arg(self.kubelet_root(&n.name))
             .args(["--capture-ip", &n.gateway_ip.to_string()])
+            .args(["--capture-ip6", &n.gateway_ip6.to_string()])
             .arg("--bpffs-dir")
             .arg(self.pin_dir(node))
             .args(["--ca-addr", &format!("{CA_IP}:{CA_PORT}")])
