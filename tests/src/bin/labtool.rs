@@ -490,7 +490,7 @@ fn http_tally(to: SocketAddr, count: usize, with: &str) {
 /// IPv4 peer is answered from the IPv4 socket).
 fn udp_serve(port: u16) {
     let bind = |addr: SocketAddr| {
-        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)
             .and_then(|s| {
                 if addr.is_ipv6() {
                     s.set_only_v6(true)?;
@@ -500,8 +500,7 @@ fn udp_serve(port: u16) {
             .unwrap_or_else(|e| {
                 eprintln!("udp bind {addr}: {e}");
                 std::process::exit(1)
-            });
-        socket
+            })
     };
     let v6 = bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)));
     std::thread::spawn(move || answer(&v6, SocketAddr::new(local_ip(true), port)));
