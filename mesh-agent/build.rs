@@ -7,6 +7,8 @@ use aya_build::Toolchain;
 const BPF_TOOLCHAIN: &str = "1.98.0";
 
 fn main() -> anyhow::Result<()> {
+    // Explicit: a script that prints any rerun-if-changed reruns only for those.
+    println!("cargo:rerun-if-changed=proto");
     // The CA's gRPC API (protoc comes from Debian's protobuf-compiler).
     tonic_prost_build::compile_protos("proto/ca.proto").context("compiling proto/ca.proto (is protoc installed?)")?;
     tonic_prost_build::compile_protos("proto/audit.proto")

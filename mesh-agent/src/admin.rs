@@ -113,7 +113,7 @@ impl AdminState {
             "kernel": {
                 "redirected": capture.redirected, "same_node": capture.same_node, "passthrough": capture.passthrough,
                 "failed_open": capture.failed_open, "denied": capture.denied, "events_dropped": capture.events_dropped,
-                "load_balanced": capture.load_balanced, "no_endpoint": capture.no_endpoint,
+                "load_balanced": capture.load_balanced, "no_endpoint": capture.no_endpoint, "no_relay": capture.no_relay,
                 "spliced_messages": splice.messages, "spliced_bytes": splice.bytes,
             },
             "not_ready": self.not_ready(),

@@ -32,7 +32,8 @@ use crate::{
         TunnelMetrics,
         outbound::{self, Outbound},
         start::{QuicStart, TunnelSettings},
-        udp::Relays,
+        udp::{RelaySetup, Relays},
+        udp_slots::Slots,
     },
 };
 
@@ -85,6 +86,21 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
                 s.pod_cgroup_root.display()
             )
         })?;
+    // The relay slot ports are bound before the kernel is told of them, so
+    // no datagram is ever sent to a port nobody holds. Without identities
+    // there is no tunnel to carry them: such datagrams are refused.
+    let slots = match s.udp_relay.filter(|_| s.identity.source.is_some()) {
+        Some((base, count)) => match Slots::bind(base, count, s.capture_ip, s.capture_ip6) {
+            Ok(slots) => Some(slots),
+            Err(e) => {
+                tracing::error!(first_port = base, slots = count, error = %e,
+                    "cannot bind the UDP relay ports (check --udp-relay-port and --udp-relay-slots against other \
+                     programs on this node); pod-to-pod UDP to other nodes is refused until the agent restarts");
+                None
+            }
+        },
+        None => None,
+    };
     let mut redirect = Redirect::load(&RedirectOptions {
         bpffs_dir: &s.bpffs_dir,
         pod_cgroup_root: &s.pod_cgroup_root,
@@ -92,6 +108,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         capture_ip: s.capture_ip,
         capture_ip6: s.capture_ip6,
         outbound_port: s.outbound_port,
+        udp_relay: slots.as_ref().map(|sl| (sl.base, sl.count())),
         fail_open: s.fail_open,
         kernel_debug: s.kernel_debug,
         splice: s.splice,
@@ -186,15 +203,21 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
                 metrics,
                 drain.clone(),
             )?;
-            views.udp_relays.send_replace(Some(Relays::new(
-                (s.capture_ip, s.capture_ip6),
-                s.node_name.clone(),
-                s.identity.trust_domain.clone(),
-                s.tunnel.port,
+            let relays = Relays::new(
+                RelaySetup {
+                    capture: (s.capture_ip, s.capture_ip6),
+                    node: s.node_name.clone(),
+                    trust_domain: s.identity.trust_domain.clone(),
+                    tunnel_port: s.tunnel.port,
+                    slots,
+                    redirect: redirect.clone(),
+                },
                 snapshots.clone(),
                 started.tunnels.quic.clone(),
                 started.tunnels.metrics.clone(),
-            )));
+            );
+            relays.serve_slots();
+            views.udp_relays.send_replace(Some(relays));
             Some((started.tunnels, Arc::new(started.quic_server)))
         }
         None => None,

@@ -220,6 +220,18 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_OUTBOUND_PORT", default_value_t = mesh_common::OUTBOUND_PORT)]
     pub outbound_port: u16,
 
+    /// First of the UDP ports pod-to-pod datagrams for other nodes are
+    /// relayed through (one per remote pod address in use; on the capture
+    /// addresses).
+    #[arg(long, env = "MESH_UDP_RELAY_PORT", default_value_t = 15100)]
+    pub udp_relay_port: u16,
+
+    /// How many relay ports (remote pod UDP addresses in use at once on
+    /// this node, 0-4096). Past that, such datagrams are refused (EPERM)
+    /// rather than sent in the clear; 0 refuses them all.
+    #[arg(long, env = "MESH_UDP_RELAY_SLOTS", default_value_t = 256)]
+    pub udp_relay_slots: u16,
+
     /// bpffs directory where maps and links are pinned (kept across restarts).
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]
     pub bpffs_dir: PathBuf,
@@ -357,6 +369,8 @@ pub struct Settings {
     pub capture_ip: Ipv4Addr,
     pub capture_ip6: Option<Ipv6Addr>,
     pub outbound_port: u16,
+    /// (first port, count) of the pod-to-pod UDP relay ports; None: disabled.
+    pub udp_relay: Option<(u16, u16)>,
     pub bpffs_dir: PathBuf,
     pub fail_open: bool,
     pub kernel_debug: bool,
@@ -412,6 +426,11 @@ pub enum ConfigError {
     EmptyNodeName,
     #[error("--outbound-port and --tunnel-port must be 1-65535")]
     ZeroPort,
+    #[error(
+        "--udp-relay-port {base} with --udp-relay-slots {slots}: the ports must fit below 65536, number at most 4096, \
+         and not include --outbound-port or --tunnel-port"
+    )]
+    UdpRelayPorts { base: u16, slots: u16 },
     #[error("--capture-ip {0} is not a unicast address pods can reach")]
     BadCaptureIp(Ipv4Addr),
     #[error("--capture-ip6 {0} is not a unicast IPv6 address pods can reach")]
@@ -433,6 +452,19 @@ impl Settings {
         }
         if a.outbound_port == 0 || a.tunnel_port == 0 {
             return Err(ConfigError::ZeroPort);
+        }
+        let relay_ports = u32::from(a.udp_relay_port)..u32::from(a.udp_relay_port) + u32::from(a.udp_relay_slots);
+        if a.udp_relay_slots > 0
+            && (a.udp_relay_port == 0
+                || a.udp_relay_slots > 4096
+                || relay_ports.end > 65536
+                || relay_ports.contains(&u32::from(a.outbound_port))
+                || relay_ports.contains(&u32::from(a.tunnel_port)))
+        {
+            return Err(ConfigError::UdpRelayPorts {
+                base: a.udp_relay_port,
+                slots: a.udp_relay_slots,
+            });
         }
         let ip = a.capture_ip;
         if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
@@ -473,6 +505,7 @@ impl Settings {
             capture_ip: a.capture_ip,
             capture_ip6: a.capture_ip6,
             outbound_port: a.outbound_port,
+            udp_relay: (a.udp_relay_slots > 0).then_some((a.udp_relay_port, a.udp_relay_slots)),
             bpffs_dir: a.bpffs_dir,
             fail_open: a.fail_open,
             kernel_debug: a.kernel_debug,

@@ -157,6 +157,7 @@ pub fn enrolment(store: &Store, node: &str, cgroups: &[PodCgroup]) -> Enrolment 
                     cgroup_id: cg.cgroup_id,
                     workload_id,
                     ipv4: pod.ipv4(),
+                    ipv6: pod.ipv6(),
                     identity_id,
                 });
             }

@@ -247,6 +247,7 @@ impl KernelMetrics {
             ("denied", capture.denied, lc.denied),
             ("load_balanced", capture.load_balanced, lc.load_balanced),
             ("no_endpoint", capture.no_endpoint, lc.no_endpoint),
+            ("no_relay", capture.no_relay, lc.no_relay),
         ] {
             self.connects
                 .get_or_create(&OutcomeLabels { outcome })

@@ -17,6 +17,7 @@ mod policy;
 mod services;
 mod stats;
 mod sys;
+mod udp_slots;
 mod workloads;
 
 use std::{
@@ -32,12 +33,14 @@ use aya::{
     programs::links::PinnedLink,
 };
 use mesh_common::{
-    Addr, CaptureStats, Config, Endpoint, OrigDst, SockKey, SpliceStats, TrafficKey, TrafficStats, Workload, maps,
+    Addr, CaptureStats, Config, Endpoint, OrigDst, SockKey, SpliceStats, TrafficKey, TrafficStats, UdpSenderKey,
+    UdpSlot, Workload, maps,
 };
 
 pub use pins::{agent_alive, pinned_layout, remove_pins};
 use policy::PolicyState;
 use services::ServiceState;
+pub use udp_slots::SlotTarget;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -85,6 +88,8 @@ pub struct RedirectOptions<'a> {
     pub capture_ip: Ipv4Addr,
     pub capture_ip6: Option<Ipv6Addr>,
     pub outbound_port: u16,
+    /// (first port, slots) of the agent's pod-to-pod UDP relay ports.
+    pub udp_relay: Option<(u16, u16)>,
     pub fail_open: bool,
     pub kernel_debug: bool,
     pub splice: bool,
@@ -99,6 +104,8 @@ pub struct Redirect {
     config_value: Mutex<Config>,
     workloads: Mutex<HashMap<MapData, u64, Workload>>,
     endpoints: Mutex<HashMap<MapData, Addr, Endpoint>>,
+    udp_slots: Mutex<HashMap<MapData, u32, UdpSlot>>,
+    udp_senders: Mutex<HashMap<MapData, UdpSenderKey, UdpSlot>>,
     flows: Mutex<HashMap<MapData, SockKey, OrigDst>>,
     policy: Mutex<PolicyState>,
     splice: PerCpuArray<MapData, SpliceStats>,

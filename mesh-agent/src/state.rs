@@ -74,6 +74,14 @@ impl Pod {
         self.ips.first().copied()
     }
 
+    /// The pod's IPv6 address, when it has one.
+    pub fn ipv6(&self) -> Option<std::net::Ipv6Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+    }
+
     /// The pod's IPv4 address, when it has one.
     pub fn ipv4(&self) -> Option<Ipv4Addr> {
         self.ips.iter().find_map(|ip| match ip {

@@ -4,7 +4,7 @@
 //! layouts, and the compilers nothing of aya.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 /// One L4 allow rule of `mesh_policy` (see `mesh_common::PolicyKey`).
@@ -29,8 +29,10 @@ pub struct PolicyRow {
 pub struct WorkloadRow {
     pub cgroup_id: u64,
     pub workload_id: u32,
-    /// The pod's IPv4 address, if it has one (shown by bpftool only).
+    /// The pod's addresses, one per family if it has them: the source the
+    /// kernel attributes to an unbound socket of the pod.
     pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
     pub identity_id: u32,
 }
 

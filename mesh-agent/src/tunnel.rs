@@ -16,6 +16,7 @@ pub mod split;
 pub mod start;
 pub mod tls;
 pub mod udp;
+pub mod udp_slots;
 
 use std::{net::SocketAddr, time::Duration};
 

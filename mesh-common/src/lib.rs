@@ -49,6 +49,15 @@ pub mod maps {
     /// [`crate::UdpPeerKey`] -> [`crate::UdpService`]: which VIP a UDP
     /// socket's rewritten peer stands for, so replies show the VIP.
     pub const UDP_PEERS: &str = "mesh_udp_peers";
+    /// Relay slot -> the remote pod address its agent port stands for
+    /// (pod-to-pod UDP across nodes; assigned by the kernel, retired by the agent).
+    pub const UDP_SLOTS: &str = "mesh_udp_slots";
+    /// (sending workload, slot) -> the destination it was sent: the agent's
+    /// kernel-attested proof of who sent a relayed datagram.
+    pub const UDP_SENDERS: &str = "mesh_udp_sender";
+    /// Same-node UDP a pod sent and policy allowed: the receiving pod may
+    /// answer it (UDP has no connection to say so).
+    pub const UDP_ANSWERS: &str = "mesh_udp_answer";
 }
 
 /// Program names, as the kernel and `bpftool prog` show them.
@@ -165,6 +174,9 @@ pub struct Workload {
     /// Its identity (namespace + ServiceAccount), agent-assigned.
     pub identity_id: u32,
     pub _pad: u32,
+    /// Its IPv6 address (unspecified if it has none): with `ipv4`, the
+    /// source an unbound socket of the pod sends from.
+    pub ipv6: Addr,
 }
 
 /// A meshed pod somewhere in the cluster, found by destination address.
@@ -210,7 +222,11 @@ pub struct Config {
     /// generation's entries, flips this, then deletes the old ones, so no
     /// half-written policy is ever in force.
     pub policy_generation: u32,
-    pub _pad2: u32,
+    /// Pod-to-pod UDP to another node goes to the agent's port
+    /// `udp_relay_base + slot`, slot < `udp_relay_slots` (0: no relay, such
+    /// datagrams are refused rather than sent in the clear).
+    pub udp_relay_base: u16,
+    pub udp_relay_slots: u16,
     /// CLOCK_MONOTONIC nanoseconds until which the agent counts as alive;
     /// it pushes this forward on a timer. Only read when `fail_open` is 1.
     pub alive_until_ns: u64,
@@ -322,6 +338,9 @@ pub struct CaptureStats {
     pub load_balanced: u64,
     /// Connects (and UDP sends) to a service VIP with no ready endpoint: refused.
     pub no_endpoint: u64,
+    /// Pod-to-pod UDP to another node refused because every relay slot it
+    /// could take was in use (see `Config::udp_relay_slots`).
+    pub no_relay: u64,
 }
 
 /// A spliced pod-to-pod socket: the connection's two workloads and which
@@ -433,6 +452,45 @@ pub struct UdpService {
     pub _pad: u16,
 }
 
+/// A remote pod's UDP address as one relay slot stands for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpSlot {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    /// [`UDP_SLOT_ACTIVE`], or [`UDP_SLOT_RETIRING`]: idle, about to be
+    /// freed by the agent; the kernel neither uses nor claims it, so no
+    /// datagram still queued for it can reach another pod.
+    pub state: u8,
+    pub _pad: u8,
+}
+
+pub const UDP_SLOT_ACTIVE: u8 = 1;
+pub const UDP_SLOT_RETIRING: u8 = 2;
+
+/// Who sent through a relay slot: the workload (from the sending socket's
+/// cgroup) and the slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpSenderKey {
+    pub workload_id: u32,
+    pub slot: u32,
+}
+
+/// A datagram exchange between two pods, from the side that may answer:
+/// `server:server_port` may send back to `client:client_port` (port 0:
+/// any port of the client, for a connected socket whose port was not yet
+/// chosen when it connected).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    pub server: Addr,
+    pub client: Addr,
+    pub server_port: u16,
+    pub client_port: u16,
+}
+
 pub const VERDICT_DENY: u8 = 0;
 pub const VERDICT_ALLOW: u8 = 1;
 
@@ -511,7 +569,14 @@ const _: () = {
         workload_id: 0,
         ipv4: 4,
         identity_id: 8,
-        _pad: 12
+        _pad: 12,
+        ipv6: 16
+    });
+    assert_offsets!(UdpFlowKey {
+        server: 0,
+        client: 16,
+        server_port: 32,
+        client_port: 34
     });
     assert_offsets!(Endpoint {
         workload_id: 0,
@@ -530,7 +595,8 @@ const _: () = {
         pod_cgroup_level: 14,
         _pad: 15,
         policy_generation: 16,
-        _pad2: 20,
+        udp_relay_base: 20,
+        udp_relay_slots: 22,
         alive_until_ns: 24,
         agent_ipv6: 32,
     });
@@ -566,6 +632,17 @@ const _: () = {
         events_dropped: 40,
         load_balanced: 48,
         no_endpoint: 56,
+        no_relay: 64,
+    });
+    assert_offsets!(UdpSlot {
+        addr: 0,
+        port: 16,
+        state: 18,
+        _pad: 19
+    });
+    assert_offsets!(UdpSenderKey {
+        workload_id: 0,
+        slot: 4
     });
     assert_offsets!(PolicyEvent {
         time_ns: 0,
@@ -633,7 +710,8 @@ const _: () = {
 
 const _: () = {
     assert!(core::mem::size_of::<Addr>() == 16);
-    assert!(core::mem::size_of::<Workload>() == 16);
+    assert!(core::mem::size_of::<Workload>() == 32);
+    assert!(core::mem::size_of::<UdpFlowKey>() == 36);
     assert!(core::mem::size_of::<Endpoint>() == 16);
     assert!(core::mem::size_of::<Config>() == 48);
     assert!(core::mem::size_of::<PolicyKey>() == 16);
@@ -641,7 +719,9 @@ const _: () = {
     assert!(core::mem::size_of::<OrigDst>() == 24);
     assert!(core::mem::size_of::<SockKey>() == 36);
     assert!(core::mem::size_of::<SpliceStats>() == 16);
-    assert!(core::mem::size_of::<CaptureStats>() == 64);
+    assert!(core::mem::size_of::<CaptureStats>() == 72);
+    assert!(core::mem::size_of::<UdpSlot>() == 20);
+    assert!(core::mem::size_of::<UdpSenderKey>() == 8);
     assert!(core::mem::size_of::<PolicyEvent>() == 48);
     assert!(core::mem::size_of::<SplicedFlow>() == 16);
     assert!(core::mem::size_of::<TrafficKey>() == 8);
@@ -680,6 +760,9 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for UdpPeerKey {}
     unsafe impl aya::Pod for UdpService {}
+    unsafe impl aya::Pod for UdpSlot {}
+    unsafe impl aya::Pod for UdpFlowKey {}
+    unsafe impl aya::Pod for UdpSenderKey {}
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     };
     if sa.type_ == SOCK_DGRAM {
         // A connected UDP socket: its service is resolved once, here.
-        return crate::udp::to_service::<V6>(ctx, sa, workload);
+        return crate::udp::send::<V6>(ctx, sa, workload);
     }
     let mut dst_ip = addr::address::<V6>(sa);
     let mut dst_port = addr::port(sa);

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Addr, Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, POD_CGROUP_DEPTH, PolicyEvent, PolicyKey,
-    PolicyValue, ServiceKey, ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, UdpPeerKey,
-    UdpService, Workload,
+    PolicyValue, ServiceKey, ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, UdpFlowKey,
+    UdpPeerKey, UdpSenderKey, UdpService, UdpSlot, Workload,
 };
 
 /// Pod-level cgroup id -> enrolled pod of this node.
@@ -52,6 +52,22 @@ pub static mesh_backends: HashMap<BackendKey, Backend, 1048576, { aya_ebpf::bind
 /// rewritten send, read on receive. LRU: nothing tells us a socket closed.
 #[btf_map(pin_by_name)]
 pub static mesh_udp_peers: LruHashMap<UdpPeerKey, UdpService, 65536> = LruHashMap::new();
+
+/// Relay slot -> the remote pod UDP address it stands for (see
+/// `udp::relay_slot`); the agent retires idle ones.
+#[btf_map(pin_by_name)]
+pub static mesh_udp_slots: HashMap<u32, UdpSlot, 4096> = HashMap::new();
+
+/// (workload, slot) -> the destination that workload's socket sent to
+/// through the slot: the agent relays only datagrams whose sender is
+/// recorded here. LRU: nothing says when a pod stops sending.
+#[btf_map(pin_by_name)]
+pub static mesh_udp_sender: LruHashMap<UdpSenderKey, UdpSlot, 65536> = LruHashMap::new();
+
+/// Same-node UDP exchanges policy allowed, from the answering side (see
+/// `udp::may_answer`). LRU: UDP never says an exchange is over.
+#[btf_map(pin_by_name)]
+pub static mesh_udp_answer: LruHashMap<UdpFlowKey, u8, 65536> = LruHashMap::new();
 
 /// L4 allow rules of the policy generations in force (see Config).
 #[btf_map(pin_by_name)]

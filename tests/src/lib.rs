@@ -208,3 +208,58 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Captures the fabric bridge (all node-to-node traffic) into a pcap,
+/// headers plus the first bytes of each payload.
+pub struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    pub fn start(tag: &str) -> Capture {
+        let file = std::env::temp_dir().join(format!("mesh-fabric-{tag}-{}.pcap", std::process::id()));
+        let child = lab::in_netns(lab::FABRIC_NETNS, "tcpdump")
+            .args(["-i", "br0", "-s", "200", "-U", "-n", "-w"])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(700));
+        Capture { child, file }
+    }
+
+    /// Stops the capture and returns the pcap bytes.
+    pub fn stop(&mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(300));
+        // SIGINT lets tcpdump flush.
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        std::fs::read(&self.file).unwrap_or_default()
+    }
+
+    pub fn count(&self, filter: &str) -> usize {
+        let out = std::process::Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&self.file)
+            .arg(filter)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}

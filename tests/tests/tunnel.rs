@@ -7,9 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{TestLab, assert_intact, log_records, wait_for};
+use mesh_tests::{Capture, TestLab, assert_intact, contains, log_records, wait_for};
 use serde_json::Value;
-use xtask::lab::{FABRIC_NETNS, Lab, in_netns};
+use xtask::lab::Lab;
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_labtool");
 const ROGUE: &str = env!("CARGO_BIN_EXE_rogue");
@@ -17,61 +17,6 @@ const MARKER: &str = "MESH-PLAINTEXT-MARKER-";
 
 fn spiffe(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/t/sa/{sa}")
-}
-
-/// Captures the fabric bridge (all node-to-node traffic) into a pcap,
-/// headers plus the first bytes of each payload.
-struct Capture {
-    child: std::process::Child,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    fn start(tag: &str) -> Capture {
-        let file = std::env::temp_dir().join(format!("mesh-fabric-{tag}-{}.pcap", std::process::id()));
-        let child = in_netns(FABRIC_NETNS, "tcpdump")
-            .args(["-i", "br0", "-s", "200", "-U", "-n", "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tcpdump");
-        std::thread::sleep(Duration::from_millis(700));
-        Capture { child, file }
-    }
-
-    /// Stops the capture and returns the pcap bytes.
-    fn stop(&mut self) -> Vec<u8> {
-        std::thread::sleep(Duration::from_millis(300));
-        // SIGINT lets tcpdump flush.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        std::fs::read(&self.file).unwrap_or_default()
-    }
-
-    fn count(&self, filter: &str) -> usize {
-        let out = Command::new("tcpdump")
-            .args(["-n", "-r"])
-            .arg(&self.file)
-            .arg(filter)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Which of pod-c's addresses the client dials (lab pods are dual-stack).

@@ -209,7 +209,8 @@ impl Redirect {
             pod_cgroup_level: opts.pod_cgroup_level,
             _pad: 0,
             policy_generation: 0,
-            _pad2: 0,
+            udp_relay_base: opts.udp_relay.map_or(0, |(base, _)| base),
+            udp_relay_slots: opts.udp_relay.map_or(0, |(_, n)| n),
             alive_until_ns: monotonic_ns() + ALIVE_WINDOW_NS,
             agent_ipv6: opts
                 .capture_ip6
@@ -221,6 +222,8 @@ impl Redirect {
             config_value: Mutex::new(config),
             workloads: Mutex::new(take_map(&mut ebpf, maps::WORKLOADS)?),
             endpoints: Mutex::new(take_map(&mut ebpf, maps::ENDPOINTS)?),
+            udp_slots: Mutex::new(take_map(&mut ebpf, maps::UDP_SLOTS)?),
+            udp_senders: Mutex::new(take_map(&mut ebpf, maps::UDP_SENDERS)?),
             flows: Mutex::new(take_map(&mut ebpf, maps::FLOWS)?),
             policy: Mutex::new(PolicyState {
                 map: take_map(&mut ebpf, maps::POLICY)?,

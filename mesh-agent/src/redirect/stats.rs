@@ -45,6 +45,7 @@ impl Redirect {
                 total.events_dropped += s.events_dropped;
                 total.load_balanced += s.load_balanced;
                 total.no_endpoint += s.no_endpoint;
+                total.no_relay += s.no_relay;
             }
         }
         total

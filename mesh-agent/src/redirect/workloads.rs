@@ -18,10 +18,12 @@ impl Redirect {
                     w.cgroup_id,
                     Workload {
                         workload_id: w.workload_id,
-                        // Informational (bpftool): the programs find pods by cgroup.
                         ipv4: w.ipv4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
                         identity_id: w.identity_id,
                         _pad: 0,
+                        ipv6: w
+                            .ipv6
+                            .map_or(Addr::UNSPECIFIED, |ip| Addr::from(std::net::IpAddr::V6(ip))),
                     },
                 )
             })

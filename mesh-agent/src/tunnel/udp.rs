@@ -18,7 +18,10 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -27,13 +30,14 @@ use prost::Message as _;
 use quinn::Connection;
 use tokio::{net::UdpSocket, task::AbortHandle};
 
+use super::udp_slots::Slots;
 use super::{PeerKey, TunnelMetrics, header::UdpDatagram, inbound::Inbound, quic::Quic};
-use crate::{identity::SpiffeId, state::SnapshotRx, tables::ServiceTable};
+use crate::{identity::SpiffeId, redirect::Redirect, state::SnapshotRx, tables::ServiceTable};
 
-const TRANSPORT: &str = "quic";
+pub(super) const TRANSPORT: &str = "quic";
 /// A (client, endpoint) pair with no datagram for this long is forgotten.
 pub const SESSION_IDLE: Duration = Duration::from_secs(30);
-const MAX_UDP: usize = 65_535;
+pub(super) const MAX_UDP: usize = 65_535;
 
 /// One relay socket, bound to the agent's address, for one remote endpoint.
 struct Relay {
@@ -52,35 +56,42 @@ impl Drop for Relay {
 pub struct Relays {
     ip: Ipv4Addr,
     ip6: Option<Ipv6Addr>,
-    node: String,
+    pub(super) node: String,
     trust_domain: String,
     tunnel_port: u16,
-    snapshots: SnapshotRx,
+    pub(super) snapshots: SnapshotRx,
+    /// Pod-to-pod relay slots (`super::udp_slots`), when configured.
+    pub(super) slots: Option<Slots>,
+    pub(super) redirect: Arc<Redirect>,
     quic: Arc<Quic>,
-    metrics: TunnelMetrics,
+    pub(super) metrics: TunnelMetrics,
     relays: Mutex<HashMap<SocketAddr, Relay>>,
 }
 
+/// Where the source side's relays listen and what they read.
+pub struct RelaySetup {
+    /// The agent addresses the kernel rewrites to (`--capture-ip`, `--capture-ip6`).
+    pub capture: (Ipv4Addr, Option<Ipv6Addr>),
+    pub node: String,
+    pub trust_domain: String,
+    pub tunnel_port: u16,
+    /// The pod-to-pod relay slots, bound (`Slots::bind`).
+    pub slots: Option<Slots>,
+    pub redirect: Arc<Redirect>,
+}
+
 impl Relays {
-    /// `capture`: the agent addresses the kernel rewrites to
-    /// (`--capture-ip`, `--capture-ip6`).
-    pub fn new(
-        capture: (Ipv4Addr, Option<Ipv6Addr>),
-        node: String,
-        trust_domain: String,
-        tunnel_port: u16,
-        snapshots: SnapshotRx,
-        quic: Arc<Quic>,
-        metrics: TunnelMetrics,
-    ) -> Arc<Self> {
-        let (ip, ip6) = capture;
+    pub fn new(setup: RelaySetup, snapshots: SnapshotRx, quic: Arc<Quic>, metrics: TunnelMetrics) -> Arc<Self> {
+        let (ip, ip6) = setup.capture;
         let relays = Arc::new(Relays {
             ip,
             ip6,
-            node,
-            trust_domain,
-            tunnel_port,
+            node: setup.node,
+            trust_domain: setup.trust_domain,
+            tunnel_port: setup.tunnel_port,
             snapshots,
+            slots: setup.slots,
+            redirect: setup.redirect,
             quic: quic.clone(),
             metrics,
             relays: Mutex::default(),
@@ -152,6 +163,7 @@ impl Relays {
 
     /// Pod -> tunnel, for one endpoint.
     async fn relay(self: Arc<Self>, endpoint: SocketAddr, socket: Arc<UdpSocket>) {
+        let port = socket.local_addr().map_or(0, |a| a.port());
         let mut buf = vec![0u8; MAX_UDP];
         loop {
             let (n, from) = match socket.recv_from(&mut buf).await {
@@ -162,30 +174,37 @@ impl Relays {
                 }
             };
             let client = SocketAddr::new(from.ip().to_canonical(), from.port());
-            let Some(key) = self.key(client, endpoint) else {
-                self.metrics.reject(TRANSPORT, "udp_unknown_client");
-                tracing::warn!(%client, %endpoint, "udp: datagram from an address that is no meshed pod of this node; dropped");
-                continue;
-            };
-            let datagram = UdpDatagram {
-                endpoint: endpoint.to_string(),
-                client: client.to_string(),
-                payload: buf[..n].to_vec(),
-            };
-            let quic = self.quic.clone();
-            let metrics = self.metrics.clone();
-            // Not inline: a first datagram waits for a handshake, and the
-            // others (to this endpoint, from other clients) must not.
-            tokio::spawn(async move {
-                match quic.send_datagram(&key, Bytes::from(datagram.encode_to_vec())).await {
-                    Ok(()) => metrics.flow(TRANSPORT, "udp_out", "ok"),
-                    Err(e) => {
-                        metrics.flow(TRANSPORT, "udp_out", "error");
-                        tracing::warn!(%client, %endpoint, error = %e, "udp: datagram not tunneled; dropped");
-                    }
-                }
-            });
+            self.tunnel(client, endpoint, port, &buf[..n]);
         }
+    }
+
+    /// One datagram of a client pod of this node to a remote endpoint,
+    /// which came in on the agent's `relay_port`: over QUIC.
+    pub(super) fn tunnel(&self, client: SocketAddr, endpoint: SocketAddr, relay_port: u16, payload: &[u8]) {
+        let Some(key) = self.key(client, endpoint) else {
+            self.metrics.reject(TRANSPORT, "udp_unknown_client");
+            tracing::warn!(%client, %endpoint, "udp: datagram from an address that is no meshed pod of this node; dropped");
+            return;
+        };
+        let datagram = UdpDatagram {
+            endpoint: endpoint.to_string(),
+            client: client.to_string(),
+            payload: payload.to_vec(),
+            relay_port: u32::from(relay_port),
+        };
+        let quic = self.quic.clone();
+        let metrics = self.metrics.clone();
+        // Not inline: a first datagram waits for a handshake, and the
+        // others (to this endpoint, from other clients) must not.
+        tokio::spawn(async move {
+            match quic.send_datagram(&key, Bytes::from(datagram.encode_to_vec())).await {
+                Ok(()) => metrics.flow(TRANSPORT, "udp_out", "ok"),
+                Err(e) => {
+                    metrics.flow(TRANSPORT, "udp_out", "error");
+                    tracing::warn!(%client, %endpoint, error = %e, "udp: datagram not tunneled; dropped");
+                }
+            }
+        });
     }
 
     /// The tunnel key for a client pod of this node and a remote endpoint.
@@ -202,22 +221,30 @@ impl Relays {
         })
     }
 
-    /// Tunnel -> pod: a reply, out through the endpoint's relay socket.
+    /// Tunnel -> pod: a reply, out through the port the client sent to
+    /// (a relay slot's socket, or the endpoint's relay socket).
     fn deliver(&self, datagram: Bytes) {
         let Some((msg, endpoint, client)) = decode(&datagram) else {
             self.metrics.reject(TRANSPORT, "bad_datagram");
             return;
         };
-        let socket = self
-            .relays
-            .lock()
-            .expect("relays lock")
-            .get(&endpoint)
-            .map(|r| r.socket.clone());
-        match socket.map(|s| send_now(&s, &msg.payload, Some(client))) {
-            Some(Ok(_)) => self.metrics.flow(TRANSPORT, "udp_in", "ok"),
-            _ => self.metrics.flow(TRANSPORT, "udp_in", "dropped"),
-        }
+        let slot = u16::try_from(msg.relay_port)
+            .ok()
+            .and_then(|p| self.slots.as_ref()?.slot_of(p));
+        let sent = match slot {
+            Some(slot) => self.deliver_to_slot(slot, client, &msg.payload),
+            None => {
+                let socket = self
+                    .relays
+                    .lock()
+                    .expect("relays lock")
+                    .get(&endpoint)
+                    .map(|r| r.socket.clone());
+                socket.is_some_and(|s| send_now(&s, &msg.payload, Some(client)).is_ok())
+            }
+        };
+        self.metrics
+            .flow(TRANSPORT, "udp_in", if sent { "ok" } else { "dropped" });
     }
 }
 
@@ -225,7 +252,7 @@ impl Relays {
 /// readiness (a socket tokio has not yet seen writable, as a fresh one,
 /// would make `try_send` fail and lose the datagram). A full socket buffer
 /// drops it, as UDP does.
-fn send_now(socket: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> std::io::Result<usize> {
+pub(super) fn send_now(socket: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> std::io::Result<usize> {
     let socket = socket2::SockRef::from(socket);
     match to {
         Some(to) => socket.send_to(payload, &to.into()),
@@ -248,6 +275,8 @@ struct Session {
     socket: Option<Arc<UdpSocket>>,
     last: Instant,
     replies: Option<AbortHandle>,
+    /// The source agent port of the latest datagram; replies echo it.
+    relay_port: Arc<AtomicU32>,
 }
 
 impl Drop for Session {
@@ -276,6 +305,7 @@ pub async fn serve_datagrams(inbound: Arc<Inbound>, conn: Connection, peer: Spif
             .entry((client, endpoint))
             .or_insert_with(|| open_session(&inbound, &conn, &peer, client, endpoint));
         session.last = Instant::now();
+        session.relay_port.store(msg.relay_port, Ordering::Relaxed);
         match &session.socket {
             Some(socket) => {
                 let sent = send_now(socket, &msg.payload, None).is_ok();
@@ -295,10 +325,12 @@ fn open_session(
     client: SocketAddr,
     endpoint: SocketAddr,
 ) -> Session {
+    let relay_port = Arc::new(AtomicU32::new(0));
     let denied = Session {
         socket: None,
         last: Instant::now(),
         replies: None,
+        relay_port: relay_port.clone(),
     };
     if let Err(refusal) = inbound.check_udp(peer, endpoint) {
         inbound.metrics.reject(TRANSPORT, "policy");
@@ -319,8 +351,7 @@ fn open_session(
     let replies = tokio::spawn(replies(
         socket.clone(),
         conn.clone(),
-        client,
-        endpoint,
+        (client, endpoint, relay_port.clone()),
         inbound.metrics.clone(),
     ));
     tracing::debug!(identity = %peer, %client, %endpoint, "udp: session opened");
@@ -328,6 +359,7 @@ fn open_session(
         socket: Some(socket),
         last: Instant::now(),
         replies: Some(replies.abort_handle()),
+        relay_port,
     }
 }
 
@@ -335,8 +367,7 @@ fn open_session(
 async fn replies(
     socket: Arc<UdpSocket>,
     conn: Connection,
-    client: SocketAddr,
-    endpoint: SocketAddr,
+    (client, endpoint, relay_port): (SocketAddr, SocketAddr, Arc<AtomicU32>),
     metrics: TunnelMetrics,
 ) {
     let mut buf = vec![0u8; MAX_UDP];
@@ -350,6 +381,7 @@ async fn replies(
             endpoint: endpoint.to_string(),
             client: client.to_string(),
             payload: buf[..n].to_vec(),
+            relay_port: relay_port.load(Ordering::Relaxed),
         };
         match conn.send_datagram(Bytes::from(datagram.encode_to_vec())) {
             Ok(()) => metrics.flow(TRANSPORT, "udp_out", "ok"),

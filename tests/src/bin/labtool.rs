@@ -113,6 +113,9 @@ enum Cmd {
         /// DatagramSocket does by default.
         #[arg(long)]
         ipv6_socket: bool,
+        /// Put this text in every request (to look for it on the wire).
+        #[arg(long, default_value = "")]
+        marker: String,
     },
     /// Try to connect; print JSON {"ok", "error", "elapsed_ms"}.
     Connect {
@@ -164,7 +167,8 @@ fn main() {
             count,
             connected,
             ipv6_socket,
-        } => udp_ask(to, count, connected, ipv6_socket),
+            marker,
+        } => udp_ask(to, count, connected, ipv6_socket, &marker),
         Cmd::Tally { to, count, threads } => tally(to, count, threads),
         Cmd::Connect { to, timeout_ms } => {
             let start = Instant::now();
@@ -537,7 +541,7 @@ fn local_ip(ipv6: bool) -> std::net::IpAddr {
     probe.local_addr().map(|a| a.ip()).unwrap_or([0, 0, 0, 0].into())
 }
 
-fn udp_ask(to: SocketAddr, count: usize, connected: bool, ipv6_socket: bool) {
+fn udp_ask(to: SocketAddr, count: usize, connected: bool, ipv6_socket: bool, marker: &str) {
     let (socket, to) = match (ipv6_socket, to) {
         (true, SocketAddr::V4(v4)) => (
             std::net::UdpSocket::bind("[::]:0").expect("udp6 socket"),
@@ -558,7 +562,7 @@ fn udp_ask(to: SocketAddr, count: usize, connected: bool, ipv6_socket: bool) {
     for i in 0..count {
         let mut nonce = [0u8; 8];
         fill(&mut seed, &mut nonce);
-        let request = format!("q{i}-{}", hex(&nonce));
+        let request = format!("q{i}-{}{marker}", hex(&nonce));
         let mut answered = None;
         for attempt in 0..2 {
             if attempt > 0 {
