@@ -451,3 +451,109 @@ fn udp_requests_to_a_service_vip_are_answered_across_nodes_through_the_tunnel() 
         "same node: {v}"
     );
 }
+
+/// A dual-stack Service: a ClusterIP per family, an EndpointSlice per
+/// family (the pods' addresses of that family).
+fn dual_stack_service(name: &str, vips: [&str; 2], protocol: &str, target: u16, pods: &[(String, String)]) -> String {
+    let slice = |family: &str, addrs: Vec<&str>| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: {family}\n\
+             metadata: {{name: {name}-{family}, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             ports: [{{port: {target}, protocol: {protocol}}}]\nendpoints: [{{addresses: [{}]}}]\n---\n",
+            addrs.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\n\
+         spec: {{clusterIP: {v4}, clusterIPs: [{v4}, '{v6}'], ipFamilies: [IPv4, IPv6], ports: [{{port: {port}, protocol: {protocol}}}]}}\n---\n",
+        v4 = vips[0],
+        v6 = vips[1],
+        port = if protocol == "UDP" { 53 } else { 80 },
+    ) + &slice("IPv4", pods.iter().map(|p| p.0.as_str()).collect())
+        + &slice("IPv6", pods.iter().map(|p| p.1.as_str()).collect())
+}
+
+/// A dual-stack Service answers on both ClusterIPs, each with the
+/// endpoints of its own family, TCP and UDP, same node and across nodes.
+#[test]
+fn a_dual_stack_service_balances_each_family_over_its_own_endpoints() {
+    let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
+    let mut servers: Vec<KillOnDrop> = ["v1a", "v1b", "v2"]
+        .iter()
+        .map(|p| KillOnDrop(t.traffic().serve(p, 8080).unwrap()))
+        .collect();
+    servers.extend(serve_in_endpoints(&t, &["udp-serve", "--port", "5353"]));
+    let both = |p: &str| {
+        let pod = t.lab.pod(p).unwrap();
+        (pod.ip.to_string(), pod.ip6.to_string())
+    };
+    let text = dual_stack_service(
+        "web",
+        ["198.19.0.20", "2001:2:ff::20"],
+        "TCP",
+        8080,
+        &[both("v1a"), both("v1b")],
+    ) + &dual_stack_service(
+        "dns",
+        ["198.19.0.53", "2001:2:ff::53"],
+        "UDP",
+        5353,
+        &[both("v1b"), both("v2")],
+    );
+    std::fs::write(t.lab.source_dir.join("services.yaml"), text).unwrap();
+    wait_for("four service tables in force", Duration::from_secs(5), || {
+        log_records(&t.lab.agent_log("node-a"))
+            .iter()
+            .any(|r| r["message"] == "service tables in force" && r["services"] == 4)
+    });
+    // TCP: every connection to either ClusterIP lands on an endpoint of its family.
+    for (vip, family) in [("198.19.0.20:80", "IPv4"), ("[2001:2:ff::20]:80", "IPv6")] {
+        let out = t
+            .lab
+            .exec("client", LABTOOL)
+            .unwrap()
+            .args(["tally", "--to", vip, "--count", "100"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["failed"], 0, "{vip}: {v}");
+        let by_ip: BTreeMap<std::net::IpAddr, u64> = v["servers"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(s, n)| (s.parse::<std::net::SocketAddr>().unwrap().ip(), n.as_u64().unwrap()))
+            .collect();
+        let want: Vec<std::net::IpAddr> = ["v1a", "v1b"]
+            .iter()
+            .map(|p| {
+                let (v4, v6) = both(p);
+                if family == "IPv4" { v4 } else { v6 }.parse().unwrap()
+            })
+            .collect();
+        assert!(
+            by_ip.keys().all(|ip| want.contains(ip)) && by_ip.len() == 2,
+            "{vip}: answered by {by_ip:?}, want both of {want:?}"
+        );
+    }
+    // UDP: both endpoints on node-b, so every request crosses nodes.
+    for vip in ["198.19.0.53:53", "[2001:2:ff::53]:53"] {
+        let out = t
+            .lab
+            .exec("client", LABTOOL)
+            .unwrap()
+            .args(["udp-ask", "--to", vip, "--count", "100"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (v["ok"].as_u64(), v["lost"].as_u64()),
+            (Some(100), Some(0)),
+            "{vip}: {v}"
+        );
+        let v6 = vip.starts_with('[');
+        for server in v["servers"].as_object().unwrap().keys() {
+            let ip: std::net::SocketAddr = server.parse().unwrap();
+            assert_eq!(ip.is_ipv6(), v6, "{vip} answered by {server}");
+        }
+    }
+}
