@@ -15,7 +15,7 @@ use mesh_common::{Addr, Config, MAP_LAYOUT_VERSION, SockKey, maps, programs};
 
 use super::{
     ALIVE_WINDOW_NS, Redirect, RedirectError, RedirectOptions, monotonic_ns,
-    pins::{check_pinned_layout, release, repin},
+    pins::{check_pinned_layout, pinned_policy, release, repin},
     policy::PolicyState,
     services::ServiceState,
     sys::update_pinned_link,
@@ -64,6 +64,14 @@ impl Redirect {
     pub fn load(opts: &RedirectOptions<'_>) -> Result<Self, RedirectError> {
         let dir = opts.bpffs_dir;
         check_pinned_layout(dir)?;
+        // Read before the programs are swapped in: what the kernel enforces now.
+        let (policy_mode, policy_generation) = pinned_policy(dir).unwrap_or((mesh_common::POLICY_OFF, 0));
+        if policy_mode != mesh_common::POLICY_OFF {
+            tracing::info!(
+                generation = policy_generation,
+                "the pinned policy stays in force until this agent's first policy replaces it"
+            );
+        }
         // aya-log level lives in the object; 0 silences the kernel side.
         let log_level: u8 = if opts.kernel_debug { 4 } else { 0 };
         let mut ebpf = EbpfLoader::new()
@@ -203,12 +211,13 @@ impl Redirect {
             fail_open: u8::from(opts.fail_open),
             debug: u8::from(opts.kernel_debug),
             splice: u8::from(opts.splice),
-            // Until a policy is compiled, allow (as with no agent): the agent
-            // switches to enforcing with the first policy generation.
-            policy_mode: mesh_common::POLICY_OFF,
+            // The pinned policy (a predecessor's) stays in force; on a first
+            // start there is none, and everything is allowed, as with no
+            // agent, until the first policy generation.
+            policy_mode,
             pod_cgroup_level: opts.pod_cgroup_level,
             _pad: 0,
-            policy_generation: 0,
+            policy_generation,
             udp_relay_base: opts.udp_relay.map_or(0, |(base, _)| base),
             udp_relay_slots: opts.udp_relay.map_or(0, |(_, n)| n),
             alive_until_ns: monotonic_ns() + ALIVE_WINDOW_NS,
@@ -227,7 +236,7 @@ impl Redirect {
             flows: Mutex::new(take_map(&mut ebpf, maps::FLOWS)?),
             policy: Mutex::new(PolicyState {
                 map: take_map(&mut ebpf, maps::POLICY)?,
-                generation: 0,
+                generation: policy_generation,
                 last: None,
             }),
             splice: take_map(&mut ebpf, maps::SPLICE)?,

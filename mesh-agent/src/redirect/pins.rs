@@ -30,6 +30,16 @@ fn pinned_config(dir: &Path) -> Option<Option<Config>> {
     )
 }
 
+/// The policy the pinned programs enforce (mode, generation), when the
+/// pins are of this layout: a starting agent keeps it in force until its
+/// own first policy replaces it, so no restart ever opens the mesh.
+pub(super) fn pinned_policy(dir: &Path) -> Option<(u8, u32)> {
+    match pinned_config(dir) {
+        Some(Some(c)) if c.layout_version == MAP_LAYOUT_VERSION => Some((c.policy_mode, c.policy_generation)),
+        _ => None,
+    }
+}
+
 /// Whether an agent's heartbeat in the pinned `mesh_config` is current.
 pub fn agent_alive(dir: &Path) -> bool {
     matches!(pinned_config(dir), Some(Some(c)) if c.layout_version == MAP_LAYOUT_VERSION && c.alive_until_ns > monotonic_ns())
