@@ -68,6 +68,16 @@ pub enum RedirectError {
          agent, or `mesh-agent uninstall --bpffs-dir {dir}` to replace them deliberately"
     )]
     IncompatiblePins { dir: PathBuf, found: u32, ours: u32 },
+    #[error(
+        "the policy compiles to {rules} kernel rules, and mesh_policy holds {capacity} with the {in_force} of the \
+         generation in force kept until the switch: refused whole, the policy in force stays (allow fewer \
+         source x destination x port combinations, e.g. with wider TCPRoutes)"
+    )]
+    PolicyTooLarge {
+        rules: usize,
+        in_force: usize,
+        capacity: usize,
+    },
     #[error("map {0} missing from the eBPF object (agent and mesh-ebpf out of sync; rebuild)")]
     MissingMap(&'static str),
     #[error("map {name}: {err}")]

@@ -272,6 +272,10 @@ pub struct PolicyValue {
 
 pub const POLICY_FLAG_HTTP: u32 = 1;
 
+/// `mesh_policy`'s size. A new generation is written beside the one in
+/// force, so both must fit.
+pub const POLICY_CAPACITY: u32 = 65536;
+
 /// The original destination of a captured connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

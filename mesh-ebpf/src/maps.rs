@@ -71,7 +71,7 @@ pub static mesh_udp_answer: LruHashMap<UdpFlowKey, u8, 65536> = LruHashMap::new(
 
 /// L4 allow rules of the policy generations in force (see Config).
 #[btf_map(pin_by_name)]
-pub static mesh_policy: HashMap<PolicyKey, PolicyValue, 65536> = HashMap::new();
+pub static mesh_policy: HashMap<PolicyKey, PolicyValue, { mesh_common::POLICY_CAPACITY as usize }> = HashMap::new();
 
 /// Every policy decision at connect(), for the agent's audit trail (256 KiB:
 /// about 8,000 events between two drains).

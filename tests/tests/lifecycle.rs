@@ -128,3 +128,69 @@ fn denied_pairs_stay_denied_through_restarts_kills_and_stale_pins() {
     println!("allowed, cross node (a->c): {v}");
     assert!(v["ok"].as_u64().unwrap() > 0, "the allowed pair never connected: {v}");
 }
+
+/// 10,000 TrafficTargets x 7 ports: more rules than `mesh_policy` holds.
+fn oversized_policy() -> String {
+    let mut text = String::from(
+        "kind: TCPRoute\nmetadata: {name: seven, namespace: t}\nspec: {matches: {ports: [9100, 9101, 9102, 9103, 9104, 9105, 9106]}}\n",
+    );
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "---\nkind: TrafficTarget\nmetadata: {{name: t{i}, namespace: t}}\nspec:\n  destination: {{kind: ServiceAccount, name: sa-b}}\n  rules: [{{kind: TCPRoute, name: seven}}]\n  sources: [{{kind: ServiceAccount, name: s{i}}}]\n"
+        ));
+    }
+    text
+}
+
+/// Must-show 3: a policy too large for the kernel is refused whole, with
+/// the numbers; the policy in force keeps enforcing, the next valid edit
+/// applies, and a restart then keeps enforcing.
+#[test]
+fn a_policy_too_large_for_the_kernel_is_refused_whole_and_the_one_in_force_stays() {
+    let t = TestLab::up(&["--policy-mode=enforcing"], LABTOOL);
+    let lab = &t.lab;
+    std::fs::write(lab.source_dir.join("policy.yaml"), POLICY).unwrap();
+    let _servers: Vec<KillOnDrop> = ["pod-b", "pod-c"]
+        .iter()
+        .map(|p| KillOnDrop(t.traffic().serve(p, ECHO_PORT).unwrap()))
+        .collect();
+    policy_in_force(&t, "node-a", 1);
+    let reach = |to: &str| {
+        let r = t
+            .traffic()
+            .send("pod-a", std::net::SocketAddr::new(t.addr(to).ip(), ECHO_PORT), 64)
+            .unwrap();
+        r["ok"] == true
+    };
+    assert!(reach("pod-c") && !reach("pod-b"), "the small policy is in force");
+
+    std::fs::write(lab.source_dir.join("policy.yaml"), oversized_policy()).unwrap();
+    wait_for("the refusal", Duration::from_secs(20), || {
+        log_records(&lab.agent_log("node-a")).iter().any(|r| {
+            let e = r["error"].as_str().unwrap_or("");
+            e.contains("kernel rules") && e.contains("65536") && e.contains("refused whole")
+        })
+    });
+    // The policy in force still holds, and nothing of the refused one is in the map.
+    assert!(reach("pod-c") && !reach("pod-b"), "the previous policy stays in force");
+    let entries = xtask::probe::dump_map(lab, "node-a", "mesh_policy").unwrap();
+    let n = entries.as_array().map_or(0, Vec::len);
+    assert!(
+        n < 10,
+        "mesh_policy holds {n} entries: a refused generation was left behind"
+    );
+
+    // The next valid edit applies: now sa-a may reach sa-b, not sa-c.
+    std::fs::write(lab.source_dir.join("policy.yaml"), POLICY.replace("sa-c", "sa-b")).unwrap();
+    wait_for("the edit in force", Duration::from_secs(5), || reach("pod-b"));
+    assert!(!reach("pod-c"));
+    // A restart keeps enforcing, from its first moment.
+    lab.stop_agent("node-a").unwrap();
+    assert!(
+        reach("pod-b") && !reach("pod-c"),
+        "with no agent the pinned policy holds"
+    );
+    lab.start_agent("node-a").unwrap();
+    policy_in_force(&t, "node-a", 1);
+    assert!(reach("pod-b") && !reach("pod-c"), "after the restart");
+}

@@ -1,7 +1,7 @@
 //! `mesh_policy` and the policy half of `mesh_config`: a new generation is
 //! written, switched to in one write, then the old one deleted.
 use aya::maps::{HashMap, MapData};
-use mesh_common::{PolicyKey, PolicyValue, maps};
+use mesh_common::{POLICY_CAPACITY, PolicyKey, PolicyValue, maps};
 
 use super::{Redirect, RedirectError};
 use crate::tables::PolicyRow;
@@ -21,29 +21,38 @@ impl Redirect {
         if st.last.as_ref().is_some_and(|(r, e)| r == rules && *e == enforcing) {
             return Ok(());
         }
+        // Refused whole, before anything is written: the new generation goes
+        // beside the one in force, and a half-written one would be useless.
+        let in_force = match &st.last {
+            Some((r, _)) => r.len(),
+            None => st
+                .map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.generation == st.generation)
+                .count(),
+        };
+        let capacity = POLICY_CAPACITY as usize;
+        if rules.len() + in_force > capacity {
+            return Err(RedirectError::PolicyTooLarge {
+                rules: rules.len(),
+                in_force,
+                capacity,
+            });
+        }
         let generation = st.generation.wrapping_add(1).max(1);
-        for r in rules {
-            let key = PolicyKey {
-                generation,
-                src_identity: r.src,
-                dst_identity: r.dst,
-                port: r.port,
-                protocol: r.proto,
-                _pad: 0,
-            };
-            st.map
-                .insert(
-                    &key,
-                    &PolicyValue {
-                        rule: r.rule,
-                        flags: r.flags,
-                    },
-                    0,
-                )
-                .map_err(|err| RedirectError::Map {
-                    name: maps::POLICY,
-                    err,
-                })?;
+        if let Err(e) = Self::write_generation(&mut st.map, generation, rules) {
+            // Nothing of a failed generation stays behind to crowd out the next.
+            let partial: Vec<PolicyKey> = st
+                .map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.generation == generation)
+                .collect();
+            for k in partial {
+                let _ = st.map.remove(&k);
+            }
+            return Err(e);
         }
         {
             let mut cfg = self.config_value.lock().expect("config lock");
@@ -66,6 +75,36 @@ impl Redirect {
         }
         st.generation = generation;
         st.last = Some((rules.to_vec(), enforcing));
+        Ok(())
+    }
+
+    fn write_generation(
+        map: &mut HashMap<MapData, PolicyKey, PolicyValue>,
+        generation: u32,
+        rules: &[PolicyRow],
+    ) -> Result<(), RedirectError> {
+        for r in rules {
+            let key = PolicyKey {
+                generation,
+                src_identity: r.src,
+                dst_identity: r.dst,
+                port: r.port,
+                protocol: r.proto,
+                _pad: 0,
+            };
+            map.insert(
+                &key,
+                &PolicyValue {
+                    rule: r.rule,
+                    flags: r.flags,
+                },
+                0,
+            )
+            .map_err(|err| RedirectError::Map {
+                name: maps::POLICY,
+                err,
+            })?;
+        }
         Ok(())
     }
 }
