@@ -57,9 +57,11 @@ pub enum SourceError {
     ReadDir { dir: PathBuf, err: std::io::Error },
     #[error("cannot read {file}: {err}")]
     ReadFile { file: PathBuf, err: std::io::Error },
+    #[error("{file} is {what}, not a regular file: skipped (remove it from the policy directory)")]
+    NotRegular { file: PathBuf, what: &'static str },
     #[error("{file}: document {doc}: {reason}")]
     Invalid { file: PathBuf, doc: usize, reason: String },
-    #[error("pods {first} and {second} both claim IP {ip}; fix one of them")]
+    #[error("pods {first} and {second} both claim IP {ip}: {second} is refused until one of them is fixed")]
     DuplicateIp {
         first: String,
         second: String,

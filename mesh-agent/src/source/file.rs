@@ -39,7 +39,7 @@ pub const MESH_CONFIG_API: &str = "mesh.dev/v1alpha1";
 /// Parses one file; any invalid document fails the whole file (its last
 /// good content stays in force, see [`Reader`]).
 fn parse_file(file: &Path) -> Result<FileDocs, SourceError> {
-    let text = std::fs::read_to_string(file).map_err(|err| SourceError::ReadFile { file: file.into(), err })?;
+    let text = read_regular(file)?;
     let mut docs = FileDocs::default();
     for (doc, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let invalid = |reason: String| SourceError::Invalid {
@@ -99,21 +99,68 @@ fn parse_file(file: &Path) -> Result<FileDocs, SourceError> {
     Ok(docs)
 }
 
+/// The text of a regular file. Anything else is refused with what it is: a
+/// FIFO would block the reader forever (opened non-blocking as well, in
+/// case one replaces the file after the check), a symlink loop never
+/// resolves, a directory has no text.
+fn read_regular(file: &Path) -> Result<String, SourceError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let read_err = |err| SourceError::ReadFile { file: file.into(), err };
+    let meta = std::fs::metadata(file).map_err(read_err)?;
+    if !meta.is_file() {
+        use std::os::unix::fs::FileTypeExt as _;
+        let t = meta.file_type();
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(SourceError::NotRegular {
+            file: file.into(),
+            what,
+        });
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(file)
+        .map_err(read_err)?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(read_err)?;
+    Ok(text)
+}
+
 /// An SMI document's name and spec; errors name the resource.
 fn smi_doc<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, kind: &str) -> Result<Named<T>, String> {
     #[derive(Deserialize)]
-    struct Doc<T> {
+    struct Doc {
         metadata: ObjectMeta,
-        spec: T,
+        #[serde(default)]
+        spec: serde_yaml::Value,
     }
     let meta: MetaOnly =
         serde_yaml::from_value(value.clone()).map_err(|e| format!("{kind}: metadata.name is required ({e})"))?;
     let name = format!("{}/{}", meta.metadata.namespace, meta.metadata.name);
-    let doc: Doc<T> = serde_yaml::from_value(value).map_err(|e| format!("{kind} {name}: {e}"))?;
+    let doc: Doc = serde_yaml::from_value(value).map_err(|e| format!("{kind} {name}: {e}"))?;
+    // A field this mesh does not know is refused, never ignored: a typo
+    // (`port:` for `ports:`) read as "absent" could open every port.
+    let mut unknown = Vec::new();
+    let spec: T = serde_ignored::deserialize(doc.spec, |path| unknown.push(format!("spec.{path}")))
+        .map_err(|e| format!("{kind} {name}: spec: {e}"))?;
+    if !unknown.is_empty() {
+        return Err(format!(
+            "{kind} {name}: unknown field {} (check the spelling against the SMI spec); refused",
+            unknown.join(", ")
+        ));
+    }
     Ok(Named {
         namespace: doc.metadata.namespace,
         name: doc.metadata.name,
-        spec: doc.spec,
+        spec,
     })
 }
 
@@ -160,16 +207,21 @@ impl Reader {
             ..Snapshot::default()
         };
         let mut by_ip: BTreeMap<IpAddr, String> = BTreeMap::new();
-        for docs in self.last_good.values() {
+        for (file, docs) in &self.last_good {
             for pod in &docs.pods {
+                // A pod claiming an address another pod has is refused (the
+                // first keeps it); the rest of the snapshot still applies.
+                if let Some((ip, first)) = pod.ips.iter().find_map(|ip| by_ip.get(ip).map(|f| (*ip, f.clone()))) {
+                    let err = SourceError::DuplicateIp {
+                        first,
+                        second: pod.workload_name(),
+                        ip,
+                    };
+                    snapshot.errors.push(format!("{}: {err}", file.display()));
+                    continue;
+                }
                 for ip in &pod.ips {
-                    if let Some(first) = by_ip.insert(*ip, pod.workload_name()) {
-                        return Err(SourceError::DuplicateIp {
-                            first,
-                            second: pod.workload_name(),
-                            ip: *ip,
-                        });
-                    }
+                    by_ip.insert(*ip, pod.workload_name());
                 }
                 snapshot.pods.insert(pod.workload_name(), pod.clone());
             }
@@ -450,6 +502,54 @@ mod tests {
         assert!(load(&d.0).unwrap().errors[0].contains("InternalIP"));
     }
 
+    /// A typo, an unknown field, a FIFO, a symlink loop and a duplicate Pod
+    /// IP are each refused with their path; everything else still loads,
+    /// and reading never blocks.
+    #[test]
+    fn bad_entries_are_refused_by_path_and_the_rest_still_loads() {
+        let d = dir_with(&[
+            ("pods.yaml", PODS),
+            (
+                "typo.yaml",
+                "kind: TCPRoute\nmetadata: {name: db, namespace: shop}\nspec: {matches: {port: [7070]}}\n",
+            ),
+            (
+                "unknown.yaml",
+                "kind: TrafficTarget\nmetadata: {name: x, namespace: shop}\nspec: {destination: {kind: ServiceAccount, name: web}, sorces: []}\n",
+            ),
+            (
+                "good.yaml",
+                "kind: TCPRoute\nmetadata: {name: ok, namespace: shop}\nspec: {matches: {ports: [80]}}\n",
+            ),
+            (
+                "zz-dup.yaml",
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: twin, namespace: shop}\nspec: {nodeName: n1}\nstatus: {podIP: 198.18.1.10}\n",
+            ),
+        ]);
+        let fifo = d.0.join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        std::os::unix::fs::symlink("loop-b.yaml", d.0.join("loop-a.yaml")).unwrap();
+        std::os::unix::fs::symlink("loop-a.yaml", d.0.join("loop-b.yaml")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = d.0.clone();
+        std::thread::spawn(move || tx.send(load(&dir)).unwrap());
+        let s = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("reading the directory blocked")
+            .unwrap();
+        let has = |file: &str, what: &str| s.errors.iter().any(|e| e.contains(file) && e.contains(what));
+        assert!(has("typo.yaml", "unknown field spec.matches.port"), "{:#?}", s.errors);
+        assert!(has("unknown.yaml", "unknown field spec.sorces"), "{:#?}", s.errors);
+        assert!(has("fifo.yaml", "a FIFO"), "{:#?}", s.errors);
+        assert!(has("loop-a.yaml", "symbolic links"), "{:#?}", s.errors);
+        assert!(has("zz-dup.yaml", "shop/twin is refused"), "{:#?}", s.errors);
+        // Everything valid still loaded: the good route and both original pods.
+        assert_eq!(s.smi.tcp_routes.len(), 1);
+        assert_eq!(s.smi.tcp_routes[0].name, "ok");
+        assert!(s.smi.traffic_targets.is_empty());
+        assert!(s.pods.contains_key("shop/a") && !s.pods.contains_key("shop/twin"));
+    }
+
     #[test]
     fn bad_documents_name_the_file_and_document() {
         let first_error = |files: &[(&str, &str)]| {
@@ -472,12 +572,9 @@ mod tests {
         assert!(err.contains("TCPRoute shop/db"), "{err}");
         let dup = PODS.replace("198.18.2.10", "198.18.1.10");
         let d = dir_with(&[("pods.yaml", &dup)]);
-        assert!(
-            load(&d.0)
-                .unwrap_err()
-                .to_string()
-                .contains("both claim IP 198.18.1.10")
-        );
+        let s = load(&d.0).unwrap();
+        assert!(s.errors[0].contains("both claim IP 198.18.1.10"), "{:?}", s.errors);
+        assert!(s.pods.contains_key("shop/a") && !s.pods.contains_key("default/b"));
     }
 
     #[test]
