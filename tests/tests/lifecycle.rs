@@ -194,3 +194,85 @@ fn a_policy_too_large_for_the_kernel_is_refused_whole_and_the_one_in_force_stays
     policy_in_force(&t, "node-a", 1);
     assert!(reach("pod-b") && !reach("pod-c"), "after the restart");
 }
+
+/// Must-show 4: a typo, an unknown field, a FIFO, a symlink loop and a
+/// duplicate Pod IP dropped into the source directory are each refused with
+/// their path and open nothing, while a valid edit beside them applies
+/// within a second.
+#[test]
+fn bad_entries_are_refused_by_path_and_a_valid_edit_beside_them_applies() {
+    let t = TestLab::up(&["--policy-mode=enforcing"], LABTOOL);
+    let lab = &t.lab;
+    let dir = &lab.source_dir;
+    std::fs::write(dir.join("policy.yaml"), POLICY).unwrap();
+    let _servers: Vec<KillOnDrop> = ["pod-b", "pod-c"]
+        .iter()
+        .map(|p| KillOnDrop(t.traffic().serve(p, ECHO_PORT).unwrap()))
+        .collect();
+    policy_in_force(&t, "node-a", 1);
+    let reach = |from: &str, to: &str| {
+        let r = t
+            .traffic()
+            .send(from, std::net::SocketAddr::new(t.addr(to).ip(), ECHO_PORT), 64)
+            .unwrap();
+        r["ok"] == true
+    };
+    assert!(!reach("pod-c", "pod-b") && !reach("pod-a", "pod-b"));
+
+    // Read as written, each would open c -> b on every port.
+    let typo = "kind: TCPRoute\nmetadata: {name: typo, namespace: t}\nspec: {matches: {port: [7070]}}\n---\n\
+                kind: TrafficTarget\nmetadata: {name: c-to-b, namespace: t}\nspec:\n  destination: {kind: ServiceAccount, name: sa-b}\n  \
+                rules: [{kind: TCPRoute, name: typo}]\n  sources: [{kind: ServiceAccount, name: sa-c}]\n";
+    let unknown = "kind: TrafficTarget\nmetadata: {name: c-to-b-2, namespace: t}\nspec:\n  destination: {kind: ServiceAccount, name: sa-b}\n  \
+                   rules: [{kind: TCPRoute, name: echo}]\n  sources: [{kind: ServiceAccount, name: sa-c}]\n  sourceSelector: {}\n";
+    let pod_b = lab.pod("pod-b").unwrap();
+    let dup = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: impostor, namespace: t}}\nspec: {{nodeName: node-a, serviceAccountName: sa-c}}\nstatus: {{podIP: {}}}\n",
+        pod_b.ip
+    );
+    std::fs::write(dir.join("typo.yaml"), typo).unwrap();
+    std::fs::write(dir.join("unknown.yaml"), unknown).unwrap();
+    std::fs::write(dir.join("zz-dup.yaml"), dup).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(dir.join("fifo.yaml"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::os::unix::fs::symlink("loop-b.yaml", dir.join("loop-a.yaml")).unwrap();
+    std::os::unix::fs::symlink("loop-a.yaml", dir.join("loop-b.yaml")).unwrap();
+    // The valid edit: a may now reach b.
+    let edited = std::time::Instant::now();
+    std::fs::write(
+        dir.join("policy.yaml"),
+        POLICY.replace("name: sa-c}\n  rules", "name: sa-b}\n  rules"),
+    )
+    .unwrap();
+    wait_for("the valid edit in force", Duration::from_secs(5), || {
+        reach("pod-a", "pod-b")
+    });
+    let took = edited.elapsed();
+    println!("valid edit in force after {} ms", took.as_millis());
+    assert!(took < Duration::from_millis(1500), "the valid edit took {took:?}");
+    assert!(!reach("pod-c", "pod-b"), "a refused file opened c -> b");
+    let errors: Vec<String> = log_records(&lab.agent_log("node-a"))
+        .iter()
+        .filter(|r| r["message"] == "source: file rejected; its last good content stays in force")
+        .map(|r| r["error"].as_str().unwrap_or("").to_string())
+        .collect();
+    for (file, what) in [
+        ("typo.yaml", "unknown field spec.matches.port"),
+        ("unknown.yaml", "unknown field spec.sourceSelector"),
+        ("fifo.yaml", "a FIFO"),
+        ("loop-a.yaml", "symbolic links"),
+        ("zz-dup.yaml", "t/impostor is refused"),
+    ] {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(&dir.join(file).display().to_string()) && e.contains(what)),
+            "{file}: no refusal saying {what:?} in {errors:#?}"
+        );
+    }
+}
