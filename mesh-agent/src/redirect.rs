@@ -128,7 +128,25 @@ pub struct Redirect {
 }
 
 impl Redirect {
+    /// Whether this agent still owns the kernel maps: no live successor has
+    /// claimed them (`Config::owner_pid`).
+    fn owns_kernel(&self) -> bool {
+        let me = std::process::id();
+        let owner = self
+            .config
+            .lock()
+            .expect("config lock")
+            .get(&0, 0)
+            .map_or(0, |c| c.owner_pid);
+        let alive = |pid: u32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+        owner == 0 || owner == me || !alive(owner)
+    }
+
     fn write_config(&self) -> Result<(), RedirectError> {
+        if !self.owns_kernel() {
+            tracing::debug!("a newer agent owns the kernel maps: not writing mesh_config");
+            return Ok(());
+        }
         let value = *self.config_value.lock().expect("config lock");
         self.config
             .lock()

@@ -234,6 +234,12 @@ pub struct Config {
     /// destinations; unspecified when the node has none (they then go to
     /// the IPv4 listener, IPv4-mapped).
     pub agent_ipv6: Addr,
+    /// The agent that owns the maps (the newest to load; kernel programs
+    /// ignore it): a predecessor still serving stops writing policy and
+    /// heartbeats once a live successor claimed them, so it can never
+    /// switch the kernel back to a generation the successor deleted.
+    pub owner_pid: u32,
+    pub _pad3: u32,
 }
 
 /// Pods' cgroups sit 1 (Guaranteed) or 2 (Burstable, BestEffort) levels
@@ -603,6 +609,8 @@ const _: () = {
         udp_relay_slots: 22,
         alive_until_ns: 24,
         agent_ipv6: 32,
+        owner_pid: 48,
+        _pad3: 52,
     });
     assert_offsets!(PolicyKey {
         generation: 0,
@@ -717,7 +725,7 @@ const _: () = {
     assert!(core::mem::size_of::<Workload>() == 32);
     assert!(core::mem::size_of::<UdpFlowKey>() == 36);
     assert!(core::mem::size_of::<Endpoint>() == 16);
-    assert!(core::mem::size_of::<Config>() == 48);
+    assert!(core::mem::size_of::<Config>() == 56);
     assert!(core::mem::size_of::<PolicyKey>() == 16);
     assert!(core::mem::size_of::<PolicyValue>() == 8);
     assert!(core::mem::size_of::<OrigDst>() == 24);

@@ -29,7 +29,10 @@ fn pins_of_an_older_layout_are_replaced_and_the_agent_says_so() {
     let mut args: Vec<String> = ["map", "update", "pinned"].map(String::from).to_vec();
     args.push(config.to_string_lossy().into());
     args.extend(["key", "hex", "00", "00", "00", "00", "value", "hex", "01"].map(String::from));
-    args.extend(std::iter::repeat_n("00".to_string(), 31));
+    args.extend(std::iter::repeat_n(
+        "00".to_string(),
+        std::mem::size_of::<mesh_common::Config>() - 1,
+    ));
     let out = Command::new("bpftool").args(&args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 

@@ -224,6 +224,8 @@ impl Redirect {
             agent_ipv6: opts
                 .capture_ip6
                 .map_or(Addr::UNSPECIFIED, |ip| Addr::from(std::net::IpAddr::V6(ip))),
+            owner_pid: std::process::id(),
+            _pad3: 0,
         };
         let kernel_events = take_map(&mut ebpf, maps::EVENTS)?;
         let redirect = Redirect {

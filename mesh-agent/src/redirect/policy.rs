@@ -21,6 +21,11 @@ impl Redirect {
         if st.last.as_ref().is_some_and(|(r, e)| r == rules && *e == enforcing) {
             return Ok(());
         }
+        if !self.owns_kernel() {
+            // The successor's generation is in force; ours must not delete it.
+            tracing::info!("a newer agent owns the kernel maps: this policy is left to it");
+            return Ok(());
+        }
         // Refused whole, before anything is written: the new generation goes
         // beside the one in force, and a half-written one would be useless.
         let in_force = match &st.last {
