@@ -70,16 +70,20 @@ fn denied_pairs_stay_denied_through_restarts_kills_and_stale_pins() {
     let t = TestLab::up(&["--policy-mode=enforcing", "--drain-grace=2s"], LABTOOL);
     let lab = &t.lab;
     std::fs::write(lab.source_dir.join("policy.yaml"), POLICY).unwrap();
+    // pod-b's server writes down every connection it accepts: the count
+    // from the server side (only denied pairs ever try it).
+    let accepted_at_b = std::env::temp_dir().join(format!("mesh-lifecycle-accepts-{}", std::process::id()));
     let _servers: Vec<KillOnDrop> = ["pod-b", "pod-c"]
         .iter()
         .map(|p| {
-            KillOnDrop(
-                lab.exec(p, BENCHTOOL)
-                    .unwrap()
-                    .args(["echo-serve", "--port", &ECHO_PORT.to_string()])
-                    .spawn()
-                    .unwrap(),
-            )
+            let mut cmd = lab.exec(p, BENCHTOOL).unwrap();
+            cmd.args(["echo-serve", "--port", &ECHO_PORT.to_string(), "--print-accepts"]);
+            if *p == "pod-b" {
+                cmd.stdout(std::fs::File::create(&accepted_at_b).unwrap());
+            } else {
+                cmd.stdout(std::process::Stdio::null());
+            }
+            KillOnDrop(cmd.spawn().unwrap())
         })
         .collect();
     for p in ["pod-b", "pod-c"] {
@@ -124,6 +128,13 @@ fn denied_pairs_stay_denied_through_restarts_kills_and_stale_pins() {
         assert_eq!(v["ok"], 0, "{what}: denied connections got through: {v}");
         assert!(v["refused"].as_u64().unwrap() > 1000, "{what}: too few attempts: {v}");
     }
+    let at_b = std::fs::read_to_string(&accepted_at_b).unwrap_or_default();
+    let _ = std::fs::remove_file(&accepted_at_b);
+    assert_eq!(
+        at_b.lines().count(),
+        0,
+        "pod-b accepted connections it must never see:\n{at_b}"
+    );
     let v = allowed.finish();
     println!("allowed, cross node (a->c): {v}");
     assert!(v["ok"].as_u64().unwrap() > 0, "the allowed pair never connected: {v}");

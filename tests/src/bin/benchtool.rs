@@ -27,6 +27,10 @@ enum Cmd {
     EchoServe {
         #[arg(long)]
         port: u16,
+        /// Print each accepted connection's peer, a line each (a server-side
+        /// count of who got through).
+        #[arg(long)]
+        print_accepts: bool,
     },
     /// Requests of `size` bytes, each echoed back, started at a fixed `rate`
     /// for `secs` (open loop: a slow answer never delays the next request,
@@ -105,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         match Cli::parse().cmd {
-            Cmd::EchoServe { port } => echo_serve(port).await,
+            Cmd::EchoServe { port, print_accepts } => echo_serve(port, print_accepts).await,
             Cmd::Rr {
                 to,
                 rate,
@@ -138,10 +142,16 @@ fn raise_nofile() {
     }
 }
 
-async fn echo_serve(port: u16) -> anyhow::Result<()> {
+async fn echo_serve(port: u16, print_accepts: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port)).await?;
     loop {
-        let (mut s, _) = listener.accept().await?;
+        let (mut s, peer) = listener.accept().await?;
+        if print_accepts {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{peer}");
+            let _ = out.flush();
+        }
         s.set_nodelay(true)?;
         tokio::task::spawn_local(async move {
             let mut buf = vec![0u8; 16 * 1024];
