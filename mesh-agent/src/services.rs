@@ -234,25 +234,22 @@ fn validate(split: &Named<TrafficSplitSpec>, snap: &Snapshot) -> Result<(), Stri
     if split.spec.backends.is_empty() {
         return Err("no backends".into());
     }
+    // As the SMI spec says: a backend Service that does not exist yet (the
+    // canary workflow creates the split first, v2 at weight 0), or has no
+    // endpoints, or lacks one of the root's ports, only has nothing to
+    // send to (for that port); it never refuses the split (`split_slots`).
     let mut total: i64 = 0;
     for b in &split.spec.backends {
         if b.weight < 0 {
             return Err(format!("backend {} has a negative weight ({})", b.service, b.weight));
         }
-        total = total.saturating_add(b.weight);
-        let name = service_name(&b.service);
-        let svc = snap
-            .services
-            .get(&format!("{ns}/{name}"))
-            .ok_or_else(|| format!("backend service {ns}/{name} does not exist"))?;
-        for p in &root.ports {
-            if !svc.ports.iter().any(|q| q.port == p.port) {
-                return Err(format!(
-                    "backend service {ns}/{name} has no port {} (the root service's)",
-                    p.port
-                ));
-            }
+        if service_name(&b.service) == root_name {
+            return Err(format!(
+                "backend {} is the root service itself (the SMI spec forbids a split naming its own service)",
+                b.service
+            ));
         }
+        total = total.saturating_add(b.weight);
     }
     if total == 0 {
         return Err("the backends' weights sum to 0".into());
@@ -472,7 +469,7 @@ mod tests {
         for (bad, why) in [
             (vec![("web-v1", 0), ("web-v2", 0)], "sum to 0"),
             (vec![("web-v1", -5), ("web-v2", 10)], "negative weight"),
-            (vec![("web-v1", 50), ("web-v3", 50)], "t/web-v3 does not exist"),
+            (vec![("web-v1", 50), ("web", 50)], "the root service itself"),
         ] {
             let c = splits.compile(&snap(vec![split("canary", &bad)]));
             assert_eq!(c.refused.len(), 1, "{c:?}");
@@ -481,17 +478,45 @@ mod tests {
             let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
             assert_eq!(share(web, "198.18.1.11"), 100, "the 90/10 split stays in force");
         }
-        // A backend without the root's port.
+        // A backend without the root's port is left out for that port only.
         let mut s = snap(vec![split("canary", &[("web-v1", 50), ("web-v2", 50)])]);
         s.services.get_mut("t/web-v2").unwrap().ports[0].port = 81;
         let c = splits.compile(&s);
-        assert!(c.refused[0].reason.contains("has no port 80"), "{:?}", c.refused);
+        assert!(c.refused.is_empty(), "{:?}", c.refused);
+        let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+        assert_eq!(
+            (share(web, "198.18.1.11"), web.slots.len()),
+            (0, 1000),
+            "v1 takes port 80 whole"
+        );
         // Deleted: the service is plain again, and nothing is remembered.
         let c = splits.compile(&snap(vec![]));
         assert!(c.refused.is_empty());
         assert_eq!(c.tables.iter().find(|t| t.name == "t/web:80").unwrap().slots.len(), 3);
         let c = splits.compile(&snap(vec![split("canary", &[("web-v1", 0), ("web-v2", 0)])]));
         assert!(!c.refused[0].kept_previous);
+    }
+
+    /// The SMI spec's canary workflow: the split comes first, naming a v2
+    /// Service that does not exist yet at weight 0; nothing goes to v2 pods
+    /// (even those the root's selector already matches) until v2 gets a weight.
+    #[test]
+    fn the_canary_workflow_sends_nothing_to_v2_until_its_weight_changes() {
+        let mut s = snap(vec![split("canary", &[("web-v1", 100), ("web-v2", 0)])]);
+        s.services.remove("t/web-v2");
+        let mut splits = Splits::default();
+        let c = splits.compile(&s);
+        assert!(c.refused.is_empty(), "{:?}", c.refused);
+        let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+        assert_eq!(share(web, "198.18.1.11"), 0, "the root's own v2 endpoint gets nothing");
+        assert_eq!(web.slots.len(), 1000);
+        // v2 exists now, still at 0; then its weight changes.
+        let c = splits.compile(&snap(vec![split("canary", &[("web-v1", 100), ("web-v2", 0)])]));
+        let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+        assert_eq!(share(web, "198.18.1.11"), 0);
+        let c = splits.compile(&snap(vec![split("canary", &[("web-v1", 80), ("web-v2", 20)])]));
+        let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
+        assert_eq!(share(web, "198.18.1.11"), 200);
     }
 
     #[test]

@@ -198,7 +198,7 @@ fn bad_splits_are_refused_with_a_reason_and_the_previous_split_stays() {
     let bad = [
         (split(0, 0), "sum to 0"),
         (split(-1, 100), "negative weight"),
-        (split(50, 50).replace("web-v2", "web-v9"), "t/web-v9 does not exist"),
+        (split(50, 50).replace("web-v2", "web"), "the root service itself"),
     ];
     for (text, why) in bad {
         s.write_split(&text);
