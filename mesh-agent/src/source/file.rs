@@ -21,9 +21,15 @@ use crate::state::{Named, Pod, PolicyMode, SmiSet, Snapshot, SnapshotTx};
 /// well under a second, and a stat of a few files costs next to nothing.
 const POLL: Duration = Duration::from_millis(200);
 
+/// A document's identity within a file: kind, namespace, name.
+type DocId = (String, String, String);
+
 /// What one file contributes to a snapshot.
 #[derive(Clone, Debug, Default)]
 struct FileDocs {
+    /// The documents that parsed, as read: a refused document falls back
+    /// to its entry here from the file's previous version.
+    good: BTreeMap<DocId, serde_yaml::Value>,
     pods: Vec<Pod>,
     nodes: Vec<(String, Ipv4Addr)>,
     services: Vec<k8s_openapi::api::core::v1::Service>,
@@ -36,67 +42,111 @@ struct FileDocs {
 /// The mesh-wide settings document: `kind: MeshConfig`, `spec.policyMode`.
 pub const MESH_CONFIG_API: &str = "mesh.dev/v1alpha1";
 
-/// Parses one file; any invalid document fails the whole file (its last
-/// good content stays in force, see [`Reader`]).
-fn parse_file(file: &Path) -> Result<FileDocs, SourceError> {
+/// Parses one file, document by document: a document that does not parse
+/// is refused alone (its error names the file and document) and keeps its
+/// version from `previous` (the file's last good read) when it had one;
+/// every other document applies. A file that cannot be read, or whose YAML
+/// stream breaks, fails whole (its last good content stays, see [`Reader`]).
+fn parse_file(file: &Path, previous: Option<&FileDocs>) -> Result<(FileDocs, Vec<SourceError>), SourceError> {
     let text = read_regular(file)?;
     let mut docs = FileDocs::default();
+    let mut refused = Vec::new();
     for (doc, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let invalid = |reason: String| SourceError::Invalid {
             file: file.into(),
             doc: doc + 1,
             reason,
         };
+        // A syntax error ends the stream: nothing after it can be trusted.
         let value = serde_yaml::Value::deserialize(de).map_err(|e| invalid(format!("not YAML: {e}")))?;
         if value.is_null() {
             continue; // empty document, e.g. a trailing `---`
         }
-        let head: TypeMeta =
-            serde_yaml::from_value(value.clone()).map_err(|e| invalid(format!("missing kind: {e}")))?;
-        let kind = head.kind.as_str();
-        // The SMI spec's own examples omit apiVersion; accept that for SMI kinds.
-        let api = match (&head.api_version, crate::smi::default_api_version(kind)) {
-            (Some(v), Some(want)) if v != want => {
-                return Err(invalid(format!("{kind} {v} is not supported (this mesh reads {want})")));
+        let id = doc_id(&value);
+        match add_doc(&mut docs, value.clone(), file) {
+            Ok(()) => {
+                if let Some(id) = id {
+                    docs.good.insert(id, value);
+                }
             }
-            (Some(v), _) => v.clone(),
-            (None, Some(want)) => want.to_string(),
-            (None, None) => return Err(invalid(format!("{kind}: apiVersion is required"))),
-        };
-        match (api.as_str(), kind) {
-            ("v1", "Node") => {
-                let node: NodeDoc = serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Node: {e}")))?;
-                docs.nodes.push(node.internal_ip().map_err(invalid)?);
+            Err(reason) => {
+                let kept = id
+                    .as_ref()
+                    .and_then(|id| previous.and_then(|p| p.good.get(id)).map(|v| (id, v)))
+                    .and_then(|(id, old)| add_doc(&mut docs, old.clone(), file).ok().map(|()| (id, old)));
+                if let Some((id, old)) = kept {
+                    docs.good.insert(id.clone(), old.clone());
+                }
+                let reason = if kept.is_some() {
+                    format!("{reason}; its previous version stays in force")
+                } else {
+                    reason
+                };
+                refused.push(invalid(reason));
             }
-            ("v1", "Pod") => {
-                let pod: PodDoc = serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Pod: {e}")))?;
-                docs.pods.push(pod.into_pod().map_err(invalid)?);
-            }
-            ("v1", "Service") => docs
-                .services
-                .push(serde_yaml::from_value(value).map_err(|e| invalid(format!("bad Service: {e}")))?),
-            ("discovery.k8s.io/v1", "EndpointSlice") => docs
-                .slices
-                .push(serde_yaml::from_value(value).map_err(|e| invalid(format!("bad EndpointSlice: {e}")))?),
-            ("v1", "ServiceAccount") => {
-                let sa: k8s_openapi::api::core::v1::ServiceAccount =
-                    serde_yaml::from_value(value).map_err(|e| invalid(format!("bad ServiceAccount: {e}")))?;
-                docs.service_accounts.extend(super::k8s::service_account(&sa));
-            }
-            (MESH_CONFIG_API, "MeshConfig") => {
-                let cfg: MeshConfigDoc =
-                    serde_yaml::from_value(value).map_err(|e| invalid(format!("bad MeshConfig: {e}")))?;
-                docs.mode = Some(cfg.spec.policy_mode);
-            }
-            (_, "TrafficTarget") => docs.smi.traffic_targets.push(smi_doc(value, kind).map_err(invalid)?),
-            (_, "HTTPRouteGroup") => docs.smi.http_route_groups.push(smi_doc(value, kind).map_err(invalid)?),
-            (_, "TCPRoute") => docs.smi.tcp_routes.push(smi_doc(value, kind).map_err(invalid)?),
-            (_, "UDPRoute") => docs.smi.udp_routes.push(smi_doc(value, kind).map_err(invalid)?),
-            (_, "TrafficSplit") => docs.smi.traffic_splits.push(smi_doc(value, kind).map_err(invalid)?),
-            _ => tracing::debug!(file = %file.display(), kind, "source: skipping an unknown kind"),
         }
     }
-    Ok(docs)
+    Ok((docs, refused))
+}
+
+/// kind, metadata.namespace (default "default"), metadata.name, if present.
+fn doc_id(value: &serde_yaml::Value) -> Option<DocId> {
+    let kind = value.get("kind")?.as_str()?.to_string();
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str()?.to_string();
+    let ns = meta
+        .get("namespace")
+        .and_then(|n| n.as_str())
+        .unwrap_or("default")
+        .to_string();
+    Some((kind, ns, name))
+}
+
+/// Adds one document to `docs`, or says why not.
+fn add_doc(docs: &mut FileDocs, value: serde_yaml::Value, file: &Path) -> Result<(), String> {
+    let head: TypeMeta = serde_yaml::from_value(value.clone()).map_err(|e| format!("missing kind: {e}"))?;
+    let kind = head.kind.as_str();
+    // The SMI spec's own examples omit apiVersion; accept that for SMI kinds.
+    let api = match (&head.api_version, crate::smi::default_api_version(kind)) {
+        (Some(v), Some(want)) if v != want => {
+            return Err(format!("{kind} {v} is not supported (this mesh reads {want})"));
+        }
+        (Some(v), _) => v.clone(),
+        (None, Some(want)) => want.to_string(),
+        (None, None) => return Err(format!("{kind}: apiVersion is required")),
+    };
+    match (api.as_str(), kind) {
+        ("v1", "Node") => {
+            let node: NodeDoc = serde_yaml::from_value(value).map_err(|e| format!("bad Node: {e}"))?;
+            docs.nodes.push(node.internal_ip()?);
+        }
+        ("v1", "Pod") => {
+            let pod: PodDoc = serde_yaml::from_value(value).map_err(|e| format!("bad Pod: {e}"))?;
+            docs.pods.push(pod.into_pod()?);
+        }
+        ("v1", "Service") => docs
+            .services
+            .push(serde_yaml::from_value(value).map_err(|e| format!("bad Service: {e}"))?),
+        ("discovery.k8s.io/v1", "EndpointSlice") => docs
+            .slices
+            .push(serde_yaml::from_value(value).map_err(|e| format!("bad EndpointSlice: {e}"))?),
+        ("v1", "ServiceAccount") => {
+            let sa: k8s_openapi::api::core::v1::ServiceAccount =
+                serde_yaml::from_value(value).map_err(|e| format!("bad ServiceAccount: {e}"))?;
+            docs.service_accounts.extend(super::k8s::service_account(&sa));
+        }
+        (MESH_CONFIG_API, "MeshConfig") => {
+            let cfg: MeshConfigDoc = serde_yaml::from_value(value).map_err(|e| format!("bad MeshConfig: {e}"))?;
+            docs.mode = Some(cfg.spec.policy_mode);
+        }
+        (_, "TrafficTarget") => docs.smi.traffic_targets.push(smi_doc(value, kind)?),
+        (_, "HTTPRouteGroup") => docs.smi.http_route_groups.push(smi_doc(value, kind)?),
+        (_, "TCPRoute") => docs.smi.tcp_routes.push(smi_doc(value, kind)?),
+        (_, "UDPRoute") => docs.smi.udp_routes.push(smi_doc(value, kind)?),
+        (_, "TrafficSplit") => docs.smi.traffic_splits.push(smi_doc(value, kind)?),
+        _ => tracing::debug!(file = %file.display(), kind, "source: skipping an unknown kind"),
+    }
+    Ok(())
 }
 
 /// The text of a regular file. Anything else is refused with what it is: a
@@ -195,8 +245,9 @@ impl Reader {
         self.last_good.retain(|f, _| files.contains(f));
         let mut errors = Vec::new();
         for file in &files {
-            match parse_file(file) {
-                Ok(docs) => {
+            match parse_file(file, self.last_good.get(file)) {
+                Ok((docs, refused)) => {
+                    errors.extend(refused.iter().map(ToString::to_string));
                     self.last_good.insert(file.clone(), docs);
                 }
                 Err(e) => errors.push(e.to_string()),
@@ -631,18 +682,31 @@ mod tests {
         let task = tokio::spawn(watch(d.0.clone(), tx));
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow().pods.len(), 2);
-        std::fs::write(
-            d.0.join("pods.yaml"),
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n",
-        )
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert_eq!(
-            rx.borrow_and_update().pods.len(),
-            2,
-            "an invalid edit must not change what is in force"
-        );
-        assert_eq!(rx.borrow().errors.len(), 1, "but it is reported");
+        // shop/a loses its podIP: that document is refused alone and its
+        // previous version stays; default/b's edit (another node) applies.
+        let edit = PODS
+            .replace("status: {podIP: 198.18.1.10}", "status: {}")
+            .replace("nodeName: n2", "nodeName: n3");
+        std::fs::write(d.0.join("pods.yaml"), edit).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        {
+            let snap = rx.borrow_and_update();
+            assert_eq!(
+                snap.pods.len(),
+                2,
+                "an invalid document must not change what is in force"
+            );
+            assert_eq!(snap.pods["shop/a"].ips, [IpAddr::from([198, 18, 1, 10])]);
+            assert_eq!(
+                snap.pods["default/b"].node, "n3",
+                "the valid document beside it applies"
+            );
+            assert_eq!(snap.errors.len(), 1, "but it is reported");
+            assert!(snap.errors[0].contains("previous version stays"), "{:?}", snap.errors);
+        }
         std::fs::write(d.0.join("pods.yaml"), PODS.split("---").next().unwrap()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), rx.changed())
             .await
