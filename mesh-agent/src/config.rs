@@ -104,6 +104,10 @@ pub enum PolicyCommand {
         method: Option<String>,
         #[arg(long)]
         path: Option<String>,
+        /// With --method and --path: a request header, `name: value`
+        /// (repeatable), for HTTPRouteGroup header matches.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
         #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
     },
