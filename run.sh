@@ -23,7 +23,7 @@ TOOLS=/opt/mesh-tools          # a venv for kubernetes-validate (checks deploy/)
 say() { printf '\n=== %s\n' "$*" >&2; }
 
 if [[ $(id -u) -ne 0 ]]; then
-    echo "run.sh: needs root (eBPF, network namespaces, cgroups): run it with sudo" >&2
+    echo "run.sh: needs root (eBPF, network namespaces, cgroups): run it as root" >&2
     exit 1
 fi
 

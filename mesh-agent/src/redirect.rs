@@ -128,18 +128,15 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    /// Whether this agent still owns the kernel maps: no live successor has
-    /// claimed them (`Config::owner_pid`).
+    /// Whether this agent still owns the kernel maps: the newest agent to
+    /// load claimed them (`Config::owner_pid`) and only the owner writes
+    /// the config, so the owner's heartbeat is the one in it. Ours, or a
+    /// claim whose heartbeat stopped (that agent died): we write.
     fn owns_kernel(&self) -> bool {
-        let me = std::process::id();
-        let owner = self
-            .config
-            .lock()
-            .expect("config lock")
-            .get(&0, 0)
-            .map_or(0, |c| c.owner_pid);
-        let alive = |pid: u32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
-        owner == 0 || owner == me || !alive(owner)
+        let Ok(pinned) = self.config.lock().expect("config lock").get(&0, 0) else {
+            return true;
+        };
+        pinned.owner_pid == 0 || pinned.owner_pid == std::process::id() || pinned.alive_until_ns < monotonic_ns()
     }
 
     fn write_config(&self) -> Result<(), RedirectError> {
@@ -147,6 +144,12 @@ impl Redirect {
             tracing::debug!("a newer agent owns the kernel maps: not writing mesh_config");
             return Ok(());
         }
+        self.claim_kernel()
+    }
+
+    /// Writes our config whoever owned the maps: what a newly loaded agent
+    /// does once, to claim them.
+    pub(super) fn claim_kernel(&self) -> Result<(), RedirectError> {
         let value = *self.config_value.lock().expect("config lock");
         self.config
             .lock()

@@ -255,7 +255,7 @@ impl Redirect {
             kernel_events: Some(kernel_events),
             kernel_logger,
         };
-        redirect.write_config()?;
+        redirect.claim_kernel()?;
         Ok(redirect)
     }
 }
