@@ -111,6 +111,8 @@ impl AdminState {
             },
             "certificates": certificates,
             "kernel": {
+                "policy_mode": self.redirect.kernel_policy().map(|(enforcing, _)| if enforcing { "enforcing" } else { "allow-all" }),
+                "policy_generation": self.redirect.kernel_policy().map(|(_, generation)| generation),
                 "redirected": capture.redirected, "same_node": capture.same_node, "passthrough": capture.passthrough,
                 "failed_open": capture.failed_open, "denied": capture.denied, "events_dropped": capture.events_dropped,
                 "load_balanced": capture.load_balanced, "no_endpoint": capture.no_endpoint, "no_relay": capture.no_relay,

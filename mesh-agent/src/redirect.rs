@@ -147,6 +147,13 @@ impl Redirect {
         self.claim_kernel()
     }
 
+    /// What the kernel enforces right now, from the pinned `mesh_config`:
+    /// (enforcing, policy generation), whoever wrote it.
+    pub fn kernel_policy(&self) -> Option<(bool, u32)> {
+        let c = self.config.lock().expect("config lock").get(&0, 0).ok()?;
+        Some((c.policy_mode == mesh_common::POLICY_ENFORCING, c.policy_generation))
+    }
+
     /// Writes our config whoever owned the maps: what a newly loaded agent
     /// does once, to claim them.
     pub(super) fn claim_kernel(&self) -> Result<(), RedirectError> {

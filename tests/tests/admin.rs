@@ -42,6 +42,11 @@ fn status_config_dump_readiness_and_log_level() {
     assert_eq!(code, Some(0), "{text}");
     assert!(text.starts_with("node node-a: ready"), "{text}");
     assert!(text.contains("t/pod-a 198.18.1.10 sa=sa-a"), "{text}");
+    // Permissive: the kernel allows all (and says which generation it holds).
+    assert!(
+        text.contains("kernel enforces: allow-all, policy generation "),
+        "{text}"
+    );
     assert!(
         text.contains("certificate spiffe://cluster.local/ns/t/sa/sa-a"),
         "{text}"

@@ -140,6 +140,21 @@ fn denied_pairs_stay_denied_through_restarts_kills_and_stale_pins() {
     assert!(v["ok"].as_u64().unwrap() > 0, "the allowed pair never connected: {v}");
 }
 
+/// `mesh-agent status`'s line about what node-a's kernel enforces.
+fn kernel_line(lab: &xtask::lab::Lab) -> String {
+    let out = lab
+        .node_exec("node-a", &lab.agent_bin.to_string_lossy())
+        .unwrap()
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .find(|l| l.starts_with("kernel enforces"))
+        .unwrap_or_else(|| panic!("no kernel line in status: {text}"))
+        .to_string()
+}
+
 /// 10,000 TrafficTargets x 7 ports: more rules than `mesh_policy` holds.
 fn oversized_policy() -> String {
     let mut text = String::from(
@@ -174,6 +189,11 @@ fn a_policy_too_large_for_the_kernel_is_refused_whole_and_the_one_in_force_stays
         r["ok"] == true
     };
     assert!(reach("pod-c") && !reach("pod-b"), "the small policy is in force");
+    let before = kernel_line(lab);
+    assert!(
+        before.starts_with("kernel enforces: enforcing, policy generation "),
+        "{before}"
+    );
 
     std::fs::write(lab.source_dir.join("policy.yaml"), oversized_policy()).unwrap();
     wait_for("the refusal", Duration::from_secs(20), || {
@@ -191,6 +211,8 @@ fn a_policy_too_large_for_the_kernel_is_refused_whole_and_the_one_in_force_stays
         "mesh_policy holds {n} entries: a refused generation was left behind"
     );
 
+    // status says what the kernel enforces: the generation in force before the refusal.
+    assert_eq!(kernel_line(lab), before, "the kernel's generation changed");
     // The next valid edit applies: now sa-a may reach sa-b, not sa-c.
     std::fs::write(lab.source_dir.join("policy.yaml"), POLICY.replace("sa-c", "sa-b")).unwrap();
     wait_for("the edit in force", Duration::from_secs(5), || reach("pod-b"));

@@ -48,6 +48,15 @@ pub fn status_text(d: &serde_json::Value) -> String {
         p["traffic_targets"].as_array().map_or(0, |a| a.len()),
         p["refused"].as_array().map_or(0, |a| a.len())
     );
+    // What the kernel enforces may be a predecessor's generation (until this
+    // agent's first policy is written) or the last one written before a refusal.
+    let k = &d["kernel"];
+    let _ = writeln!(
+        out,
+        "kernel enforces: {}, policy generation {}",
+        k["policy_mode"].as_str().unwrap_or("?"),
+        k["policy_generation"]
+    );
     for r in p["refused"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
