@@ -144,35 +144,37 @@ fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
 
 /// A same-node pod-to-pod socket closed: the client side counts the
 /// connection, and, when it was not spliced (sk_msg counts spliced bytes as
-/// they pass), the payload TCP carried: acknowledged sent, and received.
+/// they pass), each side counts the payload it sent that the other end
+/// acknowledged (the client's is "sent", the server's "received"). What a
+/// socket sent and got acked is exact whenever the peer's FIN arrives; what
+/// it received is not (a peer FIN reaching the socket only after it became
+/// a FIN_WAIT2 time-wait mini-socket is missing from it).
 fn closed(ctx: &SockOpsContext, key: &SockKey) {
     let Some(flow) = (unsafe { mesh_spliced.get(key) }) else {
         return;
     };
     let flow = *flow;
     let _ = mesh_spliced.remove(key);
-    if flow.is_client != 0
-        && let Some(t) = traffic(&flow.key)
-    {
+    let Some(t) = traffic(&flow.key) else { return };
+    let client = flow.is_client != 0;
+    if client {
         t.closed += 1;
-        if flow.spliced == 0 {
-            let ops = ctx.ops;
-            let (acked, received) = unsafe {
-                (
-                    core::ptr::read_volatile(&(*ops).bytes_acked),
-                    core::ptr::read_volatile(&(*ops).bytes_received),
-                )
-            };
-            // TCP counts sequence space: the SYN and our FIN in what was
-            // acked, the peer's FIN in what was received. The state left
-            // says which FINs there were (FIN_WAIT1 4, FIN_WAIT2 5,
-            // CLOSE_WAIT 8, LAST_ACK 9, CLOSING 11); a reset has none.
-            let old = ctx.arg(0);
-            let our_fin = u64::from(matches!(old, 4 | 5 | 9 | 11));
-            let their_fin = u64::from(matches!(old, 4 | 5 | 8 | 9 | 11));
-            t.sent_bytes += acked.saturating_sub(1 + our_fin);
-            t.received_bytes += received.saturating_sub(their_fin);
-        }
+    }
+    if flow.spliced != 0 {
+        return;
+    }
+    let acked = unsafe { core::ptr::read_volatile(&(*ctx.ops).bytes_acked) };
+    // TCP counts sequence space: the active side's SYN is in what was acked
+    // (the passive side's socket is created once its SYN-ACK was acked), and
+    // our FIN once acknowledged, which the state left says: FIN_WAIT2 (5),
+    // LAST_ACK (9) and CLOSING (11) are left for CLOSE with it acked.
+    let syn = u64::from(client);
+    let our_fin = u64::from(matches!(ctx.arg(0), 5 | 9 | 11));
+    let sent = acked.saturating_sub(syn + our_fin);
+    if client {
+        t.sent_bytes += sent;
+    } else {
+        t.received_bytes += sent;
     }
 }
 
