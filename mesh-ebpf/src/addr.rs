@@ -13,8 +13,14 @@ use mesh_common::Addr;
 /// refuses a context read through a pointer LLVM computed to serve two
 /// fields, and volatile loads are never merged that way.
 #[inline(always)]
-fn field(p: &u32) -> u32 {
+pub fn field(p: &u32) -> u32 {
     unsafe { core::ptr::read_volatile(p) }
+}
+
+/// An IPv6 address field of a context, its four words loaded one by one.
+#[inline(always)]
+pub fn words(p: &[u32; 4]) -> [u32; 4] {
+    [field(&p[0]), field(&p[1]), field(&p[2]), field(&p[3])]
 }
 
 /// The address the socket addresses.
@@ -22,12 +28,7 @@ fn field(p: &u32) -> u32 {
 pub fn address<const V6: bool>(sa: &bpf_sock_addr) -> Addr {
     if V6 {
         Addr {
-            words: [
-                field(&sa.user_ip6[0]),
-                field(&sa.user_ip6[1]),
-                field(&sa.user_ip6[2]),
-                field(&sa.user_ip6[3]),
-            ],
+            words: words(&sa.user_ip6),
         }
     } else {
         Addr::from_ipv4_be(field(&sa.user_ip4))

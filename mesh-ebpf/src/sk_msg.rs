@@ -11,43 +11,25 @@ use aya_ebpf::{
 use mesh_common::SockKey;
 
 use crate::{
-    addr::socket_pair,
+    addr::{field, socket_pair, words},
     maps::{mesh_socks, mesh_splice, mesh_spliced, traffic},
 };
 
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
-    let md = ctx.msg;
     // Each field straight from the context (see addr::socket_pair).
-    let field = |p: *const u32| unsafe { core::ptr::read_volatile(p) };
-    let (family, v4, v6) = unsafe {
-        (
-            field(&(*md).family),
-            (field(&(*md).local_ip4), field(&(*md).remote_ip4)),
-            (
-                [
-                    field(&(*md).local_ip6[0]),
-                    field(&(*md).local_ip6[1]),
-                    field(&(*md).local_ip6[2]),
-                    field(&(*md).local_ip6[3]),
-                ],
-                [
-                    field(&(*md).remote_ip6[0]),
-                    field(&(*md).remote_ip6[1]),
-                    field(&(*md).remote_ip6[2]),
-                    field(&(*md).remote_ip6[3]),
-                ],
-            ),
-        )
-    };
+    let md = unsafe { &*ctx.msg };
+    let family = field(&md.family);
+    let v4 = (field(&md.local_ip4), field(&md.remote_ip4));
+    let v6 = (words(&md.local_ip6), words(&md.remote_ip6));
     let Some((local, remote)) = socket_pair(family, v4, v6) else {
         return SK_PASS;
     };
     let me = SockKey {
         local,
         remote,
-        local_port: unsafe { field(&(*md).local_port) } as u16,
-        remote_port: u16::from_be((unsafe { field(&(*md).remote_port) } >> 16) as u16),
+        local_port: field(&md.local_port) as u16,
+        remote_port: u16::from_be((field(&md.remote_port) >> 16) as u16),
     };
     let mut peer = me.peer();
     if mesh_socks.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)

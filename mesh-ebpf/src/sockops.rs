@@ -17,7 +17,7 @@ use aya_ebpf::{
 use mesh_common::{Addr, SockKey, SplicedFlow, TrafficKey};
 
 use crate::{
-    addr::socket_pair,
+    addr::{field, socket_pair, words},
     maps::{config, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks, mesh_spliced, traffic},
 };
 
@@ -113,26 +113,10 @@ fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
     // context, and only the values are chosen by family: the verifier
     // refuses a context read through a computed pointer, which is what
     // LLVM makes of branches that load different fields into one variable.
-    let ops = ctx.ops;
-    let field = |p: *const u32| unsafe { core::ptr::read_volatile(p) };
-    let (v4_local, v4_remote) = unsafe { (field(&(*ops).local_ip4), field(&(*ops).remote_ip4)) };
-    let (l, r) = unsafe {
-        (
-            [
-                field(&(*ops).local_ip6[0]),
-                field(&(*ops).local_ip6[1]),
-                field(&(*ops).local_ip6[2]),
-                field(&(*ops).local_ip6[3]),
-            ],
-            [
-                field(&(*ops).remote_ip6[0]),
-                field(&(*ops).remote_ip6[1]),
-                field(&(*ops).remote_ip6[2]),
-                field(&(*ops).remote_ip6[3]),
-            ],
-        )
-    };
-    let (local, remote) = socket_pair(ctx.family(), (v4_local, v4_remote), (l, r))?;
+    let ops = unsafe { &*ctx.ops };
+    let v4 = (field(&ops.local_ip4), field(&ops.remote_ip4));
+    let v6 = (words(&ops.local_ip6), words(&ops.remote_ip6));
+    let (local, remote) = socket_pair(ctx.family(), v4, v6)?;
     Some(SockKey {
         local,
         remote,

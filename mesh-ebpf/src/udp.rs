@@ -120,22 +120,14 @@ pub fn send<const V6: bool>(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workl
 /// socket may show port 0 here (see `UdpFlowKey`).
 #[inline(always)]
 fn own_address<const V6: bool>(ctx: &SockAddrContext, workload: &Workload, dst: &Addr) -> (Addr, u16) {
-    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    let field = |p: *const u32| unsafe { core::ptr::read_volatile(p) };
-    let port = unsafe { field(&(*sk).src_port) } as u16;
+    let sk = unsafe { &*(*ctx.sock_addr).__bindgen_anon_1.sk };
+    let port = addr::field(&sk.src_port) as u16;
     let bound = if V6 {
-        unsafe {
-            Addr {
-                words: [
-                    field(&(*sk).src_ip6[0]),
-                    field(&(*sk).src_ip6[1]),
-                    field(&(*sk).src_ip6[2]),
-                    field(&(*sk).src_ip6[3]),
-                ],
-            }
+        Addr {
+            words: addr::words(&sk.src_ip6),
         }
     } else {
-        Addr::from_ipv4_be(unsafe { field(&(*sk).src_ip4) })
+        Addr::from_ipv4_be(addr::field(&sk.src_ip4))
     };
     let unbound = bound.is_unspecified() || (bound.is_ipv4() && bound.ipv4_be() == 0);
     if !unbound {
