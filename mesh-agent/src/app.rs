@@ -101,6 +101,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         },
         None => None,
     };
+    let probe_cgroup = probe_cgroup(&s)?;
     let mut redirect = Redirect::load(&RedirectOptions {
         bpffs_dir: &s.bpffs_dir,
         pod_cgroup_root: &s.pod_cgroup_root,
@@ -112,6 +113,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         fail_open: s.fail_open,
         kernel_debug: s.kernel_debug,
         splice: s.splice,
+        probe_cgroup: probe_cgroup.as_deref(),
     })?;
     if let Some(logger) = redirect.kernel_logger.take() {
         kernel_events::forward_kernel_logs(logger);
@@ -202,6 +204,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
                 authorizer,
                 metrics,
                 drain.clone(),
+                redirect.clone(),
             )?;
             let relays = Relays::new(
                 RelaySetup {
@@ -433,4 +436,32 @@ fn pem_certificates(text: &[u8], path: &std::path::Path) -> anyhow::Result<Vec<C
         .collect();
     anyhow::ensure!(!certs.is_empty(), "{} holds no CERTIFICATE", path.display());
     Ok(certs)
+}
+
+/// The probe cgroup to vouch for: the configured one, else the running
+/// kubelet's; refused when it would vouch for more than the kubelet.
+fn probe_cgroup(s: &Settings) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let wanted = match &s.probe_cgroup {
+        Some(None) => {
+            tracing::info!("no probe cgroup (--probe-cgroup none): strict pods refuse every host process");
+            return Ok(None);
+        }
+        Some(Some(p)) => p.clone(),
+        None => match crate::enrol::kubelet_cgroup(&s.pod_cgroup_root) {
+            Some(p) => {
+                tracing::info!(cgroup = %p.display(), "probe cgroup: the kubelet's");
+                p
+            }
+            None => {
+                tracing::warn!(
+                    "no kubelet process found and no --probe-cgroup: liveness and readiness probes to strict pods \
+                     will be refused (set --probe-cgroup to the kubelet's cgroup)"
+                );
+                return Ok(None);
+            }
+        },
+    };
+    crate::enrol::check_probe_cgroup(&wanted, &s.pod_cgroup_root)
+        .map(Some)
+        .map_err(anyhow::Error::msg)
 }

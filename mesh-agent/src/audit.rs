@@ -20,7 +20,8 @@ pub struct AuditRecord {
     /// RFC 3339, UTC.
     pub time: String,
     pub node: String,
-    /// `policy` (a flow or request), `policy_resource` (a refused resource).
+    /// `policy` (a flow or request), `admission` (an unattested inbound
+    /// flow), `policy_resource` (a refused resource).
     pub kind: String,
     /// `source` (kernel, at connect()), `destination` (agent), `compiler`.
     pub enforced_at: String,
@@ -28,6 +29,9 @@ pub struct AuditRecord {
     pub verdict: String,
     pub source_workload: String,
     pub source_identity: String,
+    /// Admission records: the unattested peer, `ip:port`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_address: String,
     pub destination_workload: String,
     pub destination_identity: String,
     pub destination_address: String,

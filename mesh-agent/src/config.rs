@@ -254,6 +254,13 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_SPLICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub splice: bool,
 
+    /// The host cgroup whose connects to pods strict inbound admission lets
+    /// through: the kubelet's, for liveness and readiness probes. Unset:
+    /// found from the running kubelet process; `none`: no probe source
+    /// (every host process is refused by strict pods).
+    #[arg(long, env = "MESH_PROBE_CGROUP")]
+    pub probe_cgroup: Option<PathBuf>,
+
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -379,6 +386,8 @@ pub struct Settings {
     pub fail_open: bool,
     pub kernel_debug: bool,
     pub splice: bool,
+    /// None: find the kubelet's; Some(None): none.
+    pub probe_cgroup: Option<Option<PathBuf>>,
     pub identity: IdentitySettings,
     pub tunnel: TunnelSettings,
     pub policy_mode: crate::state::PolicyMode,
@@ -514,6 +523,7 @@ impl Settings {
             fail_open: a.fail_open,
             kernel_debug: a.kernel_debug,
             splice: a.splice,
+            probe_cgroup: a.probe_cgroup.map(|p| (p.as_os_str() != "none").then_some(p)),
             identity: IdentitySettings {
                 trust_domain: a.trust_domain,
                 source: match (a.ca_addr, a.ca_root, a.node_token_file, a.local_ca_dir) {

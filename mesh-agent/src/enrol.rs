@@ -21,7 +21,7 @@ use std::{
 };
 
 use crate::{
-    state::Store,
+    state::{PolicyMode, Store},
     tables::{EndpointRow, WorkloadRow},
 };
 
@@ -128,8 +128,11 @@ pub struct Enrolment {
     pub qos_mismatch: Vec<String>,
 }
 
-/// Every meshed pod is an endpoint; this node's pods whose cgroup exists are enrolled.
-pub fn enrolment(store: &Store, node: &str, cgroups: &[PodCgroup]) -> Enrolment {
+/// Every meshed pod is an endpoint; this node's pods whose cgroup exists
+/// are enrolled, each with its inbound admission (`default_policy`: the
+/// policy mode when no MeshConfig sets one).
+pub fn enrolment(store: &Store, node: &str, cgroups: &[PodCgroup], default_policy: PolicyMode) -> Enrolment {
+    let policy = store.mode.unwrap_or(default_policy);
     let by_uid: BTreeMap<&str, &PodCgroup> = cgroups.iter().map(|c| (c.uid.as_str(), c)).collect();
     let mut out = Enrolment::default();
     for (key, pod) in &store.pods {
@@ -159,6 +162,7 @@ pub fn enrolment(store: &Store, node: &str, cgroups: &[PodCgroup]) -> Enrolment 
                     ipv4: pod.ipv4(),
                     ipv6: pod.ipv6(),
                     identity_id,
+                    admission: store.admission_of(pod, policy).0.kernel_value(),
                 });
             }
             None => out.missing_cgroup.push(key.clone()),
@@ -184,6 +188,61 @@ pub fn cgroup_level(dir: &Path) -> std::io::Result<u32> {
         cur = parent;
     }
     Ok(level)
+}
+
+/// The cgroup2 mount `dir` is on (its level-0 directory).
+fn cgroup2_root(dir: &Path) -> std::io::Result<PathBuf> {
+    let mut root = dir.canonicalize()?;
+    for _ in 0..cgroup_level(&root)? {
+        root.pop();
+    }
+    Ok(root)
+}
+
+/// The kubelet's own cgroup on this node (where its liveness and
+/// readiness probes connect from), found from a process named `kubelet`:
+/// `/proc/<pid>/cgroup` names it below the cgroup2 mount the pod root is on.
+pub fn kubelet_cgroup(pod_root: &Path) -> Option<PathBuf> {
+    let root = cgroup2_root(pod_root).ok()?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let dir = entry.path();
+        let is_kubelet = std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == "kubelet");
+        if !is_kubelet {
+            continue;
+        }
+        let cgroups = std::fs::read_to_string(dir.join("cgroup")).ok()?;
+        let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+        return Some(root.join(path.trim_start_matches('/')));
+    }
+    None
+}
+
+/// A probe cgroup vouches for every connect its processes make to pods:
+/// it must be a host cgroup of its own, neither the pod root, nor one of
+/// its ancestors (that would vouch for every host process, the cgroup2
+/// root included), nor a pod's cgroup.
+pub fn check_probe_cgroup(probe: &Path, pod_root: &Path) -> Result<PathBuf, String> {
+    let probe = probe
+        .canonicalize()
+        .map_err(|e| format!("probe cgroup {}: {e} (check --probe-cgroup)", probe.display()))?;
+    let pods = pod_root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", pod_root.display()))?;
+    if pods.starts_with(&probe) {
+        return Err(format!(
+            "probe cgroup {} contains the pod cgroup root {}: every process below it would be admitted to strict pods;              point --probe-cgroup at the kubelet's own cgroup (e.g. /sys/fs/cgroup/system.slice/kubelet.service)",
+            probe.display(),
+            pods.display()
+        ));
+    }
+    if probe.starts_with(&pods) {
+        return Err(format!(
+            "probe cgroup {} is inside the pod cgroup root {}: a pod cannot be the probe source",
+            probe.display(),
+            pods.display()
+        ));
+    }
+    Ok(probe)
 }
 
 #[cfg(test)]

@@ -59,6 +59,9 @@ pub fn drain_kernel_events(
 /// A kernel decision as an audit record, named from the snapshot and the
 /// policy in force.
 fn kernel_record(ev: &PolicyEvent, snap: &Store, policy: &InForce) -> AuditRecord {
+    if ev.kind == mesh_common::EVENT_ADMISSION {
+        return admission_record(ev, snap, policy);
+    }
     let src = snap.pod_by_workload_id(ev.workload_id);
     let dst_ip = std::net::IpAddr::from(ev.dst);
     let dst = snap.pod_by_ip(dst_ip);
@@ -100,6 +103,65 @@ fn kernel_record(ev: &PolicyEvent, snap: &Store, policy: &InForce) -> AuditRecor
         traffic_target: if allowed { target } else { String::new() },
         generation: policy.policy.generation,
         reason,
+        ..Default::default()
+    }
+}
+
+/// An inbound flow to a pod that the mesh did not vouch for: dropped
+/// (strict) or admitted and audited (permissive).
+fn admission_record(ev: &PolicyEvent, snap: &Store, policy: &InForce) -> AuditRecord {
+    let dst = snap.pod_by_workload_id(ev.workload_id);
+    let src_ip = std::net::IpAddr::from(ev.src);
+    let src = snap.pod_by_ip(src_ip);
+    let dst_ip = std::net::IpAddr::from(ev.dst);
+    let strict = ev.mode == mesh_common::ADMISSION_STRICT;
+    let from = match src {
+        Some(p) if p.node == dst.map(|d| d.node.as_str()).unwrap_or_default() => {
+            format!(
+                "pod {} without a vouched connect (not enrolled, or its connect bypassed the mesh)",
+                p.workload_name()
+            )
+        }
+        Some(p) => format!(
+            "pod {} on node {} sent it directly, not through the mesh's tunnel",
+            p.workload_name(),
+            p.node
+        ),
+        None => "a host process or an address outside the mesh (not the agent, not the probe cgroup)".to_string(),
+    };
+    AuditRecord {
+        time: wall_time_of(ev.time_ns),
+        kind: "admission".into(),
+        enforced_at: "destination-kernel".into(),
+        verdict: if strict { "deny" } else { "allow" }.into(),
+        source_workload: src.map(|p| p.workload_name()).unwrap_or_default(),
+        source_identity: src.map(|p| p.identity().to_string()).unwrap_or_default(),
+        source_address: std::net::SocketAddr::new(src_ip, ev.src_port).to_string(),
+        destination_workload: dst.map(|p| p.workload_name()).unwrap_or_default(),
+        destination_identity: dst.map(|p| p.identity().to_string()).unwrap_or_default(),
+        destination_address: std::net::SocketAddr::new(dst_ip, ev.dst_port).to_string(),
+        port: ev.dst_port,
+        protocol: if ev.protocol == mesh_common::PROTO_UDP {
+            "udp"
+        } else {
+            "tcp"
+        }
+        .into(),
+        rule: if strict {
+            "admission/strict"
+        } else {
+            "admission/permissive"
+        }
+        .into(),
+        generation: policy.policy.generation,
+        reason: format!(
+            "unattested: {from}; {}",
+            if strict {
+                "dropped before the handshake (strict admission)"
+            } else {
+                "admitted (permissive admission)"
+            }
+        ),
         ..Default::default()
     }
 }
@@ -149,6 +211,7 @@ mod tests {
             ips: vec![ip.into()],
             qos_class: None,
             host_network: false,
+            admission: None,
         }
     }
 

@@ -162,7 +162,7 @@ impl Reconciler {
             // maps are written only when the rows change.
             if snap.generation > 0 {
                 let cgroups = enrol::scan(&self.pod_cgroup_root, self.cgroup_driver);
-                let rows = enrol::enrolment(&snap, &self.node, &cgroups);
+                let rows = enrol::enrolment(&snap, &self.node, &cgroups, self.default_mode);
                 if written
                     .as_ref()
                     .is_none_or(|(g, w)| *g != snap.generation || *w != rows)

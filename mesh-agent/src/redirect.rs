@@ -11,6 +11,7 @@
 //! bpffs), `sys` (raw bpf(2) calls aya lacks), and one writer per group of
 //! maps (`workloads`, `policy`, `services`, `stats`). The writers take plain
 //! rows (`crate::tables`); what a row means is decided elsewhere.
+mod admit;
 mod loader;
 mod pins;
 mod policy;
@@ -33,10 +34,11 @@ use aya::{
     programs::links::PinnedLink,
 };
 use mesh_common::{
-    Addr, CaptureStats, Config, Endpoint, OrigDst, SockKey, SpliceStats, TrafficKey, TrafficStats, UdpSenderKey,
-    UdpSlot, Workload, maps,
+    Addr, Admit, AdmitKey, CaptureStats, Config, Endpoint, OrigDst, SockKey, SpliceStats, TrafficKey, TrafficStats,
+    UdpSenderKey, UdpSlot, Workload, maps,
 };
 
+pub use admit::admit_key;
 pub use pins::{agent_alive, pinned_layout, remove_pins};
 use policy::PolicyState;
 use services::ServiceState;
@@ -103,6 +105,9 @@ pub struct RedirectOptions<'a> {
     pub fail_open: bool,
     pub kernel_debug: bool,
     pub splice: bool,
+    /// The host cgroup whose connects to pods are vouched for (the
+    /// kubelet's: probes), if any.
+    pub probe_cgroup: Option<&'a Path>,
 }
 
 pub struct Redirect {
@@ -116,6 +121,7 @@ pub struct Redirect {
     endpoints: Mutex<HashMap<MapData, Addr, Endpoint>>,
     udp_slots: Mutex<HashMap<MapData, u32, UdpSlot>>,
     udp_senders: Mutex<HashMap<MapData, UdpSenderKey, UdpSlot>>,
+    admit: Mutex<HashMap<MapData, AdmitKey, Admit>>,
     flows: Mutex<HashMap<MapData, SockKey, OrigDst>>,
     policy: Mutex<PolicyState>,
     splice: PerCpuArray<MapData, SpliceStats>,

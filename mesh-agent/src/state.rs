@@ -57,6 +57,66 @@ pub struct Pod {
     /// `spec.hostNetwork`: it shares the node's network namespace and
     /// address, so it is never meshed (neither enrolled nor an endpoint).
     pub host_network: bool,
+    /// Its [`ADMISSION_ANNOTATION`], when set.
+    pub admission: Option<AdmissionMode>,
+}
+
+/// The pod and namespace annotation that sets inbound admission.
+pub const ADMISSION_ANNOTATION: &str = "mesh.dev/admission";
+
+/// Inbound admission (README, "Inbound admission"): who may reach a meshed
+/// pod besides flows the mesh vouches for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AdmissionMode {
+    /// Only attested flows: the local agent's tunneled flows, same-node
+    /// meshed pods whose connect passed policy, the probe cgroup.
+    Strict,
+    /// Everything is admitted; each unattested flow is audited.
+    Permissive,
+    /// No admission check (the pod is reachable as without a mesh).
+    Off,
+}
+
+impl AdmissionMode {
+    /// An annotation's value. Anything else is read as strict (a typo
+    /// never opens a pod) and the error says so.
+    pub fn from_annotation(value: &str) -> Result<AdmissionMode, String> {
+        match value {
+            "strict" => Ok(AdmissionMode::Strict),
+            "permissive" => Ok(AdmissionMode::Permissive),
+            "off" => Ok(AdmissionMode::Off),
+            other => Err(format!(
+                "{ADMISSION_ANNOTATION}: {other:?} is not strict, permissive or off; read as strict"
+            )),
+        }
+    }
+
+    /// Reads an annotation map, logging a bad value (which counts as strict).
+    pub fn annotated(annotations: Option<&BTreeMap<String, String>>, what: &str) -> Option<AdmissionMode> {
+        let value = annotations?.get(ADMISSION_ANNOTATION)?;
+        Some(AdmissionMode::from_annotation(value).unwrap_or_else(|e| {
+            tracing::warn!(object = what, error = %e, "bad admission annotation");
+            AdmissionMode::Strict
+        }))
+    }
+
+    /// As `mesh_common::Workload::admission` holds it.
+    pub fn kernel_value(self) -> u8 {
+        match self {
+            AdmissionMode::Strict => mesh_common::ADMISSION_STRICT,
+            AdmissionMode::Permissive => mesh_common::ADMISSION_PERMISSIVE,
+            AdmissionMode::Off => mesh_common::ADMISSION_OFF,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdmissionMode::Strict => "strict",
+            AdmissionMode::Permissive => "permissive",
+            AdmissionMode::Off => "off",
+        }
+    }
 }
 
 impl Pod {
@@ -161,6 +221,10 @@ pub struct Snapshot {
     pub service_accounts: std::collections::BTreeSet<String>,
     /// Set by a MeshConfig document; the agent's flag applies otherwise.
     pub mode: Option<PolicyMode>,
+    /// MeshConfig `spec.admission`, when set.
+    pub admission: Option<AdmissionMode>,
+    /// Namespaces whose [`ADMISSION_ANNOTATION`] is set.
+    pub namespace_admission: BTreeMap<String, AdmissionMode>,
     /// Files that failed to read, with why (their last good content is used).
     pub errors: Vec<String>,
     /// Source generation, bumped on every accepted change.
@@ -168,6 +232,25 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A pod's inbound admission and what set it: its annotation, its
+    /// namespace's, the MeshConfig's, else strict when policy is enforced
+    /// and permissive (audit only) when it is not.
+    pub fn admission_of(&self, pod: &Pod, policy: PolicyMode) -> (AdmissionMode, &'static str) {
+        if let Some(m) = pod.admission {
+            return (m, "pod annotation");
+        }
+        if let Some(m) = self.namespace_admission.get(&pod.namespace) {
+            return (*m, "namespace annotation");
+        }
+        if let Some(m) = self.admission {
+            return (m, "MeshConfig");
+        }
+        match policy {
+            PolicyMode::Enforcing => (AdmissionMode::Strict, "default in enforcing mode"),
+            PolicyMode::Permissive => (AdmissionMode::Permissive, "default in permissive mode"),
+        }
+    }
+
     /// Workload ids for every pod: FNV-1a of `namespace/name`, so they survive
     /// an agent restart (records written by the kernel before the restart
     /// still name the right pod); collisions probe to the next free id.
@@ -193,6 +276,8 @@ impl Snapshot {
             && self.services == other.services
             && self.service_accounts == other.service_accounts
             && self.mode == other.mode
+            && self.admission == other.admission
+            && self.namespace_admission == other.namespace_admission
             && self.errors == other.errors
     }
 }
@@ -307,6 +392,7 @@ mod tests {
             ips: vec![IpAddr::from(ip)],
             qos_class: None,
             host_network: false,
+            admission: None,
         }
     }
 

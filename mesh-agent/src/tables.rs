@@ -34,6 +34,8 @@ pub struct WorkloadRow {
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
     pub identity_id: u32,
+    /// Inbound admission: `mesh_common::ADMISSION_{OFF,STRICT,PERMISSIVE}`.
+    pub admission: u8,
 }
 
 /// A meshed pod anywhere in the cluster (`mesh_endpoints`), by one of its

@@ -6,6 +6,7 @@
 //! workload identities: `quic` (quinn; default) and `hbone` (HTTP/2 CONNECT
 //! over TCP, for networks that drop UDP).
 pub mod copy;
+pub mod deliver;
 pub mod hbone;
 pub mod header;
 pub mod inbound;

@@ -10,7 +10,7 @@
 /// Bumped whenever a map's key or value layout changes. Pinned state lives in
 /// a directory named after it, so an incompatible older pin set is replaced
 /// deliberately instead of being reused.
-pub const MAP_LAYOUT_VERSION: u32 = 7;
+pub const MAP_LAYOUT_VERSION: u32 = 8;
 
 /// Map names (the kernel keeps 15 characters).
 pub mod maps {
@@ -58,6 +58,12 @@ pub mod maps {
     /// Same-node UDP a pod sent and policy allowed: the receiving pod may
     /// answer it (UDP has no connection to say so).
     pub const UDP_ANSWERS: &str = "mesh_udp_answer";
+    /// [`crate::AdmitKey`] -> [`crate::Admit`]: flows the mesh vouches for,
+    /// as the receiving pod sees them (inbound admission).
+    pub const ADMIT: &str = "mesh_admit";
+    /// [`crate::AdmitKey`] -> when its refusal was last audited: one audit
+    /// record per refused flow, not per retransmitted SYN.
+    pub const REFUSED: &str = "mesh_refused";
 }
 
 /// Program names, as the kernel and `bpftool prog` show them.
@@ -71,6 +77,10 @@ pub mod programs {
     pub const RECVMSG6: &str = "mesh_recvmsg6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
+    /// cgroup_skb/ingress on the pod cgroup root: inbound admission.
+    pub const INBOUND: &str = "mesh_inbound";
+    /// sockops on the probe (kubelet) cgroup: attests its connects to pods.
+    pub const PROBE: &str = "mesh_probe";
 }
 
 /// Port the agent's outbound capture listener uses unless configured otherwise.
@@ -173,7 +183,11 @@ pub struct Workload {
     pub ipv4: u32,
     /// Its identity (namespace + ServiceAccount), agent-assigned.
     pub identity_id: u32,
-    pub _pad: u32,
+    /// Inbound admission for this pod: [`ADMISSION_OFF`],
+    /// [`ADMISSION_STRICT`] or [`ADMISSION_PERMISSIVE`] (the agent resolves
+    /// the mesh, namespace and pod settings into this one value).
+    pub admission: u8,
+    pub _pad: [u8; 3],
     /// Its IPv6 address (unspecified if it has none): with `ipv4`, the
     /// source an unbound socket of the pod sends from.
     pub ipv6: Addr,
@@ -245,6 +259,47 @@ pub struct Config {
 /// Pods' cgroups sit 1 (Guaranteed) or 2 (Burstable, BestEffort) levels
 /// below the kubelet's root; the ancestor walk looks this many levels deep.
 pub const POD_CGROUP_DEPTH: u8 = 3;
+
+/// No inbound admission: anything that routes to the pod reaches it.
+pub const ADMISSION_OFF: u8 = 0;
+/// Only attested flows reach the pod; the rest is dropped and audited.
+pub const ADMISSION_STRICT: u8 = 1;
+/// Everything reaches the pod; each unattested flow is audited (migration).
+pub const ADMISSION_PERMISSIVE: u8 = 2;
+
+/// A flow as the receiving pod sees it: `peer:peer_port` to
+/// `local:local_port` (host byte order), by protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AdmitKey {
+    pub peer: Addr,
+    pub local: Addr,
+    pub peer_port: u16,
+    pub local_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Who vouches for an admitted flow, and until when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Admit {
+    /// CLOCK_MONOTONIC ns after which it no longer admits; `u64::MAX`:
+    /// until removed (the agent's UDP sessions).
+    pub until_ns: u64,
+    /// One of the `ADMIT_BY_*` values.
+    pub by: u32,
+    pub _pad: u32,
+}
+
+/// A meshed pod's connect (or datagram) that passed policy (sockops, sendmsg).
+pub const ADMIT_BY_POD: u32 = 1;
+/// The local agent delivering a tunneled flow it authorized.
+pub const ADMIT_BY_AGENT: u32 = 2;
+/// A process of the probe cgroup (the kubelet's): liveness/readiness probes.
+pub const ADMIT_BY_PROBE: u32 = 3;
+/// A reply to a datagram the pod sent from that port.
+pub const ADMIT_BY_ANSWER: u32 = 4;
 
 pub const POLICY_OFF: u8 = 0;
 pub const POLICY_ENFORCING: u8 = 1;
@@ -351,6 +406,13 @@ pub struct CaptureStats {
     /// Pod-to-pod UDP to another node refused because every relay slot it
     /// could take was in use (see `Config::udp_relay_slots`).
     pub no_relay: u64,
+    /// Inbound flows to a strict pod with no attestation: dropped (one per
+    /// flow; its retransmissions are in `inbound_redropped`).
+    pub inbound_refused: u64,
+    /// Inbound flows to a permissive pod with no attestation: admitted, audited.
+    pub inbound_unattested: u64,
+    /// Retransmitted SYNs and later datagrams of flows already refused.
+    pub inbound_redropped: u64,
 }
 
 /// A spliced pod-to-pod socket: the connection's two workloads and which
@@ -518,9 +580,22 @@ pub struct PolicyEvent {
     pub protocol: u8,
     pub verdict: u8,
     pub generation: u32,
-    pub _pad: u32,
+    /// [`EVENT_POLICY`] or [`EVENT_ADMISSION`].
+    pub kind: u8,
+    /// Admission: the pod's mode ([`ADMISSION_STRICT`]: dropped,
+    /// [`ADMISSION_PERMISSIVE`]: admitted unattested).
+    pub mode: u8,
+    /// Admission: the peer's port (host byte order).
+    pub src_port: u16,
     pub dst: Addr,
+    /// Admission: the peer's address (policy events: unspecified).
+    pub src: Addr,
 }
+
+/// A decision at connect()/sendmsg(): `workload_id` is the source pod.
+pub const EVENT_POLICY: u8 = 0;
+/// An inbound flow without attestation: `workload_id` is the destination pod.
+pub const EVENT_ADMISSION: u8 = 1;
 
 impl PolicyEvent {
     /// Decodes one `mesh_events` record, as every reader must: field by
@@ -543,6 +618,9 @@ impl PolicyEvent {
             ])
         };
         let u32_at = |o: usize| u32::from_ne_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let addr_at = |o: usize| Addr {
+            words: [u32_at(o), u32_at(o + 4), u32_at(o + 8), u32_at(o + 12)],
+        };
         Some(PolicyEvent {
             time_ns: u64_at(core::mem::offset_of!(PolicyEvent, time_ns)),
             workload_id: u32_at(core::mem::offset_of!(PolicyEvent, workload_id)),
@@ -555,13 +633,14 @@ impl PolicyEvent {
             protocol: bytes[core::mem::offset_of!(PolicyEvent, protocol)],
             verdict: bytes[core::mem::offset_of!(PolicyEvent, verdict)],
             generation: u32_at(core::mem::offset_of!(PolicyEvent, generation)),
-            _pad: 0,
-            dst: {
-                let o = core::mem::offset_of!(PolicyEvent, dst);
-                Addr {
-                    words: [u32_at(o), u32_at(o + 4), u32_at(o + 8), u32_at(o + 12)],
-                }
+            kind: bytes[core::mem::offset_of!(PolicyEvent, kind)],
+            mode: bytes[core::mem::offset_of!(PolicyEvent, mode)],
+            src_port: {
+                let o = core::mem::offset_of!(PolicyEvent, src_port);
+                u16::from_ne_bytes([bytes[o], bytes[o + 1]])
             },
+            dst: addr_at(core::mem::offset_of!(PolicyEvent, dst)),
+            src: addr_at(core::mem::offset_of!(PolicyEvent, src)),
         })
     }
 }
@@ -579,7 +658,8 @@ const _: () = {
         workload_id: 0,
         ipv4: 4,
         identity_id: 8,
-        _pad: 12,
+        admission: 12,
+        _pad: 13,
         ipv6: 16
     });
     assert_offsets!(UdpFlowKey {
@@ -645,6 +725,22 @@ const _: () = {
         load_balanced: 48,
         no_endpoint: 56,
         no_relay: 64,
+        inbound_refused: 72,
+        inbound_unattested: 80,
+        inbound_redropped: 88,
+    });
+    assert_offsets!(AdmitKey {
+        peer: 0,
+        local: 16,
+        peer_port: 32,
+        local_port: 34,
+        protocol: 36,
+        _pad: 37
+    });
+    assert_offsets!(Admit {
+        until_ns: 0,
+        by: 8,
+        _pad: 12
     });
     assert_offsets!(UdpSlot {
         addr: 0,
@@ -665,8 +761,11 @@ const _: () = {
         protocol: 22,
         verdict: 23,
         generation: 24,
-        _pad: 28,
+        kind: 28,
+        mode: 29,
+        src_port: 30,
         dst: 32,
+        src: 48,
     });
     assert_offsets!(SplicedFlow {
         key: 0,
@@ -731,10 +830,12 @@ const _: () = {
     assert!(core::mem::size_of::<OrigDst>() == 24);
     assert!(core::mem::size_of::<SockKey>() == 36);
     assert!(core::mem::size_of::<SpliceStats>() == 16);
-    assert!(core::mem::size_of::<CaptureStats>() == 72);
+    assert!(core::mem::size_of::<CaptureStats>() == 96);
     assert!(core::mem::size_of::<UdpSlot>() == 20);
     assert!(core::mem::size_of::<UdpSenderKey>() == 8);
-    assert!(core::mem::size_of::<PolicyEvent>() == 48);
+    assert!(core::mem::size_of::<PolicyEvent>() == 64);
+    assert!(core::mem::size_of::<AdmitKey>() == 40);
+    assert!(core::mem::size_of::<Admit>() == 16);
     assert!(core::mem::size_of::<SplicedFlow>() == 16);
     assert!(core::mem::size_of::<TrafficKey>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 32);
@@ -775,6 +876,8 @@ mod user {
     unsafe impl aya::Pod for UdpSlot {}
     unsafe impl aya::Pod for UdpFlowKey {}
     unsafe impl aya::Pod for UdpSenderKey {}
+    unsafe impl aya::Pod for AdmitKey {}
+    unsafe impl aya::Pod for Admit {}
 }
 
 #[cfg(test)]
@@ -794,8 +897,11 @@ mod tests {
             protocol: PROTO_UDP,
             verdict: VERDICT_ALLOW,
             generation: 44,
-            _pad: 0,
+            kind: EVENT_ADMISSION,
+            mode: ADMISSION_STRICT,
+            src_port: 40000,
             dst: Addr::from(core::net::IpAddr::from([0x2001, 2, 0, 2, 0, 0, 0, 0x10])),
+            src: Addr::from(core::net::IpAddr::from([198, 18, 0, 11])),
         };
         let mut bytes = [0u8; core::mem::size_of::<PolicyEvent>()];
         // What the ring buffer carries: the struct's bytes as laid out.
@@ -807,11 +913,17 @@ mod tests {
         bytes[22] = ev.protocol;
         bytes[23] = ev.verdict;
         bytes[24..28].copy_from_slice(&ev.generation.to_ne_bytes());
+        bytes[28] = ev.kind;
+        bytes[29] = ev.mode;
+        bytes[30..32].copy_from_slice(&ev.src_port.to_ne_bytes());
         for (i, w) in ev.dst.words.iter().enumerate() {
             bytes[32 + 4 * i..36 + 4 * i].copy_from_slice(&w.to_ne_bytes());
         }
+        for (i, w) in ev.src.words.iter().enumerate() {
+            bytes[48 + 4 * i..52 + 4 * i].copy_from_slice(&w.to_ne_bytes());
+        }
         assert_eq!(PolicyEvent::decode(&bytes), Some(ev));
-        assert_eq!(PolicyEvent::decode(&bytes[..47]), None);
+        assert_eq!(PolicyEvent::decode(&bytes[..63]), None);
     }
 
     /// IPv4 is keyed in its mapped form, and comes back as IPv4.

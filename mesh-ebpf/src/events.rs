@@ -2,7 +2,10 @@
 //! hook audits the same fields the same way (the agent decodes them with
 //! `PolicyEvent::decode`).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mesh_common::{Addr, Config, Endpoint, PolicyEvent, VERDICT_ALLOW, VERDICT_DENY, Workload};
+use mesh_common::{
+    ADMISSION_STRICT, Addr, AdmitKey, Config, EVENT_ADMISSION, EVENT_POLICY, Endpoint, PolicyEvent, VERDICT_ALLOW,
+    VERDICT_DENY, Workload,
+};
 
 use crate::{connect4::count, maps::mesh_events};
 
@@ -26,10 +29,43 @@ pub fn emit(cfg: &Config, workload: &Workload, dst: &Destination<'_>, protocol: 
         protocol,
         verdict: if allowed { VERDICT_ALLOW } else { VERDICT_DENY },
         generation: cfg.policy_generation,
-        _pad: 0,
+        kind: EVENT_POLICY,
+        mode: 0,
+        src_port: 0,
         dst: dst.addr,
+        src: Addr::UNSPECIFIED,
     };
-    if mesh_events.output(&event, 0).is_err() {
+    output(&event);
+}
+
+/// Queues one unattested inbound flow to `workload` (dropped in strict mode).
+#[inline(always)]
+pub fn emit_admission(cfg: &Config, workload: &Workload, flow: &AdmitKey, mode: u8) {
+    let event = PolicyEvent {
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        workload_id: workload.workload_id,
+        src_identity: 0,
+        dst_identity: workload.identity_id,
+        dst_port: flow.local_port,
+        protocol: flow.protocol,
+        verdict: if mode == ADMISSION_STRICT {
+            VERDICT_DENY
+        } else {
+            VERDICT_ALLOW
+        },
+        generation: cfg.policy_generation,
+        kind: EVENT_ADMISSION,
+        mode,
+        src_port: flow.peer_port,
+        dst: flow.local,
+        src: flow.peer,
+    };
+    output(&event);
+}
+
+#[inline(always)]
+fn output(event: &PolicyEvent) {
+    if mesh_events.output(event, 0).is_err() {
         count(|s| &mut s.events_dropped);
     }
 }

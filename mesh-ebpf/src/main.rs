@@ -10,7 +10,9 @@
 mod addr;
 mod connect4;
 mod events;
+mod inbound;
 mod maps;
+mod probe;
 mod sk_msg;
 mod sockops;
 mod udp;

@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    Addr, Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, POD_CGROUP_DEPTH, PolicyEvent, PolicyKey,
-    PolicyValue, ServiceKey, ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats, UdpFlowKey,
-    UdpPeerKey, UdpSenderKey, UdpService, UdpSlot, Workload,
+    Addr, Admit, AdmitKey, Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, POD_CGROUP_DEPTH, PolicyEvent,
+    PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats,
+    UdpFlowKey, UdpPeerKey, UdpSenderKey, UdpService, UdpSlot, Workload,
 };
 
 /// Pod-level cgroup id -> enrolled pod of this node.
@@ -68,6 +68,16 @@ pub static mesh_udp_sender: LruHashMap<UdpSenderKey, UdpSlot, 65536> = LruHashMa
 /// `udp::may_answer`). LRU: UDP never says an exchange is over.
 #[btf_map(pin_by_name)]
 pub static mesh_udp_answer: LruHashMap<UdpFlowKey, u8, 65536> = LruHashMap::new();
+
+/// Flows the mesh vouches for, as the receiving pod sees them (see
+/// `inbound.rs`). LRU: a record whose flow never started just ages out
+/// (each also carries its own deadline).
+#[btf_map(pin_by_name)]
+pub static mesh_admit: LruHashMap<AdmitKey, Admit, 65536> = LruHashMap::new();
+
+/// Unattested flows -> when their refusal was last audited.
+#[btf_map(pin_by_name)]
+pub static mesh_refused: LruHashMap<AdmitKey, u64, 16384> = LruHashMap::new();
 
 /// L4 allow rules of the policy generations in force (see Config).
 #[btf_map(pin_by_name)]

@@ -8,17 +8,18 @@
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{Addr, SockKey, SplicedFlow, TrafficKey};
+use mesh_common::{ADMIT_BY_POD, Addr, SockKey, SplicedFlow, TrafficKey};
 
 use crate::{
     addr::{field, socket_pair, words},
-    maps::{config, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks, mesh_spliced, traffic},
+    inbound::{settle_connect, vouch_connect},
+    maps::{config, current_workload, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks, mesh_spliced, traffic},
 };
 
 #[sock_ops]
@@ -34,6 +35,19 @@ fn try_sockops(ctx: &SockOpsContext) {
     // socket family.
     let Some(mut key) = sock_key(ctx) else { return };
     let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The SYN is about to leave a pod's socket whose connect() policy
+        // passed (a denied one never gets here): vouch for it to a pod of
+        // this node (inbound admission). Only an enrolled pod's connects
+        // were checked, so only those are vouched for.
+        if current_workload().is_some() {
+            vouch_connect(&key, ADMIT_BY_POD);
+        }
+        return;
+    }
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        settle_connect(&key);
+    }
     if op == BPF_SOCK_OPS_STATE_CB {
         if ctx.arg(1) == BPF_TCP_CLOSE {
             closed(ctx, &key);
@@ -108,7 +122,7 @@ fn try_sockops(ctx: &SockOpsContext) {
     }
 }
 
-fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
+pub(crate) fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
     // Every address field is loaded up front, each straight from the
     // context, and only the values are chosen by family: the verifier
     // refuses a context read through a computed pointer, which is what

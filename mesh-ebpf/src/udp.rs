@@ -18,6 +18,9 @@
 //! allowed (`mesh_udp_answer`, written at the send): SMI allows a flow from
 //! source to destination, and UDP has no connection to carry the replies.
 //!
+//! Every datagram an unconnected pod socket sends admits the replies from
+//! where it went (`inbound::vouch_answers`, inbound admission).
+//!
 //! Either way the socket's rewritten peer is remembered by socket cookie, so
 //! replies are shown to the application as coming from the address it sent
 //! to (the VIP, or the pod), as a DNS client expects.
@@ -36,6 +39,7 @@ use crate::{
     addr,
     connect4::{ALLOW, DENY, agent_address, agent_serves, allowed, count, pick_backend},
     events::{Destination, emit},
+    inbound::vouch_answers,
     maps::{
         config, current_workload, mesh_endpoints, mesh_services, mesh_udp_answer, mesh_udp_peers, mesh_udp_sender,
         mesh_udp_slots,
@@ -46,7 +50,7 @@ use crate::{
 pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     match current_workload() {
-        Some(workload) => send::<false>(&ctx, sa, workload),
+        Some(workload) => send_and_vouch::<false>(&ctx, sa, workload),
         None => ALLOW, // not an enrolled pod
     }
 }
@@ -56,9 +60,22 @@ pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
 pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     match current_workload() {
-        Some(workload) => send::<true>(&ctx, sa, workload),
+        Some(workload) => send_and_vouch::<true>(&ctx, sa, workload),
         None => ALLOW,
     }
+}
+
+/// An unconnected socket's send; once it goes, replies from where it went
+/// (after any rewrite: the pod, the agent's relay port) are admitted.
+#[inline(always)]
+fn send_and_vouch<const V6: bool>(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, workload: &Workload) -> i32 {
+    let verdict = send::<V6>(ctx, sa, workload);
+    if verdict == ALLOW {
+        let peer = addr::address::<V6>(sa);
+        let me = own_address::<V6>(ctx, workload, &peer);
+        vouch_answers(&me, &peer, addr::port(sa));
+    }
+    verdict
 }
 
 /// Shows a reply from a rewritten peer as coming from the VIP the

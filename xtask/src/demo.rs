@@ -145,17 +145,34 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     step(
         4,
         TOTAL,
-        "unmeshed: a node-a host process -> db, not captured (the agent sees nothing)",
+        "strict admission: host processes -> db are dropped in db's kernel; node-b's kubelet (a probe) gets through",
     );
-    let n = probe::proxied_connections(&lab, "node-a").len();
-    let r = t.send_from_node("node-a", db_addr, 1 << 20)?;
-    report(&r)?;
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    eprintln!(
-        "    db saw peer {} (node-a's own address); node-a agent proxied {} new connections",
-        r["reply"]["peer"],
-        probe::proxied_connections(&lab, "node-a").len() - n
-    );
+    for (node, kubelet, who) in [
+        ("node-a", false, "a node-a host process"),
+        ("node-b", false, "a node-b host process"),
+        ("node-b", true, "node-b's kubelet cgroup"),
+    ] {
+        let r = t.connect_from_node(node, db_addr, 1500, kubelet)?;
+        eprintln!(
+            "    {who}: connect ok={} error={} after {:.1} ms",
+            r["ok"],
+            r["error"],
+            r["elapsed_ms"].as_f64().unwrap_or(0.0)
+        );
+        ensure!(
+            (r["ok"] == true) == kubelet,
+            "admission did not decide as expected for {who}: {r}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let audit = std::fs::read_to_string(lab.audit_log("node-b")).unwrap_or_default();
+    for line in audit.lines().filter(|l| l.contains(r#""kind":"admission""#)) {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        eprintln!(
+            "    audit node-b: {} {} -> {}: {}",
+            v["verdict"], v["source_address"], v["destination_address"], v["reason"]
+        );
+    }
 
     step(
         5,

@@ -367,6 +367,20 @@ impl Lab {
         Ok(self.wrapped(&p.netns, &cg, program))
     }
 
+    /// The node's "kubelet" process cgroup (created on first use): probes
+    /// run from here, and the agent vouches for them (`--probe-cgroup`).
+    pub fn kubelet_cgroup(&self, node: &str) -> anyhow::Result<PathBuf> {
+        let cg = self.cgroup_root.join(node).join("kubelet");
+        fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
+        Ok(cg)
+    }
+
+    /// A command run on a node from the kubelet's cgroup, as its probes are.
+    pub fn kubelet_exec(&self, node: &str, program: &str) -> anyhow::Result<Command> {
+        let n = self.node(node)?;
+        Ok(self.wrapped(&n.netns, &self.kubelet_cgroup(node)?, program))
+    }
+
     /// A command run on a node, outside every pod cgroup (like a host process).
     pub fn node_exec(&self, node: &str, program: &str) -> anyhow::Result<Command> {
         let n = self.node(node)?;

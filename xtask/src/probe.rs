@@ -83,6 +83,30 @@ impl Traffic<'_> {
         ]))
     }
 
+    /// `connect` from a node's host process: from the kubelet's cgroup
+    /// (as a probe) or from another host cgroup.
+    pub fn connect_from_node(
+        &self,
+        node: &str,
+        to: SocketAddr,
+        timeout_ms: u64,
+        kubelet: bool,
+    ) -> anyhow::Result<Value> {
+        let labtool = self.labtool.to_string_lossy();
+        let mut cmd = if kubelet {
+            self.lab.kubelet_exec(node, &labtool)?
+        } else {
+            self.lab.node_exec(node, &labtool)?
+        };
+        Self::json(cmd.args([
+            "connect",
+            "--to",
+            &to.to_string(),
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+        ]))
+    }
+
     pub fn connect(&self, pod: &str, to: SocketAddr, timeout_ms: u64) -> anyhow::Result<Value> {
         Self::json(self.lab.exec(pod, &self.labtool.to_string_lossy())?.args([
             "connect",

@@ -6,7 +6,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
         cgroup_sock_addr::CgroupSockAddrLink,
         links::{FdLink, PinnedLink},
     },
@@ -39,6 +39,8 @@ const LINK_SOCKOPS_PODS: &str = "link_sockops_pods";
 /// Pinned by earlier agents; released on start.
 const LINK_SOCKOPS_AGENT: &str = "link_sockops_agent";
 const LINK_SK_MSG: &str = "link_sk_msg";
+const LINK_INBOUND: &str = "link_inbound";
+const LINK_PROBE: &str = "link_probe";
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
 where
@@ -204,6 +206,11 @@ impl Redirect {
             }
         }
 
+        links.push(attach_inbound(&mut ebpf, dir, &pods, opts.pod_cgroup_root)?);
+        if let Some(link) = attach_probe(&mut ebpf, dir, opts.probe_cgroup)? {
+            links.push(link);
+        }
+
         let config = Config {
             layout_version: MAP_LAYOUT_VERSION,
             agent_ipv4: u32::from_ne_bytes(opts.capture_ip.octets()),
@@ -235,6 +242,7 @@ impl Redirect {
             endpoints: Mutex::new(take_map(&mut ebpf, maps::ENDPOINTS)?),
             udp_slots: Mutex::new(take_map(&mut ebpf, maps::UDP_SLOTS)?),
             udp_senders: Mutex::new(take_map(&mut ebpf, maps::UDP_SENDERS)?),
+            admit: Mutex::new(take_map(&mut ebpf, maps::ADMIT)?),
             flows: Mutex::new(take_map(&mut ebpf, maps::FLOWS)?),
             policy: Mutex::new(PolicyState {
                 map: take_map(&mut ebpf, maps::POLICY)?,
@@ -258,4 +266,67 @@ impl Redirect {
         redirect.claim_kernel()?;
         Ok(redirect)
     }
+}
+
+/// Inbound admission (cgroup_skb/ingress on the pod root): the program is
+/// swapped inside the pinned link, as for sk_msg, so no packet to a strict
+/// pod is ever judged by no program during a restart.
+fn attach_inbound(ebpf: &mut Ebpf, dir: &Path, pods: &File, pods_path: &Path) -> Result<PinnedLink, RedirectError> {
+    let name = programs::INBOUND;
+    let pin = dir.join(LINK_INBOUND);
+    let prog: &mut CgroupSkb = program(ebpf, name)?;
+    prog.load().map_err(|err| RedirectError::Program { name, err })?;
+    let adopted = {
+        let prog_fd = prog.fd().map_err(|err| RedirectError::Program { name, err })?;
+        match update_pinned_link(&pin, std::os::fd::AsFd::as_fd(prog_fd)) {
+            Ok(adopted) => adopted,
+            Err(e) => {
+                tracing::warn!(link = %pin.display(), error = %e, "cannot update the pinned inbound link; replacing it");
+                false
+            }
+        }
+    };
+    if adopted {
+        tracing::info!(link = %pin.display(), "adopting pinned inbound link");
+        return PinnedLink::from_pin(&pin).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()));
+    }
+    // Attached before the old link (if any) goes: two programs judging for
+    // a moment is stricter, never weaker.
+    let old = PinnedLink::from_pin(&pin).ok();
+    let id = prog
+        .attach(pods, CgroupSkbAttachType::Ingress, LINK_MODE)
+        .map_err(|err| RedirectError::Attach {
+            name,
+            cgroup: pods_path.into(),
+            err,
+        })?;
+    let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+    let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
+    release(old);
+    repin(fd, &pin)
+}
+
+/// `mesh_probe` on the probe cgroup (the kubelet's), replacing the
+/// previous agent's link; none configured: the previous link is released.
+fn attach_probe(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>) -> Result<Option<PinnedLink>, RedirectError> {
+    let name = programs::PROBE;
+    let pin = dir.join(LINK_PROBE);
+    let old = PinnedLink::from_pin(&pin).ok();
+    let Some(path) = cgroup else {
+        release(old);
+        return Ok(None);
+    };
+    let prog: &mut SockOps = program(ebpf, name)?;
+    prog.load().map_err(|err| RedirectError::Program { name, err })?;
+    let id = prog
+        .attach(open_cgroup(path)?, LINK_MODE)
+        .map_err(|err| RedirectError::Attach {
+            name,
+            cgroup: path.into(),
+            err,
+        })?;
+    let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
+    let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
+    release(old);
+    Ok(Some(repin(fd, &pin)?))
 }

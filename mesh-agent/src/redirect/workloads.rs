@@ -20,7 +20,8 @@ impl Redirect {
                         workload_id: w.workload_id,
                         ipv4: w.ipv4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
                         identity_id: w.identity_id,
-                        _pad: 0,
+                        admission: w.admission,
+                        _pad: [0; 3],
                         ipv6: w
                             .ipv6
                             .map_or(Addr::UNSPECIFIED, |ip| Addr::from(std::net::IpAddr::V6(ip))),

@@ -15,7 +15,7 @@ use std::{
 use serde::Deserialize;
 
 use super::SourceError;
-use crate::state::{Named, Pod, PolicyMode, SmiSet, Snapshot, SnapshotTx};
+use crate::state::{ADMISSION_ANNOTATION, AdmissionMode, Named, Pod, PolicyMode, SmiSet, Snapshot, SnapshotTx};
 
 /// How often the directory is checked: a policy edit must be in force in
 /// well under a second, and a stat of a few files costs next to nothing.
@@ -37,6 +37,8 @@ struct FileDocs {
     service_accounts: Vec<String>,
     smi: SmiSet,
     mode: Option<PolicyMode>,
+    admission: Option<AdmissionMode>,
+    namespaces: Vec<(String, AdmissionMode)>,
 }
 
 /// The mesh-wide settings document: `kind: MeshConfig`, `spec.policyMode`.
@@ -137,7 +139,20 @@ fn add_doc(docs: &mut FileDocs, value: serde_yaml::Value, file: &Path) -> Result
         }
         (MESH_CONFIG_API, "MeshConfig") => {
             let cfg: MeshConfigDoc = serde_yaml::from_value(value).map_err(|e| format!("bad MeshConfig: {e}"))?;
-            docs.mode = Some(cfg.spec.policy_mode);
+            docs.mode = cfg.spec.policy_mode.or(docs.mode);
+            docs.admission = cfg.spec.admission.or(docs.admission);
+        }
+        ("v1", "Namespace") => {
+            let ns: MetaOnly = serde_yaml::from_value(value).map_err(|e| format!("bad Namespace: {e}"))?;
+            if let Some(value) = ns.metadata.annotations.get(ADMISSION_ANNOTATION) {
+                let mode = AdmissionMode::from_annotation(value)
+                    .map_err(|e| format!("Namespace {}: {e}", ns.metadata.name))
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(file = %file.display(), error = %e, "source: bad admission annotation");
+                        AdmissionMode::Strict
+                    });
+                docs.namespaces.push((ns.metadata.name, mode));
+            }
         }
         (_, "TrafficTarget") => docs.smi.traffic_targets.push(smi_doc(value, kind)?),
         (_, "HTTPRouteGroup") => docs.smi.http_route_groups.push(smi_doc(value, kind)?),
@@ -227,7 +242,11 @@ struct MeshConfigDoc {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct MeshConfigSpec {
-    policy_mode: PolicyMode,
+    #[serde(default)]
+    policy_mode: Option<PolicyMode>,
+    /// Inbound admission for pods whose namespace and own annotation set none.
+    #[serde(default)]
+    admission: Option<AdmissionMode>,
 }
 
 /// Reads the directory file by file. A file that fails to read or parse is
@@ -285,6 +304,8 @@ impl Reader {
             smi.udp_routes.extend(docs.smi.udp_routes.iter().cloned());
             smi.traffic_splits.extend(docs.smi.traffic_splits.iter().cloned());
             snapshot.mode = docs.mode.or(snapshot.mode);
+            snapshot.admission = docs.admission.or(snapshot.admission);
+            snapshot.namespace_admission.extend(docs.namespaces.iter().cloned());
         }
         let services: Vec<_> = self.last_good.values().flat_map(|d| d.services.iter()).collect();
         let slices: Vec<_> = self.last_good.values().flat_map(|d| d.slices.iter()).collect();
@@ -415,6 +436,8 @@ struct ObjectMeta {
     namespace: String,
     #[serde(default)]
     uid: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -468,6 +491,7 @@ impl PodDoc {
             ips,
             qos_class: self.status.qos_class,
             host_network: self.spec.host_network,
+            admission: AdmissionMode::annotated(Some(&self.metadata.annotations), "pod"),
         })
     }
 }

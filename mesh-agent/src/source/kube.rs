@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Node, Pod as K8sPod, Service as K8sService, ServiceAccount},
+    core::v1::{Namespace, Node, Pod as K8sPod, Service as K8sService, ServiceAccount},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -20,7 +20,7 @@ use kube::{
 
 use crate::{
     smi::{HTTPRouteGroup, TCPRoute, TrafficSplit, TrafficTarget, UDPRoute},
-    state::{Named, Pod, SmiSet, Snapshot, SnapshotTx},
+    state::{AdmissionMode, Named, Pod, SmiSet, Snapshot, SnapshotTx},
 };
 
 /// Everything the reflectors hold.
@@ -30,6 +30,8 @@ struct Stores {
     services: reflector::Store<K8sService>,
     slices: reflector::Store<EndpointSlice>,
     service_accounts: reflector::Store<ServiceAccount>,
+    /// For their admission annotation.
+    namespaces: reflector::Store<Namespace>,
     traffic_targets: reflector::Store<TrafficTarget>,
     http_route_groups: reflector::Store<HTTPRouteGroup>,
     tcp_routes: reflector::Store<TCPRoute>,
@@ -66,6 +68,7 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
         services: reflect(&client, changed.clone()),
         slices: reflect(&client, changed.clone()),
         service_accounts: reflect(&client, changed.clone()),
+        namespaces: reflect(&client, changed.clone()),
         traffic_targets: reflect(&client, changed.clone()),
         http_route_groups: reflect(&client, changed.clone()),
         tcp_routes: reflect(&client, changed.clone()),
@@ -79,6 +82,7 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
         stores.services.wait_until_ready().await?;
         stores.slices.wait_until_ready().await?;
         stores.service_accounts.wait_until_ready().await?;
+        stores.namespaces.wait_until_ready().await?;
         stores.traffic_targets.wait_until_ready().await?;
         stores.http_route_groups.wait_until_ready().await?;
         stores.tcp_routes.wait_until_ready().await?;
@@ -119,6 +123,12 @@ fn snapshot(s: &Stores) -> Snapshot {
     for n in s.nodes.state() {
         if let Some((name, ip)) = node(&n) {
             snap.nodes.insert(name, ip);
+        }
+    }
+    for ns in s.namespaces.state() {
+        let Some(name) = ns.metadata.name.clone() else { continue };
+        if let Some(mode) = AdmissionMode::annotated(ns.metadata.annotations.as_ref(), "namespace") {
+            snap.namespace_admission.insert(name, mode);
         }
     }
     let services = s.services.state();
@@ -182,6 +192,7 @@ fn pod(p: &K8sPod) -> Option<Pod> {
         },
         qos_class: status.qos_class.clone(),
         host_network: spec.host_network.unwrap_or(false),
+        admission: AdmissionMode::annotated(p.metadata.annotations.as_ref(), "pod"),
     })
 }
 
@@ -273,6 +284,14 @@ mod tests {
                          "endpoints": [{"addresses": ["198.18.1.10"], "nodeName": "n1"}]},
                     ]),
                 ),
+                "/api/v1/namespaces" => list(
+                    "Namespace",
+                    "v1",
+                    serde_json::json!([
+                        {"metadata": {"name": "shop", "annotations": {"mesh.dev/admission": "permissive"}}},
+                        {"metadata": {"name": "plain"}},
+                    ]),
+                ),
                 "/api/v1/serviceaccounts" => list(
                     "ServiceAccount",
                     "v1",
@@ -321,6 +340,10 @@ mod tests {
         assert_eq!(snap.smi.traffic_targets.len(), 1);
         assert_eq!(snap.services["shop/web"].endpoints.len(), 1);
         assert!(snap.service_accounts.contains("shop/web"));
+        assert_eq!(
+            snap.namespace_admission,
+            [("shop".to_string(), crate::state::AdmissionMode::Permissive)].into()
+        );
         // The same compiler as for files: the policy this source yields works.
         let policy = crate::policy::Policy::compile(&snap.smi, snap.generation);
         assert!(policy.rejected.is_empty(), "{:?}", policy.rejected);

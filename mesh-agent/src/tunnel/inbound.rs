@@ -53,6 +53,8 @@ pub struct Inbound {
     pub metrics: TunnelMetrics,
     /// Flows count towards the drain and end cleanly when it ends.
     pub drain: Drain,
+    /// Where the agent vouches for the flows it opens to pods (inbound admission).
+    pub voucher: Arc<dyn super::deliver::Voucher>,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,7 +105,9 @@ impl Inbound {
         } = flow;
         let started = Instant::now();
         let _flow = self.drain.flow();
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, super::deliver::connect_tcp(&self.voucher, dst))
+            .await
+        {
             Ok(Ok(s)) => s,
             // The client already holds a connection (to its agent): a
             // refused or unreachable pod reaches it as a reset.

@@ -167,10 +167,13 @@ async fn connect(
             Ok(Admission::Http(check)) => Some(check),
             Err(refusal) => return Err(refusal.to_string()),
         };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint))
-            .await
-            .map_err(|_| format!("connect timed out after {CONNECT_TIMEOUT:?}"))?
-            .map_err(|e| format!("connect: {e}"))?;
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            super::deliver::connect_tcp(&tunnels.inbound.voucher, endpoint),
+        )
+        .await
+        .map_err(|_| format!("connect timed out after {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

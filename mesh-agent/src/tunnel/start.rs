@@ -61,6 +61,7 @@ pub fn start(
     authorizer: Arc<dyn Authorizer>,
     metrics: TunnelMetrics,
     drain: Drain,
+    redirect: Arc<crate::redirect::Redirect>,
 ) -> Result<Started, StartError> {
     let bundle = Arc::new(TrustBundle::new(roots, &settings.trust_domain).map_err(StartError::TrustAnchor)?);
     let tls = TunnelTls { manager, bundle };
@@ -71,6 +72,7 @@ pub fn start(
         authorizer,
         metrics: metrics.clone(),
         drain: drain.clone(),
+        voucher: redirect,
     });
     let client_addr = SocketAddr::from((settings.addr, 0));
     let quic = Quic::client(client_addr, tls.clone(), metrics.clone())

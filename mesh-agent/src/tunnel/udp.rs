@@ -277,6 +277,8 @@ struct Session {
     replies: Option<AbortHandle>,
     /// The source agent port of the latest datagram; replies echo it.
     relay_port: Arc<AtomicU32>,
+    /// The pod admits the session socket's datagrams while this lives.
+    _vouched: Option<super::deliver::Vouched>,
 }
 
 impl Drop for Session {
@@ -331,18 +333,19 @@ fn open_session(
         last: Instant::now(),
         replies: None,
         relay_port: relay_port.clone(),
+        _vouched: None,
     };
     if let Err(refusal) = inbound.check_udp(peer, endpoint) {
         inbound.metrics.reject(TRANSPORT, "policy");
         tracing::warn!(identity = %peer, %client, %endpoint, error = %refusal, "udp: datagrams refused");
         return denied;
     }
-    let socket = match std::net::UdpSocket::bind(unspecified_like(endpoint))
-        .and_then(|s| s.connect(endpoint).map(|()| s))
-        .and_then(|s| s.set_nonblocking(true).map(|()| s))
-        .and_then(UdpSocket::from_std)
-    {
-        Ok(s) => Arc::new(s),
+    let opened = super::deliver::udp_socket(&inbound.voucher, endpoint).and_then(|(s, vouched)| {
+        s.set_nonblocking(true)?;
+        Ok((UdpSocket::from_std(s)?, vouched))
+    });
+    let (socket, vouched) = match opened {
+        Ok((s, vouched)) => (Arc::new(s), vouched),
         Err(e) => {
             tracing::warn!(%endpoint, error = %e, "udp: cannot open a socket to the pod");
             return denied;
@@ -360,6 +363,7 @@ fn open_session(
         last: Instant::now(),
         replies: Some(replies.abort_handle()),
         relay_port,
+        _vouched: Some(vouched),
     }
 }
 
@@ -391,14 +395,5 @@ async fn replies(
                 tracing::warn!(%endpoint, %client, error = %e, "udp: reply not tunneled; dropped");
             }
         }
-    }
-}
-
-/// The any-address of `addr`'s family, port 0: where a socket that
-/// connects to `addr` binds.
-fn unspecified_like(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     }
 }

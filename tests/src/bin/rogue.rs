@@ -183,6 +183,7 @@ async fn main() {
                 authorizer: Arc::new(AllowAll),
                 metrics: metrics.clone(),
                 drain: Drain::default(),
+                voucher: Arc::new(mesh_agent::tunnel::deliver::NoVoucher),
             });
             // An impostor presents its (valid) certificate whatever
             // identity the client asks for.

@@ -21,6 +21,8 @@ impl Lab {
             .arg(&self.source_dir)
             .arg("--pod-cgroup-root")
             .arg(self.kubelet_root(&n.name))
+            .arg("--probe-cgroup")
+            .arg(self.kubelet_cgroup(&n.name)?)
             .args(["--capture-ip", &n.gateway_ip.to_string()])
             .args(["--capture-ip6", &n.gateway_ip6.to_string()])
             .arg("--bpffs-dir")

@@ -1,0 +1,105 @@
+//! Connecting to a pod of this node on a flow's behalf. Strict inbound
+//! admission refuses every host process's SYN or datagram to a pod, the
+//! agent's included, unless the agent vouched for that exact flow first:
+//! so the socket is bound before it connects (its address and port are
+//! then known), the flow is written into `mesh_admit`, and only then
+//! does the SYN (or the first datagram) leave.
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_common::{AdmitKey, PROTO_TCP, PROTO_UDP};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::redirect::{Redirect, admit_key};
+
+/// Who records vouched flows: the kernel maps (`Redirect`), or nothing
+/// for a tool that runs the tunnel code without kernel programs.
+pub trait Voucher: Send + Sync {
+    fn vouch(&self, key: &AdmitKey, ttl: Option<Duration>) -> io::Result<()>;
+    fn unvouch(&self, key: &AdmitKey);
+}
+
+impl Voucher for Redirect {
+    fn vouch(&self, key: &AdmitKey, ttl: Option<Duration>) -> io::Result<()> {
+        Redirect::vouch(self, key, ttl).map_err(io::Error::other)
+    }
+
+    fn unvouch(&self, key: &AdmitKey) {
+        Redirect::unvouch(self, key);
+    }
+}
+
+/// Records nothing (no kernel programs, so no admission to pass).
+pub struct NoVoucher;
+
+impl Voucher for NoVoucher {
+    fn vouch(&self, _: &AdmitKey, _: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn unvouch(&self, _: &AdmitKey) {}
+}
+
+/// A vouched flow; the record goes when this is dropped.
+pub struct Vouched {
+    redirect: Arc<dyn Voucher>,
+    key: AdmitKey,
+}
+
+impl Drop for Vouched {
+    fn drop(&mut self) {
+        self.redirect.unvouch(&self.key);
+    }
+}
+
+/// How long a TCP connect's record may admit its SYN (retransmissions
+/// included); it is removed once connect() returns.
+const CONNECT_VOUCH: Duration = Duration::from_secs(130);
+
+/// Connects to `dst` (a pod of this node), vouched for.
+pub async fn connect_tcp(redirect: &Arc<dyn Voucher>, dst: SocketAddr) -> io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source_for(dst)?, 0))?;
+    let key = admit_key(socket.local_addr()?, dst, PROTO_TCP);
+    redirect.vouch(&key, Some(CONNECT_VOUCH))?;
+    let _vouched = Vouched {
+        redirect: redirect.clone(),
+        key,
+    };
+    socket.connect(dst).await
+}
+
+/// A UDP socket connected to `dst` (a pod of this node), vouched for as
+/// long as the returned guard lives.
+pub fn udp_socket(redirect: &Arc<dyn Voucher>, dst: SocketAddr) -> io::Result<(std::net::UdpSocket, Vouched)> {
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(source_for(dst)?, 0))?;
+    let key = admit_key(socket.local_addr()?, dst, PROTO_UDP);
+    redirect.vouch(&key, None)?;
+    let vouched = Vouched {
+        redirect: redirect.clone(),
+        key,
+    };
+    socket.connect(dst)?;
+    Ok((socket, vouched))
+}
+
+/// The local address the kernel would send to `dst` from: a UDP socket's
+/// connect() picks it by route, and sends nothing.
+fn source_for(dst: SocketAddr) -> io::Result<IpAddr> {
+    let any: SocketAddr = if dst.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = std::net::UdpSocket::bind(any)?;
+    probe.connect(dst)?;
+    Ok(probe.local_addr()?.ip())
+}
