@@ -8,7 +8,7 @@ use crate::{
     authz::{HttpRequest, Proto},
     config::PolicyCommand,
     policy::Policy,
-    state::{Identity, PolicyMode, Store},
+    state::{AdmissionMode, Identity, PolicyMode, Store},
 };
 
 /// `namespace/sa`, `pod:namespace/name`, or (for the destination) `ip:port`.
@@ -30,6 +30,14 @@ fn resolve(snap: &Store, spec: &str) -> anyhow::Result<(Identity, Option<u16>)> 
         .split_once('/')
         .with_context(|| format!("{spec:?}: want namespace/serviceaccount, pod:namespace/name or ip:port"))?;
     Ok((Identity::new(ns, sa), None))
+}
+
+/// The pod a destination spec names, when it names one.
+fn dst_pod<'a>(snap: &'a Store, spec: &str) -> Option<&'a crate::state::Pod> {
+    if let Some(pod) = spec.strip_prefix("pod:") {
+        return snap.pods.get(pod);
+    }
+    snap.pod_by_ip(spec.parse::<SocketAddr>().ok()?.ip())
 }
 
 /// Prints the decision; returns whether it allows.
@@ -108,6 +116,22 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
         ),
     }
     println!("  {}", d.reason);
+    if let Some(pod) = dst_pod(&snap, &to) {
+        let (admission, set_by) = snap.admission_of(pod, mode);
+        println!(
+            "  admission at {}: {} ({set_by}): {}",
+            pod.workload_name(),
+            admission.as_str(),
+            match admission {
+                AdmissionMode::Strict => {
+                    "only the mesh's own flows get in (meshed pods' permitted connects, the agent's tunnels, the \
+                     probe cgroup); every other source is dropped"
+                }
+                AdmissionMode::Permissive => "every source gets in; unattested ones are audited",
+                AdmissionMode::Off => "every source gets in, unaudited",
+            }
+        );
+    }
     Ok(d.allowed)
 }
 

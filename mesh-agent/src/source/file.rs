@@ -531,6 +531,34 @@ mod tests {
 
     const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: shop}\nspec: {nodeName: n1, serviceAccountName: web}\nstatus: {podIP: 198.18.1.10}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b}\nspec: {nodeName: n2}\nstatus: {podIP: 198.18.2.10}\n---\n";
 
+    /// Admission comes from the pod's annotation, then its namespace's,
+    /// then MeshConfig, then the policy mode; a bad value reads as strict.
+    #[test]
+    fn admission_is_resolved_most_specific_first() {
+        use crate::state::AdmissionMode::{Off, Permissive, Strict};
+        let pods = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: shop, annotations: {mesh.dev/admission: off}}\n\
+                    spec: {nodeName: n1}\nstatus: {podIP: 198.18.1.10}\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: shop}\nspec: {nodeName: n1}\nstatus: {podIP: 198.18.1.11}\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: other}\nspec: {nodeName: n1}\nstatus: {podIP: 198.18.1.12}\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: d, namespace: other, annotations: {mesh.dev/admission: opne}}\n\
+                    spec: {nodeName: n1}\nstatus: {podIP: 198.18.1.13}\n";
+        let ns =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {mesh.dev/admission: permissive}}\n";
+        let d = dir_with(&[("pods.yaml", pods), ("ns.yaml", ns)]);
+        let snap = load(&d.0).unwrap();
+        let of = |k: &str, m| snap.admission_of(&snap.pods[k], m).0;
+        assert_eq!(of("shop/a", PolicyMode::Enforcing), Off);
+        assert_eq!(of("shop/b", PolicyMode::Enforcing), Permissive);
+        assert_eq!(of("other/c", PolicyMode::Enforcing), Strict);
+        assert_eq!(of("other/c", PolicyMode::Permissive), Permissive);
+        assert_eq!(of("other/d", PolicyMode::Permissive), Strict, "a typo reads as strict");
+        let mesh = "apiVersion: mesh.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {admission: off}\n";
+        std::fs::write(d.0.join("mesh.yaml"), mesh).unwrap();
+        let snap = load(&d.0).unwrap();
+        assert_eq!(snap.admission_of(&snap.pods["other/c"], PolicyMode::Enforcing).0, Off);
+        assert_eq!(snap.mode, None, "a MeshConfig without policyMode leaves the flag's");
+    }
+
     #[test]
     fn reads_pods_and_skips_other_kinds() {
         let d = dir_with(&[
