@@ -254,13 +254,16 @@ fn an_agent_with_only_the_daemonsets_capabilities_runs_and_carries_traffic() {
         // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
         assert_eq!(eff, (1 << 12) | (1 << 38) | (1 << 39), "{node}: CapEff {eff:x}");
     }
+    // Both agents: the destination's must hold its pods' certificates.
     wait_for("readiness", Duration::from_secs(10), || {
-        let n = lab.node("node-a").unwrap();
-        lab.node_exec("node-a", "curl")
-            .unwrap()
-            .args(["-sf", &format!("http://{}:15021/readyz", n.fabric_ip)])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        ["node-a", "node-b"].iter().all(|node| {
+            let n = lab.node(node).unwrap();
+            lab.node_exec(node, "curl")
+                .unwrap()
+                .args(["-sf", &format!("http://{}:15021/readyz", n.fabric_ip)])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
     });
     mesh_tests::assert_intact(&t.traffic().send("pod-a", t.addr("pod-b"), 300_000).unwrap());
     mesh_tests::assert_intact(&t.traffic().send("pod-a", t.addr("pod-c"), 300_000).unwrap());
