@@ -180,7 +180,9 @@ fn a_policy_too_large_for_the_kernel_is_refused_whole_and_the_one_in_force_stays
         .iter()
         .map(|p| KillOnDrop(t.traffic().serve(p, ECHO_PORT).unwrap()))
         .collect();
+    // Both nodes: pod-c's agent decides the cross-node flow.
     policy_in_force(&t, "node-a", 1);
+    policy_in_force(&t, "node-b", 1);
     let reach = |to: &str| {
         let r = t
             .traffic()
