@@ -323,14 +323,18 @@ impl Drop for LabDown {
 }
 
 fn build(debug: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let agent = crate::build_agent(!debug)?;
+    // A debug run inside the test suite uses the agent the suite built.
+    let agent = match std::env::var_os("MESH_AGENT_BIN") {
+        Some(bin) if debug => PathBuf::from(bin),
+        _ => crate::build_agent(!debug)?,
+    };
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(crate::workspace_root())
         .args(["build", "--package", "mesh-tests", "--bin", "benchtool"]);
     if !debug {
         cmd.arg("--release");
     }
-    ensure!(cmd.status()?.success(), "building benchtool failed");
+    crate::run_cargo(&mut cmd, "building benchtool")?;
     let dir = crate::target_dir().join(if debug { "debug" } else { "release" });
     Ok((agent, dir.join("benchtool")))
 }

@@ -22,11 +22,12 @@ impl Drop for Teardown {
 }
 
 pub fn build_labtool() -> anyhow::Result<std::path::PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(crate::workspace_root())
-        .args(["build", "--package", "mesh-tests", "--bin", "labtool"])
-        .status()?;
-    ensure!(status.success(), "building labtool failed");
+    crate::run_cargo(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(crate::workspace_root())
+            .args(["build", "--package", "mesh-tests", "--bin", "labtool"]),
+        "building labtool",
+    )?;
     Ok(probe::built_binary("labtool"))
 }
 
