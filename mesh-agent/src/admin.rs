@@ -79,7 +79,7 @@ impl AdminState {
             })
             .collect();
         let capture = self.redirect.capture_stats();
-        let splice = self.redirect.splice_stats();
+        let fast_path = self.redirect.fast_path_stats();
         serde_json::json!({
             "node": self.node,
             "source_generation": snap.generation,
@@ -116,7 +116,7 @@ impl AdminState {
                 "redirected": capture.redirected, "same_node": capture.same_node, "passthrough": capture.passthrough,
                 "failed_open": capture.failed_open, "denied": capture.denied, "events_dropped": capture.events_dropped,
                 "load_balanced": capture.load_balanced, "no_endpoint": capture.no_endpoint, "no_relay": capture.no_relay,
-                "spliced_messages": splice.messages, "spliced_bytes": splice.bytes,
+                "fast_path_packets": fast_path.packets, "fast_path_bytes": fast_path.bytes, "fast_path_links": self.redirect.fast_path_links(),
             },
             "not_ready": self.not_ready(),
         })

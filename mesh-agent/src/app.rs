@@ -112,7 +112,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         udp_relay: slots.as_ref().map(|sl| (sl.base, sl.count())),
         fail_open: s.fail_open,
         kernel_debug: s.kernel_debug,
-        splice: s.splice,
+        fast_path: s.fast_path,
         probe_cgroup: probe_cgroup.as_deref(),
     })?;
     if let Some(logger) = redirect.kernel_logger.take() {
@@ -303,7 +303,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         pod_cgroup_level,
         bpffs = %s.bpffs_dir.display(),
         fail_open = s.fail_open,
-        splice = s.splice,
+        fast_path = s.fast_path,
         policy_mode = ?s.policy_mode,
         identities = identities.is_some(),
         metrics = %s.metrics_addr,

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     // A later flag overrides an earlier one (the lab adds defaults, tests override them).
     args_override_self = true,
     about = "Node agent of the sidecarless mesh: captures pod traffic in the kernel with eBPF, \
-             splices same-node sockets, and proxies cross-node connections.",
+             delivers same-node pod traffic veth to veth, and proxies cross-node connections.",
     long_about = None
 )]
 pub struct Cli {
@@ -245,14 +245,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_FAIL_OPEN", default_value_t = false)]
     pub fail_open: bool,
 
-    /// Opt-in, and not safe for every program: splice same-node pod-to-pod
-    /// sockets in the kernel with sockops + sk_msg. The kernel's sockmap
-    /// changes socket semantics (a blocking recv() can return EAGAIN, a
-    /// sender is not paced by a slow reader, ordering across the splice's
-    /// start is not guaranteed; README, "Known limitations"), so by default
-    /// same-node flows take plain TCP.
-    #[arg(long, env = "MESH_SPLICE", default_value_t = false, action = clap::ArgAction::Set)]
-    pub splice: bool,
+    /// Deliver same-node pod-to-pod packets straight from the sender's veth
+    /// to the receiver's (tc/TCX `bpf_redirect_peer`), below TCP: the sockets
+    /// stay plain TCP/UDP, only the bridge hop is skipped. `false`: every
+    /// packet takes the node's bridge.
+    #[arg(long, env = "MESH_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
 
     /// The host cgroup whose connects to pods strict inbound admission lets
     /// through: the kubelet's, for liveness and readiness probes. Unset:
@@ -385,7 +383,7 @@ pub struct Settings {
     pub bpffs_dir: PathBuf,
     pub fail_open: bool,
     pub kernel_debug: bool,
-    pub splice: bool,
+    pub fast_path: bool,
     /// None: find the kubelet's; Some(None): none.
     pub probe_cgroup: Option<Option<PathBuf>>,
     pub identity: IdentitySettings,
@@ -522,7 +520,7 @@ impl Settings {
             bpffs_dir: a.bpffs_dir,
             fail_open: a.fail_open,
             kernel_debug: a.kernel_debug,
-            splice: a.splice,
+            fast_path: a.fast_path,
             probe_cgroup: a.probe_cgroup.map(|p| (p.as_os_str() != "none").then_some(p)),
             identity: IdentitySettings {
                 trust_domain: a.trust_domain,
@@ -585,8 +583,8 @@ mod tests {
         let s = args(&[]).unwrap();
         assert_eq!(s.outbound_port, 15001);
         assert!(!s.fail_open);
-        assert!(!s.splice, "the sockmap splice is opt-in");
-        assert!(args(&["--splice=true"]).unwrap().splice);
+        assert!(s.fast_path, "the same-node fast path is on by default");
+        assert!(!args(&["--fast-path=false"]).unwrap().fast_path);
         assert_eq!(s.bpffs_dir, PathBuf::from("/sys/fs/bpf/mesh"));
     }
 

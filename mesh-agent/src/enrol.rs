@@ -126,6 +126,18 @@ pub struct Enrolment {
     pub missing_cgroup: Vec<String>,
     /// Pods found in a QoS tier other than their `status.qosClass` (enrolled all the same: the UID decides).
     pub qos_mismatch: Vec<String>,
+    /// The enrolled pods' cgroups and addresses: where the fast path finds their veths.
+    pub pod_nets: Vec<PodNet>,
+}
+
+/// An enrolled pod, as the fast path looks for its veth (`pod_net`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodNet {
+    /// `namespace/name`, for logs.
+    pub pod: String,
+    pub cgroup_id: u64,
+    pub cgroup: PathBuf,
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// Every meshed pod is an endpoint; this node's pods whose cgroup exists
@@ -156,6 +168,12 @@ pub fn enrolment(store: &Store, node: &str, cgroups: &[PodCgroup], default_polic
                 if pod.qos_class.as_deref().is_some_and(|q| q != cg.qos) {
                     out.qos_mismatch.push(key.clone());
                 }
+                out.pod_nets.push(PodNet {
+                    pod: key.clone(),
+                    cgroup_id: cg.cgroup_id,
+                    cgroup: cg.path.clone(),
+                    ips: pod.ips.clone(),
+                });
                 out.workloads.push(WorkloadRow {
                     cgroup_id: cg.cgroup_id,
                     workload_id,

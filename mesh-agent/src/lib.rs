@@ -20,6 +20,7 @@ pub mod listeners;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod pod_net;
 pub mod policy;
 pub mod preflight;
 pub mod reconcile;

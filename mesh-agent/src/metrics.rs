@@ -98,7 +98,7 @@ pub fn to_text_format(openmetrics: &str) -> String {
     out
 }
 
-use mesh_common::{CaptureStats, SpliceStats, TrafficKey, TrafficStats};
+use mesh_common::{CaptureStats, FastPathStats, TrafficKey, TrafficStats};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -143,8 +143,7 @@ impl ConnectionLabels {
 
 /// Connections and bytes by workload pair and path, whoever carried them:
 /// the agent counts what it proxies, the kernel (`mesh_traffic`) same-node
-/// pod-to-pod connections. Bytes are counted when a connection closes, and
-/// as they flow for spliced ones (`--splice=true`).
+/// pod-to-pod connections. Bytes are counted when a connection closes.
 #[derive(Clone, Default)]
 pub struct ConnectionMetrics {
     pub opened: Family<ConnectionLabels, Counter>,
@@ -183,13 +182,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
-/// The kernel's per-CPU counters (`mesh_capture`, `mesh_splice`), summed
+/// The kernel's per-CPU counters (`mesh_capture`, `mesh_fast_stats`), summed
 /// over CPUs and exported as Prometheus counters.
 #[derive(Clone, Default)]
 pub struct KernelMetrics {
     connects: Family<OutcomeLabels, Counter>,
-    spliced_bytes: Counter,
-    spliced_messages: Counter,
+    fast_path_bytes: Counter,
+    fast_path_packets: Counter,
     events_dropped: Counter,
     connections: ConnectionMetrics,
     last: std::sync::Arc<std::sync::Mutex<Last>>,
@@ -197,13 +196,13 @@ pub struct KernelMetrics {
 
 #[derive(Default)]
 struct Last {
-    splice: SpliceStats,
+    fast_path: FastPathStats,
     capture: CaptureStats,
     traffic: std::collections::HashMap<TrafficKey, TrafficStats>,
 }
 
 impl KernelMetrics {
-    /// Spliced connections are counted into the shared `connections`.
+    /// Same-node connections are counted into the shared `connections`.
     pub fn new(connections: ConnectionMetrics) -> Self {
         KernelMetrics {
             connections,
@@ -218,14 +217,14 @@ impl KernelMetrics {
             self.connects.clone(),
         );
         r.register(
-            "mesh_kernel_spliced_bytes",
-            "Bytes spliced socket to socket by mesh_sk_msg",
-            self.spliced_bytes.clone(),
+            "mesh_kernel_fast_path_bytes",
+            "Bytes of same-node pod-to-pod packets mesh_fast_path handed veth to veth",
+            self.fast_path_bytes.clone(),
         );
         r.register(
-            "mesh_kernel_spliced_messages",
-            "Messages spliced by mesh_sk_msg",
-            self.spliced_messages.clone(),
+            "mesh_kernel_fast_path_packets",
+            "Same-node pod-to-pod packets mesh_fast_path handed veth to veth",
+            self.fast_path_packets.clone(),
         );
         r.register(
             "mesh_kernel_audit_events_dropped",
@@ -235,9 +234,9 @@ impl KernelMetrics {
     }
 
     /// Adds what the kernel counted since the last call.
-    pub fn update(&self, splice: SpliceStats, capture: CaptureStats) {
+    pub fn update(&self, fast_path: FastPathStats, capture: CaptureStats) {
         let mut last = self.last.lock().expect("kernel metrics");
-        let (ls, lc) = (last.splice, last.capture);
+        let (lf, lc) = (last.fast_path, last.capture);
         let d = |now: u64, before: u64| now.saturating_sub(before);
         for (outcome, now, before) in [
             ("redirected", capture.redirected, lc.redirected),
@@ -253,14 +252,14 @@ impl KernelMetrics {
                 .get_or_create(&OutcomeLabels { outcome })
                 .inc_by(d(now, before));
         }
-        self.spliced_bytes.inc_by(d(splice.bytes, ls.bytes));
-        self.spliced_messages.inc_by(d(splice.messages, ls.messages));
+        self.fast_path_bytes.inc_by(d(fast_path.bytes, lf.bytes));
+        self.fast_path_packets.inc_by(d(fast_path.packets, lf.packets));
         self.events_dropped.inc_by(d(capture.events_dropped, lc.events_dropped));
-        last.splice = splice;
+        last.fast_path = fast_path;
         last.capture = capture;
     }
 
-    /// Adds the spliced traffic per workload pair since the last call.
+    /// Adds the same-node traffic per workload pair since the last call.
     /// Pairs absent from `now` (pruned) are forgotten; a pair whose
     /// counters went down was re-created, so all of it is new.
     pub fn update_traffic(&self, now: &[(TrafficKey, TrafficStats)], snap: &Store) {

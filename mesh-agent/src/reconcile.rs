@@ -132,6 +132,7 @@ impl Reconciler {
         let mut last_refused = Vec::new();
         let mut written: Option<(u64, enrol::Enrolment)> = None;
         let mut tables_at: Option<(u64, tokio::time::Instant)> = None;
+        let mut pod_links = Some(crate::pod_net::PodLinks::default());
         loop {
             let snap = rx.borrow_and_update().clone();
             // Service tables wait for the tunnel's UDP relays (moments, at
@@ -183,6 +184,21 @@ impl Reconciler {
                     }
                 }
             }
+            // The fast path follows the enrolled pods, each tick (a pod's
+            // veth is found once it has a process; netlink blocks).
+            if let (Some((_, rows)), Some(mut links)) = (written.as_ref(), pod_links.take()) {
+                let nets = rows.pod_nets.clone();
+                let (links, rows) = tokio::task::spawn_blocking(move || {
+                    let rows = links.refresh(&nets);
+                    (links, rows)
+                })
+                .await
+                .expect("fast path refresh panicked");
+                pod_links = Some(links);
+                if let Err(err) = redirect.sync_fast_path(&rows) {
+                    tracing::warn!(error = %err, "updating the fast path failed; will retry");
+                }
+            }
             let wait = if tables_ready {
                 ENROL_TICK
             } else {
@@ -209,16 +225,16 @@ impl Reconciler {
             if let Err(err) = redirect.heartbeat() {
                 tracing::warn!(error = %err, "heartbeat to the kernel failed");
             }
-            kernel.update(redirect.splice_stats(), redirect.capture_stats());
+            kernel.update(redirect.fast_path_stats(), redirect.capture_stats());
             kernel.update_traffic(&redirect.traffic_stats(), &snapshots.borrow().clone());
             // The kernel's own counters, also logged when they move.
             if n % 10 == 1 {
-                let (splice, capture) = (redirect.splice_stats(), redirect.capture_stats());
-                let now = (splice, capture);
+                let (fast_path, capture) = (redirect.fast_path_stats(), redirect.capture_stats());
+                let now = (fast_path, capture);
                 if last != Some(now) {
                     tracing::info!(
-                        spliced_messages = splice.messages,
-                        spliced_bytes = splice.bytes,
+                        fast_path_packets = fast_path.packets,
+                        fast_path_bytes = fast_path.bytes,
                         redirected = capture.redirected,
                         same_node = capture.same_node,
                         passthrough = capture.passthrough,

@@ -2,8 +2,8 @@
 //! the kernel maps.
 //!
 //! State outlives the agent: maps and links are pinned under the bpffs
-//! directory, so while the agent restarts, same-node connections stay spliced
-//! and captured connects are refused at once (fail closed). A new agent
+//! directory, so while the agent restarts, policy stays in force and
+//! captured connects are refused at once (fail closed). A new agent
 //! adopts the pins: it reuses the maps and swaps its programs in before
 //! letting go of the old ones, so there is no moment without capture.
 //!
@@ -12,6 +12,7 @@
 //! maps (`workloads`, `policy`, `services`, `stats`). The writers take plain
 //! rows (`crate::tables`); what a row means is decided elsewhere.
 mod admit;
+mod fast_path;
 mod loader;
 mod pins;
 mod policy;
@@ -34,11 +35,12 @@ use aya::{
     programs::links::PinnedLink,
 };
 use mesh_common::{
-    Addr, Admit, AdmitKey, CaptureStats, Config, Endpoint, OrigDst, SockKey, SpliceStats, TrafficKey, TrafficStats,
+    Addr, Admit, AdmitKey, CaptureStats, Config, Endpoint, FastPathStats, OrigDst, SockKey, TrafficKey, TrafficStats,
     UdpSenderKey, UdpSlot, Workload, maps,
 };
 
 pub use admit::admit_key;
+pub use fast_path::FastPathRow;
 pub use pins::{agent_alive, pinned_layout, remove_pins};
 use policy::PolicyState;
 use services::ServiceState;
@@ -104,16 +106,17 @@ pub struct RedirectOptions<'a> {
     pub udp_relay: Option<(u16, u16)>,
     pub fail_open: bool,
     pub kernel_debug: bool,
-    pub splice: bool,
+    /// Deliver same-node pod-to-pod packets veth to veth (`mesh_fast_path`).
+    pub fast_path: bool,
     /// The host cgroup whose connects to pods are vouched for (the
     /// kubelet's: probes), if any.
     pub probe_cgroup: Option<&'a Path>,
 }
 
 pub struct Redirect {
-    // Kept for the programs' lifetime; links are pinned, so dropping this
-    // does not detach anything.
-    _ebpf: Ebpf,
+    // Kept for the programs' lifetime; cgroup links are pinned, so dropping
+    // this does not detach them (the fast path's per-veth links do go).
+    ebpf: Mutex<Ebpf>,
     _links: Vec<PinnedLink>,
     config: Mutex<Array<MapData, Config>>,
     config_value: Mutex<Config>,
@@ -124,7 +127,8 @@ pub struct Redirect {
     admit: Mutex<HashMap<MapData, AdmitKey, Admit>>,
     flows: Mutex<HashMap<MapData, SockKey, OrigDst>>,
     policy: Mutex<PolicyState>,
-    splice: PerCpuArray<MapData, SpliceStats>,
+    fast_stats: PerCpuArray<MapData, FastPathStats>,
+    fast_path: Mutex<fast_path::FastPathState>,
     capture: PerCpuArray<MapData, CaptureStats>,
     traffic: Mutex<PerCpuHashMap<MapData, TrafficKey, TrafficStats>>,
     services: Mutex<ServiceState>,

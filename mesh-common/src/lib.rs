@@ -10,7 +10,7 @@
 /// Bumped whenever a map's key or value layout changes. Pinned state lives in
 /// a directory named after it, so an incompatible older pin set is replaced
 /// deliberately instead of being reused.
-pub const MAP_LAYOUT_VERSION: u32 = 8;
+pub const MAP_LAYOUT_VERSION: u32 = 9;
 
 /// Map names (the kernel keeps 15 characters).
 pub mod maps {
@@ -25,21 +25,22 @@ pub mod maps {
     /// [`crate::SockKey`] -> [`crate::OrigDst`], re-keyed on establish so the agent
     /// can find it from the accepted socket's addresses.
     pub const FLOWS: &str = "mesh_flows";
-    /// [`crate::SockKey`] -> socket: the sockets whose payload is spliced.
-    pub const SOCKS: &str = "mesh_socks";
-    /// Per-CPU [`crate::SpliceStats`].
-    pub const SPLICE: &str = "mesh_splice";
+    /// Per-CPU [`crate::FastPathStats`]: what `mesh_fast_path` delivered.
+    pub const FAST_STATS: &str = "mesh_fast_stats";
+    /// Pod address ([`crate::Addr`]) -> [`crate::PodDev`]: the host-side veth
+    /// of each enrolled pod of this node, and the pod's own MAC.
+    pub const POD_DEVS: &str = "mesh_pod_devs";
     /// Per-CPU [`crate::CaptureStats`].
     pub const CAPTURE: &str = "mesh_capture";
     /// [`crate::PolicyKey`] -> [`crate::PolicyValue`]: the L4 allow rules.
     pub const POLICY: &str = "mesh_policy";
     /// Ring buffer of [`crate::PolicyEvent`]s: every decision at connect().
     pub const EVENTS: &str = "mesh_events";
-    /// [`crate::SockKey`] -> [`crate::SplicedFlow`]: which pods a same-node
-    /// pod-to-pod socket joins, which end it is, and whether it is spliced.
-    pub const SPLICED: &str = "mesh_spliced";
-    /// Per-CPU [`crate::TrafficKey`] -> [`crate::TrafficStats`]: spliced
-    /// traffic by client and server workload.
+    /// [`crate::SockKey`] -> [`crate::PodFlow`]: which pods a same-node
+    /// pod-to-pod socket joins, and which end it is.
+    pub const POD_FLOWS: &str = "mesh_pod_flows";
+    /// Per-CPU [`crate::TrafficKey`] -> [`crate::TrafficStats`]: same-node
+    /// pod-to-pod traffic by client and server workload.
     pub const TRAFFIC: &str = "mesh_traffic";
     /// [`crate::ServiceKey`] -> [`crate::ServiceValue`]: service VIPs.
     pub const SERVICES: &str = "mesh_services";
@@ -76,7 +77,9 @@ pub mod programs {
     pub const SENDMSG6: &str = "mesh_sendmsg6";
     pub const RECVMSG6: &str = "mesh_recvmsg6";
     pub const SOCKOPS: &str = "mesh_sockops";
-    pub const SK_MSG: &str = "mesh_sk_msg";
+    /// tc (TCX) ingress on each enrolled pod's host-side veth: same-node
+    /// pod-to-pod packets go straight to the destination pod's veth.
+    pub const FAST_PATH: &str = "mesh_fast_path";
     /// cgroup_skb/ingress on the pod cgroup root: inbound admission.
     pub const INBOUND: &str = "mesh_inbound";
     /// sockops on the probe (kubelet) cgroup: attests its connects to pods.
@@ -200,7 +203,7 @@ pub struct Endpoint {
     pub workload_id: u32,
     /// Index of the node the pod runs on (agent-assigned).
     pub node_id: u32,
-    /// 1 when the pod runs on this node: no rewrite, the sockets are spliced.
+    /// 1 when the pod runs on this node: no rewrite, the kernel connects directly.
     pub same_node: u32,
     /// Its identity (namespace + ServiceAccount), agent-assigned.
     pub identity_id: u32,
@@ -221,9 +224,9 @@ pub struct Config {
     pub fail_open: u8,
     /// 1: emit aya-log debug lines from the kernel programs.
     pub debug: u8,
-    /// 1: splice same-node sockets with sockops + sk_msg (see README,
-    /// "Known limitations", for what a spliced blocking socket can see).
-    pub splice: u8,
+    /// 1: `mesh_fast_path` delivers same-node pod-to-pod packets veth to
+    /// veth; 0: they take the node's bridge (plain TCP/IP either way).
+    pub fast_path: u8,
     /// [`POLICY_OFF`] (allow all: no policy loaded, or permissive) or
     /// [`POLICY_ENFORCING`].
     pub policy_mode: u8,
@@ -374,12 +377,26 @@ impl SockKey {
     }
 }
 
-/// Payload spliced socket to socket by `mesh_sk_msg`.
+/// Packets `mesh_fast_path` handed straight to a same-node pod's veth.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SpliceStats {
-    pub messages: u64,
+pub struct FastPathStats {
+    pub packets: u64,
     pub bytes: u64,
+}
+
+/// Where `mesh_fast_path` delivers a packet for an enrolled pod of this
+/// node: the host-side end of the pod's veth (`bpf_redirect_peer` hands the
+/// packet to its pod-side peer) and the MAC of the pod's interface. A frame
+/// is redirected only when its destination MAC is that one, so a pod that
+/// replaced another at the same address (new veth, new MAC) is never sent
+/// the old pod's entry: its frames take the bridge until the agent updates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodDev {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// What `mesh_connect4` did with the connects it saw from enrolled pods.
@@ -388,7 +405,7 @@ pub struct SpliceStats {
 pub struct CaptureStats {
     /// Rewritten to the agent's outbound listener.
     pub redirected: u64,
-    /// Same-node destination, left alone (spliced once established).
+    /// Same-node destination, left alone (the kernel connects it directly).
     pub same_node: u64,
     /// Destination outside the mesh, left alone.
     pub passthrough: u64,
@@ -415,17 +432,15 @@ pub struct CaptureStats {
     pub inbound_redropped: u64,
 }
 
-/// A spliced pod-to-pod socket: the connection's two workloads and which
-/// end this socket is, so `mesh_sk_msg` can count bytes per workload pair.
+/// A same-node pod-to-pod socket: the connection's two workloads and which
+/// end this socket is, so its bytes are counted per workload pair at close.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SplicedFlow {
+pub struct PodFlow {
     pub key: TrafficKey,
     /// 1 on the connecting (client) side.
     pub is_client: u32,
-    /// 1 when the socket is in `mesh_socks` (`--splice=true`): `mesh_sk_msg`
-    /// counts its bytes; otherwise they are counted from TCP at close.
-    pub spliced: u32,
+    pub _pad: u32,
 }
 
 /// A client and server workload pair (agent-assigned workload ids).
@@ -436,7 +451,7 @@ pub struct TrafficKey {
     pub server_workload: u32,
 }
 
-/// Spliced connections and payload between two workloads.
+/// Same-node connections and payload between two workloads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficStats {
@@ -680,7 +695,7 @@ const _: () = {
         agent_port: 8,
         fail_open: 10,
         debug: 11,
-        splice: 12,
+        fast_path: 12,
         policy_mode: 13,
         pod_cgroup_level: 14,
         _pad: 15,
@@ -714,7 +729,12 @@ const _: () = {
         local_port: 32,
         remote_port: 34
     });
-    assert_offsets!(SpliceStats { messages: 0, bytes: 8 });
+    assert_offsets!(FastPathStats { packets: 0, bytes: 8 });
+    assert_offsets!(PodDev {
+        ifindex: 0,
+        mac: 4,
+        _pad: 10
+    });
     assert_offsets!(CaptureStats {
         redirected: 0,
         same_node: 8,
@@ -767,10 +787,10 @@ const _: () = {
         dst: 32,
         src: 48,
     });
-    assert_offsets!(SplicedFlow {
+    assert_offsets!(PodFlow {
         key: 0,
         is_client: 8,
-        spliced: 12
+        _pad: 12
     });
     assert_offsets!(TrafficKey {
         client_workload: 0,
@@ -829,14 +849,15 @@ const _: () = {
     assert!(core::mem::size_of::<PolicyValue>() == 8);
     assert!(core::mem::size_of::<OrigDst>() == 24);
     assert!(core::mem::size_of::<SockKey>() == 36);
-    assert!(core::mem::size_of::<SpliceStats>() == 16);
+    assert!(core::mem::size_of::<FastPathStats>() == 16);
+    assert!(core::mem::size_of::<PodDev>() == 12);
     assert!(core::mem::size_of::<CaptureStats>() == 96);
     assert!(core::mem::size_of::<UdpSlot>() == 20);
     assert!(core::mem::size_of::<UdpSenderKey>() == 8);
     assert!(core::mem::size_of::<PolicyEvent>() == 64);
     assert!(core::mem::size_of::<AdmitKey>() == 40);
     assert!(core::mem::size_of::<Admit>() == 16);
-    assert!(core::mem::size_of::<SplicedFlow>() == 16);
+    assert!(core::mem::size_of::<PodFlow>() == 16);
     assert!(core::mem::size_of::<TrafficKey>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 32);
     assert!(core::mem::size_of::<ServiceKey>() == 20);
@@ -859,12 +880,13 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SockKey {}
-    unsafe impl aya::Pod for SpliceStats {}
+    unsafe impl aya::Pod for FastPathStats {}
+    unsafe impl aya::Pod for PodDev {}
     unsafe impl aya::Pod for CaptureStats {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PolicyEvent {}
-    unsafe impl aya::Pod for SplicedFlow {}
+    unsafe impl aya::Pod for PodFlow {}
     unsafe impl aya::Pod for TrafficKey {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for ServiceKey {}

@@ -63,7 +63,7 @@ pub fn set<const V6: bool>(sa: &mut bpf_sock_addr, addr: &Addr, port: u16) -> bo
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
-/// A socket's (local, remote) addresses from a sockops or sk_msg context,
+/// A socket's (local, remote) addresses from a sockops context,
 /// whose fields the caller loaded up front (the verifier refuses a context
 /// read through a computed pointer, which is what LLVM makes of branches
 /// that load different fields into one variable). An AF_INET6 socket to an

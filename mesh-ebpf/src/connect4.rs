@@ -4,7 +4,7 @@
 //! A service VIP is first replaced by one of its endpoints, picked at random
 //! from the service's weighted slot table (socket-level load balancing: the
 //! socket is connected to the pod, nothing is translated per packet).
-//! Same-node meshed destinations are left alone (sockops splices them);
+//! Same-node meshed destinations are left alone (the kernel connects them directly; `fast_path` delivers their packets);
 //! other-node meshed destinations are rewritten to the agent's outbound
 //! listener and the original destination is recorded by socket cookie.
 use aya_ebpf::{

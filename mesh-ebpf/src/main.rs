@@ -10,10 +10,10 @@
 mod addr;
 mod connect4;
 mod events;
+mod fast_path;
 mod inbound;
 mod maps;
 mod probe;
-mod sk_msg;
 mod sockops;
 mod udp;
 

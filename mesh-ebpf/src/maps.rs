@@ -2,14 +2,14 @@
 //! The maps shared by the programs. The agent's `redirect` module is the only
 //! userspace writer; see the README's map table for who writes what.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     helpers::bpf_get_current_ancestor_cgroup_id,
     macros::btf_map,
 };
 use mesh_common::{
-    Addr, Admit, AdmitKey, Backend, BackendKey, CaptureStats, Config, Endpoint, OrigDst, POD_CGROUP_DEPTH, PolicyEvent,
-    PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey, SpliceStats, SplicedFlow, TrafficKey, TrafficStats,
-    UdpFlowKey, UdpPeerKey, UdpSenderKey, UdpService, UdpSlot, Workload,
+    Addr, Admit, AdmitKey, Backend, BackendKey, CaptureStats, Config, Endpoint, FastPathStats, OrigDst,
+    POD_CGROUP_DEPTH, PodDev, PodFlow, PolicyEvent, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey,
+    TrafficKey, TrafficStats, UdpFlowKey, UdpPeerKey, UdpSenderKey, UdpService, UdpSlot, Workload,
 };
 
 /// Pod-level cgroup id -> enrolled pod of this node.
@@ -33,10 +33,9 @@ pub static mesh_cookies: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
 #[btf_map(pin_by_name)]
 pub static mesh_flows: LruHashMap<SockKey, OrigDst, 65536> = LruHashMap::new();
 
-/// Sockets whose payload `mesh_sk_msg` splices. The kernel drops a socket from
-/// it when the socket closes.
+/// Enrolled pods of this node -> their host-side veth and MAC (`mesh_fast_path`).
 #[btf_map(pin_by_name)]
-pub static mesh_socks: SockHash<SockKey, 65536> = SockHash::new();
+pub static mesh_pod_devs: HashMap<Addr, PodDev, 8192> = HashMap::new();
 
 /// Service VIP:port -> its slot table in force (see ServiceValue).
 #[btf_map(pin_by_name)]
@@ -88,17 +87,17 @@ pub static mesh_policy: HashMap<PolicyKey, PolicyValue, { mesh_common::POLICY_CA
 #[btf_map(pin_by_name)]
 pub static mesh_events: RingBuf<PolicyEvent, 262144> = RingBuf::new();
 
-/// Spliced pod-to-pod sockets -> their workload pair and end; removed when
+/// Same-node pod-to-pod sockets -> their workload pair and end; removed when
 /// the socket closes (LRU in case a close is missed).
 #[btf_map(pin_by_name)]
-pub static mesh_spliced: LruHashMap<SockKey, SplicedFlow, 65536> = LruHashMap::new();
+pub static mesh_pod_flows: LruHashMap<SockKey, PodFlow, 65536> = LruHashMap::new();
 
-/// Spliced traffic per workload pair; the agent prunes pairs whose pods are gone.
+/// Same-node traffic per workload pair; the agent prunes pairs whose pods are gone.
 #[btf_map(pin_by_name)]
 pub static mesh_traffic: PerCpuHashMap<TrafficKey, TrafficStats, 16384> = PerCpuHashMap::new();
 
 #[btf_map(pin_by_name)]
-pub static mesh_splice: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
+pub static mesh_fast_stats: PerCpuArray<FastPathStats, 1> = PerCpuArray::new();
 
 #[btf_map(pin_by_name)]
 pub static mesh_capture: PerCpuArray<CaptureStats, 1> = PerCpuArray::new();

@@ -2,24 +2,24 @@
 //!
 //! Active side: a captured connection's cookie record is re-keyed by the
 //! socket's addresses (the agent only sees those). Both sides: a same-node
-//! pod-to-pod socket is counted per workload pair (`mesh_spliced`,
-//! `mesh_traffic`), and joins the splice map only with the opt-in
-//! `--splice=true`.
+//! pod-to-pod socket is counted per workload pair (`mesh_pod_flows`,
+//! `mesh_traffic`). Payload always takes TCP: the same-node fast path is
+//! below it (`fast_path`), so applications see plain TCP.
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{ADMIT_BY_POD, Addr, SockKey, SplicedFlow, TrafficKey};
+use mesh_common::{ADMIT_BY_POD, Addr, PodFlow, SockKey, TrafficKey};
 
 use crate::{
     addr::{field, socket_pair, words},
     inbound::{settle_connect, vouch_connect},
-    maps::{config, current_workload, mesh_cookies, mesh_endpoints, mesh_flows, mesh_socks, mesh_spliced, traffic},
+    maps::{config, current_workload, mesh_cookies, mesh_endpoints, mesh_flows, mesh_pod_flows, traffic},
 };
 
 #[sock_ops]
@@ -31,9 +31,9 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 fn try_sockops(ctx: &SockOpsContext) {
     // Both families; an AF_INET6 socket to an IPv4-mapped peer (what a
     // dual-stack program such as Java uses for IPv4) is keyed as the IPv4
-    // socket it is, so the agent and the splice see one flow whatever the
+    // socket it is, so the agent and the counters see one flow whatever the
     // socket family.
-    let Some(mut key) = sock_key(ctx) else { return };
+    let Some(key) = sock_key(ctx) else { return };
     let op = ctx.op();
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // The SYN is about to leave a pod's socket whose connect() policy
@@ -64,8 +64,7 @@ fn try_sockops(ctx: &SockOpsContext) {
     let Some(cfg) = config() else { return };
     let active = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
     if active {
-        // Re-key the capture record even when splicing is off: the agent
-        // needs it to route the flow.
+        // Re-key the capture record: the agent needs it to route the flow.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         if let Some(orig) = unsafe { mesh_cookies.get(&cookie) } {
             let orig = *orig;
@@ -81,22 +80,12 @@ fn try_sockops(ctx: &SockOpsContext) {
     let to_agent = agent_port == cfg.agent_port
         && ((agent_side.is_ipv4() && agent_side.ipv4_be() == cfg.agent_ipv4) || *agent_side == cfg.agent_ipv6);
     if to_agent {
-        // The pod-to-agent hop is never spliced, and the agent counts what
-        // it carries. A spliced message lands in the peer's receive queue
-        // with no receive-window backpressure (sockmap ingress redirect):
-        // measured with `cargo xtask bench`, a bulk sender out-ran the
-        // agent's tunnel and got ENOMEM from write() after ~4 s.
+        // The agent counts what it carries.
         return;
     }
     let (Some(local), Some(remote)) = (same_node_workload(&key.local), same_node_workload(&key.remote)) else {
         return;
     };
-    // Only with the opt-in splice (--splice=true): by default same-node
-    // flows stay plain TCP, which applications cannot tell from no mesh.
-    let spliced = cfg.splice != 0
-        && mesh_socks
-            .update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST))
-            .is_ok();
     // Pod to pod: count it per workload pair (the agent counts what it carries).
     let pair = if active {
         TrafficKey {
@@ -109,12 +98,12 @@ fn try_sockops(ctx: &SockOpsContext) {
             server_workload: local,
         }
     };
-    let flow = SplicedFlow {
+    let flow = PodFlow {
         key: pair,
         is_client: u32::from(active),
-        spliced: u32::from(spliced),
+        _pad: 0,
     };
-    if mesh_spliced.insert(&key, &flow, 0).is_ok() {
+    if mesh_pod_flows.insert(&key, &flow, 0).is_ok() {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         if active && let Some(t) = traffic(&pair) {
             t.opened += 1;
@@ -141,25 +130,21 @@ pub(crate) fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
 }
 
 /// A same-node pod-to-pod socket closed: the client side counts the
-/// connection, and, when it was not spliced (sk_msg counts spliced bytes as
-/// they pass), each side counts the payload it sent that the other end
+/// connection, and each side counts the payload it sent that the other end
 /// acknowledged (the client's is "sent", the server's "received"). What a
 /// socket sent and got acked is exact whenever the peer's FIN arrives; what
 /// it received is not (a peer FIN reaching the socket only after it became
 /// a FIN_WAIT2 time-wait mini-socket is missing from it).
 fn closed(ctx: &SockOpsContext, key: &SockKey) {
-    let Some(flow) = (unsafe { mesh_spliced.get(key) }) else {
+    let Some(flow) = (unsafe { mesh_pod_flows.get(key) }) else {
         return;
     };
     let flow = *flow;
-    let _ = mesh_spliced.remove(key);
+    let _ = mesh_pod_flows.remove(key);
     let Some(t) = traffic(&flow.key) else { return };
     let client = flow.is_client != 0;
     if client {
         t.closed += 1;
-    }
-    if flow.spliced != 0 {
-        return;
     }
     let acked = unsafe { core::ptr::read_volatile(&(*ctx.ops).bytes_acked) };
     // TCP counts sequence space: the active side's SYN is in what was acked

@@ -104,7 +104,34 @@ impl TestLab {
             let child = t.traffic().serve(pod, PORT).expect("server");
             t.servers.push(child);
         }
+        t.wait_ready(Duration::from_secs(10));
         t
+    }
+
+    /// Waits, at most `limit`, until every node's agent answers `/readyz`
+    /// (its policy applied and its pods' certificates held): "agent ready"
+    /// in the log only means it listens. Not an assertion: tests that
+    /// start agents which cannot become ready check what they expect.
+    pub fn wait_ready(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut pending: Vec<&str> = self.lab.nodes.iter().map(|n| n.name.as_str()).collect();
+        while !pending.is_empty() && Instant::now() < deadline {
+            pending.retain(|node| {
+                let n = self.lab.node(node).unwrap();
+                !self
+                    .lab
+                    .node_exec(node, "curl")
+                    .unwrap()
+                    .args(["-sf", "-m", "1", &format!("http://{}:15021/readyz", n.fabric_ip)])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if !pending.is_empty() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     pub fn traffic(&self) -> Traffic<'_> {

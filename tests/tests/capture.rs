@@ -23,20 +23,26 @@ fn up(agent_args: &[&str]) -> TestLab {
 }
 
 #[test]
-fn same_node_traffic_is_spliced_in_the_kernel_and_never_reaches_the_agent() {
-    // The splice is opt-in (it changes socket semantics; README).
-    let t = up(&["--splice=true"]);
+fn same_node_traffic_is_delivered_veth_to_veth_and_never_reaches_the_agent() {
+    let t = up(&[]);
     let size: u64 = 8 << 20;
-    let before = probe::splice_counters(&t.lab, "node-a").unwrap();
+    // Both pods' veths found (through their sandboxes) and carrying the link.
+    mesh_tests::wait_for("the fast path on both pods' veths", Duration::from_secs(5), || {
+        probe::dump_map(&t.lab, "node-a", "mesh_pod_devs")
+            .map(|d| d.as_array().map_or(0, |a| a.len()) >= 4)
+            .unwrap_or(false)
+    });
+    let before = probe::fast_path_counters(&t.lab, "node-a").unwrap();
     let r = t.traffic().send("pod-a", t.addr("pod-b"), size).unwrap();
-    let after = probe::splice_counters(&t.lab, "node-a").unwrap();
+    let after = probe::fast_path_counters(&t.lab, "node-a").unwrap();
     assert_intact(&r);
-    let spliced = after.1 - before.1;
-    // Payload one way plus the server's one-line reply the other way.
-    assert!(spliced >= size, "spliced {spliced} bytes, payload {size}: {r}");
+    // Every packet of the flow, both ways, with their headers: at least the
+    // payload, and not twice it (nothing took the bridge and came back).
+    let bytes = after.1 - before.1;
+    assert!(bytes >= size, "fast path carried {bytes} bytes, payload {size}: {r}");
     assert!(
-        spliced < size + 4096,
-        "spliced {spliced} bytes: more than this flow sent"
+        bytes < size * 2,
+        "fast path carried {bytes} bytes: more than this flow sent"
     );
     assert!(after.0 > before.0);
     // The agent saw no connection at all.
@@ -71,10 +77,12 @@ fn cross_node_traffic_goes_through_the_agent_which_names_the_source_workload() {
         peer.starts_with(&format!("{}:", t.lab.node("node-b").unwrap().gateway_ip)),
         "{peer}"
     );
-    // The pod-to-agent hop takes TCP, not the splice: sockmap has no
-    // backpressure, and the tunnel is always slower than the pod's writes.
-    let (_, spliced) = probe::splice_counters(&t.lab, "node-a").unwrap();
-    assert_eq!(spliced, 0, "the pod-to-agent hop was spliced");
+    // The pod-to-agent hop is to the node, not to a pod: the bridge's.
+    let (_, fast) = probe::fast_path_counters(&t.lab, "node-a").unwrap();
+    assert!(
+        fast < size / 2,
+        "the pod-to-agent hop took the fast path ({fast} bytes)"
+    );
 }
 
 #[test]
@@ -110,7 +118,7 @@ fn with_the_agent_down_captured_connects_fail_at_once_and_recover_on_restart() {
     assert!(r["error"].as_str().unwrap().contains("refused"), "{r}");
     let ms = r["elapsed_ms"].as_f64().unwrap();
     assert!(ms < 1000.0, "took {ms} ms to fail");
-    // Same-node traffic keeps flowing (and spliced) while the agent is down.
+    // Same-node traffic keeps flowing (over the bridge) while the agent is down.
     assert_intact(&t.traffic().send("pod-a", t.addr("pod-b"), 1 << 16).unwrap());
 
     t.lab.start_agent("node-a").unwrap();
@@ -139,20 +147,19 @@ fn fail_open_lets_captured_connects_through_while_the_agent_is_down() {
 }
 
 #[test]
-fn splicing_can_be_turned_off() {
-    let t = up(&["--splice=false"]);
+fn the_fast_path_can_be_turned_off() {
+    let t = up(&["--fast-path=false"]);
     let r = t.traffic().send("pod-a", t.addr("pod-b"), 1 << 20).unwrap();
     assert_intact(&r);
     let r = t.traffic().send("pod-a", t.addr("pod-c"), 1 << 20).unwrap();
     assert_intact(&r);
-    assert_eq!(probe::splice_counters(&t.lab, "node-a").unwrap(), (0, 0));
+    assert_eq!(probe::fast_path_counters(&t.lab, "node-a").unwrap(), (0, 0));
 }
 
 #[test]
 fn bpftool_prints_every_map_as_typed_structs() {
-    // The opt-in splice, so mesh_socks has entries to print.
-    let t = up(&["--splice=true"]);
-    // Hold a same-node connection open so the sockhash has an entry.
+    let t = up(&[]);
+    // Hold a same-node connection open so mesh_pod_flows has an entry.
     let held = t
         .lab
         .exec("pod-a", env!("CARGO_BIN_EXE_labtool"))
@@ -175,10 +182,11 @@ fn bpftool_prints_every_map_as_typed_structs() {
         ("mesh_workloads", "workload_id"),
         ("mesh_endpoints", "same_node"),
         ("mesh_config", "agent_port"),
-        ("mesh_splice", "messages"),
+        ("mesh_fast_stats", "packets"),
+        ("mesh_pod_devs", "ifindex"),
         ("mesh_capture", "redirected"),
         // The held pod-to-pod connection: its sockets and workload pair.
-        ("mesh_spliced", "is_client"),
+        ("mesh_pod_flows", "is_client"),
         ("mesh_traffic", "sent_bytes"),
     ];
     let dump = |map: &str| {
@@ -199,12 +207,37 @@ fn bpftool_prints_every_map_as_typed_structs() {
         let text = dump(map);
         assert!(text.contains(field), "{map}: no field {field} in\n{text}");
     }
-    // The kernel gives sockhash maps no BTF: bpftool prints their keys as
-    // bytes. pod-a's address (198.18.1.10 = c6 12 01 0a) must be among them.
-    let text = dump("mesh_socks");
+    // And `bpftool link` lists the fast path's TCX links, one per pod veth
+    // of node-a (pod-a, pod-b), held by the agent.
+    let ids: Vec<u64> = serde_json::from_slice::<serde_json::Value>(
+        &Command::new("bpftool")
+            .args(["-j", "prog", "show", "name", "mesh_fast_path"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .map(|v| match v {
+        serde_json::Value::Array(a) => a.iter().filter_map(|p| p["id"].as_u64()).collect(),
+        p => p["id"].as_u64().into_iter().collect(),
+    })
+    .unwrap_or_default();
+    let links: serde_json::Value = serde_json::from_slice(
+        &Command::new("bpftool")
+            .args(["-j", "link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let fast_links = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .count();
     assert!(
-        text.contains("key:") && text.contains("c6 12 01 0a"),
-        "mesh_socks holds no pod-a socket:\n{text}"
+        fast_links >= 2,
+        "{fast_links} fast-path links (programs {ids:?}):\n{links}"
     );
     // Short-lived maps are usually empty; their BTF still names the types.
     for (map, ty) in [("mesh_cookies", "OrigDst"), ("mesh_flows", "SockKey")] {

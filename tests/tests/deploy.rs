@@ -233,8 +233,9 @@ fn an_agent_with_only_the_daemonsets_capabilities_runs_and_carries_traffic() {
         !caps.iter().any(|c| c == "sys_admin"),
         "the DaemonSet asks for SYS_ADMIN"
     );
-    // With the opt-in splice too: sockops and sk_msg need no more capabilities.
-    let t = TestLab::up(&["--splice=true"], LABTOOL);
+    // The fast path too: entering a pod's network namespace (setns) and
+    // attaching TCX links need no more capabilities than these.
+    let t = TestLab::up(&[], LABTOOL);
     let lab = &t.lab;
     let bounding = format!(
         "-all,{}",
@@ -265,8 +266,12 @@ fn an_agent_with_only_the_daemonsets_capabilities_runs_and_carries_traffic() {
                 .is_ok_and(|o| o.status.success())
         })
     });
+    wait_for("the fast path on node-a's pods", Duration::from_secs(5), || {
+        xtask::probe::dump_map(lab, "node-a", "mesh_pod_devs").is_ok_and(|d| d.as_array().is_some_and(|a| a.len() >= 4))
+    });
+    let (before, _) = xtask::probe::fast_path_counters(lab, "node-a").unwrap();
     mesh_tests::assert_intact(&t.traffic().send("pod-a", t.addr("pod-b"), 300_000).unwrap());
     mesh_tests::assert_intact(&t.traffic().send("pod-a", t.addr("pod-c"), 300_000).unwrap());
-    let (spliced, _) = xtask::probe::splice_counters(lab, "node-a").unwrap();
-    assert!(spliced > 0, "same-node traffic was not spliced");
+    let (after, _) = xtask::probe::fast_path_counters(lab, "node-a").unwrap();
+    assert!(after > before, "same-node traffic did not take the fast path");
 }

@@ -41,7 +41,7 @@ fn byte_counters_equal_the_bytes_sent_on_each_path_and_promtool_accepts_the_outp
             replied += r["reply_bytes"].as_u64().unwrap();
         }
         let labels = pair(if dst == "pod-b" { "t/pod-b" } else { "t/pod-c" }, path);
-        // Spliced counts are read from the kernel every second; agent paths
+        // Same-node counts are read from the kernel every second; agent paths
         // are counted when the flow closes.
         let start = Instant::now();
         let last = loop {

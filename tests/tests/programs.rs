@@ -501,7 +501,7 @@ fn a_fast_sender_to_a_slow_same_node_reader_is_paced_by_the_reader() {
     let in_flight = sent_b - read_b;
     // What TCP may hold between them: the two socket buffers (and the
     // reader's auto-tuned window), a few MiB, never the ~1 GB the sockmap
-    // splice accepted (issue of 2026-12-01).
+    // splice (removed) accepted (issue of 2026-12-01).
     let bound = 4.0 * (sent["sndbuf"].as_f64().unwrap() + read["rcvbuf"].as_f64().unwrap()) + (8 << 20) as f64;
     println!("slow reader: sent {sent_b} B, read {read_b} B, in flight {in_flight} B (bound {bound} B)");
     assert!(read_b > 1e6, "the reader read almost nothing: {read}");

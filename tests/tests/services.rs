@@ -16,7 +16,7 @@ use serde_json::Value;
 const LABTOOL: &str = env!("CARGO_BIN_EXE_labtool");
 
 /// client and v1a on node-a, v1b and v2 on node-b: every split mixes the
-/// spliced same-node path with the tunnel.
+/// same-node path (the fast path) with the tunnel.
 const TOPOLOGY: &str = "
 nodes: [{name: node-a}, {name: node-b}]
 pods:

@@ -20,8 +20,7 @@ fn bpftool_names(what: &str) -> Vec<String> {
 
 #[test]
 fn pins_of_an_older_layout_are_replaced_and_the_agent_says_so() {
-    // The opt-in splice, so the replaced sk_msg program is seen to work.
-    let t = TestLab::up(&["--splice=true"], LABTOOL);
+    let t = TestLab::up(&[], LABTOOL);
     let lab = &t.lab;
     lab.stop_agent("node-a").unwrap();
     // Make the pinned mesh_config claim an older layout (v1, all else zero).
@@ -56,9 +55,17 @@ fn pins_of_an_older_layout_are_replaced_and_the_agent_says_so() {
         mesh_common::MAP_LAYOUT_VERSION,
         "{dump}"
     );
+    mesh_tests::wait_for(
+        "the fast path on node-a's pods",
+        std::time::Duration::from_secs(5),
+        || {
+            xtask::probe::dump_map(lab, "node-a", "mesh_pod_devs")
+                .is_ok_and(|d| d.as_array().is_some_and(|a| a.len() >= 4))
+        },
+    );
     mesh_tests::assert_intact(&t.traffic().send("pod-a", t.addr("pod-b"), 100_000).unwrap());
     mesh_tests::assert_intact(&t.traffic().send("pod-a", t.addr("pod-c"), 100_000).unwrap());
-    assert!(xtask::probe::splice_counters(lab, "node-a").unwrap().0 > 0);
+    assert!(xtask::probe::fast_path_counters(lab, "node-a").unwrap().0 > 0);
 }
 
 #[test]

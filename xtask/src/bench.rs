@@ -3,10 +3,10 @@
 //! One lab (release build), one client pod on node A and a server pod on
 //! each node. Every path is measured in every round, interleaved, so slow
 //! drift of this shared machine hits all paths alike:
-//! - no-mesh same node / cross node: the same pods' network namespaces,
-//!   processes in a cgroup outside the agents' pod cgroups (plain veth);
+//! - no-mesh same node / cross node: twin pods on the same bridges that the
+//!   mesh does not know (`plain-load`, `plain-near`, `plain-far`);
 //! - mesh same: meshed, same node, with the default settings (policy at
-//!   connect(), then plain TCP; the sockmap splice is opt-in);
+//!   connect(), then plain TCP, delivered veth to veth by the fast path);
 //! - quic, tcp: meshed, cross node, through each tunnel transport.
 //!
 //! Node A (agent, client, near server) is pinned to CPU 0 and node B (agent,
@@ -49,12 +49,18 @@ pub struct BenchOptions {
     pub out_dir: PathBuf,
 }
 
+/// The no-mesh baseline runs between the `plain-` twins: pods on the same
+/// bridges that the mesh does not know, so no mesh program touches them
+/// (the same-node fast path acts on enrolled pods' veths).
 const TOPOLOGY: &str = "
 nodes: [{name: node-a}, {name: node-b}]
 pods:
   - {name: load, namespace: bench, serviceAccount: load, node: node-a}
   - {name: near, namespace: bench, serviceAccount: near, node: node-a}
   - {name: far,  namespace: bench, serviceAccount: far,  node: node-b}
+  - {name: plain-load, namespace: bench, node: node-a, meshed: false}
+  - {name: plain-near, namespace: bench, node: node-a, meshed: false}
+  - {name: plain-far,  namespace: bench, node: node-b, meshed: false}
 ";
 /// Meshed servers listen on these ports, unmeshed ones on port + 1.
 const IPERF_PORT: u16 = 5201;
@@ -128,7 +134,9 @@ impl Route {
     }
     fn server(self) -> &'static str {
         match self {
-            NoMeshSame | SameNode => "near",
+            NoMeshSame => "plain-near",
+            SameNode => "near",
+            NoMeshCross => "plain-far",
             _ => "far",
         }
     }

@@ -104,6 +104,13 @@ pub struct LabPod {
     /// The one container's id (its cgroup under the pod's).
     #[serde(default)]
     pub container_id: String,
+    /// Whether the agents' source holds its Pod object (`PodSpec::meshed`).
+    #[serde(default = "yes")]
+    pub meshed: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Options for `up`.
@@ -229,6 +236,7 @@ impl Lab {
                 // Every lab with three pods or more has all three QoS classes.
                 qos: p.qos.unwrap_or(Qos::ALL[pods.len() % 3]),
                 container_id: hex,
+                meshed: p.meshed,
             });
         }
         Ok(Lab {
@@ -252,7 +260,7 @@ impl Lab {
                 n.name, n.fabric_ip
             ));
         }
-        for p in &self.pods {
+        for p in self.pods.iter().filter(|p| p.meshed) {
             docs.push_str(&format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\nstatus:\n  podIP: {}\n  podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]\n  qosClass: {}\n",
                 p.name,
@@ -331,6 +339,38 @@ impl Lab {
             CgroupDriver::Systemd => pod.join(format!("cri-containerd-{}.scope", p.container_id)),
             CgroupDriver::Cgroupfs => pod.join(&p.container_id),
         }
+    }
+
+    /// The pod's sandbox cgroup: its "pause" process holds the pod's network
+    /// namespace, as the kubelet's pod sandbox does (the agent finds a pod's
+    /// veth through a process of the pod).
+    pub fn sandbox_cgroup(&self, p: &LabPod) -> PathBuf {
+        self.pod_cgroup(p).join("sandbox")
+    }
+
+    pub fn start_sandbox(&self, p: &LabPod) -> anyhow::Result<()> {
+        let cg = self.sandbox_cgroup(p);
+        fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
+        self.wrapped(&p.netns, &cg, "sleep")
+            .arg("infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting the sandbox of pod {}", p.name))?;
+        Ok(())
+    }
+
+    /// Ends the pod's sandbox process and removes its cgroup.
+    pub fn stop_sandbox(&self, p: &LabPod) -> anyhow::Result<()> {
+        let cg = self.sandbox_cgroup(p);
+        let _ = fs::write(cg.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|t| !t.trim().is_empty()) {
+            ensure!(Instant::now() < deadline, "the sandbox of pod {} did not exit", p.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        fs::remove_dir(&cg).with_context(|| format!("removing {}", cg.display()))
     }
 
     pub fn pin_dir(&self, node: &str) -> PathBuf {

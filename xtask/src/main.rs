@@ -19,7 +19,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LabCmd,
     },
-    /// Bring up the sample lab and show captured, spliced and proxied traffic.
+    /// Bring up the sample lab and show captured, same-node and proxied traffic.
     Demo {
         /// Leave the lab up afterwards (remove it with `cargo xtask lab down`).
         #[arg(long)]

@@ -146,10 +146,10 @@ pub fn per_cpu_sum(dump: &Value, field: &str) -> u64 {
         .sum()
 }
 
-/// Spliced (messages, bytes) on a node, from `mesh_splice`.
-pub fn splice_counters(lab: &Lab, node: &str) -> anyhow::Result<(u64, u64)> {
-    let dump = dump_map(lab, node, "mesh_splice")?;
-    Ok((per_cpu_sum(&dump, "messages"), per_cpu_sum(&dump, "bytes")))
+/// Same-node packets and bytes delivered veth to veth on a node, from `mesh_fast_stats`.
+pub fn fast_path_counters(lab: &Lab, node: &str) -> anyhow::Result<(u64, u64)> {
+    let dump = dump_map(lab, node, "mesh_fast_stats")?;
+    Ok((per_cpu_sum(&dump, "packets"), per_cpu_sum(&dump, "bytes")))
 }
 
 /// The agent's structured log records.

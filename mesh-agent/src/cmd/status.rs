@@ -95,14 +95,15 @@ pub fn status_text(d: &serde_json::Value) -> String {
     let k = &d["kernel"];
     let _ = writeln!(
         out,
-        "kernel: {} redirected, {} same-node, {} denied, {} passthrough, {} audit events dropped; spliced {} bytes in {} messages",
+        "kernel: {} redirected, {} same-node, {} denied, {} passthrough, {} audit events dropped; fast path: {} packets ({} bytes) on {} pod veths",
         k["redirected"],
         k["same_node"],
         k["denied"],
         k["passthrough"],
         k["events_dropped"],
-        k["spliced_bytes"],
-        k["spliced_messages"]
+        k["fast_path_packets"],
+        k["fast_path_bytes"],
+        k["fast_path_links"]
     );
     out
 }

@@ -4,17 +4,19 @@ use std::{collections::BTreeMap, fs::File, path::Path, sync::Mutex};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, SockHash},
+    maps::MapData,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SockOps,
         cgroup_sock_addr::CgroupSockAddrLink,
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{Addr, Config, MAP_LAYOUT_VERSION, SockKey, maps, programs};
+use mesh_common::{Addr, Config, MAP_LAYOUT_VERSION, maps, programs};
 
 use super::{
-    ALIVE_WINDOW_NS, Redirect, RedirectError, RedirectOptions, monotonic_ns,
+    ALIVE_WINDOW_NS, Redirect, RedirectError, RedirectOptions,
+    fast_path::FastPathState,
+    monotonic_ns,
     pins::{check_pinned_layout, pinned_policy, release, repin},
     policy::PolicyState,
     services::ServiceState,
@@ -38,6 +40,7 @@ const LINK_RECVMSG6: &str = "link_recvmsg6";
 const LINK_SOCKOPS_PODS: &str = "link_sockops_pods";
 /// Pinned by earlier agents; released on start.
 const LINK_SOCKOPS_AGENT: &str = "link_sockops_agent";
+/// Pinned by agents that had the sockmap splice (map layout 8 and older).
 const LINK_SK_MSG: &str = "link_sk_msg";
 const LINK_INBOUND: &str = "link_inbound";
 const LINK_PROBE: &str = "link_probe";
@@ -54,7 +57,7 @@ fn open_cgroup(path: &Path) -> Result<File, RedirectError> {
     File::open(path).map_err(|e| RedirectError::Cgroup(path.into(), e))
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
@@ -169,42 +172,23 @@ impl Redirect {
             release(PinnedLink::from_pin(dir.join(LINK_SOCKOPS_AGENT)).ok());
         }
 
-        // sk_msg attaches to the sockhash, one program per map. A running
-        // predecessor (a rolling restart) still holds the pinned link, so it
-        // cannot be released and replaced: swap the program inside it.
-        // Sockets already in the map keep the program they were added with,
-        // so established splices are unaffected.
-        {
-            let name = programs::SK_MSG;
-            let pin = dir.join(LINK_SK_MSG);
-            let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, maps::SOCKS)?;
-            let prog: &mut SkMsg = program(&mut ebpf, name)?;
-            prog.load().map_err(|err| RedirectError::Program { name, err })?;
-            let adopted = {
-                let prog_fd = prog.fd().map_err(|err| RedirectError::Program { name, err })?;
-                match update_pinned_link(&pin, std::os::fd::AsFd::as_fd(prog_fd)) {
-                    Ok(adopted) => adopted,
-                    Err(e) => {
-                        tracing::warn!(link = %pin.display(), error = %e, "cannot update the pinned sk_msg link; replacing it");
-                        release(PinnedLink::from_pin(&pin).ok());
+        // The sockmap splice is gone (it changed what read() and write()
+        // return); an older agent's sk_msg link is released.
+        release(PinnedLink::from_pin(dir.join(LINK_SK_MSG)).ok());
+        // The fast path attaches per pod veth as pods are found
+        // (`sync_fast_path`); here it is only loaded.
+        let fast_path = opts.fast_path
+            && {
+                let name = programs::FAST_PATH;
+                let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+                match prog.load() {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "the kernel refused the fast-path program: same-node traffic takes the bridge");
                         false
                     }
                 }
             };
-            if adopted {
-                tracing::info!(link = %pin.display(), "adopting pinned sk_msg link");
-                links.push(PinnedLink::from_pin(&pin).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?);
-            } else {
-                let id = prog.attach(socks.fd()).map_err(|err| RedirectError::Attach {
-                    name,
-                    cgroup: dir.join(maps::SOCKS),
-                    err,
-                })?;
-                let link = prog.take_link(id).map_err(|err| RedirectError::Program { name, err })?;
-                let fd = FdLink::try_from(link).map_err(|e| RedirectError::Pin(pin.clone(), e.to_string()))?;
-                links.push(repin(fd, &pin)?);
-            }
-        }
 
         links.push(attach_inbound(&mut ebpf, dir, &pods, opts.pod_cgroup_root)?);
         if let Some(link) = attach_probe(&mut ebpf, dir, opts.probe_cgroup)? {
@@ -217,7 +201,7 @@ impl Redirect {
             agent_port: opts.outbound_port,
             fail_open: u8::from(opts.fail_open),
             debug: u8::from(opts.kernel_debug),
-            splice: u8::from(opts.splice),
+            fast_path: u8::from(fast_path),
             // The pinned policy (a predecessor's) stays in force; on a first
             // start there is none, and everything is allowed, as with no
             // agent, until the first policy generation.
@@ -249,7 +233,12 @@ impl Redirect {
                 generation: policy_generation,
                 last: None,
             }),
-            splice: take_map(&mut ebpf, maps::SPLICE)?,
+            fast_stats: take_map(&mut ebpf, maps::FAST_STATS)?,
+            fast_path: Mutex::new(FastPathState {
+                devs: take_map(&mut ebpf, maps::POD_DEVS)?,
+                links: BTreeMap::new(),
+                enabled: fast_path,
+            }),
             capture: take_map(&mut ebpf, maps::CAPTURE)?,
             traffic: Mutex::new(take_map(&mut ebpf, maps::TRAFFIC)?),
             services: Mutex::new(ServiceState {
@@ -258,7 +247,7 @@ impl Redirect {
                 written: BTreeMap::new(),
                 swept: false,
             }),
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
             _links: links,
             kernel_events: Some(kernel_events),
             kernel_logger,
@@ -269,7 +258,7 @@ impl Redirect {
 }
 
 /// Inbound admission (cgroup_skb/ingress on the pod root): the program is
-/// swapped inside the pinned link, as for sk_msg, so no packet to a strict
+/// swapped inside the pinned link, so no packet to a strict
 /// pod is ever judged by no program during a restart.
 fn attach_inbound(ebpf: &mut Ebpf, dir: &Path, pods: &File, pods_path: &Path) -> Result<PinnedLink, RedirectError> {
     let name = programs::INBOUND;

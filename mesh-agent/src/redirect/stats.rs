@@ -1,21 +1,21 @@
 //! The kernel's own counters, summed over CPUs.
-use mesh_common::{CaptureStats, SpliceStats, TrafficKey, TrafficStats};
+use mesh_common::{CaptureStats, FastPathStats, TrafficKey, TrafficStats};
 
 use super::Redirect;
 
 impl Redirect {
-    pub fn splice_stats(&self) -> SpliceStats {
-        let mut total = SpliceStats::default();
-        if let Ok(per_cpu) = self.splice.get(&0, 0) {
+    pub fn fast_path_stats(&self) -> FastPathStats {
+        let mut total = FastPathStats::default();
+        if let Ok(per_cpu) = self.fast_stats.get(&0, 0) {
             for s in per_cpu.iter() {
-                total.messages += s.messages;
+                total.packets += s.packets;
                 total.bytes += s.bytes;
             }
         }
         total
     }
 
-    /// Spliced traffic per workload pair (`mesh_traffic`), summed over CPUs.
+    /// Same-node traffic per workload pair (`mesh_traffic`), summed over CPUs.
     pub fn traffic_stats(&self) -> Vec<(TrafficKey, TrafficStats)> {
         let map = self.traffic.lock().expect("traffic lock");
         map.iter()

@@ -26,7 +26,17 @@ impl Drop for Bench {
 pub(super) const NODES: [(&str, u8); 2] = [("node-a", 0), ("node-b", 1)];
 
 pub(super) fn cpu_of_pod(pod: &str) -> u8 {
-    if pod == "far" { 1 } else { 0 }
+    if pod.ends_with("far") { 1 } else { 0 }
+}
+
+/// The pod a path's process runs in: a no-mesh path uses the pod's
+/// unmeshed twin.
+fn pod_for(pod: &str, meshed: bool) -> String {
+    if meshed || pod.starts_with("plain-") {
+        pod.to_string()
+    } else {
+        format!("plain-{pod}")
+    }
 }
 
 impl Bench {
@@ -44,12 +54,13 @@ impl Bench {
 
     /// A command in `pod`, meshed or not, pinned to its node's CPU.
     pub(super) fn in_pod(&self, pod: &str, meshed: bool, program: &str) -> anyhow::Result<Command> {
+        let pod = pod_for(pod, meshed);
         let mut c = if meshed {
-            self.lab.exec(pod, "taskset")?
+            self.lab.exec(&pod, "taskset")?
         } else {
-            self.lab.exec_unmeshed(pod, "taskset")?
+            self.lab.exec_unmeshed(&pod, "taskset")?
         };
-        c.args(["-c", &cpu_of_pod(pod).to_string(), program]);
+        c.args(["-c", &cpu_of_pod(&pod).to_string(), program]);
         Ok(c)
     }
 
@@ -78,12 +89,14 @@ impl Bench {
     /// ephemeral range, and TIME-WAIT reuse for outgoing connects (safe with
     /// TCP timestamps, on by default). `assert_ports_left` checks it held.
     pub(super) fn widen_client_ports(&self) -> anyhow::Result<()> {
-        let netns = self.lab.pod("load")?.netns.clone();
-        for setting in ["net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"] {
-            let status = crate::lab::in_netns(&netns, "sysctl")
-                .args(["-q", "-w", setting])
-                .status()?;
-            ensure!(status.success(), "sysctl -w {setting} in {netns} failed");
+        for client in ["load", "plain-load"] {
+            let netns = self.lab.pod(client)?.netns.clone();
+            for setting in ["net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"] {
+                let status = crate::lab::in_netns(&netns, "sysctl")
+                    .args(["-q", "-w", setting])
+                    .status()?;
+                ensure!(status.success(), "sysctl -w {setting} in {netns} failed");
+            }
         }
         Ok(())
     }
@@ -94,7 +107,14 @@ impl Bench {
     /// exhaust the ephemeral range is sockets younger than that, toward one
     /// destination. None may hold over half of the range.
     pub(super) fn assert_ports_left(&self, tag: &str) -> anyhow::Result<()> {
-        let netns = self.lab.pod("load")?.netns.clone();
+        for client in ["load", "plain-load"] {
+            self.assert_ports_left_in(client, tag)?;
+        }
+        Ok(())
+    }
+
+    fn assert_ports_left_in(&self, client: &str, tag: &str) -> anyhow::Result<()> {
+        let netns = self.lab.pod(client)?.netns.clone();
         let out = crate::lab::in_netns(&netns, "ss")
             .args(["-Htano", "state", "time-wait"])
             .output()?;
@@ -143,7 +163,7 @@ impl Bench {
                     .stdin(Stdio::null())
                     .spawn()?;
                 self.servers.push(echo);
-                let netns = self.lab.pod(pod)?.netns.clone();
+                let netns = self.lab.pod(&pod_for(pod, meshed))?.netns.clone();
                 for p in [port(IPERF_PORT), port(ECHO_PORT)] {
                     crate::probe::wait_listening(&netns, p)?;
                 }

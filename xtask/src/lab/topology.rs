@@ -64,6 +64,15 @@ pub struct PodSpec {
     /// Default: Burstable, BestEffort, Guaranteed in turn.
     #[serde(default)]
     pub qos: Option<Qos>,
+    /// `false`: a pod the mesh does not know (no Pod object in the agents'
+    /// source): the benchmark's no-mesh baseline, on veths no mesh program
+    /// touches.
+    #[serde(default = "yes")]
+    pub meshed: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_ns() -> String {
