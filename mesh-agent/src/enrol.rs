@@ -126,7 +126,7 @@ pub struct Enrolment {
     pub missing_cgroup: Vec<String>,
     /// Pods found in a QoS tier other than their `status.qosClass` (enrolled all the same: the UID decides).
     pub qos_mismatch: Vec<String>,
-    /// The enrolled pods' cgroups and addresses: where the fast path finds their veths.
+    /// The enrolled pods' addresses: the fast path finds their veths by them.
     pub pod_nets: Vec<PodNet>,
 }
 
@@ -135,8 +135,6 @@ pub struct Enrolment {
 pub struct PodNet {
     /// `namespace/name`, for logs.
     pub pod: String,
-    pub cgroup_id: u64,
-    pub cgroup: PathBuf,
     pub ips: Vec<std::net::IpAddr>,
 }
 
@@ -170,8 +168,6 @@ pub fn enrolment(store: &Store, node: &str, cgroups: &[PodCgroup], default_polic
                 }
                 out.pod_nets.push(PodNet {
                     pod: key.clone(),
-                    cgroup_id: cg.cgroup_id,
-                    cgroup: cg.path.clone(),
                     ips: pod.ips.clone(),
                 });
                 out.workloads.push(WorkloadRow {

@@ -1,14 +1,21 @@
-//! Finds an enrolled pod's veth: which interface of this node's network
+//! Finds each enrolled pod's veth: which interface of this node's network
 //! namespace is the host end of the pod's interface, and the pod
 //! interface's MAC (what `mesh_fast_path` needs to deliver to the pod).
 //!
-//! The pod's own network namespace is the authority: a thread enters it
-//! (through a process of the pod's cgroup), lists its links and addresses
-//! over rtnetlink, and picks the veth that holds the pod's address; that
-//! veth's peer index (IFLA_LINK) names the host end. Nothing here trusts a
-//! packet or a name: a pod cannot claim another pod's address this way,
-//! because the kernel reports which interface of *its* namespace holds what.
-use std::{collections::BTreeMap, fs::File, io, net::IpAddr, os::unix::fs::MetadataExt as _, path::Path};
+//! Read over rtnetlink without entering any pod: every veth here names its
+//! peer's namespace (IFLA_LINK_NETNSID) and index (IFLA_LINK), and the
+//! kernel answers address and link dumps for that namespace by id
+//! (IFA/IFLA_TARGET_NETNSID, Linux >= 4.20), which takes CAP_NET_ADMIN, as
+//! the DaemonSet has; entering the namespace (setns) would take
+//! CAP_SYS_ADMIN. The kernel reports which interface of which namespace
+//! holds which address, so a packet cannot claim one; an address that two
+//! veths' peers hold (a pod that added a neighbour's address) is ambiguous
+//! and gets no fast path.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::IpAddr,
+};
 
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
@@ -20,186 +27,171 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use crate::{enrol::PodNet, redirect::FastPathRow};
 
-/// The host end of a pod's veth, in this (the agent's) network namespace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PodLink {
-    pub host_ifindex: u32,
-    /// The pod-side interface, in the pod's namespace (the host end's iflink).
-    pub pod_ifindex: u32,
-    /// The MAC of the pod's interface (frames to the pod carry it).
-    pub pod_mac: [u8; 6],
-}
-
 #[derive(Debug, thiserror::Error)]
-pub enum PodNetError {
-    #[error("no process in cgroup {0} (a pod's network namespace is found through one of its processes)")]
-    NoProcess(String),
-    #[error("cannot open the network namespace of pid {pid}: {err}")]
-    Netns { pid: u32, err: io::Error },
-    #[error("the pod shares this node's network namespace (hostNetwork): no veth to deliver to")]
-    HostNetwork,
-    #[error("rtnetlink in the pod's namespace: {0}")]
-    Netlink(String),
-    #[error("no veth in the pod's namespace holds {0:?}")]
-    NoVeth(Vec<IpAddr>),
-    #[error("interface {0} of this namespace is not the peer of the pod's veth")]
-    NotPeer(u32),
+#[error("rtnetlink: {0} (listing this node's veths and their peers' addresses needs CAP_NET_ADMIN)")]
+pub struct PodNetError(String);
+
+impl From<io::Error> for PodNetError {
+    fn from(e: io::Error) -> Self {
+        PodNetError(e.to_string())
+    }
 }
 
-/// Each enrolled pod's veth, found once per pod cgroup and re-checked
-/// every tick (its host end must still be the pod's peer); a pod whose
-/// veth cannot be found yet (no process yet, say) is tried again.
+/// The host end of a veth of this namespace and what its peer holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Peer {
+    host_ifindex: u32,
+    mac: [u8; 6],
+    ips: BTreeSet<IpAddr>,
+}
+
+/// Remembers the last answer so an unchanged node costs one link dump per
+/// call, and logs each pod's lack of a veth once.
 #[derive(Default)]
 pub struct PodLinks {
-    found: BTreeMap<u64, (Vec<IpAddr>, PodLink)>,
-    /// The last failure logged per pod cgroup, so each is logged once.
-    failed: BTreeMap<u64, String>,
+    /// (this namespace's veths: host index, peer netns id, peer index) -> peers.
+    last: Option<(Vec<(u32, i32, u32)>, Vec<Peer>)>,
+    missing: BTreeSet<String>,
 }
 
 impl PodLinks {
-    /// The fast-path rows for `pods` (blocking: netlink in pod namespaces).
-    pub fn refresh(&mut self, pods: &[PodNet]) -> Vec<FastPathRow> {
-        // This namespace's links (index -> peer index), read once per tick.
-        let here = match peers_here() {
-            Ok(here) => here,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot list this node's links: the fast path keeps what it had");
-                return self.rows(pods);
+    /// The fast-path rows for `pods` (blocking: netlink dumps).
+    pub fn refresh(&mut self, pods: &[PodNet]) -> Result<Vec<FastPathRow>, PodNetError> {
+        let socket = open()?;
+        let veths = veths_here(&socket)?;
+        let peers = match &self.last {
+            Some((seen, peers)) if *seen == veths => peers.clone(),
+            _ => {
+                let peers = peers_of(&socket, &veths)?;
+                self.last = Some((veths, peers.clone()));
+                peers
             }
         };
-        let still_peer = |link: &PodLink| here.get(&link.host_ifindex) == Some(&link.pod_ifindex);
-        self.found
-            .retain(|id, (ips, link)| pods.iter().any(|p| p.cgroup_id == *id && p.ips == *ips) && still_peer(link));
-        self.failed.retain(|id, _| pods.iter().any(|p| p.cgroup_id == *id));
+        // An address held behind two veths is nobody's.
+        let mut holders: BTreeMap<IpAddr, Vec<&Peer>> = BTreeMap::new();
+        for p in &peers {
+            for ip in &p.ips {
+                holders.entry(*ip).or_default().push(p);
+            }
+        }
+        let mut rows = Vec::with_capacity(pods.len());
+        let mut missing = BTreeSet::new();
         for pod in pods {
-            if !self.found.contains_key(&pod.cgroup_id) {
-                match pod_link(&pod.cgroup, &pod.ips, &here) {
-                    Ok(link) => {
-                        tracing::debug!(pod = %pod.pod, host_ifindex = link.host_ifindex, "found the pod's veth");
-                        self.failed.remove(&pod.cgroup_id);
-                        self.found.insert(pod.cgroup_id, (pod.ips.clone(), link));
+            let found: BTreeSet<(u32, [u8; 6])> = pod
+                .ips
+                .iter()
+                .map(|ip| match holders.get(ip).map(Vec::as_slice) {
+                    Some([one]) => Some((one.host_ifindex, one.mac)),
+                    _ => None,
+                })
+                .collect::<Option<_>>()
+                .unwrap_or_default();
+            // Every address of the pod behind one and the same veth.
+            match found.iter().collect::<Vec<_>>().as_slice() {
+                [(host_ifindex, pod_mac)] => rows.push(FastPathRow {
+                    ips: pod.ips.clone(),
+                    host_ifindex: *host_ifindex,
+                    pod_mac: *pod_mac,
+                }),
+                _ => {
+                    if !self.missing.contains(&pod.pod) {
+                        tracing::info!(pod = %pod.pod, ips = ?pod.ips, "no single veth of this node holds the pod's addresses: its traffic takes the bridge");
                     }
-                    Err(err) => {
-                        let text = err.to_string();
-                        if self.failed.get(&pod.cgroup_id) != Some(&text) {
-                            tracing::info!(pod = %pod.pod, reason = %text, "no fast path for this pod yet: its traffic takes the bridge");
-                            self.failed.insert(pod.cgroup_id, text);
-                        }
-                    }
+                    missing.insert(pod.pod.clone());
                 }
             }
         }
-        self.rows(pods)
-    }
-
-    fn rows(&self, pods: &[PodNet]) -> Vec<FastPathRow> {
-        pods.iter()
-            .filter_map(|pod| self.found.get(&pod.cgroup_id))
-            .map(|(ips, link)| FastPathRow {
-                ips: ips.clone(),
-                host_ifindex: link.host_ifindex,
-                pod_mac: link.pod_mac,
-            })
-            .collect()
+        self.missing = missing;
+        Ok(rows)
     }
 }
 
-/// Finds the pod's veth through a process of `cgroup` (or a cgroup below
-/// it); `here` is this namespace's links (index -> peer index).
-pub fn pod_link(cgroup: &Path, ips: &[IpAddr], here: &BTreeMap<u32, u32>) -> Result<PodLink, PodNetError> {
-    let pid = first_pid(cgroup).ok_or_else(|| PodNetError::NoProcess(cgroup.display().to_string()))?;
-    let netns = File::open(format!("/proc/{pid}/ns/net")).map_err(|err| PodNetError::Netns { pid, err })?;
-    let ours = std::fs::metadata("/proc/thread-self/ns/net").map_err(|err| PodNetError::Netns { pid, err })?;
-    let theirs = netns.metadata().map_err(|err| PodNetError::Netns { pid, err })?;
-    if ours.ino() == theirs.ino() && ours.dev() == theirs.dev() {
-        return Err(PodNetError::HostNetwork);
-    }
-    let ips = ips.to_vec();
-    // setns(CLONE_NEWNET) changes only the calling thread, and this one
-    // ends right after: no other thread ever runs in the pod's namespace.
-    let link = std::thread::spawn(move || -> Result<PodLink, PodNetError> {
-        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| PodNetError::Netns {
-            pid,
-            err: io::Error::from(e),
-        })?;
-        veth_holding(&ips)
-    })
-    .join()
-    .map_err(|_| PodNetError::Netlink("the namespace thread panicked".into()))??;
-    // The host end must name the pod's interface as its own peer.
-    if here.get(&link.host_ifindex) != Some(&link.pod_ifindex) {
-        return Err(PodNetError::NotPeer(link.host_ifindex));
-    }
-    Ok(link)
+fn open() -> Result<Socket, PodNetError> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    // The kernel honours a dump's target namespace only in strict mode.
+    socket.set_netlink_get_strict_chk(true)?;
+    Ok(socket)
 }
 
-/// A pid in the cgroup or, depth first, in one below it (containers).
-fn first_pid(cgroup: &Path) -> Option<u32> {
-    if let Ok(text) = std::fs::read_to_string(cgroup.join("cgroup.procs"))
-        && let Some(pid) = text.lines().find_map(|l| l.trim().parse().ok())
-    {
-        return Some(pid);
-    }
-    std::fs::read_dir(cgroup)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .find_map(|e| first_pid(&e.path()))
-}
-
-/// In the current thread's namespace: the veth holding one of `ips`.
-fn veth_holding(ips: &[IpAddr]) -> Result<PodLink, PodNetError> {
-    let socket = open()?;
-    let mut index = None;
-    dump(
-        &socket,
-        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-        |msg| {
-            if let RouteNetlinkMessage::NewAddress(a) = msg
-            && a.attributes.iter().any(
-                |attr| matches!(attr, AddressAttribute::Address(ip) | AddressAttribute::Local(ip) if ips.contains(ip)),
-            )
-        {
-            index.get_or_insert(a.header.index);
-        }
-        },
-    )?;
-    let index = index.ok_or_else(|| PodNetError::NoVeth(ips.to_vec()))?;
-    let mut found = None;
-    dump(&socket, RouteNetlinkMessage::GetLink(LinkMessage::default()), |msg| {
+/// This namespace's veths whose peer is in another namespace: (host index,
+/// peer's namespace id, peer's index).
+fn veths_here(socket: &Socket) -> Result<Vec<(u32, i32, u32)>, PodNetError> {
+    let mut out = Vec::new();
+    dump(socket, RouteNetlinkMessage::GetLink(LinkMessage::default()), |msg| {
         let RouteNetlinkMessage::NewLink(l) = msg else { return };
-        if l.header.index != index {
-            return;
-        }
-        let (mut veth, mut peer, mut mac, mut other_netns) = (false, None, None, false);
+        let (mut veth, mut peer, mut netns) = (false, None, None);
         for attr in &l.attributes {
             match attr {
                 LinkAttribute::LinkInfo(infos) => {
                     veth = infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
                 }
                 LinkAttribute::Link(p) => peer = Some(*p),
-                LinkAttribute::Address(a) if a.len() == 6 => mac = a.as_slice().try_into().ok(),
-                LinkAttribute::LinkNetNsId(_) => other_netns = true,
+                LinkAttribute::LinkNetNsId(n) => netns = Some(*n),
                 _ => {}
             }
         }
-        if let (true, true, Some(host_ifindex), Some(pod_mac)) = (veth, other_netns, peer, mac) {
-            found = Some(PodLink {
-                host_ifindex,
-                pod_ifindex: index,
-                pod_mac,
-            });
+        if let (true, Some(peer), Some(netns)) = (veth, peer, netns) {
+            out.push((l.header.index, netns, peer));
         }
     })?;
-    found.ok_or_else(|| PodNetError::NoVeth(ips.to_vec()))
+    out.sort_unstable();
+    Ok(out)
 }
 
-fn open() -> Result<Socket, PodNetError> {
-    let err = |e: io::Error| PodNetError::Netlink(e.to_string());
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
-    socket.bind_auto().map_err(err)?;
-    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
-    Ok(socket)
+/// What each veth's peer holds: its MAC and addresses, read in the peer's
+/// namespace by id.
+fn peers_of(socket: &Socket, veths: &[(u32, i32, u32)]) -> Result<Vec<Peer>, PodNetError> {
+    let mut by_netns: BTreeMap<i32, Vec<(u32, u32)>> = BTreeMap::new();
+    for &(host, netns, peer) in veths {
+        by_netns.entry(netns).or_default().push((host, peer));
+    }
+    let mut out = Vec::new();
+    for (netns, pairs) in by_netns {
+        let mut macs: BTreeMap<u32, [u8; 6]> = BTreeMap::new();
+        let mut links = LinkMessage::default();
+        links.attributes.push(LinkAttribute::IfNetnsId(netns));
+        // A namespace gone since the link dump answers with an error: skip it.
+        let listed = dump(socket, RouteNetlinkMessage::GetLink(links), |msg| {
+            if let RouteNetlinkMessage::NewLink(l) = msg
+                && let Some(mac) = l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Address(a) if a.len() == 6 => <[u8; 6]>::try_from(a.as_slice()).ok(),
+                    _ => None,
+                })
+            {
+                macs.insert(l.header.index, mac);
+            }
+        });
+        let mut ips: BTreeMap<u32, BTreeSet<IpAddr>> = BTreeMap::new();
+        let mut addrs = AddressMessage::default();
+        addrs.attributes.push(AddressAttribute::TargetNetNsId(netns));
+        let listed = listed.and_then(|()| {
+            dump(socket, RouteNetlinkMessage::GetAddress(addrs), |msg| {
+                if let RouteNetlinkMessage::NewAddress(a) = msg {
+                    for attr in &a.attributes {
+                        if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr {
+                            ips.entry(a.header.index).or_default().insert(*ip);
+                        }
+                    }
+                }
+            })
+        });
+        if let Err(err) = listed {
+            tracing::debug!(netns, error = %err, "cannot read a veth peer's namespace; skipped");
+            continue;
+        }
+        for (host, peer) in pairs {
+            if let (Some(mac), Some(ips)) = (macs.get(&peer), ips.remove(&peer)) {
+                out.push(Peer {
+                    host_ifindex: host,
+                    mac: *mac,
+                    ips,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Sends a dump request and hands each answer to `each`.
@@ -214,19 +206,17 @@ fn dump(
     packet.finalize();
     let mut buf = vec![0; packet.buffer_len()];
     packet.serialize(&mut buf);
-    socket.send(&buf, 0).map_err(|e| PodNetError::Netlink(e.to_string()))?;
+    socket.send(&buf, 0)?;
     let mut rx = vec![0u8; 64 * 1024];
     loop {
-        let size = socket
-            .recv(&mut &mut rx[..], 0)
-            .map_err(|e| PodNetError::Netlink(e.to_string()))?;
+        let size = socket.recv(&mut &mut rx[..], 0)?;
         let mut offset = 0;
         while offset < size {
             let msg: NetlinkMessage<RouteNetlinkMessage> =
-                NetlinkMessage::deserialize(&rx[offset..size]).map_err(|e| PodNetError::Netlink(e.to_string()))?;
+                NetlinkMessage::deserialize(&rx[offset..size]).map_err(|e| PodNetError(e.to_string()))?;
             match &msg.payload {
                 NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(e) => return Err(PodNetError::Netlink(format!("{e:?}"))),
+                NetlinkPayload::Error(e) => return Err(PodNetError(format!("{e:?}"))),
                 NetlinkPayload::InnerMessage(inner) => each(inner),
                 _ => {}
             }
@@ -236,22 +226,4 @@ fn dump(
             offset += msg.header.length as usize;
         }
     }
-}
-
-/// Every link of the calling thread's namespace with a peer: index -> peer
-/// index (IFLA_LINK), over rtnetlink (sysfs may show another namespace).
-fn peers_here() -> Result<BTreeMap<u32, u32>, PodNetError> {
-    let socket = open()?;
-    let mut out = BTreeMap::new();
-    dump(&socket, RouteNetlinkMessage::GetLink(LinkMessage::default()), |msg| {
-        if let RouteNetlinkMessage::NewLink(l) = msg
-            && let Some(peer) = l.attributes.iter().find_map(|a| match a {
-                LinkAttribute::Link(p) => Some(*p),
-                _ => None,
-            })
-        {
-            out.insert(l.header.index, peer);
-        }
-    })?;
-    Ok(out)
 }

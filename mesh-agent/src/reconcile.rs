@@ -184,9 +184,11 @@ impl Reconciler {
                     }
                 }
             }
-            // The fast path follows the enrolled pods, each tick (a pod's
-            // veth is found once it has a process; netlink blocks).
-            if let (Some((_, rows)), Some(mut links)) = (written.as_ref(), pod_links.take()) {
+            // The fast path follows the enrolled pods and this node's veths,
+            // each tick (netlink blocks: off the runtime's threads).
+            if let Some((_, rows)) = written.as_ref()
+                && let Some(mut links) = pod_links.take()
+            {
                 let nets = rows.pod_nets.clone();
                 let (links, rows) = tokio::task::spawn_blocking(move || {
                     let rows = links.refresh(&nets);
@@ -195,8 +197,12 @@ impl Reconciler {
                 .await
                 .expect("fast path refresh panicked");
                 pod_links = Some(links);
-                if let Err(err) = redirect.sync_fast_path(&rows) {
-                    tracing::warn!(error = %err, "updating the fast path failed; will retry");
+                match rows.map(|rows| redirect.sync_fast_path(&rows)) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => tracing::warn!(error = %err, "updating the fast path failed; will retry"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot read this node's veths; the fast path stays as it is")
+                    }
                 }
             }
             let wait = if tables_ready {

@@ -65,8 +65,19 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     step(
         1,
         TOTAL,
-        "same node: client -> web (node-a), checked at connect(), then plain TCP pod to pod (counted by the kernel per workload pair)",
+        "same node: client -> web (node-a), checked at connect(), then plain TCP pod to pod, delivered veth to veth by the fast path",
     );
+    // The agent finds each pod's veth within a second of its start.
+    let started = std::time::Instant::now();
+    while probe::dump_map(&lab, "node-a", "mesh_pod_devs")?
+        .as_array()
+        .map_or(0, Vec::len)
+        < 4
+        && started.elapsed() < std::time::Duration::from_secs(5)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (packets_before, bytes_before) = probe::fast_path_counters(&lab, "node-a")?;
     let same_node = || -> anyhow::Result<u64> {
         Ok(probe::per_cpu_sum(
             &probe::dump_map(&lab, "node-a", "mesh_capture")?,
@@ -76,9 +87,15 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let before = same_node()?;
     let r = t.send("client", web_addr, SIZE)?;
     report(&r)?;
+    let (packets, bytes) = probe::fast_path_counters(&lab, "node-a")?;
     eprintln!(
         "    kernel mesh_capture on node-a: +{} same-node connect (left on TCP: applications see TCP exactly)",
         same_node()? - before
+    );
+    eprintln!(
+        "    kernel mesh_fast_stats on node-a: +{} packets, +{} bytes handed veth to veth (bpf_redirect_peer, no bridge hop)",
+        packets - packets_before,
+        bytes - bytes_before
     );
 
     step(

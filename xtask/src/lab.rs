@@ -342,8 +342,8 @@ impl Lab {
     }
 
     /// The pod's sandbox cgroup: its "pause" process holds the pod's network
-    /// namespace, as the kubelet's pod sandbox does (the agent finds a pod's
-    /// veth through a process of the pod).
+    /// namespace open, as the kubelet's pod sandbox does, so a pod always has
+    /// a process (as on a real node) even when no test runs in it.
     pub fn sandbox_cgroup(&self, p: &LabPod) -> PathBuf {
         self.pod_cgroup(p).join("sandbox")
     }
