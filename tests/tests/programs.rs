@@ -154,7 +154,9 @@ def one(i):
 #[test]
 fn a_blocking_python_client_sends_shuts_down_and_reads_to_eof() {
     let t = TestLab::up(&[], LABTOOL);
+    fast_path_ready(&t.lab);
     for (server, path) in PATHS {
+        let before = xtask::probe::fast_path_counters(&t.lab, "node-a").unwrap().0;
         let r = python(
             &t.lab,
             "pod-a",
@@ -163,7 +165,24 @@ fn a_blocking_python_client_sends_shuts_down_and_reads_to_eof() {
         );
         assert_eq!(r["failed"], 0, "{path}: {r}");
         assert_eq!(r["runs"], RUNS, "{path}: {r}");
+        // Same node, every flow's packets went veth to veth (a handshake,
+        // a request, a reply and two FINs each: well over 4 per run).
+        let carried = xtask::probe::fast_path_counters(&t.lab, "node-a").unwrap().0 - before;
+        if server == "pod-b" {
+            assert!(
+                carried >= 4 * RUNS as u64,
+                "{path}: the fast path carried {carried} packets"
+            );
+        }
     }
+}
+
+/// Waits until node-a's agent put its pods' veths on the fast path, so the
+/// same-node runs exercise it (it finds them within a tick of starting).
+fn fast_path_ready(lab: &Lab) {
+    mesh_tests::wait_for("the fast path on node-a's pods", Duration::from_secs(5), || {
+        xtask::probe::dump_map(lab, "node-a", "mesh_pod_devs").is_ok_and(|d| d.as_array().is_some_and(|a| a.len() >= 4))
+    });
 }
 
 const URLLIB_CLIENT: &str = r#"
@@ -475,6 +494,7 @@ print(json.dumps({"sent": sent, "sndbuf": sndbuf}), flush=True)
 #[test]
 fn a_fast_sender_to_a_slow_same_node_reader_is_paced_by_the_reader() {
     let t = TestLab::up(&[], LABTOOL);
+    fast_path_ready(&t.lab);
     let secs = "5";
     let mut reader = t
         .lab
