@@ -45,12 +45,15 @@ struct Peer {
     ips: BTreeSet<IpAddr>,
 }
 
+/// A veth of this namespace: (host index, peer's namespace id, peer's index).
+type Veth = (u32, i32, u32);
+
 /// Remembers the last answer so an unchanged node costs one link dump per
 /// call, and logs each pod's lack of a veth once.
 #[derive(Default)]
 pub struct PodLinks {
     /// (this namespace's veths: host index, peer netns id, peer index) -> peers.
-    last: Option<(Vec<(u32, i32, u32)>, Vec<Peer>)>,
+    last: Option<(Vec<Veth>, Vec<Peer>)>,
     missing: BTreeSet<String>,
 }
 
@@ -117,7 +120,7 @@ fn open() -> Result<Socket, PodNetError> {
 
 /// This namespace's veths whose peer is in another namespace: (host index,
 /// peer's namespace id, peer's index).
-fn veths_here(socket: &Socket) -> Result<Vec<(u32, i32, u32)>, PodNetError> {
+fn veths_here(socket: &Socket) -> Result<Vec<Veth>, PodNetError> {
     let mut out = Vec::new();
     dump(socket, RouteNetlinkMessage::GetLink(LinkMessage::default()), |msg| {
         let RouteNetlinkMessage::NewLink(l) = msg else { return };
@@ -142,7 +145,7 @@ fn veths_here(socket: &Socket) -> Result<Vec<(u32, i32, u32)>, PodNetError> {
 
 /// What each veth's peer holds: its MAC and addresses, read in the peer's
 /// namespace by id.
-fn peers_of(socket: &Socket, veths: &[(u32, i32, u32)]) -> Result<Vec<Peer>, PodNetError> {
+fn peers_of(socket: &Socket, veths: &[Veth]) -> Result<Vec<Peer>, PodNetError> {
     let mut by_netns: BTreeMap<i32, Vec<(u32, u32)>> = BTreeMap::new();
     for &(host, netns, peer) in veths {
         by_netns.entry(netns).or_default().push((host, peer));
