@@ -15,6 +15,9 @@ use crate::{
     state::{Pod, SnapshotRx, Store},
 };
 
+/// How often the audit drain reads `mesh_events`.
+const DRAIN_PERIOD_MS: u16 = 100;
+
 /// Drains `mesh_events` (decisions at connect()) into the audit trail, on
 /// its own thread: the kernel never waits for us; if we fall behind, the
 /// kernel counts what it could not queue (events_dropped).
@@ -29,9 +32,11 @@ pub fn drain_kernel_events(
     use std::os::fd::AsFd as _;
     std::thread::spawn(move || {
         while !stop.is_cancelled() {
+            // The kernel queues events without a wakeup until the ring is
+            // half full (mesh-ebpf events.rs): drain on a timer, in batches.
             let ready = {
                 let mut fds = [PollFd::new(ring.as_fd(), PollFlags::POLLIN)];
-                poll(&mut fds, PollTimeout::from(500u16))
+                poll(&mut fds, PollTimeout::from(DRAIN_PERIOD_MS))
             };
             match ready {
                 Err(nix::Error::EINTR) => continue,

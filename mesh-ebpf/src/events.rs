@@ -7,7 +7,10 @@ use mesh_common::{
     VERDICT_DENY, Workload,
 };
 
-use crate::{connect4::count, maps::mesh_events};
+use crate::{
+    connect4::count,
+    maps::{EVENTS_BYTES, mesh_events},
+};
 
 /// Where a decided flow was going.
 pub struct Destination<'a> {
@@ -63,9 +66,21 @@ pub fn emit_admission(cfg: &Config, workload: &Workload, flow: &AdmitKey, mode: 
     output(&event);
 }
 
+/// Queued without waking the agent, which drains on a timer
+/// (`kernel_events`), so a connect() does not hand its CPU to the audit
+/// writer in the middle of the caller's request; once the ring is half
+/// full the agent is woken at once, so a burst is not dropped.
 #[inline(always)]
 fn output(event: &PolicyEvent) {
-    if mesh_events.output(event, 0).is_err() {
+    use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+    let ring = core::ptr::from_ref(&mesh_events).cast_mut().cast();
+    let queued = unsafe { aya_ebpf::helpers::generated::bpf_ringbuf_query(ring, u64::from(BPF_RB_AVAIL_DATA)) };
+    let wake = if queued > EVENTS_BYTES / 2 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if mesh_events.output(event, u64::from(wake)).is_err() {
         count(|s| &mut s.events_dropped);
     }
 }

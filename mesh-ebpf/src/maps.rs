@@ -85,7 +85,8 @@ pub static mesh_policy: HashMap<PolicyKey, PolicyValue, { mesh_common::POLICY_CA
 /// Every policy decision at connect(), for the agent's audit trail (256 KiB:
 /// about 8,000 events between two drains).
 #[btf_map(pin_by_name)]
-pub static mesh_events: RingBuf<PolicyEvent, 262144> = RingBuf::new();
+pub static mesh_events: RingBuf<PolicyEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
+pub const EVENTS_BYTES: u64 = 262_144;
 
 /// Same-node pod-to-pod sockets -> their workload pair and end; removed when
 /// the socket closes (LRU in case a close is missed).
