@@ -49,7 +49,10 @@ struct Peer {
 type Veth = (u32, i32, u32);
 
 /// Remembers the last answer so an unchanged node costs one link dump per
-/// call, and logs each pod's lack of a veth once.
+/// call, and logs each pod's lack of a veth once. While a pod is missing
+/// its peers are read again each call: a CNI creates the veth first and
+/// gives the pod its address after, so an unchanged veth list does not
+/// mean unchanged addresses.
 #[derive(Default)]
 pub struct PodLinks {
     /// (this namespace's veths: host index, peer netns id, peer index) -> peers.
@@ -63,7 +66,7 @@ impl PodLinks {
         let socket = open()?;
         let veths = veths_here(&socket)?;
         let peers = match &self.last {
-            Some((seen, peers)) if *seen == veths => peers.clone(),
+            Some((seen, peers)) if *seen == veths && self.missing.is_empty() => peers.clone(),
             _ => {
                 let peers = peers_of(&socket, &veths)?;
                 self.last = Some((veths, peers.clone()));
