@@ -45,17 +45,14 @@ impl Redirect {
         // Links first for new pods, entries after; entries first for gone
         // pods, links after: either way a packet finds no half state that
         // misdelivers (a missing link or entry means the bridge).
-        let mut attached = Vec::new();
         for &ifindex in &want_links {
             if state.links.contains_key(&ifindex) {
-                attached.push(ifindex);
                 continue;
             }
             match self.attach_fast_path(ifindex) {
                 Ok(link) => {
                     tracing::debug!(ifindex, "fast path attached");
                     state.links.insert(ifindex, link);
-                    attached.push(ifindex);
                 }
                 Err(err) => {
                     tracing::warn!(ifindex, error = %err, "cannot attach the fast path to this pod's veth: its traffic takes the bridge")
@@ -64,7 +61,7 @@ impl Redirect {
         }
         let want: BTreeMap<Addr, PodDev> = rows
             .iter()
-            .filter(|r| attached.contains(&r.host_ifindex))
+            .filter(|r| state.links.contains_key(&r.host_ifindex))
             .flat_map(|r| {
                 r.ips.iter().map(|ip| {
                     (
