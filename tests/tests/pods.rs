@@ -146,7 +146,6 @@ fn found_as_the_kubelet_lays_them_out(driver: &str, layout: &[&str]) {
     let late = lab.pod("besteffort").unwrap();
     let (pod_dir, container) = (lab.pod_cgroup(late), lab.container_cgroup(late));
     let old = inode(&pod_dir);
-    lab.stop_sandbox(late).unwrap();
     std::fs::remove_dir(&container).unwrap();
     std::fs::remove_dir(&pod_dir).unwrap();
     wait_for(
@@ -155,7 +154,6 @@ fn found_as_the_kubelet_lays_them_out(driver: &str, layout: &[&str]) {
         || !enrolled(lab, "node-a").contains(&old),
     );
     std::fs::create_dir_all(&container).unwrap();
-    lab.start_sandbox(late).unwrap();
     let appeared = Instant::now();
     let new = inode(&pod_dir);
     while !enrolled(lab, "node-a").contains(&new) {

@@ -105,12 +105,8 @@ pub struct LabPod {
     #[serde(default)]
     pub container_id: String,
     /// Whether the agents' source holds its Pod object (`PodSpec::meshed`).
-    #[serde(default = "yes")]
+    #[serde(default = "topology::yes")]
     pub meshed: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// Options for `up`.
@@ -339,38 +335,6 @@ impl Lab {
             CgroupDriver::Systemd => pod.join(format!("cri-containerd-{}.scope", p.container_id)),
             CgroupDriver::Cgroupfs => pod.join(&p.container_id),
         }
-    }
-
-    /// The pod's sandbox cgroup: its "pause" process holds the pod's network
-    /// namespace open, as the kubelet's pod sandbox does, so a pod always has
-    /// a process (as on a real node) even when no test runs in it.
-    pub fn sandbox_cgroup(&self, p: &LabPod) -> PathBuf {
-        self.pod_cgroup(p).join("sandbox")
-    }
-
-    pub fn start_sandbox(&self, p: &LabPod) -> anyhow::Result<()> {
-        let cg = self.sandbox_cgroup(p);
-        fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
-        self.wrapped(&p.netns, &cg, "sleep")
-            .arg("infinity")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting the sandbox of pod {}", p.name))?;
-        Ok(())
-    }
-
-    /// Ends the pod's sandbox process and removes its cgroup.
-    pub fn stop_sandbox(&self, p: &LabPod) -> anyhow::Result<()> {
-        let cg = self.sandbox_cgroup(p);
-        let _ = fs::write(cg.join("cgroup.kill"), "1");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|t| !t.trim().is_empty()) {
-            ensure!(Instant::now() < deadline, "the sandbox of pod {} did not exit", p.name);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        fs::remove_dir(&cg).with_context(|| format!("removing {}", cg.display()))
     }
 
     pub fn pin_dir(&self, node: &str) -> PathBuf {

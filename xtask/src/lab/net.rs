@@ -175,7 +175,6 @@ impl Lab {
             )?;
             let cg = self.container_cgroup(p);
             fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
-            self.start_sandbox(p)?;
         }
         self.write_source(opts.policy_dir.as_deref())?;
         if opts.start_agents {

@@ -71,7 +71,7 @@ pub struct PodSpec {
     pub meshed: bool,
 }
 
-fn yes() -> bool {
+pub(super) fn yes() -> bool {
     true
 }
 
