@@ -38,7 +38,7 @@ impl From<io::Error> for PodNetError {
 }
 
 /// The host end of a veth of this namespace and what its peer holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct Peer {
     host_ifindex: u32,
     mac: [u8; 6],
@@ -48,15 +48,12 @@ struct Peer {
 /// A veth of this namespace: (host index, peer's namespace id, peer's index).
 type Veth = (u32, i32, u32);
 
-/// Remembers the last answer so an unchanged node costs one link dump per
-/// call, and logs each pod's lack of a veth once. While a pod is missing
-/// its peers are read again each call: a CNI creates the veth first and
-/// gives the pod its address after, so an unchanged veth list does not
-/// mean unchanged addresses.
+/// Reads every veth peer's addresses on each call (an unchanged veth list
+/// says nothing of them: a CNI gives a pod its address after creating the
+/// veth, and a pod with CAP_NET_ADMIN can add a neighbour's address), and
+/// logs each pod's lack of a veth once.
 #[derive(Default)]
 pub struct PodLinks {
-    /// (this namespace's veths: host index, peer netns id, peer index) -> peers.
-    last: Option<(Vec<Veth>, Vec<Peer>)>,
     missing: BTreeSet<String>,
 }
 
@@ -64,15 +61,7 @@ impl PodLinks {
     /// The fast-path rows for `pods` (blocking: netlink dumps).
     pub fn refresh(&mut self, pods: &[PodNet]) -> Result<Vec<FastPathRow>, PodNetError> {
         let socket = open()?;
-        let veths = veths_here(&socket)?;
-        let peers = match &self.last {
-            Some((seen, peers)) if *seen == veths && self.missing.is_empty() => peers.clone(),
-            _ => {
-                let peers = peers_of(&socket, &veths)?;
-                self.last = Some((veths, peers.clone()));
-                peers
-            }
-        };
+        let peers = peers_of(&socket, &veths_here(&socket)?)?;
         // An address held behind two veths is nobody's.
         let mut holders: BTreeMap<IpAddr, Vec<&Peer>> = BTreeMap::new();
         for p in &peers {
@@ -142,7 +131,6 @@ fn veths_here(socket: &Socket) -> Result<Vec<Veth>, PodNetError> {
             out.push((l.header.index, netns, peer));
         }
     })?;
-    out.sort_unstable();
     Ok(out)
 }
 

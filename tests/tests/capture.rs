@@ -26,7 +26,7 @@ fn up(agent_args: &[&str]) -> TestLab {
 fn same_node_traffic_is_delivered_veth_to_veth_and_never_reaches_the_agent() {
     let t = up(&[]);
     let size: u64 = 8 << 20;
-    // Both pods' veths found (through their sandboxes) and carrying the link.
+    // Both pods' veths found and carrying the link.
     mesh_tests::wait_for("the fast path on both pods' veths", Duration::from_secs(5), || {
         probe::dump_map(&t.lab, "node-a", "mesh_pod_devs")
             .map(|d| d.as_array().map_or(0, |a| a.len()) >= 4)
@@ -144,6 +144,53 @@ fn fail_open_lets_captured_connects_through_while_the_agent_is_down() {
         r["reply"]["peer"], r["local"],
         "fail-open traffic should go direct: {r}"
     );
+}
+
+/// Entries in node-a's `mesh_pod_devs`.
+fn pod_devs(lab: &Lab) -> usize {
+    probe::dump_map(lab, "node-a", "mesh_pod_devs").map_or(0, |d| d.as_array().map_or(0, Vec::len))
+}
+
+#[test]
+fn a_pod_that_claims_a_neighbours_address_takes_the_fast_path_from_neither() {
+    let t = up(&[]);
+    mesh_tests::wait_for("both pods on the fast path", Duration::from_secs(5), || {
+        pod_devs(&t.lab) == 4
+    });
+    // pod-b (root in its own namespace) adds pod-a's address to its eth0.
+    let stolen = format!("{}/32", t.addr("pod-a").ip());
+    let ip = |verb: &str| {
+        let ok = t
+            .lab
+            .exec("pod-b", "ip")
+            .unwrap()
+            .args(["addr", verb, &stolen, "dev", "eth0"])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip addr {verb} {stolen} in pod-b");
+    };
+    ip("add");
+    // pod-a's address is now held behind two veths: nobody's. pod-a loses
+    // its entries (both families, its addresses are one row); pod-b keeps
+    // its own, and frames for pod-a's address are never sent to pod-b.
+    mesh_tests::wait_for("pod-a off the fast path", Duration::from_secs(5), || {
+        pod_devs(&t.lab) == 2
+    });
+    let dump = probe::dump_map(&t.lab, "node-a", "mesh_pod_devs").unwrap();
+    let theirs = t.lab.pod("pod-b").unwrap().ip.octets();
+    assert!(
+        dump.as_array().unwrap().iter().all(|e| {
+            let words = &e["formatted"]["key"]["words"];
+            words[3].as_u64().map(|w| (w as u32).to_ne_bytes()) == Some(theirs)
+                || words[2].as_u64() != Some(u64::from(mesh_common::V4_MAPPED_WORD))
+        }),
+        "an IPv4 entry other than pod-b's: {dump}"
+    );
+    ip("del");
+    mesh_tests::wait_for("pod-a back on the fast path", Duration::from_secs(5), || {
+        pod_devs(&t.lab) == 4
+    });
+    assert_intact(&t.traffic().send("pod-a", t.addr("pod-b"), 1 << 20).unwrap());
 }
 
 #[test]
