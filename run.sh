@@ -16,9 +16,10 @@ cd "$(dirname "$0")"
 TOOLCHAIN=1.98.0            # must match rust-toolchain.toml and mesh-agent/build.rs
 BPF_LINKER_VERSION=0.13.0
 LLVM=22                     # an eBPF toolchain on LLVM 23 fails with "Invalid record"
-PACKAGES=(bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump python3-venv gnuplot-nox default-jdk-headless nginx-light redis-server postgresql wget)
+PACKAGES=(bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump python3-venv gnuplot-nox default-jdk-headless nginx-light redis-server postgresql wget nghttp2-client)
 KUBERNETES_VALIDATE_VERSION=1.37.0
-TOOLS=/opt/mesh-tools          # a venv for kubernetes-validate (checks deploy/)
+GRPCIO_VERSION=1.85.3          # gRPC's own Python implementation, a real client and server in the L7 tests
+TOOLS=/opt/mesh-tools          # a venv for kubernetes-validate (checks deploy/) and grpcio
 
 say() { printf '\n=== %s\n' "$*" >&2; }
 
@@ -95,17 +96,20 @@ setup_promtool() {
     rm -rf "$tmp"
 }
 
-setup_kubernetes_validate() {
-    local bin="$TOOLS/venv/bin/kubernetes-validate"
-    [[ -x $bin ]] && "$bin" --version | grep -qx "$KUBERNETES_VALIDATE_VERSION" && return
-    say "setup: installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} (PyPI) in $TOOLS/venv"
+setup_python_tools() {
+    local bin="$TOOLS/venv/bin/kubernetes-validate" py="$TOOLS/venv/bin/python"
+    if [[ -x $bin ]] && "$bin" --version | grep -qx "$KUBERNETES_VALIDATE_VERSION" \
+        && "$py" -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null; then
+        return
+    fi
+    say "setup: installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} and grpcio ${GRPCIO_VERSION} (PyPI) in $TOOLS/venv"
     python3 -m venv "$TOOLS/venv"
-    "$TOOLS/venv/bin/pip" install -q "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+    "$TOOLS/venv/bin/pip" install -q "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" "grpcio==${GRPCIO_VERSION}"
 }
 
 setup_packages
 setup_promtool
-setup_kubernetes_validate
+setup_python_tools
 setup_toolchain
 export PATH="$HOME/.cargo/bin:$PATH"
 setup_bpf_linker

@@ -9,6 +9,7 @@ pub mod copy;
 pub mod deliver;
 pub mod hbone;
 pub mod header;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;

@@ -93,8 +93,8 @@ impl Inbound {
     /// Connects an allowed flow to its pod and copies until both sides end.
     pub async fn serve_flow<R, W>(&self, flow: Flow<'_>, mut r: R, mut w: W)
     where
-        R: AsyncRead + Unpin,
-        W: copy::StreamWrite,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: copy::StreamWrite + Send + 'static,
     {
         let Flow {
             transport,
@@ -159,27 +159,26 @@ impl Inbound {
     }
 }
 
-/// Carries HTTP/1.1 between the tunnel and the pod, checking every request:
-/// a denied one gets a 403 with a short reason and never reaches the pod;
-/// allowed ones pass untouched (hyper on both sides).
+/// Carries HTTP/1.1 or HTTP/2 between the tunnel and the pod, checking
+/// every request: a denied one gets a 403 (a gRPC call PERMISSION_DENIED)
+/// with a short reason and never reaches the pod; allowed ones pass
+/// untouched, to the pod in the version the client spoke (hyper on both
+/// sides; the pod connection is opened in that version on the first request).
 async fn serve_http<R, W>(r: R, w: W, upstream: TcpStream, check: Arc<dyn HttpCheck>) -> Result<(), String>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    use bytes::Bytes;
-    use http_body_util::{Either, Full};
-    use hyper::{Request, Response, StatusCode, body::Incoming};
-    use hyper_util::rt::TokioIo;
+    use hyper::{Request, StatusCode, body::Incoming};
 
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    use super::http::{Body, Sender, answer, is_grpc};
+
+    let pod = Arc::new(tokio::sync::Mutex::new(Some(upstream)));
+    let sender: Arc<tokio::sync::OnceCell<Sender>> = Arc::default();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (check, sender) = (check.clone(), sender.clone());
+        let (check, pod, sender) = (check.clone(), pod.clone(), sender.clone());
         async move {
+            let grpc = is_grpc(&req);
             let headers: Vec<(String, String)> = req
                 .headers()
                 .iter()
@@ -190,25 +189,34 @@ where
                 path: req.uri().path(),
                 headers: &headers,
             });
-            let resp: Response<Either<Incoming, Full<Bytes>>> = match verdict {
-                Err(denial) => Response::builder()
-                    .status(StatusCode::FORBIDDEN)
-                    .header("content-type", "text/plain")
-                    .body(Either::Right(Full::from(format!("denied by mesh policy: {denial}\n"))))
-                    .expect("valid response"),
-                Ok(()) => match sender.lock().await.send_request(req).await {
-                    Ok(resp) => resp.map(Either::Left),
-                    Err(e) => Response::builder()
-                        .status(StatusCode::BAD_GATEWAY)
-                        .body(Either::Right(Full::from(format!("upstream: {e}\n"))))
-                        .expect("valid response"),
+            if let Err(denial) = verdict {
+                return Ok(answer(
+                    grpc,
+                    StatusCode::FORBIDDEN,
+                    format!("denied by mesh policy: {denial}\n"),
+                ));
+            }
+            let version = req.version();
+            let opened = sender
+                .get_or_try_init(|| async {
+                    let stream = pod.lock().await.take().ok_or("the pod connection is gone")?;
+                    Sender::handshake(stream, version, ()).await
+                })
+                .await;
+            let resp: hyper::Response<Body> = match opened {
+                Err(e) => answer(grpc, StatusCode::BAD_GATEWAY, format!("upstream: {e}\n")),
+                Ok(s) if !s.speaks(version) => answer(
+                    grpc,
+                    StatusCode::BAD_GATEWAY,
+                    "upstream: the client changed HTTP version mid-connection\n".into(),
+                ),
+                Ok(s) => match s.send(req).await {
+                    Ok(resp) => resp.map(Body::Left),
+                    Err(e) => answer(grpc, StatusCode::BAD_GATEWAY, format!("upstream: {e}\n")),
                 },
             };
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(tokio::io::join(r, w)), service)
-        .await
-        .map_err(|e| e.to_string())
+    super::http::serve(tokio::io::join(r, w), service).await
 }

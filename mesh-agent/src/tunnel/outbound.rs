@@ -114,7 +114,7 @@ pub(super) struct Route {
 }
 
 impl Outbound {
-    async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
+    async fn handle(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let Ok(local) = stream.local_addr() else { return };
         let Some(orig) = self.redirect.take_flow(peer, local) else {
             tracing::warn!(client = %peer, "no capture record for this connection (it did not come through the connect hooks); closing");
@@ -131,8 +131,8 @@ impl Outbound {
             let span = tracing::info_span!("split", client = %peer, service = %split.service,
                 traffic_split = %split.split, flow_id);
             Box::pin(super::split::serve(
-                self,
-                tunnels,
+                self.clone(),
+                tunnels.clone(),
                 stream,
                 orig.workload_id,
                 split,

@@ -1,23 +1,22 @@
 //! HTTP-matched TrafficSplits, per request.
 //!
 //! `mesh_connect4` sends connects to such a split's root VIP here (the
-//! kernel cannot read requests). We serve the client's HTTP/1.1 with hyper
-//! and route each request on its own ([`HttpSplit::route`]): one client
-//! connection may reach several endpoints, each over its own upstream
-//! connection, opened on first use and reused while it stays open. An
+//! kernel cannot read requests). We serve the client's HTTP/1.1 or HTTP/2
+//! (gRPC included) with hyper (`super::http`) and route each request on its
+//! own ([`HttpSplit::route`]): one client connection may reach several
+//! endpoints, each over its own upstream connection in the client's HTTP
+//! version, opened on first use and reused while it stays open. An
 //! endpoint on this node is reached directly after the same check the
 //! destination side of a tunnel makes; one on another node through a
 //! tunnel, whose far end checks policy as for any flow.
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
-use hyper::{Request, Response, StatusCode, body::Incoming, client::conn::http1::SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, StatusCode, Version, body::Incoming};
 use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{
     PeerKey,
+    http::{Body, Sender, answer, is_grpc},
     outbound::{Outbound, Tunnels, open_tunnel},
 };
 use crate::{
@@ -27,20 +26,21 @@ use crate::{
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Body = Either<Incoming, Full<Bytes>>;
-
 /// An open connection to one endpoint, and the HTTP rules its destination
 /// applies (same-node endpoints only; the far agent checks its own).
+#[derive(Clone)]
 struct Upstream {
-    sender: SendRequest<Incoming>,
+    sender: Sender,
     check: Option<Arc<dyn HttpCheck>>,
 }
+
+type Upstreams = Arc<Mutex<HashMap<SocketAddr, Upstream>>>;
 
 /// Serves one captured client connection until it closes (or the agent's
 /// drain ends it).
 pub async fn serve(
-    outbound: &Outbound,
-    tunnels: &Tunnels,
+    outbound: Arc<Outbound>,
+    tunnels: Arc<Tunnels>,
     downstream: TcpStream,
     workload_id: u32,
     split: Arc<HttpSplit>,
@@ -48,20 +48,21 @@ pub async fn serve(
 ) {
     let _flow = outbound.drain.flow();
     let _ = downstream.set_nodelay(true);
-    let upstreams: Mutex<HashMap<SocketAddr, Upstream>> = Mutex::default();
-    let service = hyper::service::service_fn(|req: Request<Incoming>| {
-        let (split, upstreams) = (&split, &upstreams);
+    let upstreams = Upstreams::default();
+    let ending = outbound.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (outbound, tunnels, split, upstreams) =
+            (outbound.clone(), tunnels.clone(), split.clone(), upstreams.clone());
         async move {
             Ok::<_, std::convert::Infallible>(
-                forward(outbound, tunnels, split, upstreams, workload_id, flow_id, req).await,
+                forward(&outbound, &tunnels, &split, &upstreams, workload_id, flow_id, req).await,
             )
         }
     });
-    let served = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(downstream), service);
     let result = tokio::select! {
-        r = served => r.map_err(|e| e.to_string()),
+        r = super::http::serve(downstream, service) => r,
         // Dropping the connections closes both sides (FIN).
-        () = outbound.drain.ending() => Ok(()),
+        () = ending.drain.ending() => Ok(()),
     };
     tracing::info!(error = result.err(), "split connection closed");
 }
@@ -70,11 +71,12 @@ async fn forward(
     outbound: &Outbound,
     tunnels: &Tunnels,
     split: &HttpSplit,
-    upstreams: &Mutex<HashMap<SocketAddr, Upstream>>,
+    upstreams: &Upstreams,
     workload_id: u32,
     flow_id: u64,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let grpc = is_grpc(&req);
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
@@ -96,61 +98,65 @@ async fn forward(
             "the root service"
         };
         return answer(
+            grpc,
             StatusCode::SERVICE_UNAVAILABLE,
             format!("mesh: no ready endpoint in {side} of {}\n", split.service),
         );
     };
-    tracing::debug!(%method, %path, %endpoint, route, "request routed");
-    let mut upstreams = upstreams.lock().await;
-    if upstreams.get(&endpoint).is_none_or(|u| u.sender.is_closed()) {
-        match connect(outbound, tunnels, workload_id, endpoint, flow_id).await {
-            Ok(u) => {
-                upstreams.insert(endpoint, u);
-            }
-            Err(reason) => {
-                tunnels.metrics.split_request(&split.split, "upstream_failed");
-                tracing::warn!(%endpoint, reason, "split: cannot reach the endpoint");
-                return answer(StatusCode::BAD_GATEWAY, format!("mesh: {endpoint}: {reason}\n"));
-            }
+    tracing::debug!(%method, %path, %endpoint, route, version = ?req.version(), "request routed");
+    let upstream = {
+        let mut upstreams = upstreams.lock().await;
+        let usable = upstreams
+            .get(&endpoint)
+            .filter(|u| !u.sender.is_closed() && u.sender.speaks(req.version()));
+        match usable {
+            Some(u) => u.clone(),
+            None => match connect(outbound, tunnels, workload_id, endpoint, flow_id, req.version()).await {
+                Ok(u) => {
+                    upstreams.insert(endpoint, u.clone());
+                    u
+                }
+                Err(reason) => {
+                    tunnels.metrics.split_request(&split.split, "upstream_failed");
+                    tracing::warn!(%endpoint, reason, "split: cannot reach the endpoint");
+                    return answer(grpc, StatusCode::BAD_GATEWAY, format!("mesh: {endpoint}: {reason}\n"));
+                }
+            },
         }
-    }
-    let upstream = upstreams.get_mut(&endpoint).expect("inserted above");
+    };
     if let Some(check) = &upstream.check
         && let Err(denial) = check.check(&http)
     {
         tunnels.metrics.split_request(&split.split, "denied");
-        return answer(StatusCode::FORBIDDEN, format!("denied by mesh policy: {denial}\n"));
+        return answer(
+            grpc,
+            StatusCode::FORBIDDEN,
+            format!("denied by mesh policy: {denial}\n"),
+        );
     }
     tunnels.metrics.split_request(&split.split, route);
-    let sent = match upstream.sender.ready().await {
-        Ok(()) => upstream.sender.send_request(req).await,
-        Err(e) => Err(e),
-    };
-    match sent {
-        Ok(resp) => resp.map(Either::Left),
+    match upstream.sender.send(req).await {
+        Ok(resp) => resp.map(Body::Left),
         Err(e) => {
-            upstreams.remove(&endpoint);
-            answer(StatusCode::BAD_GATEWAY, format!("mesh: upstream {endpoint}: {e}\n"))
+            upstreams.lock().await.remove(&endpoint);
+            answer(
+                grpc,
+                StatusCode::BAD_GATEWAY,
+                format!("mesh: upstream {endpoint}: {e}\n"),
+            )
         }
     }
 }
 
-fn answer(status: StatusCode, body: String) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/plain")
-        .body(Either::Right(Full::from(body)))
-        .expect("valid response")
-}
-
-/// Opens an HTTP/1.1 connection to `endpoint` on behalf of the client
-/// workload: directly on this node, else through a tunnel.
+/// Opens an HTTP connection in `version` to `endpoint` on behalf of the
+/// client workload: directly on this node, else through a tunnel.
 async fn connect(
     outbound: &Outbound,
     tunnels: &Tunnels,
     workload_id: u32,
     endpoint: SocketAddr,
     flow_id: u64,
+    version: Version,
 ) -> Result<Upstream, String> {
     let route = outbound.route(mesh_common::OrigDst {
         addr: mesh_common::Addr::from(endpoint.ip()),
@@ -175,10 +181,7 @@ async fn connect(
         .map_err(|_| format!("connect timed out after {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
+        let sender = Sender::handshake(stream, version, ()).await?;
         return Ok(Upstream { sender, check });
     }
     let key = PeerKey {
@@ -191,12 +194,7 @@ async fn connect(
         .map_err(|e| e.to_string())?;
     let lease = stream.lease;
     let io = tokio::io::join(stream.read, stream.write);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _lease = lease; // the pooled tunnel connection stays leased while this lives
-        let _ = conn.await;
-    });
+    // The pooled tunnel connection stays leased while the upstream lives.
+    let sender = Sender::handshake(io, version, lease).await?;
     Ok(Upstream { sender, check: None })
 }
