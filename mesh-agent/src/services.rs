@@ -21,7 +21,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 pub use crate::tables::ServiceTable;
@@ -50,6 +53,9 @@ pub struct HttpSplit {
     pub backends: Vec<(IpAddr, u16)>,
     /// The root service's own ready endpoints, for every other request.
     pub root: Vec<(IpAddr, u16)>,
+    /// Turns taken in `backends` and `root`: requests go round each pool
+    /// (laid out interleaved), so shares are exact, not only on average.
+    pub turns: [AtomicUsize; 2],
 }
 
 /// Where one request goes.
@@ -64,9 +70,13 @@ pub struct Routed {
 impl HttpSplit {
     pub fn route(&self, req: &HttpRequest<'_>) -> Routed {
         let matched = self.matches.iter().any(|m| m.matches(req));
-        let pool = if matched { &self.backends } else { &self.root };
+        let (pool, turns) = if matched {
+            (&self.backends, &self.turns[0])
+        } else {
+            (&self.root, &self.turns[1])
+        };
         let endpoint = (!pool.is_empty()).then(|| {
-            let (ip, port) = pool[rand::random::<u32>() as usize % pool.len()];
+            let (ip, port) = pool[turns.fetch_add(1, Ordering::Relaxed) % pool.len()];
             SocketAddr::new(ip, port)
         });
         Routed { endpoint, matched }
@@ -201,6 +211,7 @@ impl Splits {
                                     matches,
                                     backends,
                                     root: table.slots.clone(),
+                                    turns: Default::default(),
                                 }),
                             );
                         }
@@ -350,7 +361,8 @@ fn lcm(a: u64, b: u64) -> u64 {
     a / gcd(a, b) * b
 }
 
-/// `total` slots in proportion to the weights, rounded so they add up.
+/// `total` slots in proportion to the weights, rounded so they add up,
+/// laid out interleaved ([`interleave`]).
 fn largest_remainder<T: Copy>(weights: &[(T, u64)], total: u64) -> Vec<T> {
     let sum: u128 = weights.iter().map(|(_, w)| u128::from(*w)).sum();
     if sum == 0 {
@@ -370,10 +382,30 @@ fn largest_remainder<T: Copy>(weights: &[(T, u64)], total: u64) -> Vec<T> {
     for i in by_remainder.into_iter().take((total - given) as usize) {
         counts[i].1 += 1;
     }
-    counts
-        .into_iter()
-        .flat_map(|(i, n, _)| std::iter::repeat_n(weights[i].0, n as usize))
-        .collect()
+    let counts: Vec<(T, u64)> = counts.into_iter().map(|(i, n, _)| (weights[i].0, n)).collect();
+    interleave(&counts)
+}
+
+/// A table where each item's `n` slots are spread evenly: its k-th slot
+/// sits at (2k+1)/2n of the way through (stride scheduling), ties go to the
+/// earlier item. The kernel and the agent take turns through a table
+/// (`connect4::pick_backend`, [`HttpSplit::route`]), so any run of
+/// consecutive picks holds each item's share to within about one slot;
+/// a table of runs (all of v1, then all of v2) would send a whole run of
+/// new connections to one endpoint.
+pub fn interleave<T: Copy>(counts: &[(T, u64)]) -> Vec<T> {
+    // (numerator 2k+1, denominator 2n, item), compared exactly.
+    let mut slots: Vec<(u64, u64, usize)> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, n))| (0..*n).map(move |k| (2 * k + 1, 2 * n, i)))
+        .collect();
+    slots.sort_by(|a, b| {
+        (u128::from(a.0) * u128::from(b.1))
+            .cmp(&(u128::from(b.0) * u128::from(a.1)))
+            .then(a.2.cmp(&b.2))
+    });
+    slots.into_iter().map(|(_, _, i)| counts[i].0).collect()
 }
 
 #[cfg(test)]
@@ -555,6 +587,21 @@ mod tests {
             assert!(!r.matched, "the path regex is anchored at ^");
             assert!(r.endpoint.is_some());
         }
+    }
+
+    #[test]
+    fn interleaved_tables_hold_each_share_in_every_run_of_turns() {
+        let table = largest_remainder(&[('a', 1), ('b', 1)], 1000);
+        assert_eq!(&table[..4], &['a', 'b', 'a', 'b']);
+        let table = largest_remainder(&[('a', 9), ('b', 1)], 1000);
+        for start in [0, 3, 500, 997] {
+            let run: Vec<char> = (0..100).map(|i| table[(start + i) % 1000]).collect();
+            let b = run.iter().filter(|c| **c == 'b').count();
+            assert!((9..=11).contains(&b), "100 turns from {start}: {b} of b");
+        }
+        let table = largest_remainder(&[('a', 45), ('b', 45), ('c', 10)], 1000);
+        let first: Vec<char> = table[..20].to_vec();
+        assert_eq!(first.iter().filter(|c| **c == 'c').count(), 2, "{first:?}");
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub mod maps {
     /// [`crate::BackendKey`] -> [`crate::Backend`]: each service's weighted
     /// slot table of endpoints.
     pub const BACKENDS: &str = "mesh_backends";
+    /// service id -> the next turn in its slot table (per CPU; kernel-written).
+    pub const LB_CURSOR: &str = "mesh_lb_cursor";
     /// [`crate::UdpPeerKey`] -> [`crate::UdpService`]: which VIP a UDP
     /// socket's rewritten peer stands for, so replies show the VIP.
     pub const UDP_PEERS: &str = "mesh_udp_peers";
@@ -474,7 +476,7 @@ pub struct ServiceKey {
 }
 
 /// Which slot table is in force for a service. `mesh_connect4` picks slot
-/// `random % slots` of `generation`: the agent writes a new generation's
+/// `turn % slots` of `generation` (`mesh_lb_cursor`): the agent writes a new generation's
 /// slots, switches this value in one write, then deletes the old slots, so
 /// a weight change never leaves a half-written table in force.
 #[repr(C)]

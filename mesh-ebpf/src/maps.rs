@@ -2,7 +2,7 @@
 //! The maps shared by the programs. The agent's `redirect` module is the only
 //! userspace writer; see the README's map table for who writes what.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     helpers::bpf_get_current_ancestor_cgroup_id,
     macros::btf_map,
 };
@@ -40,6 +40,11 @@ pub static mesh_pod_devs: HashMap<Addr, PodDev, 8192> = HashMap::new();
 /// Service VIP:port -> its slot table in force (see ServiceValue).
 #[btf_map(pin_by_name)]
 pub static mesh_services: HashMap<ServiceKey, ServiceValue, 16384> = HashMap::new();
+
+/// Service id -> this CPU's next turn in the service's slot table
+/// (`connect4::pick_backend`); only the kernel writes it.
+#[btf_map(pin_by_name)]
+pub static mesh_lb_cursor: LruPerCpuHashMap<u32, u32, 16384> = LruPerCpuHashMap::new();
 
 /// Slot tables of every service; not preallocated (a TrafficSplit takes
 /// 1,000 slots, a plain service one per endpoint).

@@ -218,6 +218,112 @@ fn bad_splits_are_refused_with_a_reason_and_the_previous_split_stays() {
     }
 }
 
+/// Waits until node-a's agent has `services` service tables, `splits` of them split.
+fn wait_tables_in_force(s: &ServiceLab, services: u64, splits: u64) {
+    wait_for("service tables in force", Duration::from_secs(5), || {
+        log_records(&s.t.lab.agent_log("node-a"))
+            .iter()
+            .any(|r| r["message"] == "service tables in force" && r["services"] == services && r["splits"] == splits)
+    });
+}
+
+/// How many times node-a's agent has put service tables in force.
+fn tables_applied(s: &ServiceLab) -> usize {
+    log_records(&s.t.lab.agent_log("node-a"))
+        .iter()
+        .filter(|r| r["message"] == "service tables in force")
+        .count()
+}
+
+/// v2's share of `n` new connections to the root VIP, in percent.
+fn v2_share(s: &ServiceLab, n: u64) -> f64 {
+    let t = s.tally(n as usize);
+    assert_eq!(t.values().sum::<u64>(), n, "{t:?}");
+    let share = t.get("v2").copied().unwrap_or(0) as f64 * 100.0 / n as f64;
+    println!("{n} connections: {t:?}, v2 {share:.2}%");
+    share
+}
+
+/// The SMI spec's canary workflow (traffic-split v1alpha4), step by step:
+/// the root service's selector matches v1 and v2 pods alike; the split is
+/// created first, naming a v2 Service that does not exist yet at weight 0;
+/// v2 gets nothing until its weight changes, then its share follows the
+/// weights.
+#[test]
+fn the_smi_canary_workflow_sends_nothing_to_v2_until_its_weight_changes() {
+    const N: u64 = 2_000;
+    let s = ServiceLab::up();
+    let (v1a, v1b, v2) = (s.ip("v1a"), s.ip("v1b"), s.ip("v2"));
+    let root = service("web", "198.19.0.10", &[&v1a, &v1b, &v2]);
+    let v1 = service("web-v1", "198.19.0.11", &[&v1a, &v1b]);
+    let dir = s.t.lab.source_dir.clone();
+    std::fs::write(dir.join("services.yaml"), root.clone() + &v1).unwrap();
+    s.write_split(&split(100, 0));
+    wait_tables_in_force(&s, 2, 1);
+    assert_eq!(
+        v2_share(&s, N),
+        0.0,
+        "the split names web-v2 before it exists: v2 pods get nothing"
+    );
+
+    // v2's Service appears, its weight still 0.
+    s.write_services(&["v1a", "v1b", "v2"]);
+    wait_tables_in_force(&s, 3, 1);
+    assert_eq!(v2_share(&s, N), 0.0, "web-v2 exists at weight 0");
+
+    for (w1, w2) in [(90, 10), (50, 50)] {
+        let before = tables_applied(&s);
+        s.write_split(&split(w1, w2));
+        wait_for(&format!("{w1}/{w2} in force"), Duration::from_secs(5), || {
+            tables_applied(&s) > before
+        });
+        let share = v2_share(&s, N);
+        assert!(
+            (share - w2 as f64).abs() <= 2.0,
+            "{w1}/{w2}: v2 got {share:.2}%, want {w2} +/- 2"
+        );
+    }
+    s.write_split(&split(0, 100));
+    s.wait_tables("0/100", |t| t.get("v2") == Some(&20));
+    assert_eq!(v2_share(&s, N), 100.0);
+
+    // A backend lacking the root's port is left out for that port only:
+    // the split is not refused, v1 carries port 80 whole.
+    let v2_on_81 = service("web-v2", "198.19.0.12", &[&v2]).replace("ports: [{port: 80}]", "ports: [{port: 81}]");
+    std::fs::write(dir.join("services.yaml"), root + &v1 + &v2_on_81).unwrap();
+    s.write_split(&split(50, 50));
+    s.wait_tables("v2 without port 80", |t| !t.contains_key("v2"));
+    assert_eq!(v2_share(&s, N), 0.0);
+    assert!(
+        !log_records(&s.t.lab.agent_log("node-a"))
+            .iter()
+            .any(|r| r["message"] == "TrafficSplit refused"),
+        "a split whose backend lacks a port must not be refused"
+    );
+}
+
+/// One bad document (the spec's A/B example's HTTPRouteGroup, which has
+/// `matches` without `spec`) is refused alone: the TrafficSplit in the same
+/// file applies.
+#[test]
+fn a_bad_document_is_refused_alone_and_the_rest_of_its_file_applies() {
+    let s = ServiceLab::up();
+    s.write_services(&["v1a", "v1b", "v2"]);
+    s.write_split(&format!(
+        "kind: HTTPRouteGroup\nmetadata: {{name: ab-test, namespace: t}}\n\
+         matches:\n- name: firefox-users\n  headers:\n    user-agent: \".*Firefox.*\"\n---\n{}",
+        split(0, 100)
+    ));
+    wait_for("the bad document reported", Duration::from_secs(5), || {
+        log_records(&s.t.lab.agent_log("node-a")).iter().any(|r| {
+            let e = r["error"].as_str().unwrap_or("");
+            r["level"] == "ERROR" && e.contains("split.yaml") && e.contains("document 1")
+        })
+    });
+    s.wait_tables("the split of the same file", |t| t.get("v2") == Some(&20));
+    assert_eq!(v2_share(&s, 500), 100.0);
+}
+
 #[test]
 fn a_removed_endpoint_receives_no_new_connections() {
     let s = ServiceLab::up();

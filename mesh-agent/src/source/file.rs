@@ -204,17 +204,28 @@ fn smi_doc<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, kind: &str)
     #[derive(Deserialize)]
     struct Doc {
         metadata: ObjectMeta,
-        #[serde(default)]
-        spec: serde_yaml::Value,
+        spec: Option<serde_yaml::Value>,
+        #[serde(flatten)]
+        rest: BTreeMap<String, serde_yaml::Value>,
     }
     let meta: MetaOnly =
         serde_yaml::from_value(value.clone()).map_err(|e| format!("{kind}: metadata.name is required ({e})"))?;
     let name = format!("{}/{}", meta.metadata.namespace, meta.metadata.name);
     let doc: Doc = serde_yaml::from_value(value).map_err(|e| format!("{kind} {name}: {e}"))?;
+    // Fields beside `spec` (the A/B example of the SMI spec puts `matches`
+    // at the top level) would be read as an empty spec: refused instead.
+    if let Some(field) = doc.rest.keys().find(|k| !matches!(k.as_str(), "apiVersion" | "kind")) {
+        return Err(format!(
+            "{kind} {name}: unknown top-level field {field} (did you mean spec.{field}?); refused"
+        ));
+    }
+    let Some(spec) = doc.spec.filter(|s| !s.is_null()) else {
+        return Err(format!("{kind} {name}: spec is required; refused"));
+    };
     // A field this mesh does not know is refused, never ignored: a typo
     // (`port:` for `ports:`) read as "absent" could open every port.
     let mut unknown = Vec::new();
-    let spec: T = serde_ignored::deserialize(doc.spec, |path| unknown.push(format!("spec.{path}")))
+    let spec: T = serde_ignored::deserialize(spec, |path| unknown.push(format!("spec.{path}")))
         .map_err(|e| format!("{kind} {name}: spec: {e}"))?;
     if !unknown.is_empty() {
         return Err(format!(
@@ -624,6 +635,14 @@ mod tests {
                 "good.yaml",
                 "kind: TCPRoute\nmetadata: {name: ok, namespace: shop}\nspec: {matches: {ports: [80]}}\n",
             ),
+            // The SMI spec's A/B example: its HTTPRouteGroup has `matches`
+            // without `spec`; the TrafficSplit after it still loads.
+            (
+                "ab.yaml",
+                "kind: HTTPRouteGroup\nmetadata: {name: ab-test, namespace: shop}\nmatches:\n- name: firefox-users\n  headers: {user-agent: \".*Firefox.*\"}\n---\n\
+                 kind: TrafficSplit\nmetadata: {name: ab-test, namespace: shop}\nspec: {service: website, backends: [{service: website-v2, weight: 100}]}\n---\n\
+                 kind: TCPRoute\nmetadata: {name: bare, namespace: shop}\n",
+            ),
             (
                 "zz-dup.yaml",
                 "apiVersion: v1\nkind: Pod\nmetadata: {name: twin, namespace: shop}\nspec: {nodeName: n1}\nstatus: {podIP: 198.18.1.10}\n",
@@ -646,6 +665,18 @@ mod tests {
         assert!(has("fifo.yaml", "a FIFO"), "{:#?}", s.errors);
         assert!(has("loop-a.yaml", "symbolic links"), "{:#?}", s.errors);
         assert!(has("zz-dup.yaml", "shop/twin is refused"), "{:#?}", s.errors);
+        assert!(
+            has("ab.yaml", "document 1") && has("ab.yaml", "unknown top-level field matches"),
+            "{:#?}",
+            s.errors
+        );
+        assert!(
+            has("ab.yaml", "document 3") && has("ab.yaml", "spec is required"),
+            "{:#?}",
+            s.errors
+        );
+        assert_eq!(s.smi.traffic_splits.len(), 1, "the split beside the bad group loads");
+        assert!(s.smi.http_route_groups.is_empty());
         // Everything valid still loaded: the good route and both original pods.
         assert_eq!(s.smi.tcp_routes.len(), 1);
         assert_eq!(s.smi.tcp_routes[0].name, "ok");
