@@ -1,6 +1,6 @@
 //! `mesh-agent policy check`: explains one decision from the same compiled
 //! policy the datapath uses.
-use std::net::SocketAddr;
+use std::{fmt::Write as _, net::SocketAddr};
 
 use anyhow::{Context as _, bail};
 
@@ -75,25 +75,41 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
     }
     let mode = snap.mode.unwrap_or(PolicyMode::Enforcing);
     let (src, _) = resolve(&snap, &from)?;
+    let request = match (&method, &path) {
+        (Some(m), Some(p)) => Some((m.as_str(), p.as_str())),
+        (None, None) => None,
+        _ => bail!("give both --method and --path for an HTTP check"),
+    };
+    if let Ok(vip) = to.parse::<SocketAddr>()
+        && snap.pod_by_ip(vip.ip()).is_none()
+    {
+        let request = request.map(|(method, path)| HttpRequest {
+            method,
+            path,
+            headers: &headers,
+        });
+        let (allowed, out) = explain_service(&snap, &policy, mode, &src, vip, &protocol, request.as_ref())?;
+        print!("{out}");
+        return Ok(allowed);
+    }
     let (dst, addr_port) = resolve(&snap, &to)?;
     let port = port
         .or(addr_port)
         .context("give the destination port with --port or as ip:port")?;
     let proto = if protocol == "udp" { Proto::Udp } else { Proto::Tcp };
-    let d = match (&method, &path) {
-        (Some(m), Some(p)) => policy.evaluate_http(
+    let d = match request {
+        Some((method, path)) => policy.evaluate_http(
             mode,
             &src,
             &dst,
             port,
             &HttpRequest {
-                method: m,
-                path: p,
+                method,
+                path,
                 headers: &headers,
             },
         ),
-        (None, None) => policy.evaluate(mode, &src, &dst, port, proto),
-        _ => bail!("give both --method and --path for an HTTP check"),
+        None => policy.evaluate(mode, &src, &dst, port, proto),
     };
     println!(
         "{} {src} -> {dst} port {port}/{protocol}{}",
@@ -135,6 +151,179 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
     Ok(d.allowed)
 }
 
+/// A Service VIP as destination: where its table sends connections (or,
+/// for an HTTP-matched split and a request, that request) and why, then
+/// the policy decision for each endpoint it may reach (policy applies to
+/// the endpoint pod, as in the datapath). Allows when every one does.
+fn explain_service(
+    snap: &Store,
+    policy: &Policy,
+    mode: PolicyMode,
+    src: &Identity,
+    vip: SocketAddr,
+    protocol: &str,
+    request: Option<&HttpRequest<'_>>,
+) -> anyhow::Result<(bool, String)> {
+    let mut out = String::new();
+    let out = &mut out;
+    let compiled = crate::services::Splits::default().compile(snap);
+    for r in &compiled.refused {
+        eprintln!("warning: TrafficSplit {} refused: {}", r.name, r.reason);
+    }
+    let proto_id = if protocol == "udp" {
+        mesh_common::PROTO_UDP
+    } else {
+        mesh_common::PROTO_TCP
+    };
+    let table = compiled
+        .tables
+        .iter()
+        .find(|t| t.vip == vip.ip() && t.port == vip.port() && t.protocol == proto_id)
+        .with_context(|| format!("{vip}/{protocol} is neither a meshed pod nor a Service port in the source"))?;
+    let _ = writeln!(out, "SERVICE {} ({vip}/{protocol})", table.name);
+    // The pool the datapath picks from, and how it got there.
+    let pool: &[(std::net::IpAddr, u16)] = match (compiled.http.get(&vip), request) {
+        (Some(split), Some(req)) if proto_id == mesh_common::PROTO_TCP => {
+            match split.matches.iter().find(|m| m.matches(req)) {
+                Some(m) => {
+                    let _ = writeln!(
+                        out,
+                        "  {} {}: matches HTTPRouteGroup {}/{} match {}: TrafficSplit {} sends it to its backends by weight",
+                        req.method,
+                        req.path,
+                        split_ns(&split.split),
+                        m.group,
+                        m.name,
+                        split.split
+                    );
+                    print_split_weights(snap, &split.split, out);
+                    &split.backends
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "  {} {}: matches none of TrafficSplit {}'s routes: the root service's own endpoints serve it",
+                        req.method, req.path, split.split
+                    );
+                    &split.root
+                }
+            }
+        }
+        (Some(split), None) if proto_id == mesh_common::PROTO_TCP => {
+            let _ = writeln!(
+                out,
+                "  TrafficSplit {} routes each HTTP request: matching requests to its backends, the rest to the root \
+                 service's own endpoints (give --method, --path and --header to see one request's way)",
+                split.split
+            );
+            &split.root
+        }
+        _ => {
+            match &table.split {
+                Some(name) => {
+                    let _ = writeln!(out, "  TrafficSplit {name}: connections spread by weight");
+                    print_split_weights(snap, name, out);
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "  no TrafficSplit: connections spread evenly over the ready endpoints"
+                    );
+                }
+            }
+            &table.slots
+        }
+    };
+    if pool.is_empty() {
+        let _ = writeln!(out, "DENY: no ready endpoint; connect() is refused at once");
+        return Ok((false, std::mem::take(out)));
+    }
+    let mut shares: std::collections::BTreeMap<(std::net::IpAddr, u16), usize> = Default::default();
+    for e in pool {
+        *shares.entry(*e).or_default() += 1;
+    }
+    let (mut all_allowed, mut any_allowed) = (true, false);
+    for ((ip, port), n) in &shares {
+        let share = *n as f64 * 100.0 / pool.len() as f64;
+        let Some(pod) = snap.pod_by_ip(*ip) else {
+            let _ = writeln!(
+                out,
+                "  {ip}:{port} ({share:.1}%): not a meshed pod; carried without the mesh's policy"
+            );
+            continue;
+        };
+        let dst = pod.identity();
+        let proto = if proto_id == mesh_common::PROTO_UDP {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        };
+        let d = match request {
+            Some(req) => policy.evaluate_http(mode, src, &dst, *port, req),
+            None => policy.evaluate(mode, src, &dst, *port, proto),
+        };
+        all_allowed &= d.allowed;
+        any_allowed |= d.allowed;
+        let _ = writeln!(
+            out,
+            "  {ip}:{port} ({share:.1}%) pod {}: {} {src} -> {dst} port {port}: {}{}",
+            pod.workload_name(),
+            if d.allowed { "ALLOW" } else { "DENY" },
+            d.target
+                .map(|t| format!("TrafficTarget {t}, rule {}: ", d.rule))
+                .unwrap_or_else(|| format!("{}: ", d.rule)),
+            d.reason
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{}",
+        match (all_allowed, any_allowed) {
+            (true, _) => "ALLOW",
+            (false, true) => "DENY for the endpoints marked DENY (a connection or request that picks one is refused)",
+            (false, false) => "DENY",
+        }
+    );
+    Ok((all_allowed, std::mem::take(out)))
+}
+
+fn split_ns(split: &str) -> &str {
+    split.split('/').next().unwrap_or("")
+}
+
+/// Each backend of a TrafficSplit with its weight and share.
+fn print_split_weights(snap: &Store, split: &str, out: &mut String) {
+    let Some(s) = snap
+        .smi
+        .traffic_splits
+        .iter()
+        .find(|s| format!("{}/{}", s.namespace, s.name) == split)
+    else {
+        return;
+    };
+    let total: i64 = s.spec.backends.iter().map(|b| b.weight.max(0)).sum();
+    for b in &s.spec.backends {
+        let key = format!("{}/{}", s.namespace, b.service.split('.').next().unwrap_or(&b.service));
+        let state = match snap.services.get(&key) {
+            None => " (no such Service yet: nothing to send to, its weight goes to the others)".to_string(),
+            Some(svc) if !svc.endpoints.iter().any(|e| e.ready) => {
+                " (no ready endpoint: its weight goes to the others)".to_string()
+            }
+            Some(_) => String::new(),
+        };
+        let share = if total > 0 {
+            b.weight.max(0) as f64 * 100.0 / total as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            "    backend {key} weight {} ({share:.1}% by weight){state}",
+            b.weight
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +360,79 @@ mod tests {
         assert!(check(&["X-Canary: yes"]), "the header-matched request is allowed");
         assert!(!check(&[]), "without the header it is denied");
         assert!(!check(&["x-canary: no"]), "with another value it is denied");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A Service VIP as destination: the split's backends and weights, the
+    /// way one request goes (matched by header or not), and the decision for
+    /// each endpoint it may reach.
+    #[test]
+    fn policy_check_explains_splits_and_the_way_of_a_request() {
+        let dir = std::env::temp_dir().join(format!("mesh-policy-split-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pod = |name: &str, sa: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: t}}\n\
+                 spec: {{nodeName: n1, serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}}}\n---\n"
+            )
+        };
+        let svc = |name: &str, vip: &str, ips: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\n\
+                 spec: {{clusterIP: {vip}, ports: [{{port: 80}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+                 metadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 ports: [{{port: 8080}}]\nendpoints: [{{addresses: [{ips}]}}]\n---\n"
+            )
+        };
+        let text = pod("client", "client", "198.18.1.5")
+            + &pod("v1", "web", "198.18.1.10")
+            + &pod("v2", "web-v2", "198.18.1.11")
+            + &svc("web", "198.19.0.10", "198.18.1.10, 198.18.1.11")
+            + &svc("web-v1", "198.19.0.11", "198.18.1.10")
+            + &svc("web-v2", "198.19.0.12", "198.18.1.11")
+            + "kind: HTTPRouteGroup\nmetadata: {name: canary, namespace: t}\n\
+               spec: {matches: [{name: tagged, headers: {x-canary: ^yes$}}]}\n---\n\
+               kind: TrafficSplit\nmetadata: {name: ab, namespace: t}\n\
+               spec: {service: web, matches: [{kind: HTTPRouteGroup, name: canary}], \
+               backends: [{service: web-v1, weight: 0}, {service: web-v2, weight: 100}]}\n---\n\
+               kind: TCPRoute\nmetadata: {name: any, namespace: t}\nspec: {matches: {ports: []}}\n---\n\
+               kind: TrafficTarget\nmetadata: {name: to-v1, namespace: t}\n\
+               spec: {destination: {kind: ServiceAccount, name: web}, rules: [{kind: TCPRoute, name: any}], \
+               sources: [{kind: ServiceAccount, name: client}]}\n";
+        std::fs::write(dir.join("all.yaml"), text).unwrap();
+        let snap = Store::new(crate::source::file::load(&dir).unwrap());
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        let policy = Policy::compile(&snap.smi, 0);
+        let explain = |headers: &[(String, String)]| {
+            let req = HttpRequest {
+                method: "GET",
+                path: "/x",
+                headers,
+            };
+            explain_service(
+                &snap,
+                &policy,
+                PolicyMode::Enforcing,
+                &Identity::new("t", "client"),
+                "198.19.0.10:80".parse().unwrap(),
+                "tcp",
+                Some(&req),
+            )
+            .unwrap()
+        };
+        let (allowed, out) = explain(&[("x-canary".into(), "yes".into())]);
+        assert!(!allowed, "{out}");
+        assert!(out.contains("matches HTTPRouteGroup t/canary match tagged"), "{out}");
+        assert!(out.contains("backend t/web-v2 weight 100 (100.0% by weight)"), "{out}");
+        assert!(
+            out.contains("198.18.1.11:8080 (100.0%) pod t/v2: DENY"),
+            "v2 runs as web-v2, which no target allows: {out}"
+        );
+        let (allowed, out) = explain(&[]);
+        assert!(!allowed, "the root's endpoints include v2: {out}");
+        assert!(out.contains("matches none of TrafficSplit t/ab's routes"), "{out}");
+        assert!(out.contains("198.18.1.10:8080 (50.0%) pod t/v1: ALLOW"), "{out}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
