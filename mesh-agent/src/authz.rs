@@ -31,6 +31,8 @@ pub struct HttpRequest<'a> {
     pub method: &'a str,
     /// The URI path, matched by `pathRegex` anchored at `^`.
     pub path: &'a str,
+    /// The URI query, without `?` (empty when there is none).
+    pub query: &'a str,
     pub headers: &'a [(String, String)],
 }
 

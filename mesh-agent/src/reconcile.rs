@@ -3,7 +3,12 @@
 //! and the agent's runtime views match it. Each loop is the only writer of
 //! what it reconciles; all of them stop when `stop` fires (a successor
 //! agent took over the kernel maps) or the agent exits.
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -130,6 +135,7 @@ impl Reconciler {
         let mut rx = self.snapshots.clone();
         let mut splits = Splits::default();
         let mut last_refused = Vec::new();
+        let mut last_routes = (BTreeMap::new(), Vec::new());
         let mut written: Option<(u64, enrol::Enrolment)> = None;
         let mut tables_at: Option<(u64, tokio::time::Instant)> = None;
         let mut pod_links = Some(crate::pod_net::PodLinks::default());
@@ -154,6 +160,21 @@ impl Reconciler {
                         tracing::warn!(traffic_split = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficSplit refused");
                     }
                     last_refused = compiled.refused.clone();
+                }
+                // Gateway API route conditions (Accepted, ResolvedRefs), on change.
+                if (&compiled.routes_accepted, &compiled.routes_refused) != (&last_routes.0, &last_routes.1) {
+                    for (route, unresolved) in &compiled.routes_accepted {
+                        if unresolved.is_empty() {
+                            tracing::info!(route = %route, accepted = true, resolved_refs = true, "Gateway API route in force");
+                        } else {
+                            tracing::warn!(route = %route, accepted = true, resolved_refs = false, unresolved = ?unresolved,
+                                "Gateway API route in force; requests for its unresolved backends get a 500");
+                        }
+                    }
+                    for r in &compiled.routes_refused {
+                        tracing::warn!(route = %r.name, accepted = false, reason = %r.reason, "Gateway API route refused");
+                    }
+                    last_routes = (compiled.routes_accepted.clone(), compiled.routes_refused.clone());
                 }
                 sync_tables(redirect, compiled, &http_splits);
                 tables_at = Some((snap.generation, tokio::time::Instant::now()));

@@ -14,6 +14,12 @@
 //! over the backends, all others to the root service's own endpoints, as
 //! the SMI spec says.
 //!
+//! Gateway API routes bound to a Service port (`gamma`) take precedence
+//! over an SMI TrafficSplit on the same port: HTTPRoutes and GRPCRoutes
+//! make the port "via agent" with their rules (unmatched requests get a
+//! 404), a TCPRoute or UDPRoute replaces the port's slots with its weighted
+//! backends.
+//!
 //! A TrafficSplit that does not make sense (weights summing to 0, a negative
 //! weight, a backend service that does not exist or lacks one of the root's
 //! ports) is refused with its reason, and the last good version of the same
@@ -21,16 +27,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
 };
 
 pub use crate::tables::ServiceTable;
 use crate::{
-    authz::HttpRequest,
+    gamma::{Backend, Gamma},
     policy::HttpMatch,
+    routes::{HttpRoutes, Pool, RequestMatch, Rule, Slot},
     smi::TrafficSplitSpec,
     state::{Named, Service, ServicePort, Snapshot},
 };
@@ -38,53 +42,9 @@ use crate::{
 /// Slots of a split service's table: shares are exact to 0.1%.
 pub const SPLIT_SLOTS: u64 = 1000;
 
-/// An HTTP-matched TrafficSplit on one root service port, as the agent's
-/// outbound listener routes its requests.
-#[derive(Debug)]
-pub struct HttpSplit {
-    /// The TrafficSplit, `namespace/name`.
-    pub split: String,
-    /// The root service port, `namespace/name:port`.
-    pub service: String,
-    /// Its HTTPRouteGroups' matches: any one matching sends a request to
-    /// `backends`.
-    pub matches: Vec<HttpMatch>,
-    /// The backends' endpoints, weighted like a kernel slot table.
-    pub backends: Vec<(IpAddr, u16)>,
-    /// The root service's own ready endpoints, for every other request.
-    pub root: Vec<(IpAddr, u16)>,
-    /// Turns taken in `backends` and `root`: requests go round each pool
-    /// (laid out interleaved), so shares are exact, not only on average.
-    pub turns: [AtomicUsize; 2],
-}
-
-/// Where one request goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Routed {
-    /// `None` when the side it belongs to has no ready endpoint.
-    pub endpoint: Option<SocketAddr>,
-    /// It matched the split's routes: a weighted backend, not the root.
-    pub matched: bool,
-}
-
-impl HttpSplit {
-    pub fn route(&self, req: &HttpRequest<'_>) -> Routed {
-        let matched = self.matches.iter().any(|m| m.matches(req));
-        let (pool, turns) = if matched {
-            (&self.backends, &self.turns[0])
-        } else {
-            (&self.root, &self.turns[1])
-        };
-        let endpoint = (!pool.is_empty()).then(|| {
-            let (ip, port) = pool[turns.fetch_add(1, Ordering::Relaxed) % pool.len()];
-            SocketAddr::new(ip, port)
-        });
-        Routed { endpoint, matched }
-    }
-}
-
-/// The HTTP-matched splits in force, by root VIP:port.
-pub type HttpSplits = BTreeMap<SocketAddr, Arc<HttpSplit>>;
+/// The per-request routing in force (HTTP-matched splits, Gateway API
+/// HTTP and gRPC routes), by root VIP:port.
+pub type HttpSplits = BTreeMap<SocketAddr, Arc<HttpRoutes>>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefusedSplit {
@@ -106,6 +66,10 @@ pub struct Compiled {
     pub tables: Vec<ServiceTable>,
     pub refused: Vec<RefusedSplit>,
     pub http: HttpSplits,
+    /// Gateway API routes in force (with the backends that did not
+    /// resolve) and refused: their Accepted and ResolvedRefs conditions.
+    pub routes_accepted: BTreeMap<String, Vec<String>>,
+    pub routes_refused: Vec<crate::gamma::RefusedRoute>,
 }
 
 impl Splits {
@@ -164,6 +128,7 @@ impl Splits {
             by_root.insert(root, split);
         }
 
+        let gamma = Gamma::compile(snap);
         let mut tables = Vec::new();
         let mut http = HttpSplits::new();
         // A dual-stack Service has a ClusterIP per family; each gets its own
@@ -193,7 +158,44 @@ impl Splits {
                     via_agent: false,
                     relays: BTreeMap::new(),
                 };
-                if let Some(split) = by_root.get(key) {
+                let tcp = protocol == mesh_common::PROTO_TCP;
+                let l4_route = if tcp {
+                    gamma.tcp.get(&(key.clone(), port.port))
+                } else {
+                    gamma.udp.get(&(key.clone(), port.port))
+                };
+                if let Some((route_names, rules)) = gamma.http.get(&(key.clone(), port.port)).filter(|_| tcp) {
+                    let source = route_names.join(", ");
+                    table.via_agent = true;
+                    table.split = Some(source.clone());
+                    http.insert(
+                        SocketAddr::new(vip, port.port),
+                        Arc::new(HttpRoutes {
+                            source,
+                            service: name,
+                            rules: rules
+                                .iter()
+                                .map(|r| Rule {
+                                    name: r.name.clone(),
+                                    matches: vec![RequestMatch::Gateway(r.matched.clone())],
+                                    pool: Pool::new(backend_slots(&r.backends, vip, snap)),
+                                    filters: r.filters.clone(),
+                                })
+                                .collect(),
+                            otherwise: None,
+                        }),
+                    );
+                } else if let Some((route, backends)) = l4_route {
+                    // At L4 nothing can answer 500: unresolved backends get no share.
+                    table.slots = backend_slots(backends, vip, snap)
+                        .into_iter()
+                        .filter_map(|s| match s {
+                            Slot::Endpoint(e) => Some((e.ip(), e.port())),
+                            _ => None,
+                        })
+                        .collect();
+                    table.split = Some(route.clone());
+                } else if let Some(split) = by_root.get(key) {
                     let split_name = format!("{}/{}", split.namespace, split.name);
                     let backends = split_slots(split, port.port, vip, snap);
                     // validate() compiled these already; an error here cannot happen.
@@ -203,15 +205,19 @@ impl Splits {
                         Ok(Some(_)) if protocol == mesh_common::PROTO_UDP => table.slots = backends,
                         Ok(Some(matches)) => {
                             table.via_agent = true;
+                            let endpoint = |(ip, port): &(IpAddr, u16)| Slot::Endpoint(SocketAddr::new(*ip, *port));
                             http.insert(
                                 SocketAddr::new(vip, port.port),
-                                Arc::new(HttpSplit {
-                                    split: split_name.clone(),
+                                Arc::new(HttpRoutes {
+                                    source: split_name.clone(),
                                     service: name,
-                                    matches,
-                                    backends,
-                                    root: table.slots.clone(),
-                                    turns: Default::default(),
+                                    rules: vec![Rule {
+                                        name: format!("TrafficSplit {split_name}"),
+                                        matches: matches.into_iter().map(RequestMatch::Smi).collect(),
+                                        pool: Pool::new(backends.iter().map(endpoint).collect()),
+                                        filters: Default::default(),
+                                    }],
+                                    otherwise: Some(Pool::new(table.slots.iter().map(endpoint).collect())),
                                 }),
                             );
                         }
@@ -222,7 +228,13 @@ impl Splits {
                 tables.push(table);
             }
         }
-        Compiled { tables, refused, http }
+        Compiled {
+            tables,
+            refused,
+            http,
+            routes_accepted: gamma.accepted,
+            routes_refused: gamma.refused,
+        }
     }
 }
 
@@ -353,6 +365,36 @@ fn split_slots(split: &Named<TrafficSplitSpec>, port: u16, vip: IpAddr, snap: &S
     largest_remainder(&shares, SPLIT_SLOTS)
 }
 
+/// A Gateway API rule's backends as [`SPLIT_SLOTS`] slots: shared by
+/// weight, then evenly among each backend's ready endpoints (of the family
+/// of `vip`). A backend that does not resolve keeps its share as
+/// [`Slot::Invalid`] (500), one without a ready endpoint as
+/// [`Slot::NoEndpoint`] (503); zero weights or no backends leave no slot.
+pub fn backend_slots(backends: &[Backend], vip: IpAddr, snap: &Snapshot) -> Vec<Slot> {
+    let mut groups: Vec<(u64, Vec<Slot>)> = Vec::new();
+    for b in backends.iter().filter(|b| b.weight > 0) {
+        let svc = snap.services.get(&b.service);
+        let port = svc.and_then(|s| s.ports.iter().find(|p| p.port == b.port));
+        let slots = match (svc, port, &b.invalid) {
+            (Some(svc), Some(port), None) => {
+                let eps: Vec<Slot> = endpoints(svc, port, vip)
+                    .into_iter()
+                    .map(|(ip, p)| Slot::Endpoint(SocketAddr::new(ip, p)))
+                    .collect();
+                if eps.is_empty() { vec![Slot::NoEndpoint] } else { eps }
+            }
+            _ => vec![Slot::Invalid],
+        };
+        groups.push((b.weight, slots));
+    }
+    let lcm = groups.iter().fold(1u64, |l, (_, e)| lcm(l, e.len() as u64));
+    let shares: Vec<(Slot, u64)> = groups
+        .iter()
+        .flat_map(|(w, slots)| slots.iter().map(move |s| (*s, w * (lcm / slots.len() as u64))))
+        .collect();
+    largest_remainder(&shares, SPLIT_SLOTS)
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -411,8 +453,8 @@ pub fn interleave<T: Copy>(counts: &[(T, u64)]) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smi::TrafficSplitBackend;
     use crate::state::ServiceEndpoint;
+    use crate::{authz::HttpRequest, routes::Way, smi::TrafficSplitBackend};
 
     fn svc(name: &str, vip: &str, port: u16, eps: &[&str]) -> (String, Service) {
         (
@@ -577,15 +619,17 @@ mod tests {
         let req = |path| HttpRequest {
             method: "GET",
             path,
+            query: "",
             headers: &[],
         };
         for _ in 0..50 {
-            let r = http.route(&req("/beta/x"));
-            assert!(r.matched);
-            assert_eq!(r.endpoint, Some("198.18.1.11:8080".parse().unwrap()));
-            let r = http.route(&req("/other/beta"));
-            assert!(!r.matched, "the path regex is anchored at ^");
-            assert!(r.endpoint.is_some());
+            let Way::Rule(_, Some(Slot::Endpoint(e))) = http.route(&req("/beta/x")) else {
+                panic!("a matching request goes to the backends")
+            };
+            assert_eq!(e, "198.18.1.11:8080".parse().unwrap());
+            let Way::Otherwise(Some(Slot::Endpoint(_))) = http.route(&req("/other/beta")) else {
+                panic!("the path regex is anchored at ^: the root serves it")
+            };
         }
     }
 

@@ -170,6 +170,18 @@ pub struct SmiSet {
     pub traffic_splits: Vec<Named<crate::smi::TrafficSplitSpec>>,
 }
 
+/// The Gateway API resources of a snapshot, unvalidated (`gateway_routes`
+/// validates them, one by one). TCPRoute and UDPRoute here are Gateway
+/// API's (attached to a Service), not SMI's traffic specs of the same name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewaySet {
+    pub http_routes: Vec<Named<crate::gateway::HTTPRouteSpec>>,
+    pub grpc_routes: Vec<Named<crate::gateway::GRPCRouteSpec>>,
+    pub tcp_routes: Vec<Named<crate::gateway::L4RouteSpec>>,
+    pub udp_routes: Vec<Named<crate::gateway::L4RouteSpec>>,
+    pub authorization_policies: Vec<Named<crate::gateway::AuthorizationPolicySpec>>,
+}
+
 /// A Service with its endpoints (from EndpointSlices).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -215,6 +227,7 @@ pub struct Snapshot {
     /// Node name -> the address its agent's tunnel listens on (InternalIP).
     pub nodes: BTreeMap<String, Ipv4Addr>,
     pub smi: SmiSet,
+    pub gateway: GatewaySet,
     /// Keyed by `namespace/name`.
     pub services: BTreeMap<String, Service>,
     /// `namespace/name` of every ServiceAccount the source knows.
@@ -273,6 +286,7 @@ impl Snapshot {
         self.pods == other.pods
             && self.nodes == other.nodes
             && self.smi == other.smi
+            && self.gateway == other.gateway
             && self.services == other.services
             && self.service_accounts == other.service_accounts
             && self.mode == other.mode

@@ -76,16 +76,21 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
     let mode = snap.mode.unwrap_or(PolicyMode::Enforcing);
     let (src, _) = resolve(&snap, &from)?;
     let request = match (&method, &path) {
-        (Some(m), Some(p)) => Some((m.as_str(), p.as_str())),
+        // `--path /x?a=1`: the query is matched apart, as the datapath does.
+        (Some(m), Some(p)) => {
+            let (path, query) = p.split_once('?').unwrap_or((p.as_str(), ""));
+            Some((m.as_str(), path, query))
+        }
         (None, None) => None,
         _ => bail!("give both --method and --path for an HTTP check"),
     };
     if let Ok(vip) = to.parse::<SocketAddr>()
         && snap.pod_by_ip(vip.ip()).is_none()
     {
-        let request = request.map(|(method, path)| HttpRequest {
+        let request = request.map(|(method, path, query)| HttpRequest {
             method,
             path,
+            query,
             headers: &headers,
         });
         let (allowed, out) = explain_service(&snap, &policy, mode, &src, vip, &protocol, request.as_ref())?;
@@ -98,7 +103,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
         .context("give the destination port with --port or as ip:port")?;
     let proto = if protocol == "udp" { Proto::Udp } else { Proto::Tcp };
     let d = match request {
-        Some((method, path)) => policy.evaluate_http(
+        Some((method, path, query)) => policy.evaluate_http(
             mode,
             &src,
             &dst,
@@ -106,6 +111,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
             &HttpRequest {
                 method,
                 path,
+                query,
                 headers: &headers,
             },
         ),
@@ -182,44 +188,81 @@ fn explain_service(
         .with_context(|| format!("{vip}/{protocol} is neither a meshed pod nor a Service port in the source"))?;
     let _ = writeln!(out, "SERVICE {} ({vip}/{protocol})", table.name);
     // The pool the datapath picks from, and how it got there.
-    let pool: &[(std::net::IpAddr, u16)] = match (compiled.http.get(&vip), request) {
-        (Some(split), Some(req)) if proto_id == mesh_common::PROTO_TCP => {
-            match split.matches.iter().find(|m| m.matches(req)) {
-                Some(m) => {
-                    let _ = writeln!(
-                        out,
-                        "  {} {}: matches HTTPRouteGroup {}/{} match {}: TrafficSplit {} sends it to its backends by weight",
-                        req.method,
-                        req.path,
-                        split_ns(&split.split),
-                        m.group,
-                        m.name,
-                        split.split
-                    );
-                    print_split_weights(snap, &split.split, out);
-                    &split.backends
+    use crate::routes::{Slot, Way};
+    let endpoints = |slots: &[(std::net::IpAddr, u16)]| -> Vec<Slot> {
+        slots
+            .iter()
+            .map(|(ip, port)| Slot::Endpoint(SocketAddr::new(*ip, *port)))
+            .collect()
+    };
+    let pool: Vec<Slot> = match (compiled.http.get(&vip), request) {
+        (Some(routes), Some(req)) if proto_id == mesh_common::PROTO_TCP => match routes.route(req) {
+            Way::Rule(rule, _) => {
+                let how = rule
+                    .matches
+                    .iter()
+                    .find(|m| m.matches(req))
+                    .map(|m| m.describe())
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {} {}: matches {} ({how}): sent to its backends by weight",
+                    req.method, req.path, rule.name
+                );
+                if let Some(split) = rule.name.strip_prefix("TrafficSplit ") {
+                    print_split_weights(snap, split, out);
                 }
-                None => {
+                if let Some(r) = &rule.filters.redirect {
                     let _ = writeln!(
                         out,
-                        "  {} {}: matches none of TrafficSplit {}'s routes: the root service's own endpoints serve it",
-                        req.method, req.path, split.split
+                        "  answered with a {} redirect by the agent; no endpoint is reached",
+                        r.status
                     );
-                    &split.root
+                    return Ok((true, std::mem::take(out)));
+                }
+                rule.pool.slots.clone()
+            }
+            Way::Otherwise(_) => {
+                let _ = writeln!(
+                    out,
+                    "  {} {}: matches none of TrafficSplit {}'s routes: the root service's own endpoints serve it",
+                    req.method, req.path, routes.source
+                );
+                routes.otherwise.as_ref().map(|p| p.slots.clone()).unwrap_or_default()
+            }
+            Way::NoRoute => {
+                let _ = writeln!(
+                    out,
+                    "DENY {} {}: matches no rule of {}; rejected with 404 (Gateway API: requests no route matches are rejected)",
+                    req.method, req.path, routes.source
+                );
+                return Ok((false, std::mem::take(out)));
+            }
+        },
+        (Some(routes), None) if proto_id == mesh_common::PROTO_TCP => {
+            let _ = writeln!(
+                out,
+                "  {} routes each HTTP request ({} rules; give --method, --path and --header to see one request's way):",
+                routes.source,
+                routes.rules.len()
+            );
+            for r in &routes.rules {
+                let how: Vec<String> = r.matches.iter().map(|m| m.describe()).collect();
+                let _ = writeln!(out, "    {}: {}", r.name, how.join(" or "));
+            }
+            match &routes.otherwise {
+                Some(p) => p.slots.clone(),
+                None => {
+                    let _ = writeln!(out, "    any other request: 404");
+                    return Ok((false, std::mem::take(out)));
                 }
             }
         }
-        (Some(split), None) if proto_id == mesh_common::PROTO_TCP => {
-            let _ = writeln!(
-                out,
-                "  TrafficSplit {} routes each HTTP request: matching requests to its backends, the rest to the root \
-                 service's own endpoints (give --method, --path and --header to see one request's way)",
-                split.split
-            );
-            &split.root
-        }
         _ => {
             match &table.split {
+                Some(name) if name.contains(' ') => {
+                    let _ = writeln!(out, "  {name}: connections spread by weight over its backends");
+                }
                 Some(name) => {
                     let _ = writeln!(out, "  TrafficSplit {name}: connections spread by weight");
                     print_split_weights(snap, name, out);
@@ -227,24 +270,37 @@ fn explain_service(
                 None => {
                     let _ = writeln!(
                         out,
-                        "  no TrafficSplit: connections spread evenly over the ready endpoints"
+                        "  no TrafficSplit or route: connections spread evenly over the ready endpoints"
                     );
                 }
             }
-            &table.slots
+            endpoints(&table.slots)
         }
     };
     if pool.is_empty() {
-        let _ = writeln!(out, "DENY: no ready endpoint; connect() is refused at once");
+        let _ = writeln!(out, "DENY: no ready endpoint or valid backend; refused at once");
         return Ok((false, std::mem::take(out)));
     }
-    let mut shares: std::collections::BTreeMap<(std::net::IpAddr, u16), usize> = Default::default();
-    for e in pool {
+    let mut shares: std::collections::BTreeMap<Slot, usize> = Default::default();
+    for e in &pool {
         *shares.entry(*e).or_default() += 1;
     }
     let (mut all_allowed, mut any_allowed) = (true, false);
-    for ((ip, port), n) in &shares {
+    for (slot, n) in &shares {
         let share = *n as f64 * 100.0 / pool.len() as f64;
+        let (ip, port) = match slot {
+            Slot::Endpoint(e) => (&e.ip(), &e.port()),
+            Slot::Invalid => {
+                all_allowed = false;
+                let _ = writeln!(out, "  {share:.1}%: a backend that does not resolve: answered 500");
+                continue;
+            }
+            Slot::NoEndpoint => {
+                all_allowed = false;
+                let _ = writeln!(out, "  {share:.1}%: a backend without a ready endpoint: answered 503");
+                continue;
+            }
+        };
         let Some(pod) = snap.pod_by_ip(*ip) else {
             let _ = writeln!(
                 out,
@@ -285,10 +341,6 @@ fn explain_service(
         }
     );
     Ok((all_allowed, std::mem::take(out)))
-}
-
-fn split_ns(split: &str) -> &str {
-    split.split('/').next().unwrap_or("")
 }
 
 /// Each backend of a TrafficSplit with its weight and share.
@@ -408,6 +460,7 @@ mod tests {
             let req = HttpRequest {
                 method: "GET",
                 path: "/x",
+                query: "",
                 headers,
             };
             explain_service(
@@ -423,7 +476,10 @@ mod tests {
         };
         let (allowed, out) = explain(&[("x-canary".into(), "yes".into())]);
         assert!(!allowed, "{out}");
-        assert!(out.contains("matches HTTPRouteGroup t/canary match tagged"), "{out}");
+        assert!(
+            out.contains("matches TrafficSplit t/ab (HTTPRouteGroup match canary/tagged)"),
+            "{out}"
+        );
         assert!(out.contains("backend t/web-v2 weight 100 (100.0% by weight)"), "{out}");
         assert!(
             out.contains("198.18.1.11:8080 (100.0%) pod t/v2: DENY"),

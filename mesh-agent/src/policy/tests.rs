@@ -119,6 +119,7 @@ spec:
             &HttpRequest {
                 method: m,
                 path,
+                query: "",
                 headers: &h,
             },
         )

@@ -15,7 +15,9 @@ use std::{
 use serde::Deserialize;
 
 use super::SourceError;
-use crate::state::{ADMISSION_ANNOTATION, AdmissionMode, Named, Pod, PolicyMode, SmiSet, Snapshot, SnapshotTx};
+use crate::state::{
+    ADMISSION_ANNOTATION, AdmissionMode, GatewaySet, Named, Pod, PolicyMode, SmiSet, Snapshot, SnapshotTx,
+};
 
 /// How often the directory is checked: a policy edit must be in force in
 /// well under a second, and a stat of a few files costs next to nothing.
@@ -36,6 +38,7 @@ struct FileDocs {
     slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
     service_accounts: Vec<String>,
     smi: SmiSet,
+    gateway: GatewaySet,
     mode: Option<PolicyMode>,
     admission: Option<AdmissionMode>,
     namespaces: Vec<(String, AdmissionMode)>,
@@ -93,7 +96,9 @@ fn parse_file(file: &Path, previous: Option<&FileDocs>) -> Result<(FileDocs, Vec
 
 /// kind, metadata.namespace (default "default"), metadata.name, if present.
 fn doc_id(value: &serde_yaml::Value) -> Option<DocId> {
-    let kind = value.get("kind")?.as_str()?.to_string();
+    // With its API group: SMI and Gateway API both have a TCPRoute.
+    let api = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
+    let kind = format!("{api} {}", value.get("kind")?.as_str()?);
     let meta = value.get("metadata")?;
     let name = meta.get("name")?.as_str()?.to_string();
     let ns = meta
@@ -108,6 +113,28 @@ fn doc_id(value: &serde_yaml::Value) -> Option<DocId> {
 fn add_doc(docs: &mut FileDocs, value: serde_yaml::Value, file: &Path) -> Result<(), String> {
     let head: TypeMeta = serde_yaml::from_value(value.clone()).map_err(|e| format!("missing kind: {e}"))?;
     let kind = head.kind.as_str();
+    if let Some(api) = head
+        .api_version
+        .as_deref()
+        .filter(|v| crate::gateway::is_gateway_api(v))
+    {
+        if !crate::gateway::accepts(api, kind) {
+            return Err(format!(
+                "{kind} {api} is not supported (this mesh reads HTTPRoute and GRPCRoute \
+                 gateway.networking.k8s.io/v1, TCPRoute and UDPRoute v1alpha2 or v1, and AuthorizationPolicy \
+                 gateway.networking.x-k8s.io/v1alpha1)"
+            ));
+        }
+        let g = &mut docs.gateway;
+        match kind {
+            "HTTPRoute" => g.http_routes.push(resource_doc(value, kind)?),
+            "GRPCRoute" => g.grpc_routes.push(resource_doc(value, kind)?),
+            "TCPRoute" => g.tcp_routes.push(resource_doc(value, kind)?),
+            "UDPRoute" => g.udp_routes.push(resource_doc(value, kind)?),
+            _ => g.authorization_policies.push(resource_doc(value, kind)?),
+        }
+        return Ok(());
+    }
     // The SMI spec's own examples omit apiVersion; accept that for SMI kinds.
     let api = match (&head.api_version, crate::smi::default_api_version(kind)) {
         (Some(v), Some(want)) if v != want => {
@@ -154,11 +181,11 @@ fn add_doc(docs: &mut FileDocs, value: serde_yaml::Value, file: &Path) -> Result
                 docs.namespaces.push((ns.metadata.name, mode));
             }
         }
-        (_, "TrafficTarget") => docs.smi.traffic_targets.push(smi_doc(value, kind)?),
-        (_, "HTTPRouteGroup") => docs.smi.http_route_groups.push(smi_doc(value, kind)?),
-        (_, "TCPRoute") => docs.smi.tcp_routes.push(smi_doc(value, kind)?),
-        (_, "UDPRoute") => docs.smi.udp_routes.push(smi_doc(value, kind)?),
-        (_, "TrafficSplit") => docs.smi.traffic_splits.push(smi_doc(value, kind)?),
+        (_, "TrafficTarget") => docs.smi.traffic_targets.push(resource_doc(value, kind)?),
+        (_, "HTTPRouteGroup") => docs.smi.http_route_groups.push(resource_doc(value, kind)?),
+        (_, "TCPRoute") => docs.smi.tcp_routes.push(resource_doc(value, kind)?),
+        (_, "UDPRoute") => docs.smi.udp_routes.push(resource_doc(value, kind)?),
+        (_, "TrafficSplit") => docs.smi.traffic_splits.push(resource_doc(value, kind)?),
         _ => tracing::debug!(file = %file.display(), kind, "source: skipping an unknown kind"),
     }
     Ok(())
@@ -199,8 +226,8 @@ fn read_regular(file: &Path) -> Result<String, SourceError> {
     Ok(text)
 }
 
-/// An SMI document's name and spec; errors name the resource.
-fn smi_doc<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, kind: &str) -> Result<Named<T>, String> {
+/// An SMI or Gateway API document's name and spec; errors name the resource.
+fn resource_doc<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, kind: &str) -> Result<Named<T>, String> {
     #[derive(Deserialize)]
     struct Doc {
         metadata: ObjectMeta,
@@ -229,7 +256,7 @@ fn smi_doc<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, kind: &str)
         .map_err(|e| format!("{kind} {name}: spec: {e}"))?;
     if !unknown.is_empty() {
         return Err(format!(
-            "{kind} {name}: unknown field {} (check the spelling against the SMI spec); refused",
+            "{kind} {name}: unknown field {} (check the spelling against the API's spec; a field this mesh does not implement is refused rather than ignored)",
             unknown.join(", ")
         ));
     }
@@ -314,6 +341,13 @@ impl Reader {
             smi.tcp_routes.extend(docs.smi.tcp_routes.iter().cloned());
             smi.udp_routes.extend(docs.smi.udp_routes.iter().cloned());
             smi.traffic_splits.extend(docs.smi.traffic_splits.iter().cloned());
+            let g = &mut snapshot.gateway;
+            g.http_routes.extend(docs.gateway.http_routes.iter().cloned());
+            g.grpc_routes.extend(docs.gateway.grpc_routes.iter().cloned());
+            g.tcp_routes.extend(docs.gateway.tcp_routes.iter().cloned());
+            g.udp_routes.extend(docs.gateway.udp_routes.iter().cloned());
+            g.authorization_policies
+                .extend(docs.gateway.authorization_policies.iter().cloned());
             snapshot.mode = docs.mode.or(snapshot.mode);
             snapshot.admission = docs.admission.or(snapshot.admission);
             snapshot.namespace_admission.extend(docs.namespaces.iter().cloned());

@@ -187,6 +187,7 @@ where
             let verdict = check.check(&HttpRequest {
                 method: req.method().as_str(),
                 path: req.uri().path(),
+                query: req.uri().query().unwrap_or(""),
                 headers: &headers,
             });
             if let Err(denial) = verdict {

@@ -129,7 +129,7 @@ impl Outbound {
                 return;
             };
             let span = tracing::info_span!("split", client = %peer, service = %split.service,
-                traffic_split = %split.split, flow_id);
+                traffic_split = %split.source, flow_id);
             Box::pin(super::split::serve(
                 self.clone(),
                 tunnels.clone(),

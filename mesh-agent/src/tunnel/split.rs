@@ -1,9 +1,11 @@
-//! HTTP-matched TrafficSplits, per request.
+//! Per-request routing: HTTP-matched TrafficSplits and Gateway API
+//! HTTPRoutes and GRPCRoutes (`routes::HttpRoutes`).
 //!
-//! `mesh_connect4` sends connects to such a split's root VIP here (the
+//! `mesh_connect4` sends connects to such a service's VIP here (the
 //! kernel cannot read requests). We serve the client's HTTP/1.1 or HTTP/2
 //! (gRPC included) with hyper (`super::http`) and route each request on its
-//! own ([`HttpSplit::route`]): one client connection may reach several
+//! own ([`HttpRoutes::route`]), applying the rule's filters (header edits,
+//! redirect, rewrite): one client connection may reach several
 //! endpoints, each over its own upstream connection in the client's HTTP
 //! version, opened on first use and reused while it stays open. An
 //! endpoint on this node is reached directly after the same check the
@@ -21,7 +23,7 @@ use super::{
 };
 use crate::{
     authz::{Admission, HttpCheck, HttpRequest},
-    services::{HttpSplit, Routed},
+    routes::{Filters, HttpRoutes, Redirect, Slot, Way},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,7 +45,7 @@ pub async fn serve(
     tunnels: Arc<Tunnels>,
     downstream: TcpStream,
     workload_id: u32,
-    split: Arc<HttpSplit>,
+    split: Arc<HttpRoutes>,
     flow_id: u64,
 ) {
     let _flow = outbound.drain.flow();
@@ -70,7 +72,7 @@ pub async fn serve(
 async fn forward(
     outbound: &Outbound,
     tunnels: &Tunnels,
-    split: &HttpSplit,
+    split: &HttpRoutes,
     upstreams: &Upstreams,
     workload_id: u32,
     flow_id: u64,
@@ -83,27 +85,57 @@ async fn forward(
         .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
     let (method, path) = (req.method().as_str().to_string(), req.uri().path().to_string());
+    let query = req.uri().query().unwrap_or("").to_string();
     let http = HttpRequest {
         method: &method,
         path: &path,
+        query: &query,
         headers: &headers,
     };
-    let Routed { endpoint, matched } = split.route(&http);
-    let route = if matched { "backend" } else { "root" };
-    let Some(endpoint) = endpoint else {
-        tunnels.metrics.split_request(&split.split, "no_endpoint");
-        let side = if matched {
-            "the split's backends"
-        } else {
-            "the root service"
-        };
-        return answer(
-            grpc,
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("mesh: no ready endpoint in {side} of {}\n", split.service),
-        );
+    let (label, slot, filters) = match split.route(&http) {
+        Way::Rule(rule, slot) => ("backend", slot, Some(&rule.filters)),
+        Way::Otherwise(slot) => ("root", slot, None),
+        Way::NoRoute => {
+            tunnels.metrics.split_request(&split.source, "no_route");
+            return answer(
+                grpc,
+                StatusCode::NOT_FOUND,
+                format!("mesh: no route of {} matches {method} {path}\n", split.source),
+            );
+        }
     };
-    tracing::debug!(%method, %path, %endpoint, route, version = ?req.version(), "request routed");
+    if let Some(redirect) = filters.and_then(|f| f.redirect.as_ref()) {
+        tunnels.metrics.split_request(&split.source, "redirect");
+        return redirect_to(redirect, &req, split);
+    }
+    let endpoint = match slot {
+        Some(Slot::Endpoint(e)) => e,
+        Some(Slot::Invalid) | None if label == "backend" => {
+            tunnels.metrics.split_request(&split.source, "invalid_backend");
+            return answer(
+                grpc,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "mesh: the matching rule of {} has no valid backend for this request\n",
+                    split.source
+                ),
+            );
+        }
+        _ => {
+            tunnels.metrics.split_request(&split.source, "no_endpoint");
+            let side = if label == "backend" {
+                "the route's backends"
+            } else {
+                "the root service"
+            };
+            return answer(
+                grpc,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("mesh: no ready endpoint in {side} of {}\n", split.service),
+            );
+        }
+    };
+    tracing::debug!(%method, %path, %endpoint, route = label, version = ?req.version(), "request routed");
     let upstream = {
         let mut upstreams = upstreams.lock().await;
         let usable = upstreams
@@ -117,26 +149,48 @@ async fn forward(
                     u
                 }
                 Err(reason) => {
-                    tunnels.metrics.split_request(&split.split, "upstream_failed");
+                    tunnels.metrics.split_request(&split.source, "upstream_failed");
                     tracing::warn!(%endpoint, reason, "split: cannot reach the endpoint");
                     return answer(grpc, StatusCode::BAD_GATEWAY, format!("mesh: {endpoint}: {reason}\n"));
                 }
             },
         }
     };
+    let mut req = req;
+    if let Some(f) = filters {
+        edit_request(f, &mut req);
+    }
+    // Policy sees the request the pod will see.
+    let edited_path = req.uri().path().to_string();
+    let edited_headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
     if let Some(check) = &upstream.check
-        && let Err(denial) = check.check(&http)
+        && let Err(denial) = check.check(&HttpRequest {
+            method: &method,
+            path: &edited_path,
+            query: &query,
+            headers: &edited_headers,
+        })
     {
-        tunnels.metrics.split_request(&split.split, "denied");
+        tunnels.metrics.split_request(&split.source, "denied");
         return answer(
             grpc,
             StatusCode::FORBIDDEN,
             format!("denied by mesh policy: {denial}\n"),
         );
     }
-    tunnels.metrics.split_request(&split.split, route);
+    tunnels.metrics.split_request(&split.source, label);
     match upstream.sender.send(req).await {
-        Ok(resp) => resp.map(Body::Left),
+        Ok(resp) => {
+            let mut resp = resp.map(Body::Left);
+            if let Some(f) = filters {
+                f.response_headers.apply(resp.headers_mut());
+            }
+            resp
+        }
         Err(e) => {
             upstreams.lock().await.remove(&endpoint);
             answer(
@@ -146,6 +200,87 @@ async fn forward(
             )
         }
     }
+}
+
+/// RequestHeaderModifier and URLRewrite, applied before the request leaves.
+fn edit_request(f: &Filters, req: &mut Request<Incoming>) {
+    f.request_headers.apply(req.headers_mut());
+    if f.rewrite_path.is_none() && f.rewrite_host.is_none() {
+        return;
+    }
+    let uri = req.uri().clone();
+    let path = match &f.rewrite_path {
+        Some(edit) => edit.apply(uri.path()),
+        None => uri.path().to_string(),
+    };
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    if let Some(host) = &f.rewrite_host {
+        if parts.authority.is_some() {
+            // HTTP/2: the authority is part of the URI.
+            let port = parts.authority.as_ref().and_then(|a| a.port_u16());
+            let authority = port.map_or_else(|| host.clone(), |p| format!("{host}:{p}"));
+            parts.authority = authority.parse().ok();
+        }
+        if let Ok(v) = hyper::header::HeaderValue::from_str(host) {
+            req.headers_mut().insert(hyper::header::HOST, v);
+        }
+    }
+    if let Ok(uri) = hyper::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// A RequestRedirect's answer: the request's own scheme, host, port and
+/// path except where the filter says otherwise; the port is left out when
+/// it is the scheme's well-known one.
+fn redirect_to(r: &Redirect, req: &Request<Incoming>, split: &HttpRoutes) -> Response<Body> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let (req_host, req_port) = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse::<u16>().ok()),
+        _ => (authority.clone(), None),
+    };
+    let scheme = r.scheme.clone().unwrap_or_else(|| "http".into());
+    let host = r.hostname.clone().unwrap_or(req_host);
+    let port = match (r.port, &r.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(s)) => Some(if s == "https" { 443 } else { 80 }),
+        // The service port the client dialled.
+        (None, None) => req_port.or_else(|| split.service.rsplit(':').next().and_then(|p| p.parse().ok())),
+    };
+    let well_known = matches!(
+        (scheme.as_str(), port),
+        ("http", Some(80)) | ("https", Some(443)) | (_, None)
+    );
+    let path = match &r.path {
+        Some(edit) => edit.apply(req.uri().path()),
+        None => req.uri().path().to_string(),
+    };
+    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let location = if well_known {
+        format!("{scheme}://{host}{path}{query}")
+    } else {
+        format!("{scheme}://{host}:{}{path}{query}", port.unwrap_or(80))
+    };
+    Response::builder()
+        .status(StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND))
+        .header(hyper::header::LOCATION, location)
+        .body(Body::Right(Default::default()))
+        .expect("valid response")
 }
 
 /// Opens an HTTP connection in `version` to `endpoint` on behalf of the
