@@ -152,6 +152,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         pod_cgroup_root: s.pod_cgroup_root.clone(),
         cgroup_driver: s.cgroup_driver,
         default_mode: s.policy_mode,
+        trust_domain: s.identity.trust_domain.clone(),
         tunnels_expected: s.identity.source.is_some(),
         policy_metrics: policy_metrics.clone(),
         kernel_metrics,

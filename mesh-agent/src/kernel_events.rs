@@ -216,6 +216,7 @@ mod tests {
             ips: vec![ip.into()],
             qos_class: None,
             host_network: false,
+            labels: Default::default(),
             admission: None,
         }
     }

@@ -12,6 +12,7 @@
 //! Split by stage: `model` (what a compiled policy is), `compile` (SMI to
 //! model), `evaluate` (decisions), `lower` (rows for `mesh_policy`) and
 //! `authorizer` (the destination side's runtime check, audited).
+mod authorization;
 mod authorizer;
 mod compile;
 mod evaluate;

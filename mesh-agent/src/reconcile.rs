@@ -45,6 +45,8 @@ pub struct Reconciler {
     pub cgroup_driver: enrol::CgroupDriver,
     /// The policy mode when no MeshConfig sets one.
     pub default_mode: PolicyMode,
+    /// SPIFFE trust domain: AuthorizationPolicy SPIFFE sources must be in it.
+    pub trust_domain: String,
     /// Whether this agent runs tunnels (UDP service tables then wait for
     /// their relays, so a remote endpoint is never sent to untunneled).
     pub tunnels_expected: bool,
@@ -93,7 +95,7 @@ impl Reconciler {
         loop {
             let snap = snapshots.borrow_and_update().clone();
             if snap.generation > 0 {
-                let policy = Policy::compile(&snap.smi, snap.generation);
+                let policy = Policy::compile_all(&snap, &self.trust_domain, snap.generation);
                 for r in &policy.rejected {
                     metrics.rejected.get_or_create(&KindLabels { kind: r.kind }).inc();
                     tracing::error!(kind = r.kind, resource = %r.name, reason = %r.reason, "policy: resource refused; it grants nothing");

@@ -59,6 +59,8 @@ pub struct Pod {
     pub host_network: bool,
     /// Its [`ADMISSION_ANNOTATION`], when set.
     pub admission: Option<AdmissionMode>,
+    /// `metadata.labels`, for Gateway API AuthorizationPolicy selectors.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The pod and namespace annotation that sets inbound admission.
@@ -406,6 +408,7 @@ mod tests {
             ips: vec![IpAddr::from(ip)],
             qos_class: None,
             host_network: false,
+            labels: BTreeMap::new(),
             admission: None,
         }
     }

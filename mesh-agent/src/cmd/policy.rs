@@ -51,7 +51,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
         method,
         path,
         headers,
-        trust_domain: _,
+        trust_domain,
     } = command;
     // As the datapath sees them (hyper): names lowercase, values trimmed.
     let headers: Vec<(String, String)> = headers
@@ -69,7 +69,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
     for e in &snap.errors {
         eprintln!("warning: {e}");
     }
-    let policy = Policy::compile(&snap.smi, 0);
+    let policy = Policy::compile_all(&snap, &trust_domain, 0);
     for r in &policy.rejected {
         eprintln!("warning: {} {} refused: {}", r.kind, r.name, r.reason);
     }

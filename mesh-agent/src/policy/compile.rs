@@ -64,6 +64,18 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// SMI access policy and Gateway API AuthorizationPolicies, both
+    /// additive allows, in one policy (`authorization`).
+    pub fn compile_all(snap: &crate::state::Snapshot, trust_domain: &str, generation: u64) -> Policy {
+        let mut p = Policy::compile(&snap.smi, generation);
+        let (targets, rejected) = super::authorization::targets(snap, trust_domain);
+        p.targets.extend(targets);
+        p.rejected.extend(rejected);
+        p
+    }
+}
+
 fn full<T>(n: &Named<T>) -> String {
     format!("{}/{}", n.namespace, n.name)
 }

@@ -39,7 +39,7 @@ impl Policy {
             }
         }
         let reason = format!(
-            "no TrafficTarget allows {src} -> {dst} on port {port}/{}",
+            "no TrafficTarget or AuthorizationPolicy allows {src} -> {dst} on port {port}/{}",
             proto.as_str()
         );
         nothing_allows(mode, reason)

@@ -483,6 +483,8 @@ struct ObjectMeta {
     uid: String,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -536,6 +538,7 @@ impl PodDoc {
             ips,
             qos_class: self.status.qos_class,
             host_network: self.spec.host_network,
+            labels: self.metadata.labels,
             admission: AdmissionMode::annotated(Some(&self.metadata.annotations), "pod"),
         })
     }

@@ -192,6 +192,7 @@ fn pod(p: &K8sPod) -> Option<Pod> {
         },
         qos_class: status.qos_class.clone(),
         host_network: spec.host_network.unwrap_or(false),
+        labels: p.metadata.labels.clone().unwrap_or_default(),
         admission: AdmissionMode::annotated(p.metadata.annotations.as_ref(), "pod"),
     })
 }
