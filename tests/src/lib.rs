@@ -290,3 +290,93 @@ impl Drop for Capture {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Real programs the L7 tests run in pods: Python's grpcio (from the tools
+/// venv `run.sh setup` makes) and Python's own HTTP server.
+pub mod programs {
+    /// The Python with grpcio.
+    pub const PYTHON: &str = "/opt/mesh-tools/venv/bin/python";
+
+    /// `name port`: a gRPC server (service `mesh.Echo`: unary `Who` and
+    /// `Secret`, bidirectional `Chat`) that names itself in every answer.
+    pub const GRPC_SERVER: &str = r#"
+import sys
+from concurrent import futures
+import grpc
+name, port = sys.argv[1], int(sys.argv[2])
+def who(request, context):
+    return name.encode() + b" " + request
+def secret(request, context):
+    return b"secret of " + name.encode()
+def chat(requests, context):
+    for m in requests:
+        yield name.encode() + b":" + m
+handlers = {
+    "Who": grpc.unary_unary_rpc_method_handler(who),
+    "Secret": grpc.unary_unary_rpc_method_handler(secret),
+    "Chat": grpc.stream_stream_rpc_method_handler(chat),
+}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("mesh.Echo", handlers),))
+server.add_insecure_port(f"0.0.0.0:{port}")
+server.start()
+server.wait_for_termination()
+"#;
+
+    /// `target method runs [header: value ...]`: one channel (one HTTP/2
+    /// connection), `runs` calls; which pod answered, and the errors by code.
+    /// Method `Chat` is one bidirectional stream of `runs` messages.
+    pub const GRPC_CLIENT: &str = r#"
+import collections, json, sys
+import grpc
+target, method, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+metadata = [tuple(h.split(": ", 1)) for h in sys.argv[4:]]
+channel = grpc.insecure_channel(target)
+answered, errors, details = collections.Counter(), collections.Counter(), set()
+if method == "Chat":
+    call = channel.stream_stream("/mesh.Echo/Chat")
+    try:
+        for reply in call((b"m%d" % i for i in range(runs)), metadata=metadata, timeout=20):
+            answered[reply.decode().split(":")[0]] += 1
+    except grpc.RpcError as e:
+        errors[e.code().name] += 1
+        details.add(e.details())
+else:
+    call = channel.unary_unary(f"/mesh.Echo/{method}")
+    for i in range(runs):
+        try:
+            answered[call(b"hi", metadata=metadata, timeout=5).decode().split()[0]] += 1
+        except grpc.RpcError as e:
+            errors[e.code().name] += 1
+            details.add(e.details())
+print(json.dumps({"answered": answered, "errors": errors, "details": sorted(details)[:5]}))
+"#;
+
+    /// `name port`: Python's HTTP/1.1 server answering every request with
+    /// JSON: the pod's name, method, path (with query) and request headers
+    /// (lowercase names, repeated ones joined with `,`).
+    pub const HTTP_ECHO: &str = r#"
+import json, sys
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+name, port = sys.argv[1], int(sys.argv[2])
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self):
+        length = int(self.headers.get("content-length", 0) or 0)
+        if length:
+            self.rfile.read(length)
+        headers = {}
+        for k in set(k.lower() for k in self.headers.keys()):
+            headers[k] = ",".join(self.headers.get_all(k))
+        body = json.dumps({"pod": name, "method": self.command, "path": self.path, "headers": headers}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_PUT = do_DELETE = answer
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("0.0.0.0", port), Echo).serve_forever()
+"#;
+}

@@ -7,12 +7,14 @@
 //! node and across nodes.
 use std::{path::PathBuf, time::Duration};
 
-use mesh_tests::{KillOnDrop, TestLab, log_records, wait_for};
+use mesh_tests::{
+    KillOnDrop, TestLab, log_records,
+    programs::{GRPC_CLIENT, GRPC_SERVER, PYTHON},
+    wait_for,
+};
 use serde_json::Value;
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_labtool");
-/// grpcio lives in the tools venv `run.sh setup` makes.
-const PYTHON: &str = "/opt/mesh-tools/venv/bin/python";
 
 /// client on node-a; the root service `web` is v1a (node-a) and v1b
 /// (node-b); `web-v2` is v2 (node-b).
@@ -30,59 +32,6 @@ const SERVERS: [&str; 3] = ["v1a", "v1b", "v2"];
 /// nginx speaks h2c (prior knowledge) on 8080 and names its pod.
 const NGINX_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 50051;
-
-const GRPC_SERVER: &str = r#"
-import sys
-from concurrent import futures
-import grpc
-name, port = sys.argv[1], int(sys.argv[2])
-def who(request, context):
-    return name.encode() + b" " + request
-def secret(request, context):
-    return b"secret of " + name.encode()
-def chat(requests, context):
-    for m in requests:
-        yield name.encode() + b":" + m
-handlers = {
-    "Who": grpc.unary_unary_rpc_method_handler(who),
-    "Secret": grpc.unary_unary_rpc_method_handler(secret),
-    "Chat": grpc.stream_stream_rpc_method_handler(chat),
-}
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("mesh.Echo", handlers),))
-server.add_insecure_port(f"0.0.0.0:{port}")
-server.start()
-server.wait_for_termination()
-"#;
-
-/// `target method runs [header: value ...]`: one channel (one HTTP/2
-/// connection), `runs` calls; which pod answered, and the errors by code.
-/// Method `Chat` is one bidirectional stream of `runs` messages.
-const GRPC_CLIENT: &str = r#"
-import collections, json, sys
-import grpc
-target, method, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-metadata = [tuple(h.split(": ", 1)) for h in sys.argv[4:]]
-channel = grpc.insecure_channel(target)
-answered, errors, details = collections.Counter(), collections.Counter(), set()
-if method == "Chat":
-    call = channel.stream_stream("/mesh.Echo/Chat")
-    try:
-        for reply in call((b"m%d" % i for i in range(runs)), metadata=metadata, timeout=20):
-            answered[reply.decode().split(":")[0]] += 1
-    except grpc.RpcError as e:
-        errors[e.code().name] += 1
-        details.add(e.details())
-else:
-    call = channel.unary_unary(f"/mesh.Echo/{method}")
-    for i in range(runs):
-        try:
-            answered[call(b"hi", metadata=metadata, timeout=5).decode().split()[0]] += 1
-        except grpc.RpcError as e:
-            errors[e.code().name] += 1
-            details.add(e.details())
-print(json.dumps({"answered": answered, "errors": errors, "details": sorted(details)[:5]}))
-"#;
 
 struct L7Lab {
     t: TestLab,

@@ -107,6 +107,8 @@ pub struct LabPod {
     /// Whether the agents' source holds its Pod object (`PodSpec::meshed`).
     #[serde(default = "topology::yes")]
     pub meshed: bool,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Options for `up`.
@@ -233,6 +235,7 @@ impl Lab {
                 qos: p.qos.unwrap_or(Qos::ALL[pods.len() % 3]),
                 container_id: hex,
                 meshed: p.meshed,
+                labels: p.labels.clone(),
             });
         }
         Ok(Lab {
@@ -258,10 +261,11 @@ impl Lab {
         }
         for p in self.pods.iter().filter(|p| p.meshed) {
             docs.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\nstatus:\n  podIP: {}\n  podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]\n  qosClass: {}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels: {}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\nstatus:\n  podIP: {}\n  podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]\n  qosClass: {}\n",
                 p.name,
                 p.namespace,
                 p.uid,
+                serde_json::to_string(&p.labels).expect("labels serialize"),
                 p.node,
                 p.service_account,
                 p.ip,

@@ -69,6 +69,9 @@ pub struct PodSpec {
     /// touches.
     #[serde(default = "yes")]
     pub meshed: bool,
+    /// `metadata.labels` of its Pod object (AuthorizationPolicy selectors).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 pub(super) fn yes() -> bool {
@@ -103,8 +106,8 @@ impl Topology {
         let mut pods = std::collections::HashSet::new();
         for p in &self.pods {
             ensure!(
-                valid_name(&p.name) && valid_name(&p.namespace),
-                "pod {}/{}: use lowercase letters, digits and '-'",
+                valid_name(&p.name) && valid_namespace(&p.namespace),
+                "pod {}/{}: use lowercase letters, digits and '-' (names up to 20 chars, namespaces up to 40)",
                 p.namespace,
                 p.name
             );
@@ -125,6 +128,15 @@ impl Topology {
         ensure!(self.pods.len() <= 200, "at most 200 pods");
         Ok(())
     }
+}
+
+/// Namespaces only name the pod's netns (a file name), so they may be as
+/// long as the Gateway API conformance suite's `gateway-conformance-mesh`.
+fn valid_namespace(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn valid_name(s: &str) -> bool {

@@ -1,0 +1,513 @@
+//! Gateway API for mesh (GAMMA) in the lab, with the shapes of Gateway
+//! API's own mesh conformance manifests (`conformance/tests/mesh/*.yaml`:
+//! the `gateway-conformance-mesh` namespace, Services `echo`, `echo-v1`,
+//! `echo-v2` with ports 80 -> 8080, 8080, 9090 and 7070) and real clients:
+//! curl (HTTP/1.1 and HTTP/2 with prior knowledge), Python's http.client,
+//! grpcio; servers: Python's http.server echoing each request, nginx
+//! serving h2c, a grpcio server, `labtool serve` for TCP.
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use mesh_tests::{
+    KillOnDrop, TestLab, log_records,
+    programs::{GRPC_CLIENT, GRPC_SERVER, HTTP_ECHO, PYTHON},
+    wait_for,
+};
+use serde_json::Value;
+
+const LABTOOL: &str = env!("CARGO_BIN_EXE_labtool");
+const NS: &str = "gateway-conformance-mesh";
+
+/// The client on node-a with echo-v1; echo-v2 across the tunnel.
+const TOPOLOGY: &str = "
+nodes: [{name: node-a}, {name: node-b}]
+pods:
+  - {name: client, namespace: gateway-conformance-mesh, serviceAccount: client, node: node-a}
+  - {name: stranger, namespace: gateway-conformance-mesh, serviceAccount: stranger, node: node-a}
+  - {name: echo-v1, namespace: gateway-conformance-mesh, serviceAccount: echo, node: node-a, labels: {app: echo, version: v1}}
+  - {name: echo-v2, namespace: gateway-conformance-mesh, serviceAccount: echo, node: node-b, labels: {app: echo, version: v2}}
+";
+const ECHOES: [&str; 2] = ["echo-v1", "echo-v2"];
+const ECHO_VIP: &str = "198.19.0.20";
+
+struct Gamma {
+    t: TestLab,
+    dir: PathBuf,
+    _servers: Vec<KillOnDrop>,
+}
+
+impl Drop for Gamma {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Gamma {
+    fn up(agent_args: &[&str]) -> Gamma {
+        assert!(
+            std::path::Path::new(PYTHON).exists(),
+            "{PYTHON} is missing: run `./run.sh setup`"
+        );
+        let t = TestLab::up_with(TOPOLOGY, agent_args, LABTOOL);
+        let dir = std::env::temp_dir().join(format!("mesh-gamma-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut servers = Vec::new();
+        for pod in ECHOES {
+            let conf = dir.join(format!("nginx-{pod}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "daemon off; worker_processes 1; pid {0}/nginx-{pod}.pid; error_log stderr;\n\
+                     events {{ worker_connections 512; }}\n\
+                     http {{ access_log off; client_body_temp_path {0};\n\
+                       server {{ listen 8081 http2; location / {{ return 200 \"{pod} $uri $server_protocol\\n\"; }} }} }}\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let lab = &t.lab;
+            servers.push(KillOnDrop(
+                lab.exec(pod, PYTHON)
+                    .unwrap()
+                    .args(["-c", HTTP_ECHO, pod, "8080"])
+                    .spawn()
+                    .unwrap(),
+            ));
+            servers.push(KillOnDrop(
+                lab.exec(pod, PYTHON)
+                    .unwrap()
+                    .args(["-c", GRPC_SERVER, pod, "7070"])
+                    .spawn()
+                    .unwrap(),
+            ));
+            servers.push(KillOnDrop(
+                lab.exec(pod, "nginx")
+                    .unwrap()
+                    .args(["-e", "stderr", "-c"])
+                    .arg(&conf)
+                    .spawn()
+                    .unwrap(),
+            ));
+            servers.push(KillOnDrop(t.traffic().serve(pod, 9090).unwrap()));
+        }
+        for pod in ECHOES {
+            for port in [8080, 8081, 7070, 9090] {
+                xtask::probe::wait_listening(&t.lab.pod(pod).unwrap().netns, port).unwrap();
+            }
+        }
+        let g = Gamma {
+            t,
+            dir,
+            _servers: servers,
+        };
+        g.write("services.yaml", &g.services());
+        g
+    }
+
+    fn ip(&self, pod: &str) -> String {
+        self.t.lab.pod(pod).unwrap().ip.to_string()
+    }
+
+    fn write(&self, file: &str, text: &str) {
+        std::fs::write(self.t.lab.source_dir.join(file), text).unwrap();
+    }
+
+    /// The conformance manifests' Services (their selectors written out
+    /// as EndpointSlices: the lab has no controller to do it).
+    fn services(&self) -> String {
+        let svc = |name: &str, vip: &str, pods: &[&str]| {
+            let addrs: Vec<String> = pods.iter().map(|p| self.ip(p)).collect();
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+                 spec:\n  clusterIP: {vip}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  \
+                 - {{name: http-alt, port: 8080}}\n  - {{name: h2c, port: 8081}}\n  - {{name: tcp, port: 9090}}\n  \
+                 - {{name: grpc, port: 7070}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+                 metadata: {{name: {name}-1, namespace: {NS}, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 ports: [{{name: http, port: 8080}}, {{name: http-alt, port: 8080}}, {{name: h2c, port: 8081}}, \
+                 {{name: tcp, port: 9090}}, {{name: grpc, port: 7070}}]\n\
+                 endpoints: [{{addresses: [{}]}}]\n---\n",
+                addrs.join(", ")
+            )
+        };
+        svc("echo", ECHO_VIP, &ECHOES)
+            + &svc("echo-v1", "198.19.0.21", &["echo-v1"])
+            + &svc("echo-v2", "198.19.0.22", &["echo-v2"])
+    }
+
+    /// Puts one route file in force (alone) and waits until node-a says so.
+    fn apply(&self, route: &str, yaml: &str) {
+        for f in std::fs::read_dir(&self.t.lab.source_dir).unwrap() {
+            let p = f.unwrap().path();
+            if p.file_name().unwrap().to_string_lossy().starts_with("route-") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let before = self.in_force(route);
+        self.write(&format!("route-{}.yaml", route.replace([' ', '/'], "-")), yaml);
+        wait_for(&format!("{route} in force"), Duration::from_secs(5), || {
+            self.in_force(route) > before
+        });
+        // The tables follow the log line within the same sync.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    fn in_force(&self, route: &str) -> usize {
+        log_records(&self.t.lab.agent_log("node-a"))
+            .iter()
+            .filter(|r| {
+                r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("Gateway API route in force"))
+                    && r["route"] == route
+            })
+            .count()
+    }
+
+    /// `curl -i`-like: (status, Location, echo JSON or body text).
+    fn curl(&self, args: &[&str]) -> (u16, String, String) {
+        let out = self
+            .t
+            .lab
+            .exec("client", "curl")
+            .unwrap()
+            .args([
+                "-s",
+                "-m",
+                "5",
+                "-o",
+                "/dev/stdout",
+                "-w",
+                "\n%{http_code} %{redirect_url}",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let (code, location) = tail.split_once(' ').unwrap_or((tail, ""));
+        (code.parse().unwrap_or(0), location.to_string(), body.to_string())
+    }
+
+    fn get(&self, path: &str, headers: &[&str]) -> (u16, Value) {
+        let mut args: Vec<String> = headers.iter().flat_map(|h| ["-H".to_string(), h.to_string()]).collect();
+        args.push(format!("http://{ECHO_VIP}{path}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, body) = self.curl(&args);
+        (code, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    }
+
+    /// `n` requests on one keep-alive connection (http.client): pod -> count.
+    fn tally(&self, port: u16, path: &str, n: usize) -> BTreeMap<String, u64> {
+        let script = r#"
+import http.client, json, sys, collections
+host, port, path, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+c = http.client.HTTPConnection(host, port, timeout=5)
+seen = collections.Counter()
+for i in range(n):
+    c.request("GET", path)
+    r = c.getresponse()
+    body = r.read()
+    seen[json.loads(body)["pod"] if r.status == 200 else f"status {r.status}"] += 1
+print(json.dumps(seen))
+"#;
+        let out = self
+            .t
+            .lab
+            .exec("client", PYTHON)
+            .unwrap()
+            .args(["-c", script, ECHO_VIP, &port.to_string(), path, &n.to_string()])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "tally: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+}
+
+fn route(kind: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n{spec}"
+    )
+}
+
+const PARENT_ALL: &str = "  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: echo\n";
+const PARENT_80: &str = "  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: echo\n    port: 80\n";
+
+#[test]
+fn http_routes_split_match_modify_redirect_and_rewrite_as_the_conformance_suite_says() {
+    let g = Gamma::up(&[]);
+
+    // mesh-split: Exact /v1 and /v2; any other request is rejected.
+    g.apply(
+        "HTTPRoute gateway-conformance-mesh/mesh-split",
+        &route(
+            "HTTPRoute",
+            "mesh-split",
+            &format!(
+                "{PARENT_ALL}  rules:\n  - matches:\n    - path:\n        type: Exact\n        value: /v1\n    backendRefs:\n    - name: echo-v1\n      port: 80\n  \
+                 - matches:\n    - path:\n        type: Exact\n        value: /v2\n    backendRefs:\n    - name: echo-v2\n      port: 80\n"
+            ),
+        ),
+    );
+    assert_eq!(g.get("/v1", &[]).1["pod"], "echo-v1");
+    assert_eq!(g.get("/v2", &[]).1["pod"], "echo-v2", "across the tunnel");
+    assert_eq!(g.get("/", &[]).0, 404);
+    assert_eq!(g.get("/v1/x", &[]).0, 404);
+
+    // mesh-weighted-backends: 70/30 on port 80, over 1,000 requests on one connection.
+    g.apply(
+        "HTTPRoute gateway-conformance-mesh/mesh-weighted-backends",
+        &route(
+            "HTTPRoute",
+            "mesh-weighted-backends",
+            &format!(
+                "{PARENT_80}  rules:\n  - backendRefs:\n    - name: echo-v1\n      port: 8080\n      weight: 70\n    \
+                 - name: echo-v2\n      port: 8080\n      weight: 30\n"
+            ),
+        ),
+    );
+    let t = g.tally(80, "/", 1000);
+    println!("70/30 over 1,000 requests: {t:?}");
+    let v2 = *t.get("echo-v2").unwrap_or(&0) as f64 / 10.0;
+    assert!((v2 - 30.0).abs() <= 2.0 && t.values().sum::<u64>() == 1000, "{t:?}");
+    // Port 8080 has no route: plain service load balancing, no 404.
+    let plain = g.tally(8080, "/x", 20);
+    assert_eq!(plain.values().sum::<u64>(), 20, "{plain:?}");
+    assert!(!plain.keys().any(|k| k.starts_with("status")), "{plain:?}");
+
+    // mesh-matching: precedence of prefix length and header matches.
+    g.apply(
+        "HTTPRoute gateway-conformance-mesh/mesh-matching",
+        &route(
+            "HTTPRoute",
+            "mesh-matching",
+            &format!(
+                "{PARENT_80}  rules:\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /\n    - headers:\n      - name: version\n        value: one\n    \
+                 backendRefs:\n    - name: echo-v1\n      port: 8080\n  \
+                 - matches:\n    - path:\n        type: PathPrefix\n        value: /v2\n    - headers:\n      - name: version\n        value: two\n    \
+                 backendRefs:\n    - name: echo-v2\n      port: 8080\n"
+            ),
+        ),
+    );
+    for (path, headers, want) in [
+        ("/", &[][..], "echo-v1"),
+        ("/example", &[][..], "echo-v1"),
+        ("/", &["version: one"][..], "echo-v1"),
+        ("/v2", &[][..], "echo-v2"),
+        ("/v2/example", &[][..], "echo-v2"),
+        ("/", &["version: two"][..], "echo-v2"),
+    ] {
+        assert_eq!(g.get(path, headers).1["pod"], want, "{path} {headers:?}");
+    }
+
+    // mesh-request-header-modifier: set, add, remove.
+    g.apply(
+        "HTTPRoute gateway-conformance-mesh/mesh-request-header-modifier",
+        &route(
+            "HTTPRoute",
+            "mesh-request-header-modifier",
+            &format!(
+                "{PARENT_80}  rules:\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /set\n    filters:\n    - type: RequestHeaderModifier\n      \
+                 requestHeaderModifier:\n        set:\n        - name: X-Header-Set\n          value: set-overwrites-values\n    backendRefs:\n    - name: echo-v1\n      port: 8080\n  \
+                 - matches:\n    - path:\n        type: PathPrefix\n        value: /add\n    filters:\n    - type: RequestHeaderModifier\n      \
+                 requestHeaderModifier:\n        add:\n        - name: X-Header-Add\n          value: add-appends-values\n    backendRefs:\n    - name: echo-v1\n      port: 8080\n  \
+                 - matches:\n    - path:\n        type: PathPrefix\n        value: /remove\n    filters:\n    - type: RequestHeaderModifier\n      \
+                 requestHeaderModifier:\n        remove:\n        - X-Header-Remove\n    backendRefs:\n    - name: echo-v1\n      port: 8080\n  \
+                 - matches:\n    - path:\n        type: PathPrefix\n        value: /response\n    filters:\n    - type: ResponseHeaderModifier\n      \
+                 responseHeaderModifier:\n        set:\n        - name: X-Served-Through\n          value: mesh\n    backendRefs:\n    - name: echo-v2\n      port: 8080\n"
+            ),
+        ),
+    );
+    let h = |path: &str, headers: &[&str]| g.get(path, headers).1["headers"].clone();
+    assert_eq!(
+        h("/set", &["X-Header-Set: some-other-value"])["x-header-set"],
+        "set-overwrites-values"
+    );
+    assert_eq!(
+        h("/add", &["X-Header-Add: some-other-value"])["x-header-add"],
+        "some-other-value,add-appends-values"
+    );
+    let removed = h("/remove", &["X-Header-Remove: val", "X-Keep: yes"]);
+    assert!(
+        removed.get("x-header-remove").is_none() && removed["x-keep"] == "yes",
+        "{removed}"
+    );
+    let (_, _, head) = g.curl(&[
+        "-D",
+        "/dev/stdout",
+        "-o",
+        "/dev/null",
+        &format!("http://{ECHO_VIP}/response"),
+    ]);
+    assert!(head.to_ascii_lowercase().contains("x-served-through: mesh"), "{head}");
+
+    // mesh-redirect-path and mesh-rewrite-path.
+    g.apply(
+        "HTTPRoute gateway-conformance-mesh/mesh-redirect-rewrite",
+        &route(
+            "HTTPRoute",
+            "mesh-redirect-rewrite",
+            &format!(
+                "{PARENT_80}  rules:\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /original-prefix\n    filters:\n    - type: RequestRedirect\n      \
+                 requestRedirect:\n        path:\n          type: ReplacePrefixMatch\n          replacePrefixMatch: /replacement-prefix\n  \
+                 - matches:\n    - path:\n        type: PathPrefix\n        value: /path-and-status\n    filters:\n    - type: RequestRedirect\n      \
+                 requestRedirect:\n        hostname: example.org\n        path:\n          type: ReplaceFullPath\n          replaceFullPath: /full\n        statusCode: 301\n  \
+                 - matches:\n    - path:\n        type: PathPrefix\n        value: /prefix/one\n    filters:\n    - type: URLRewrite\n      \
+                 urlRewrite:\n        path:\n          type: ReplacePrefixMatch\n          replacePrefixMatch: /one\n    backendRefs:\n    - name: echo-v1\n      port: 80\n  \
+                 - matches:\n    - path:\n        type: PathPrefix\n        value: /strip-prefix\n    filters:\n    - type: URLRewrite\n      \
+                 urlRewrite:\n        hostname: rewritten.example\n        path:\n          type: ReplacePrefixMatch\n          replacePrefixMatch: /\n    backendRefs:\n    - name: echo-v2\n      port: 80\n"
+            ),
+        ),
+    );
+    let (code, location, _) = g.curl(&[&format!("http://{ECHO_VIP}/original-prefix/lemon?x=1")]);
+    assert_eq!(
+        (code, location.as_str()),
+        (302, format!("http://{ECHO_VIP}/replacement-prefix/lemon?x=1").as_str())
+    );
+    let (code, location, _) = g.curl(&[&format!("http://{ECHO_VIP}/path-and-status/x")]);
+    assert_eq!((code, location.as_str()), (301, "http://example.org/full"));
+    let (_, echo) = g.get("/prefix/one/two?q=1", &[]);
+    assert_eq!(
+        (echo["pod"].as_str(), echo["path"].as_str()),
+        (Some("echo-v1"), Some("/one/two?q=1"))
+    );
+    let (_, echo) = g.get("/strip-prefix/three", &[]);
+    assert_eq!(echo["path"], "/three");
+    assert_eq!(echo["headers"]["host"], "rewritten.example");
+
+    // HTTP/2 with prior knowledge (curl) through a weighted route on the h2c port.
+    g.apply(
+        "HTTPRoute gateway-conformance-mesh/h2c-weighted",
+        &route(
+            "HTTPRoute",
+            "h2c-weighted",
+            "  parentRefs:\n  - {group: \"\", kind: Service, name: echo, port: 8081}\n  rules:\n  \
+             - backendRefs:\n    - {name: echo-v1, port: 8081, weight: 1}\n    - {name: echo-v2, port: 8081, weight: 1}\n",
+        ),
+    );
+    let mut seen = BTreeMap::new();
+    for _ in 0..40 {
+        let (code, _, body) = g.curl(&["--http2-prior-knowledge", &format!("http://{ECHO_VIP}:8081/h2")]);
+        assert_eq!(code, 200, "{body}");
+        assert!(body.trim_end().ends_with("/h2 HTTP/2.0"), "{body}");
+        *seen
+            .entry(body.split(' ').next().unwrap_or("").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([("echo-v1".to_string(), 20), ("echo-v2".to_string(), 20)])
+    );
+}
+
+#[test]
+fn grpc_and_tcp_routes_split_by_weight_and_route_grpc_methods() {
+    let g = Gamma::up(&[]);
+    let grpc = |method: &str, n: usize| -> Value {
+        let out =
+            g.t.lab
+                .exec("client", PYTHON)
+                .unwrap()
+                .args(["-c", GRPC_CLIENT, &format!("{ECHO_VIP}:7070"), method, &n.to_string()])
+                .output()
+                .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("grpc: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    // mesh-grpc-weighted-backends: 70/30/0 (echo-v3 does not exist: weight 0 sends it nothing).
+    g.apply(
+        "GRPCRoute gateway-conformance-mesh/mesh-grpc-weighted-backends",
+        &route(
+            "GRPCRoute",
+            "mesh-grpc-weighted-backends",
+            "  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: echo\n    port: 7070\n  rules:\n  - backendRefs:\n    \
+             - name: echo-v1\n      port: 7070\n      weight: 70\n    - name: echo-v2\n      port: 7070\n      weight: 30\n    \
+             - name: echo-v3\n      port: 7070\n      weight: 0\n",
+        ),
+    );
+    let v = grpc("Who", 200);
+    assert_eq!(
+        (&v["answered"]["echo-v1"], &v["answered"]["echo-v2"]),
+        (&140.into(), &60.into()),
+        "{v}"
+    );
+    // By method: Who to v1, Secret to v2; any other method is UNIMPLEMENTED.
+    g.apply(
+        "GRPCRoute gateway-conformance-mesh/by-method",
+        &route(
+            "GRPCRoute",
+            "by-method",
+            "  parentRefs:\n  - {group: \"\", kind: Service, name: echo, port: 7070}\n  rules:\n  \
+             - matches:\n    - method: {service: mesh.Echo, method: Who}\n    backendRefs:\n    - {name: echo-v1, port: 7070}\n  \
+             - matches:\n    - method: {service: mesh.Echo, method: Secret}\n    backendRefs:\n    - {name: echo-v2, port: 7070}\n",
+        ),
+    );
+    assert_eq!(grpc("Who", 20)["answered"]["echo-v1"], 20);
+    assert_eq!(
+        grpc("Secret", 20)["answered"]["secret"],
+        20,
+        "every Secret call answered by echo-v2"
+    );
+    let chat = grpc("Chat", 3);
+    assert_eq!(chat["errors"]["UNIMPLEMENTED"], 1, "{chat}");
+
+    // A TCPRoute on port 9090: 70/30 at connect(), in the kernel.
+    g.apply(
+        "TCPRoute gateway-conformance-mesh/tcp-weighted",
+        "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: tcp-weighted, namespace: gateway-conformance-mesh}\n\
+         spec:\n  parentRefs:\n  - {group: \"\", kind: Service, name: echo, port: 9090}\n  rules:\n  \
+         - backendRefs:\n    - {name: echo-v1, port: 9090, weight: 70}\n    - {name: echo-v2, port: 9090, weight: 30}\n",
+    );
+    let out =
+        g.t.lab
+            .exec("client", LABTOOL)
+            .unwrap()
+            .args(["tally", "--to", &format!("{ECHO_VIP}:9090"), "--count", "1000"])
+            .output()
+            .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["failed"], 0, "{v}");
+    let at = |pod: &str| v["servers"][format!("{}:9090", g.ip(pod))].as_u64().unwrap_or(0);
+    println!("TCPRoute 70/30 over 1,000 connections: {v}");
+    assert!(
+        (at("echo-v2") as f64 / 10.0 - 30.0).abs() <= 2.0 && at("echo-v1") + at("echo-v2") == 1000,
+        "{v}"
+    );
+}
+
+/// GEP-3779: `client` may reach the `app: echo` pods on 9090 only; nobody
+/// else may reach them at all (enforcing mode).
+#[test]
+fn an_authorization_policy_allows_its_sources_on_its_ports_and_nothing_else() {
+    let g = Gamma::up(&["--policy-mode=enforcing"]);
+    g.write(
+        "authz.yaml",
+        "apiVersion: gateway.networking.x-k8s.io/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {name: echo-clients, namespace: gateway-conformance-mesh}\n\
+         spec:\n  targetRefs:\n  - kind: Pod\n    selector: {matchLabels: {app: echo}}\n  action: ALLOW\n  enforcementLevel: Network\n  \
+         rules:\n  - sources:\n    - type: ServiceAccount\n      serviceAccount: {name: client}\n    networkAttributes: {ports: [9090]}\n",
+    );
+    wait_for("policy in force", Duration::from_secs(5), || {
+        ["node-a", "node-b"].iter().all(|n| {
+            log_records(&g.t.lab.agent_log(n))
+                .iter()
+                .any(|r| r["message"] == "policy in force" && r["targets"] == 1)
+        })
+    });
+    let can = |from: &str, pod: &str, port: u16| {
+        let to = format!("{}:{port}", g.ip(pod)).parse().unwrap();
+        g.t.traffic().connect(from, to, 1000).unwrap()["ok"] == true
+    };
+    for pod in ECHOES {
+        assert!(can("client", pod, 9090), "client -> {pod}:9090 is allowed");
+        assert!(
+            !can("client", pod, 8080),
+            "client -> {pod}:8080: not a port of the rule"
+        );
+        assert!(!can("stranger", pod, 9090), "stranger -> {pod}:9090: not a source");
+    }
+}
