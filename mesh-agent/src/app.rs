@@ -130,6 +130,9 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
             client: kube::Client::try_default().await.context(
                 "connecting to the Kubernetes API (--kubernetes): in-cluster config or a kubeconfig is needed",
             )?,
+            judge_routes: Some(std::sync::Arc::new(|snap| {
+                crate::gamma::Gamma::compile(snap).verdicts()
+            })),
         }),
     };
     tracing::info!(source = %source.describe(), "reading workloads and policy");

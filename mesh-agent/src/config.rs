@@ -110,6 +110,10 @@ pub enum PolicyCommand {
         headers: Vec<String>,
         #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
+        /// The agent's `--policy-mode`, for when the source sets none (a
+        /// MeshConfig document's spec.policyMode wins, as in the agent).
+        #[arg(long, env = "MESH_POLICY_MODE", value_enum, default_value_t = crate::state::PolicyMode::Enforcing)]
+        policy_mode: crate::state::PolicyMode,
     },
 }
 

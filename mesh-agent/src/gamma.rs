@@ -58,14 +58,7 @@ pub struct BoundRule {
     order: (String, usize, usize),
 }
 
-/// A route kind and name, as messages name it: `HTTPRoute t/name`.
-pub type RouteName = String;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RefusedRoute {
-    pub name: RouteName,
-    pub reason: String,
-}
+pub use crate::state::{RefusedRoute, RouteName};
 
 #[derive(Debug, Default)]
 pub struct Gamma {
@@ -520,6 +513,16 @@ fn l4_backends(route: &Named<gateway::L4RouteSpec>, snap: &Snapshot, protocol: &
         [rule] => Ok(Some((ports, backends(&route.namespace, &rule.backend_refs, snap)?))),
         [] => Err("no rules".into()),
         _ => Err("more than one rule: without matches only one can apply".into()),
+    }
+}
+
+impl Gamma {
+    /// What route status reports (`Accepted`, `ResolvedRefs`).
+    pub fn verdicts(&self) -> crate::state::RouteVerdicts {
+        crate::state::RouteVerdicts {
+            accepted: self.accepted.clone(),
+            refused: self.refused.clone(),
+        }
     }
 }
 

@@ -115,7 +115,10 @@ pub struct TrafficSplitSpec {
     pub matches: Option<Vec<TypedLocalObjectReference>>,
 }
 
-/// Every CRD this mesh defines, as YAML documents, in a stable order.
+/// Every CRD this mesh ships, as YAML documents, in a stable order: the SMI
+/// kinds, and GEP-3779's AuthorizationPolicy, which Gateway API does not
+/// publish a CRD for yet (the route kinds come with Gateway API's own
+/// install).
 pub fn crds() -> Vec<(&'static str, String)> {
     use kube::CustomResourceExt as _;
     let yaml = |crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
@@ -127,6 +130,10 @@ pub fn crds() -> Vec<(&'static str, String)> {
         ("tcproutes.specs.smi-spec.io.yaml", yaml(TCPRoute::crd())),
         ("udproutes.specs.smi-spec.io.yaml", yaml(UDPRoute::crd())),
         ("trafficsplits.split.smi-spec.io.yaml", yaml(TrafficSplit::crd())),
+        (
+            "authorizationpolicies.gateway.networking.x-k8s.io.yaml",
+            yaml(crate::gateway::AuthorizationPolicy::crd()),
+        ),
     ]
 }
 

@@ -1,8 +1,10 @@
-//! Where workloads and policy come from. Today: a directory of YAML files
-//! (`file`), used by the lab, the demo and single-node installs. The
-//! Kubernetes watcher will implement the same contract: produce validated
-//! [`Snapshot`]s, and on bad input keep the last good one in force.
+//! Where workloads and policy come from: a directory of YAML files
+//! (`file`: the lab, the demo, single-node installs) or the Kubernetes API
+//! (`kube`, with `gateway_kube` for the Gateway API kinds). Both keep the
+//! same contract: produce validated [`Snapshot`]s, and on bad input keep
+//! the last good one in force.
 pub mod file;
+pub mod gateway_kube;
 pub mod k8s;
 pub mod kube;
 
@@ -38,12 +40,15 @@ impl Source for FileSource {
 /// The Kubernetes API (a DaemonSet's agent).
 pub struct KubeSource {
     pub client: ::kube::Client,
+    /// How route status is judged (the agent's Gateway API compiler);
+    /// `None` (the CA) writes no status.
+    pub judge_routes: Option<crate::state::JudgeRoutes>,
 }
 
 #[tonic::async_trait]
 impl Source for KubeSource {
     async fn run(self: Box<Self>, tx: SnapshotTx) {
-        kube::watch(self.client, tx).await
+        kube::watch(self.client, self.judge_routes, tx).await
     }
 
     fn describe(&self) -> String {
@@ -67,4 +72,26 @@ pub enum SourceError {
         second: String,
         ip: std::net::IpAddr,
     },
+}
+
+/// A resource's `spec`, with every field this mesh does not know refused,
+/// never ignored: a typo (`port:` for `ports:`) read as "absent" could open
+/// every port, and a filter the mesh does not implement would silently not
+/// apply. The error names the resource and the field.
+pub(crate) fn strict_spec<'de, T, D>(spec: D, kind: &str, name: &str) -> Result<T, String>
+where
+    T: serde::Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+    D::Error: std::fmt::Display,
+{
+    let mut unknown = Vec::new();
+    let spec: T = serde_ignored::deserialize(spec, |path| unknown.push(format!("spec.{path}")))
+        .map_err(|e| format!("{kind} {name}: spec: {e}"))?;
+    if !unknown.is_empty() {
+        return Err(format!(
+            "{kind} {name}: unknown field {} (check the spelling against the API's spec; a field this mesh does not implement is refused rather than ignored)",
+            unknown.join(", ")
+        ));
+    }
+    Ok(spec)
 }

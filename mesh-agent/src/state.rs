@@ -172,6 +172,27 @@ pub struct SmiSet {
     pub traffic_splits: Vec<Named<crate::smi::TrafficSplitSpec>>,
 }
 
+/// A route kind and name, as messages name it: `HTTPRoute t/name`.
+pub type RouteName = String;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedRoute {
+    pub name: RouteName,
+    pub reason: String,
+}
+
+/// How a compiler judged a snapshot's Gateway API routes: those in force,
+/// each with the backends that did not resolve, and those refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteVerdicts {
+    pub accepted: BTreeMap<RouteName, Vec<String>>,
+    pub refused: Vec<RefusedRoute>,
+}
+
+/// The route compiler as the Kubernetes source's status writer calls it
+/// (given by `app`, so the source does not depend on the compilers).
+pub type JudgeRoutes = Arc<dyn Fn(&Snapshot) -> RouteVerdicts + Send + Sync>;
+
 /// The Gateway API resources of a snapshot, unvalidated (`gateway_routes`
 /// validates them, one by one). TCPRoute and UDPRoute here are Gateway
 /// API's (attached to a Service), not SMI's traffic specs of the same name.

@@ -197,6 +197,45 @@ impl Gamma {
         (code, serde_json::from_str(&body).unwrap_or(Value::String(body)))
     }
 
+    /// `mesh-agent policy check` from `client` for one request to the echo
+    /// VIP: whether it allows, and each backend pod it names with its share.
+    fn policy_check(&self, port: u16, method: &str, path: &str, headers: &[&str]) -> (bool, Vec<String>, String) {
+        let lab = &self.t.lab;
+        let mut check = std::process::Command::new(&lab.agent_bin);
+        // The lab's agents run permissive unless a test says otherwise.
+        check.args([
+            "policy",
+            "check",
+            "--policy-mode",
+            "permissive",
+            "--from",
+            &format!("pod:{NS}/client"),
+        ]);
+        check.args([
+            "--to",
+            &format!("{ECHO_VIP}:{port}"),
+            "--method",
+            method,
+            "--path",
+            path,
+        ]);
+        for h in headers {
+            check.args(["--header", h]);
+        }
+        let out = check.arg("--source-dir").arg(&lab.source_dir).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        // `  198.18.1.12:8080 (70.0%) pod gateway-conformance-mesh/echo-v1: ALLOW ...`
+        let pods = text
+            .lines()
+            .filter_map(|l| {
+                let share = l.split_once(" (")?.1.split_once(')')?.0;
+                let pod = l.split_once(&format!(" pod {NS}/"))?.1.split_once(':')?.0;
+                Some(format!("{pod} {share}"))
+            })
+            .collect();
+        (out.status.code() == Some(0), pods, text)
+    }
+
     /// `n` requests on one keep-alive connection (http.client): pod -> count.
     fn tally(&self, port: u16, path: &str, n: usize) -> BTreeMap<String, u64> {
         let script = r#"
@@ -275,6 +314,11 @@ fn http_routes_split_match_modify_redirect_and_rewrite_as_the_conformance_suite_
     println!("70/30 over 1,000 requests: {t:?}");
     let v2 = *t.get("echo-v2").unwrap_or(&0) as f64 / 10.0;
     assert!((v2 - 30.0).abs() <= 2.0 && t.values().sum::<u64>() == 1000, "{t:?}");
+    assert_eq!(
+        g.policy_check(80, "GET", "/", &[]).1,
+        ["echo-v1 70.0%", "echo-v2 30.0%"],
+        "policy check shows the weights in force"
+    );
     // Port 8080 has no route: plain service load balancing, no 404.
     let plain = g.tally(8080, "/x", 20);
     assert_eq!(plain.values().sum::<u64>(), 20, "{plain:?}");
@@ -303,6 +347,14 @@ fn http_routes_split_match_modify_redirect_and_rewrite_as_the_conformance_suite_
         ("/", &["version: two"][..], "echo-v2"),
     ] {
         assert_eq!(g.get(path, headers).1["pod"], want, "{path} {headers:?}");
+        // `policy check` names the same backend, alone (must-show 3).
+        let (allowed, pods, text) = g.policy_check(80, "GET", path, headers);
+        assert!(allowed, "{path} {headers:?}: {text}");
+        assert_eq!(
+            pods,
+            [format!("{want} 100.0%")],
+            "policy check for {path} {headers:?}: {text}"
+        );
     }
 
     // mesh-request-header-modifier: set, add, remove.

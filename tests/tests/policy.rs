@@ -491,6 +491,118 @@ fn http_route_rules_pass_matching_requests_and_answer_403_to_the_rest() {
     );
 }
 
+/// The SMI spec's HTTPRouteGroup example shape: a path/method match and a
+/// header-only match (`user-agent` and `cookie` regexes, both required).
+const HEADER_POLICY: &str = "
+kind: HTTPRouteGroup
+metadata: {name: the-routes, namespace: t}
+spec:
+  matches:
+  - {name: read-api, pathRegex: \"/api/.*\", methods: [GET]}
+  - name: android-insecure
+    headers:
+      user-agent: \".*Android.*\"
+      cookie: \"type=insecure\"
+---
+kind: TrafficTarget
+metadata: {name: front-routes, namespace: t}
+spec:
+  destination: {kind: ServiceAccount, name: web}
+  rules: [{kind: HTTPRouteGroup, name: the-routes, matches: [read-api, android-insecure]}]
+  sources: [{kind: ServiceAccount, name: front}]
+";
+
+/// Issue 21 must-show 3: for each request (method, path, headers), source
+/// and destination (same node, cross node), what curl gets through the
+/// datapath and what `policy check --method --path --header` answers agree,
+/// and both match the policy's intent.
+#[test]
+fn policy_check_agrees_with_the_datapath_request_by_request_headers_included() {
+    let t = TestLab::up_with(HTTP_TOPOLOGY, &["--policy-mode=enforcing"], LABTOOL);
+    let lab = &t.lab;
+    std::fs::write(lab.source_dir.join("policy.yaml"), HEADER_POLICY).unwrap();
+    let _servers: Vec<KillOnDrop> = ["web-a", "web-b"]
+        .iter()
+        .map(|pod| {
+            KillOnDrop(
+                lab.exec(pod, LABTOOL)
+                    .unwrap()
+                    .args(["http-serve", "--port", "80"])
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    wait_for("policy in force", Duration::from_secs(5), || {
+        ["node-a", "node-b"].iter().all(|n| {
+            log_records(&lab.agent_log(n))
+                .iter()
+                .any(|r| r["message"] == "policy in force" && r["targets"] == 1)
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    const ANDROID: &str = "user-agent: Mozilla/5.0 (Linux; Android 14)";
+    const INSECURE: &str = "cookie: type=insecure";
+    // (method, path, headers, allowed for front)
+    let requests: [(&str, &str, &[&str], bool); 9] = [
+        ("GET", "/api/x", &[], true),
+        ("POST", "/api/x", &[], false),
+        ("GET", "/admin", &[], false),
+        ("POST", "/admin", &[ANDROID, INSECURE], true),
+        ("DELETE", "/anything/at/all", &[ANDROID, INSECURE], true),
+        ("GET", "/admin", &[ANDROID], false),
+        ("GET", "/admin", &[INSECURE], false),
+        ("GET", "/admin", &["user-agent: Firefox/140", INSECURE], false),
+        ("GET", "/admin", &[ANDROID, "cookie: type=secure"], false),
+    ];
+    let mut cells = 0;
+    for src in ["front", "other"] {
+        for web in ["web-a", "web-b"] {
+            let ip = lab.pod(web).unwrap().ip;
+            for (method, path, headers, front_allowed) in requests {
+                let want = src == "front" && front_allowed;
+                let mut curl = lab.exec(src, "curl").unwrap();
+                curl.args(["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "-X", method]);
+                for h in headers {
+                    curl.args(["-H", h]);
+                }
+                let code = String::from_utf8_lossy(&curl.arg(format!("http://{ip}{path}")).output().unwrap().stdout)
+                    .to_string();
+                let datapath = match code.as_str() {
+                    "200" => true,
+                    "403" | "000" => false,
+                    other => panic!("{src} -> {web} {method} {path} {headers:?}: unexpected status {other}"),
+                };
+                let mut check = std::process::Command::new(&lab.agent_bin);
+                check.args([
+                    "policy",
+                    "check",
+                    "--from",
+                    &format!("pod:t/{src}"),
+                    "--to",
+                    &format!("{ip}:80"),
+                ]);
+                check.args(["--method", method, "--path", path]);
+                for h in headers {
+                    check.args(["--header", h]);
+                }
+                let out = check.arg("--source-dir").arg(&lab.source_dir).output().unwrap();
+                let checked = out.status.code() == Some(0);
+                let cell = format!("{src} -> {web} {method} {path} {headers:?}");
+                assert_eq!(datapath, want, "datapath for {cell}: status {code}");
+                assert_eq!(
+                    checked,
+                    datapath,
+                    "policy check disagrees with the datapath for {cell}:\n{}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+                cells += 1;
+            }
+        }
+    }
+    assert_eq!(cells, 36);
+}
+
 #[test]
 fn every_decision_leaves_exactly_one_audit_record() {
     let p = PolicyLab::up();

@@ -67,7 +67,11 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
                     let client = kube::Client::try_default().await.context(
                         "connecting to the Kubernetes API (--kubernetes): in-cluster config or a kubeconfig is needed",
                     )?;
-                    let source: Box<dyn source::Source> = Box::new(source::KubeSource { client });
+                    let source: Box<dyn source::Source> = Box::new(source::KubeSource {
+                        client,
+                        // The CA reads pods; route status is the agents'.
+                        judge_routes: None,
+                    });
                     tokio::spawn(source.run(tx));
                 }
             }

@@ -52,6 +52,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
         path,
         headers,
         trust_domain,
+        policy_mode,
     } = command;
     // As the datapath sees them (hyper): names lowercase, values trimmed.
     let headers: Vec<(String, String)> = headers
@@ -73,7 +74,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<bool> {
     for r in &policy.rejected {
         eprintln!("warning: {} {} refused: {}", r.kind, r.name, r.reason);
     }
-    let mode = snap.mode.unwrap_or(PolicyMode::Enforcing);
+    let mode = snap.mode.unwrap_or(policy_mode);
     let (src, _) = resolve(&snap, &from)?;
     let request = match (&method, &path) {
         // `--path /x?a=1`: the query is matched apart, as the datapath does.
@@ -406,6 +407,7 @@ mod tests {
                 path: Some("/api/x".into()),
                 headers: headers.iter().map(|h| h.to_string()).collect(),
                 trust_domain: "cluster.local".into(),
+                policy_mode: crate::state::PolicyMode::Enforcing,
             })
             .unwrap()
         };

@@ -249,17 +249,7 @@ fn resource_doc<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, kind: 
     let Some(spec) = doc.spec.filter(|s| !s.is_null()) else {
         return Err(format!("{kind} {name}: spec is required; refused"));
     };
-    // A field this mesh does not know is refused, never ignored: a typo
-    // (`port:` for `ports:`) read as "absent" could open every port.
-    let mut unknown = Vec::new();
-    let spec: T = serde_ignored::deserialize(spec, |path| unknown.push(format!("spec.{path}")))
-        .map_err(|e| format!("{kind} {name}: spec: {e}"))?;
-    if !unknown.is_empty() {
-        return Err(format!(
-            "{kind} {name}: unknown field {} (check the spelling against the API's spec; a field this mesh does not implement is refused rather than ignored)",
-            unknown.join(", ")
-        ));
-    }
+    let spec: T = super::strict_spec(spec, kind, &name)?;
     Ok(Named {
         namespace: doc.metadata.namespace,
         name: doc.metadata.name,

@@ -1,5 +1,6 @@
-//! The Kubernetes source: kube reflectors over Pods, Nodes and the SMI
-//! resources, folded into the same [`Snapshot`] the file source produces.
+//! The Kubernetes source: kube reflectors over Pods, Nodes, Services and
+//! the SMI resources, and (in [`super::gateway_kube`]) the Gateway API
+//! kinds, folded into the same [`Snapshot`] the file source produces.
 //!
 //! Nothing is published until every reflector has its first full list, so
 //! the agent never enforces a partial view (in enforcing mode, pods without
@@ -60,7 +61,7 @@ where
 }
 
 /// Watches the API server and publishes snapshots until the process ends.
-pub async fn watch(client: Client, tx: SnapshotTx) {
+pub async fn watch(client: Client, judge_routes: Option<crate::state::JudgeRoutes>, tx: SnapshotTx) {
     let changed = Arc::new(tokio::sync::Notify::new());
     let stores = Stores {
         pods: reflect(&client, changed.clone()),
@@ -75,6 +76,7 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
         udp_routes: reflect(&client, changed.clone()),
         traffic_splits: reflect(&client, changed.clone()),
     };
+    let gateway = Arc::new(super::gateway_kube::GatewayStores::start(&client, changed.clone()).await);
     // A partial view is never published.
     let ready = async {
         stores.pods.wait_until_ready().await?;
@@ -87,16 +89,22 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
         stores.http_route_groups.wait_until_ready().await?;
         stores.tcp_routes.wait_until_ready().await?;
         stores.udp_routes.wait_until_ready().await?;
-        stores.traffic_splits.wait_until_ready().await
+        stores.traffic_splits.wait_until_ready().await?;
+        gateway.wait_until_ready().await
     };
     if ready.await.is_err() {
         tracing::error!("kubernetes source: a reflector stopped before its first list");
         return;
     }
     tracing::info!("kubernetes source: initial lists complete");
+    let (status_tx, status_rx) = tokio::sync::watch::channel((Snapshot::default(), Vec::new()));
+    if let Some(judge) = judge_routes {
+        tokio::spawn(super::gateway_kube::status_loop(gateway.clone(), judge, status_rx));
+    }
     let mut generation = tx.borrow().generation;
     loop {
         let mut snap = snapshot(&stores);
+        let gateway_refused = gateway.fold(&mut snap);
         let changed_since = {
             let cur = tx.borrow();
             cur.generation == 0 || !cur.same_content(&snap)
@@ -105,8 +113,12 @@ pub async fn watch(client: Client, tx: SnapshotTx) {
             generation += 1;
             snap.generation = generation;
             tracing::info!(pods = snap.pods.len(), generation, "kubernetes source: new snapshot");
-            tx.publish(snap);
+            tx.publish(snap.clone());
         }
+        // Status follows every change, published or not (a refused edit
+        // leaves the snapshot as it was but changes the route's status).
+        snap.generation = generation;
+        status_tx.send_replace((snap, gateway_refused));
         changed.notified().await;
         // Coalesce a burst of events (a rollout) into one snapshot.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -322,12 +334,17 @@ mod tests {
         http::Response::new(StreamBody::new(stream))
     }
 
+    /// The agent's own route compiler, as `app` gives it.
+    fn judge() -> crate::state::JudgeRoutes {
+        Arc::new(|s| crate::gamma::Gamma::compile(s).verdicts())
+    }
+
     #[tokio::test]
     async fn reflectors_fold_into_one_snapshot_only_after_every_first_list() {
         let service = tower::service_fn(|req| async move { Ok::<_, Infallible>(fake_api(req)) });
         let client = Client::new(service, "default");
         let (tx, mut rx) = crate::state::channel();
-        let task = tokio::spawn(watch(client, tx));
+        let task = tokio::spawn(watch(client, Some(judge()), tx));
         tokio::time::timeout(Duration::from_secs(10), rx.changed())
             .await
             .expect("a snapshot")
@@ -360,6 +377,168 @@ mod tests {
             crate::authz::Proto::Tcp,
         );
         assert_eq!(d.target.as_deref(), Some("shop/front-to-web"));
+        task.abort();
+    }
+
+    /// Gateway API kinds: one route refused for a field the mesh does not
+    /// implement while the others apply, a kind without CRD read as empty
+    /// (the agent still starts), TCPRoute found at v1alpha2, and route
+    /// status written back with this mesh's controllerName.
+    #[tokio::test]
+    async fn gateway_api_routes_are_read_one_by_one_and_their_status_written_back() {
+        let patches: Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>> = Default::default();
+        let seen = patches.clone();
+        let route = |name: &str, rules: serde_json::Value| {
+            serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": name, "namespace": "shop", "generation": 4, "resourceVersion": "7"},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}], "rules": rules}})
+        };
+        let routes = serde_json::json!([
+            route(
+                "good",
+                serde_json::json!([{"backendRefs": [{"name": "web", "port": 80}]}])
+            ),
+            route(
+                "unresolved",
+                serde_json::json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/x"}}],
+                "backendRefs": [{"name": "nope", "port": 80}]}])
+            ),
+            route(
+                "timeouts",
+                serde_json::json!([{"timeouts": {"request": "1s"}, "backendRefs": [{"name": "web", "port": 80}]}])
+            ),
+        ]);
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let (seen, routes) = (seen.clone(), routes.clone());
+            async move {
+                let path = req.uri().path().to_string();
+                let not_found = || {
+                    let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
+                    let stream: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>> =
+                        Box::pin(futures::stream::once(async move {
+                            Ok(Frame::data(Bytes::from(body.to_string())))
+                        }));
+                    let mut r = http::Response::new(StreamBody::new(stream));
+                    *r.status_mut() = http::StatusCode::NOT_FOUND;
+                    r
+                };
+                let once = |body: Bytes| {
+                    let stream: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>> =
+                        Box::pin(futures::stream::once(async move { Ok(Frame::data(body)) }));
+                    http::Response::new(StreamBody::new(stream))
+                };
+                if req.method() == http::Method::PATCH {
+                    use http_body_util::BodyExt as _;
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    seen.lock()
+                        .unwrap()
+                        .push((path, serde_json::from_slice(&body).unwrap()));
+                    return Ok::<_, Infallible>(once(Bytes::from(
+                        serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                            "metadata": {"name": "x", "namespace": "shop"}})
+                        .to_string(),
+                    )));
+                }
+                let watching = req.uri().query().unwrap_or("").contains("watch=true");
+                if path.starts_with("/apis/gateway")
+                    && (path.contains("udproutes")
+                        || path.contains("authorizationpolicies")
+                        || path.contains("/v1/tcproutes"))
+                {
+                    return Ok(not_found());
+                }
+                if watching && path.starts_with("/apis/gateway") {
+                    let stream: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>> =
+                        Box::pin(futures::stream::pending());
+                    return Ok(http::Response::new(StreamBody::new(stream)));
+                }
+                Ok(match path.as_str() {
+                    "/apis/gateway.networking.k8s.io/v1/httproutes" => {
+                        once(list("HTTPRoute", "gateway.networking.k8s.io/v1", routes))
+                    }
+                    "/apis/gateway.networking.k8s.io/v1/grpcroutes" => {
+                        once(list("GRPCRoute", "gateway.networking.k8s.io/v1", serde_json::json!([])))
+                    }
+                    "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes" => once(list(
+                        "TCPRoute",
+                        "gateway.networking.k8s.io/v1alpha2",
+                        serde_json::json!([]),
+                    )),
+                    _ => fake_api(req),
+                })
+            }
+        });
+        let client = Client::new(service, "default");
+        let (tx, mut rx) = crate::state::channel();
+        let task = tokio::spawn(watch(client, Some(judge()), tx));
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("a snapshot although UDPRoute and AuthorizationPolicy are not installed")
+            .unwrap();
+        let snap = rx.borrow().clone();
+        let names: Vec<&str> = snap.gateway.http_routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["good", "unresolved"],
+            "the route with timeouts is refused alone"
+        );
+        let status_of = |route: &str| {
+            let path = format!("/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/{route}/status");
+            patches
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map(|(_, b)| b.clone())
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while ["good", "unresolved", "timeouts"]
+            .iter()
+            .any(|r| status_of(r).is_none())
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "status written: {:?}",
+                patches.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let conditions = |route: &str| -> Vec<(String, String, String)> {
+            let body = status_of(route).unwrap();
+            assert_eq!(body["metadata"]["resourceVersion"], "7", "conditional on what was read");
+            let parent = &body["status"]["parents"][0];
+            assert_eq!(parent["controllerName"], super::super::gateway_kube::CONTROLLER_NAME);
+            assert_eq!(parent["parentRef"]["name"], "web");
+            parent["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    assert_eq!(c["observedGeneration"], 4);
+                    (
+                        c["type"].as_str().unwrap().to_string(),
+                        c["status"].as_str().unwrap().to_string(),
+                        c["message"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        };
+        let good = conditions("good");
+        assert_eq!((good[0].1.as_str(), good[1].1.as_str()), ("True", "True"), "{good:?}");
+        let unresolved = conditions("unresolved");
+        assert_eq!(
+            (
+                unresolved[0].1.as_str(),
+                unresolved[1].0.as_str(),
+                unresolved[1].1.as_str()
+            ),
+            ("True", "ResolvedRefs", "False"),
+            "{unresolved:?}"
+        );
+        let refused = conditions("timeouts");
+        assert_eq!((refused[0].0.as_str(), refused[0].1.as_str()), ("Accepted", "False"));
+        assert!(refused[0].2.contains("spec.rules.0.timeouts"), "{refused:?}");
         task.abort();
     }
 }
