@@ -177,6 +177,63 @@ fn pod_to_pod(family: Family) {
     assert_eq!(denied_far, 0, "a denied datagram reached node-b");
 }
 
+/// The UDPRoute's ports bound what an allowed source may send to a pod's
+/// own address: alpha may send to beta on 5353/udp, not on another UDP port
+/// a beta pod serves, and the UDPRoute opens no TCP port; same node and
+/// cross node, both families; `policy check --protocol udp` agrees.
+#[test]
+fn a_udproute_opens_only_its_ports_and_only_for_udp() {
+    let u = UdpLab::up();
+    let lab = &u.t.lab;
+    const OTHER: u16 = 6000;
+    let _others: Vec<KillOnDrop> = ["near", "far"]
+        .iter()
+        .map(|pod| {
+            KillOnDrop(
+                lab.exec(pod, LABTOOL)
+                    .unwrap()
+                    .args(["udp-serve", "--port", &OTHER.to_string()])
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let _tcp: Vec<KillOnDrop> = ["near", "far"]
+        .iter()
+        .map(|pod| KillOnDrop(u.t.traffic().serve(pod, PORT).unwrap()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let check = |to: SocketAddr, protocol: &str| -> bool {
+        let out = std::process::Command::new(&lab.agent_bin)
+            .args(["policy", "check", "--from", "pod:t/client", "--to", &to.to_string()])
+            .args(["--protocol", protocol, "--policy-mode", "enforcing"])
+            .arg("--source-dir")
+            .arg(&lab.source_dir)
+            .output()
+            .unwrap();
+        out.status.code() == Some(0)
+    };
+    for pod in ["near", "far"] {
+        for family in [Family::V4, Family::V6] {
+            let allowed = u.addr(pod, family);
+            answered_all(&u.ask(allowed, 3, false), 3, allowed);
+            assert!(check(allowed, "udp"), "policy check: {allowed}/udp is allowed");
+            let mut other = allowed;
+            other.set_port(OTHER);
+            let v = u.ask(other, 1, false);
+            assert_eq!(v["ok"].as_u64(), Some(0), "{pod} {family:?} port {OTHER}: {v}");
+            assert!(
+                v["errors"].to_string().contains("Operation not permitted"),
+                "{pod} {family:?} port {OTHER}: want EPERM, got {v}"
+            );
+            assert!(!check(other, "udp"), "policy check: {other}/udp is denied");
+            let tcp = u.t.traffic().connect("client", allowed, 1000).unwrap();
+            assert_eq!(tcp["ok"], false, "{pod} {family:?}: TCP to {allowed}: {tcp}");
+            assert!(!check(allowed, "tcp"), "policy check: {allowed}/tcp is denied");
+        }
+    }
+}
+
 #[test]
 fn pod_to_pod_udp_over_ipv4() {
     pod_to_pod(Family::V4);
