@@ -48,7 +48,7 @@ enum Cmd {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
-    /// Regenerate deploy/crds/ from the SMI types in mesh-agent/src/smi.rs.
+    /// Regenerate deploy/crds/ from the SMI and AuthorizationPolicy types (mesh-agent/src/smi.rs, gateway.rs).
     GenCrds,
 }
 
