@@ -197,6 +197,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
                 node: s.node_name.clone(),
                 trust_domain: s.identity.trust_domain.clone(),
                 transport: s.tunnel.transport,
+                post_quantum: s.tunnel.post_quantum,
                 addr: s.tunnel.addr,
                 port: s.tunnel.port,
             };

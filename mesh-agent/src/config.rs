@@ -301,6 +301,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_TUNNEL_TRANSPORT", value_enum, default_value_t = crate::tunnel::Transport::Quic)]
     pub tunnel_transport: crate::tunnel::Transport,
 
+    /// Post-quantum hybrid key exchange (X25519MLKEM768, preferred over
+    /// X25519) on both tunnel transports. `false`: X25519 only; a peer
+    /// with it on still agrees on X25519 with this one.
+    #[arg(long, env = "MESH_POST_QUANTUM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub post_quantum: bool,
+
     /// Address the tunnel listeners (UDP and TCP) bind to.
     #[arg(long, env = "MESH_TUNNEL_ADDR", default_value = "0.0.0.0")]
     pub tunnel_addr: Ipv4Addr,
@@ -407,6 +413,7 @@ pub struct Settings {
 #[derive(Debug)]
 pub struct TunnelSettings {
     pub transport: crate::tunnel::Transport,
+    pub post_quantum: bool,
     pub addr: Ipv4Addr,
     pub port: u16,
 }
@@ -539,6 +546,7 @@ impl Settings {
             },
             tunnel: TunnelSettings {
                 transport: a.tunnel_transport,
+                post_quantum: a.post_quantum,
                 addr: a.tunnel_addr,
                 port: a.tunnel_port,
             },
@@ -588,6 +596,8 @@ mod tests {
         assert_eq!(s.outbound_port, 15001);
         assert!(!s.fail_open);
         assert!(s.fast_path, "the same-node fast path is on by default");
+        assert!(s.tunnel.post_quantum, "post-quantum key exchange is on by default");
+        assert!(!args(&["--post-quantum=false"]).unwrap().tunnel.post_quantum);
         assert!(!args(&["--fast-path=false"]).unwrap().fast_path);
         assert_eq!(s.bpffs_dir, PathBuf::from("/sys/fs/bpf/mesh"));
     }

@@ -6,6 +6,10 @@ use mesh_agent::{app, cmd, config};
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
+    // rustls carries two providers (aws-lc-rs for tunnels, ring for what
+    // kube and tonic build); a library asking for the process default
+    // gets aws-lc-rs rather than a panic over the ambiguity.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = config::Cli::parse();
     match cli.command {
         config::Command::Run(args) => {

@@ -245,9 +245,14 @@ pub struct Capture {
 
 impl Capture {
     pub fn start(tag: &str) -> Capture {
+        Self::start_snaplen(tag, 200)
+    }
+
+    /// With `snaplen` bytes of each packet (whole handshakes need ~1,500).
+    pub fn start_snaplen(tag: &str, snaplen: u32) -> Capture {
         let file = std::env::temp_dir().join(format!("mesh-fabric-{tag}-{}.pcap", std::process::id()));
         let child = lab::in_netns(lab::FABRIC_NETNS, "tcpdump")
-            .args(["-i", "br0", "-s", "200", "-U", "-n", "-w"])
+            .args(["-i", "br0", "-s", &snaplen.to_string(), "-U", "-n", "-w"])
             .arg(&file)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -266,6 +271,26 @@ impl Capture {
             .status();
         let _ = self.child.wait();
         std::fs::read(&self.file).unwrap_or_default()
+    }
+
+    /// The key exchange group of every TLS 1.3 ServerHello on the tunnel
+    /// port, as tshark dissects it (QUIC Initial packets decrypted by
+    /// tshark itself): IANA numbers, 4588 = X25519MLKEM768, 29 = X25519.
+    pub fn server_key_shares(&self, tunnel_port: u16) -> Vec<String> {
+        let out = std::process::Command::new("tshark")
+            .args(["-n", "-r"])
+            .arg(&self.file)
+            .args(["-d", &format!("udp.port=={tunnel_port},quic")])
+            .args(["-d", &format!("tcp.port=={tunnel_port},tls")])
+            .args(["-Y", "tls.handshake.type == 2", "-T", "fields"])
+            .args(["-e", "tls.handshake.extensions_key_share_group"])
+            .output()
+            .expect("tshark (run ./run.sh setup)");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .flat_map(|l| l.split(','))
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn count(&self, filter: &str) -> usize {

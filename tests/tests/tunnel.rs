@@ -26,6 +26,49 @@ enum Dial {
     Ipv6,
 }
 
+/// Both transports agree on X25519MLKEM768 by default, as the fabric
+/// shows (tshark dissects each ServerHello, QUIC's from its decrypted
+/// Initial packets), and on X25519 with `--post-quantum=false`.
+#[test]
+fn tunnels_use_post_quantum_key_exchange_by_default_on_both_transports() {
+    for (transport, pq, want) in [
+        ("quic", true, "4588"),
+        ("tcp", true, "4588"),
+        ("quic", false, "29"),
+        ("tcp", false, "29"),
+    ] {
+        let t = TestLab::up(
+            &[
+                &format!("--tunnel-transport={transport}"),
+                &format!("--post-quantum={pq}"),
+            ],
+            LABTOOL,
+        );
+        // QUIC sends its handshake as one UDP GSO burst, which the capture
+        // would see as one oversized frame tshark cannot split: the nodes'
+        // fabric interfaces take one segment per packet (lab namespaces only).
+        for node in ["node-a", "node-b"] {
+            let netns = &t.lab.node(node).unwrap().netns;
+            let ok = xtask::lab::in_netns(netns, "ip")
+                .args(["link", "set", "dev", "eth0", "gso_max_segs", "1"])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip link set gso_max_segs in {netns}");
+        }
+        let mut cap = Capture::start_snaplen(&format!("kx-{transport}-{pq}"), 2000);
+        let r = t.traffic().connect("pod-a", t.addr("pod-c"), 3000).unwrap();
+        assert_eq!(r["ok"], true, "{transport}: {r}");
+        cap.stop();
+        let groups = cap.server_key_shares(15008);
+        println!("{transport}, --post-quantum={pq}: ServerHello key share groups {groups:?}");
+        assert!(
+            !groups.is_empty() && groups.iter().all(|g| g == want),
+            "{transport}, --post-quantum={pq}: want group {want} in every ServerHello, got {groups:?}"
+        );
+    }
+}
+
 fn transfer_through(transport: &str, dial: Dial, size: u64) {
     let t = TestLab::up(&[&format!("--tunnel-transport={transport}")], LABTOOL);
     let pod_c = t.lab.pod("pod-c").unwrap();

@@ -41,6 +41,8 @@ pub struct TunnelSettings {
     pub node: String,
     pub trust_domain: String,
     pub transport: Transport,
+    /// X25519MLKEM768 preferred (see [`TunnelTls`]).
+    pub post_quantum: bool,
     /// The address both transports listen on (and dial from).
     pub addr: std::net::Ipv4Addr,
     pub port: u16,
@@ -64,7 +66,11 @@ pub fn start(
     redirect: Arc<crate::redirect::Redirect>,
 ) -> Result<Started, StartError> {
     let bundle = Arc::new(TrustBundle::new(roots, &settings.trust_domain).map_err(StartError::TrustAnchor)?);
-    let tls = TunnelTls { manager, bundle };
+    let tls = TunnelTls {
+        manager,
+        bundle,
+        post_quantum: settings.post_quantum,
+    };
     let inbound = Arc::new(Inbound {
         node: settings.node.clone(),
         trust_domain: settings.trust_domain.clone(),

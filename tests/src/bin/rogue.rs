@@ -92,6 +92,7 @@ async fn main() {
     let tls = TunnelTls {
         manager,
         bundle: Arc::new(TrustBundle::new(&roots, &td).unwrap()),
+        post_quantum: true,
     };
     let metrics = TunnelMetrics::default();
     match cli.cmd {
