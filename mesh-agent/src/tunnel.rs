@@ -14,6 +14,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod pool;
 pub mod quic;
+pub mod source_port;
 pub mod split;
 pub mod start;
 pub mod tls;

@@ -361,6 +361,80 @@ fn a_killed_peer_agent_fails_its_flows_fast_and_spares_the_others() {
     });
 }
 
+const TWO_SERVERS_ON_B: &str = "
+nodes: [{name: node-a}, {name: node-b}]
+pods:
+  - {name: pod-a, namespace: t, serviceAccount: sa-a, node: node-a}
+  - {name: pod-c, namespace: t, serviceAccount: sa-c, node: node-b}
+  - {name: pod-d, namespace: t, serviceAccount: sa-d, node: node-b}
+";
+
+/// The destination agent closes first toward the pod whenever the client
+/// does, so its side of each delivered flow goes to TIME-WAIT. Its source
+/// ports must be judged per 4-tuple, as any client's are. With node-b's
+/// ephemeral range cut to 50 ports: 50 flows to pod-c, then 50 more at
+/// once (each reuses a 4-tuple in TIME-WAIT, which the kernel allows for
+/// a bound port under PAWS), and pod-d is reached while all 50 toward
+/// pod-c are open; a 51st concurrent flow to pod-c fails as a reset, and
+/// the agent says what to check. (While the agent bound port 0, the first
+/// 50 flows' TIME-WAIT took the ports toward every pod for a minute.)
+#[test]
+fn the_agents_source_ports_toward_pods_are_judged_per_4_tuple() {
+    for transport in ["quic", "tcp"] {
+        let t = TestLab::up_with(TWO_SERVERS_ON_B, &[&format!("--tunnel-transport={transport}")], LABTOOL);
+        let lab = &t.lab;
+        let netns = &lab.node("node-b").unwrap().netns;
+        let ok = xtask::lab::in_netns(netns, "sysctl")
+            .args(["-q", "-w", "net.ipv4.ip_local_port_range=40000 40049"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "sysctl in {netns}");
+        let (to_c, to_d) = (t.addr("pod-c").to_string(), t.addr("pod-d").to_string());
+        let pod_c_ip = t.addr("pod-c").ip().to_string();
+        let r = run_burst(lab, &to_c, 50);
+        assert_eq!(r["ok"], 50, "{transport}: 50 flows to pod-c: {r}");
+        let r = run_burst(lab, &to_d, 20);
+        assert_eq!(r["ok"], 20, "{transport}: pod-d after 50 flows to pod-c: {r}");
+        // 50 held open to pod-c, over 4-tuples in TIME-WAIT.
+        let held: Vec<_> = (0..50)
+            .map(|_| {
+                lab.exec("pod-a", LABTOOL)
+                    .unwrap()
+                    .args(["send", "--to", &to_c, "--bytes", "1024", "--hold-ms", "4000"])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        wait_for("50 flows open to pod-c", Duration::from_secs(5), || {
+            let o = xtask::lab::in_netns(netns, "ss")
+                .args(["-Htan", "state", "established", "dst", &pod_c_ip])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).lines().count() >= 50
+        });
+        let r = run_burst(lab, &to_d, 5);
+        assert_eq!(
+            r["ok"],
+            5,
+            "{transport}: pod-d must be reached while 50 flows to pod-c hold every port toward it: {r}\nnode-b: {:#?}",
+            agent_warnings(lab, "node-b")
+        );
+        let r = run_burst(lab, &to_c, 1);
+        assert_eq!(r["failed"], 1, "{transport}: a 51st flow to pod-c has no port: {r}");
+        wait_for("the agent's word on it", Duration::from_secs(5), || {
+            agent_warnings(lab, "node-b")
+                .iter()
+                .any(|w| w.contains("no source port free toward") && w.contains("ip_local_port_range"))
+        });
+        for c in held {
+            let r: Value = serde_json::from_slice(&c.wait_with_output().unwrap().stdout).unwrap_or(Value::Null);
+            assert_eq!(r["ok"], true, "{transport}: a held flow to pod-c: {r}");
+        }
+    }
+}
+
 /// A killed peer agent is a failure, and looks like one: every client
 /// waiting on a flow through it reads a reset, never a clean end of
 /// stream, over either transport.

@@ -3,7 +3,8 @@
 //! agent's included, unless the agent vouched for that exact flow first:
 //! so the socket is bound before it connects (its address and port are
 //! then known), the flow is written into `mesh_admit`, and only then
-//! does the SYN (or the first datagram) leave.
+//! does the SYN (or the first datagram) leave. TCP source ports are
+//! chosen by `source_port`.
 use std::{
     io,
     net::{IpAddr, SocketAddr},
@@ -14,6 +15,7 @@ use std::{
 use mesh_common::{AdmitKey, PROTO_TCP, PROTO_UDP};
 use tokio::net::{TcpSocket, TcpStream};
 
+use super::source_port::{self, SourcePorts};
 use crate::redirect::{Redirect, admit_key};
 
 /// Who records vouched flows: the kernel maps (`Redirect`), or nothing
@@ -60,21 +62,44 @@ impl Drop for Vouched {
 /// included); it is removed once connect() returns.
 const CONNECT_VOUCH: Duration = Duration::from_secs(130);
 
-/// Connects to `dst` (a pod of this node), vouched for.
+/// Connects to `dst` (a pod of this node), vouched for, from a source
+/// port chosen by `source_port` (why: see there).
 pub async fn connect_tcp(redirect: &Arc<dyn Voucher>, dst: SocketAddr) -> io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.bind(SocketAddr::new(source_for(dst)?, 0))?;
-    let key = admit_key(socket.local_addr()?, dst, PROTO_TCP);
-    redirect.vouch(&key, Some(CONNECT_VOUCH))?;
-    let _vouched = Vouched {
-        redirect: redirect.clone(),
-        key,
-    };
-    socket.connect(dst).await
+    let source = source_for(dst)?;
+    let ports = SourcePorts::global();
+    for _ in 0..source_port::ATTEMPTS {
+        let Some(claim) = ports.claim(source, dst) else { break };
+        let socket = if dst.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(SocketAddr::new(source, claim.port())) {
+            // A listener or a socket without SO_REUSEADDR has the port.
+            Err(err) if err.kind() == io::ErrorKind::AddrInUse => continue,
+            other => other?,
+        }
+        let key = admit_key(socket.local_addr()?, dst, PROTO_TCP);
+        redirect.vouch(&key, Some(CONNECT_VOUCH))?;
+        let _vouched = Vouched {
+            redirect: redirect.clone(),
+            key,
+        };
+        match socket.connect(dst).await {
+            // This 4-tuple is taken (connected, or in TIME-WAIT without timestamps).
+            Err(err) if err.kind() == io::ErrorKind::AddrNotAvailable => continue,
+            other => return other,
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrNotAvailable,
+        format!(
+            "no source port free toward {dst} from {source}: the node's ephemeral ports toward it are all taken \
+             (open flows, or TIME-WAIT without TCP timestamps); check net.ipv4.ip_local_port_range and \
+             net.ipv4.tcp_timestamps on the node"
+        ),
+    ))
 }
 
 /// A UDP socket connected to `dst` (a pod of this node), vouched for as
