@@ -348,9 +348,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
 
-    /// Tokio worker threads.
-    #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
-    pub worker_threads: usize,
+    /// Tokio worker threads [default: 2, or 1 when the agent may use only
+    /// one CPU (its affinity or cgroup CPU quota, e.g. a limit of 1 CPU):
+    /// a second worker on one CPU only adds wakeups and context switches].
+    #[arg(long, env = "MESH_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 
     /// Unix socket where a running agent hands its listening sockets to its
     /// successor (a restart or upgrade on this node refuses no connection).
@@ -501,8 +503,9 @@ impl Settings {
         {
             return Err(ConfigError::BadCaptureIp6(ip6));
         }
-        if !(1..=64).contains(&a.worker_threads) {
-            return Err(ConfigError::WorkerThreads(a.worker_threads));
+        let worker_threads = a.worker_threads.unwrap_or_else(default_worker_threads);
+        if !(1..=64).contains(&worker_threads) {
+            return Err(ConfigError::WorkerThreads(worker_threads));
         }
         if !(Duration::from_secs(60)..=Duration::from_secs(7 * 24 * 3600)).contains(&a.cert_ttl) {
             return Err(ConfigError::CertTtl(a.cert_ttl));
@@ -556,7 +559,7 @@ impl Settings {
             admin_addr: a.admin_addr,
             health_addr: a.health_addr,
             metrics_addr: a.metrics_addr,
-            worker_threads: a.worker_threads,
+            worker_threads,
             log: LogSettings {
                 level: a.log_level,
                 format: a.log_format,
@@ -565,6 +568,12 @@ impl Settings {
             drain_grace: a.drain_grace,
         })
     }
+}
+
+/// Two workers (as ztunnel), or fewer when the agent may run on fewer
+/// CPUs: std reads the affinity mask and the cgroup's CPU quota.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(2)
 }
 
 #[cfg(test)]
@@ -588,6 +597,27 @@ mod tests {
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         let Command::Run(run) = cli.command else { unreachable!() };
         Settings::from_args(run).map_err(|e| e.to_string())
+    }
+
+    /// An agent confined to one CPU runs one worker; told, it runs what
+    /// it is told.
+    #[test]
+    fn worker_threads_follow_the_cpus_the_agent_may_use() {
+        let on_one_cpu = std::thread::spawn(|| {
+            let mut one = nix::sched::CpuSet::new();
+            one.set(0).unwrap();
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+            (
+                args(&[]).unwrap().worker_threads,
+                args(&["--worker-threads", "3"]).unwrap().worker_threads,
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(on_one_cpu, (1, 3));
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(args(&[]).unwrap().worker_threads, cpus.min(2));
+        assert!(args(&["--worker-threads", "0"]).unwrap_err().contains("1-64"));
     }
 
     #[test]

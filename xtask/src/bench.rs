@@ -253,7 +253,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         &UpOptions {
             agent_bin: agent,
             policy_dir: Some(policy_dir),
-            start_agents: true,
+            start_agents: false,
             agent_args: vec![],
         },
     )?;
@@ -271,7 +271,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         transport: "quic",
         peak_rss_kib: BTreeMap::new(),
     };
-    bench.pin_agents()?;
+    bench.lab.start_ca()?;
+    bench.start_pinned_agents()?;
     bench.widen_client_ports()?;
     bench.start_servers()?;
     // Idle: agents up, every workload enrolled, no traffic yet.

@@ -64,18 +64,14 @@ impl Bench {
         Ok(c)
     }
 
-    pub(super) fn pin_agents(&self) -> anyhow::Result<()> {
+    /// Starts both agents on their node's CPU (`taskset` before exec), as
+    /// a CPU limit of one would confine them: each then sizes its runtime
+    /// to that one CPU (one worker), as it would in such a pod.
+    pub(super) fn start_pinned_agents(&self) -> anyhow::Result<()> {
         for (node, cpu) in NODES {
-            let pid = self
-                .lab
-                .agent_pid(node)
-                .with_context(|| format!("no agent on {node}"))?;
-            let ok = Command::new("taskset")
-                .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
-                .stdout(Stdio::null())
-                .status()?
-                .success();
-            ensure!(ok, "taskset on the agent of {node} failed");
+            self.lab
+                .start_agent_wrapped(node, &["taskset", "-c", &cpu.to_string()])
+                .with_context(|| format!("starting the agent of {node} on CPU {cpu}"))?;
         }
         Ok(())
     }
@@ -186,9 +182,8 @@ impl Bench {
         self.lab.agent_args = vec![format!("--tunnel-transport={want}")];
         for (node, _) in NODES {
             self.lab.stop_agent(node)?;
-            self.lab.start_agent(node)?;
         }
-        self.pin_agents()?;
+        self.start_pinned_agents()?;
         self.transport = want;
         // Let the agents enrol the pods before measuring.
         std::thread::sleep(Duration::from_millis(500));
