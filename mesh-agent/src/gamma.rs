@@ -23,13 +23,13 @@
 //! - a route that does not validate (a bad regex, a filter this mesh does
 //!   not implement) is refused whole, with its reason; it never narrows or
 //!   widens another route.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use regex::Regex;
 
 use crate::{
     gateway::{self, BackendRef, HttpFilter, ParentRef},
-    routes::{Filters, GatewayMatch, HeaderEdits, PathEdit, PathMatch, Redirect, ValueMatch},
+    routes::{Filters, GatewayMatch, HeaderEdits, PathEdit, PathMatch, Redirect, Timeouts, ValueMatch},
     state::{Named, Snapshot},
 };
 
@@ -373,6 +373,31 @@ fn filters(list: &[HttpFilter], prefix: Option<&str>, grpc: bool) -> Result<Filt
     Ok(f)
 }
 
+/// GEP-1742: a zero duration turns that timeout off; backendRequest may
+/// not exceed request.
+fn timeouts(t: Option<&gateway::HttpRouteTimeouts>) -> Result<Timeouts, String> {
+    let Some(t) = t else { return Ok(Timeouts::default()) };
+    let parse = |v: &Option<String>, what: &str| -> Result<Option<Duration>, String> {
+        match v {
+            None => Ok(None),
+            Some(v) => {
+                let d = gateway::parse_duration(v).map_err(|e| format!("{what}: {e}"))?;
+                Ok((!d.is_zero()).then_some(d))
+            }
+        }
+    };
+    let out = Timeouts {
+        request: parse(&t.request, "request")?,
+        backend_request: parse(&t.backend_request, "backendRequest")?,
+    };
+    if let (Some(r), Some(b)) = (out.request, out.backend_request)
+        && b > r
+    {
+        return Err(format!("backendRequest ({b:?}) is longer than request ({r:?})"));
+    }
+    Ok(out)
+}
+
 type Bound = Option<(Vec<(String, u16)>, Vec<BoundRule>)>;
 
 fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<Bound, String> {
@@ -384,6 +409,7 @@ fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<
     for (ri, rule) in route.spec.rules.iter().enumerate() {
         let what = |mi: usize| format!("HTTPRoute {full} rule {ri} match {mi}");
         let backends = backends(&route.namespace, &rule.backend_refs, snap).map_err(|e| format!("rule {ri}: {e}"))?;
+        let timeouts = timeouts(rule.timeouts.as_ref()).map_err(|e| format!("rule {ri}: timeouts: {e}"))?;
         let default = [gateway::HttpRouteMatch::default()];
         let matches = if rule.matches.is_empty() {
             &default[..]
@@ -422,7 +448,8 @@ fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<
                         .map_err(|e| format!("rule {ri} match {mi}: {e}"))?,
                 ));
             }
-            let filters = filters(&rule.filters, prefix, false).map_err(|e| format!("rule {ri}: {e}"))?;
+            let mut filters = filters(&rule.filters, prefix, false).map_err(|e| format!("rule {ri}: {e}"))?;
+            filters.timeouts = timeouts;
             out.push(BoundRule {
                 name: what(mi),
                 rank: (kind_rank, prefix_len, m.method.is_some(), headers.len(), query.len()),
@@ -730,5 +757,62 @@ mod tests {
             Some("m/split"),
             "the split keeps the other ports"
         );
+    }
+
+    #[test]
+    fn route_timeouts_are_read_as_gep_1742_says() {
+        let rule = |t: &str| {
+            format!(
+                "parentRefs: [{{group: \"\", kind: Service, name: echo, port: 80}}]\nrules:\n- timeouts: {t}\n  backendRefs: [{{name: echo-v1, port: 8080}}]\n"
+            )
+        };
+        let c = Splits::default().compile(&snap(&[
+            &rule("{request: 1s}"),
+            &rule("{request: 1s, backendRequest: 2s}"),
+            &rule("{request: 1.5s}"),
+        ]));
+        let refused: Vec<(&str, &str)> = c
+            .routes_refused
+            .iter()
+            .map(|r| (r.name.as_str(), r.reason.as_str()))
+            .collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused[0].0 == "HTTPRoute m/r1" && refused[0].1.contains("longer than request"),
+            "{refused:?}"
+        );
+        assert!(
+            refused[1].0 == "HTTPRoute m/r2" && refused[1].1.contains("not a Gateway API duration"),
+            "{refused:?}"
+        );
+        for (spec, want) in [
+            ("{request: 1500ms}", Some((Duration::from_millis(1500), "request"))),
+            (
+                "{request: 10s, backendRequest: 1s}",
+                Some((Duration::from_secs(1), "backendRequest")),
+            ),
+            ("{request: 0s}", None),
+            (
+                "{backendRequest: 250ms}",
+                Some((Duration::from_millis(250), "backendRequest")),
+            ),
+        ] {
+            let c = Splits::default().compile(&snap(&[&rule(spec)]));
+            let routes = c.http.values().next().unwrap();
+            assert_eq!(routes.rules[0].filters.timeouts.limit(), want, "{spec}");
+        }
+    }
+
+    #[test]
+    fn gateway_durations_follow_gep_2257() {
+        use crate::gateway::parse_duration;
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h1m1s1ms"), Ok(Duration::from_millis(3_661_001)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "10", "1.5s", "-1s", "123456s", "1h1m1s1ms1h", "1d", "1 s", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -180,6 +180,52 @@ pub struct HttpRouteRule {
     pub filters: Vec<HttpFilter>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backend_refs: Vec<BackendRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<HttpRouteTimeouts>,
+}
+
+/// `timeouts` of an HTTPRoute rule (GEP-1742), as Gateway API durations.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteTimeouts {
+    /// The whole request, from when the agent has it to the response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// One attempt at a backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_request: Option<String>,
+}
+
+/// A Gateway API duration (GEP-2257): one to four of a number (up to 5
+/// digits) and a unit, `h`, `m`, `s` or `ms`, e.g. `10s`, `1h30m`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a Gateway API duration (e.g. 10s, 1h30m, 500ms)");
+    let (mut total, mut parts, mut rest) = (std::time::Duration::ZERO, 0, s);
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (std::time::Duration::from_millis(1), 2)
+        } else {
+            match rest.bytes().next() {
+                Some(b'h') => (std::time::Duration::from_secs(3600), 1),
+                Some(b'm') => (std::time::Duration::from_secs(60), 1),
+                Some(b's') => (std::time::Duration::from_secs(1), 1),
+                _ => return Err(bad()),
+            }
+        };
+        rest = &rest[len..];
+        total += unit * n as u32;
+        parts += 1;
+    }
+    if parts == 0 || parts > 4 {
+        return Err(bad());
+    }
+    Ok(total)
 }
 
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

@@ -275,6 +275,28 @@ pub struct Filters {
     pub redirect: Option<Redirect>,
     pub rewrite_host: Option<String>,
     pub rewrite_path: Option<PathEdit>,
+    /// Not a filter in Gateway API, but applied with them.
+    pub timeouts: Timeouts,
+}
+
+/// An HTTPRoute rule's `timeouts`; None: no limit. With one attempt per
+/// request, the shorter of the two bounds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub request: Option<std::time::Duration>,
+    pub backend_request: Option<std::time::Duration>,
+}
+
+impl Timeouts {
+    /// The limit on one request's single attempt, and which setting it is.
+    pub fn limit(&self) -> Option<(std::time::Duration, &'static str)> {
+        match (self.request, self.backend_request) {
+            (Some(r), Some(b)) if b < r => Some((b, "backendRequest")),
+            (Some(r), _) => Some((r, "request")),
+            (None, Some(b)) => Some((b, "backendRequest")),
+            (None, None) => None,
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -379,9 +379,10 @@ print(json.dumps({"answered": answered, "errors": errors, "details": sorted(deta
 
     /// `name port`: Python's HTTP/1.1 server answering every request with
     /// JSON: the pod's name, method, path (with query) and request headers
-    /// (lowercase names, repeated ones joined with `,`).
+    /// (lowercase names, repeated ones joined with `,`); after
+    /// `x-echo-delay-ms` milliseconds when the request carries it.
     pub const HTTP_ECHO: &str = r#"
-import json, sys
+import json, sys, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 name, port = sys.argv[1], int(sys.argv[2])
 class Echo(BaseHTTPRequestHandler):
@@ -390,6 +391,9 @@ class Echo(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length", 0) or 0)
         if length:
             self.rfile.read(length)
+        delay = int(self.headers.get("x-echo-delay-ms", 0) or 0)
+        if delay:
+            time.sleep(delay / 1000)
         headers = {}
         for k in set(k.lower() for k in self.headers.keys()):
             headers[k] = ",".join(self.headers.get_all(k))
@@ -402,6 +406,11 @@ class Echo(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = answer
     def log_message(self, *args):
         pass
-ThreadingHTTPServer(("0.0.0.0", port), Echo).serve_forever()
+class Server(ThreadingHTTPServer):
+    # A client (or a timeout) that hangs up on a delayed answer is expected.
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+Server(("0.0.0.0", port), Echo).serve_forever()
 "#;
 }

@@ -457,6 +457,95 @@ fn http_routes_split_match_modify_redirect_and_rewrite_as_the_conformance_suite_
     );
 }
 
+/// HTTPRoute timeouts (GEP-1742) on the client's node: a stalled backend
+/// ends at the rule's timeout with a 504, same node and across the tunnel;
+/// the keep-alive connection serves the next request; `0s` turns it off;
+/// `policy check` names it.
+#[test]
+fn an_http_route_timeout_answers_504_at_its_deadline() {
+    let g = Gamma::up(&[]);
+    let rule = |path: &str, backend: &str, timeouts: &str| {
+        format!(
+            "  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    timeouts: {timeouts}\n    backendRefs: [{{name: {backend}, port: 8080}}]\n"
+        )
+    };
+    g.apply(
+        "HTTPRoute gateway-conformance-mesh/timeouts",
+        &route(
+            "HTTPRoute",
+            "timeouts",
+            &format!(
+                "{PARENT_80}  rules:\n{}{}{}",
+                rule("/v1", "echo-v1", "{request: 500ms}"),
+                rule("/v2", "echo-v2", "{request: 10s, backendRequest: 300ms}"),
+                rule("/off", "echo-v1", "{request: 0s}"),
+            ),
+        ),
+    );
+    // (status, seconds) of one curl request.
+    let timed = |path: &str, delay_ms: u64| -> (u16, f64) {
+        let out =
+            g.t.lab
+                .exec("client", "curl")
+                .unwrap()
+                .args(["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"])
+                .args(["-H", &format!("x-echo-delay-ms: {delay_ms}")])
+                .arg(format!("http://{ECHO_VIP}{path}"))
+                .output()
+                .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (code, secs) = text.split_once(' ').unwrap_or(("0", "0"));
+        (code.parse().unwrap_or(0), secs.parse().unwrap_or(0.0))
+    };
+    for (path, limit) in [("/v1", 0.5), ("/v2", 0.3)] {
+        for _ in 0..5 {
+            let (code, secs) = timed(path, 2000);
+            assert_eq!(code, 504, "{path}: a stalled backend gets 504");
+            assert!(
+                (secs - limit).abs() <= 0.05,
+                "{path}: ended after {secs:.3} s, want {limit} s +- 50 ms"
+            );
+        }
+        let (code, secs) = timed(path, 100);
+        assert!(
+            code == 200 && secs < limit,
+            "{path}: a prompt answer passes ({code}, {secs:.3} s)"
+        );
+    }
+    let (code, secs) = timed("/off", 1000);
+    assert!(
+        code == 200 && secs >= 1.0,
+        "0s turns the timeout off ({code}, {secs:.3} s)"
+    );
+    // One keep-alive connection: timed out, then served.
+    let script = r#"
+import http.client, json, sys
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=5)
+out = []
+for delay in (2000, 0, 2000, 0):
+    c.request("GET", "/v1", headers={"x-echo-delay-ms": str(delay)})
+    r = c.getresponse()
+    r.read()
+    out.append(r.status)
+print(json.dumps(out))
+"#;
+    let out =
+        g.t.lab
+            .exec("client", PYTHON)
+            .unwrap()
+            .args(["-c", script, ECHO_VIP])
+            .output()
+            .unwrap();
+    let statuses: Vec<u16> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("keep-alive: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(statuses, [504, 200, 504, 200], "keep-alive after a timeout");
+    let (_, _, text) = g.policy_check(80, "GET", "/v2/x", &[]);
+    assert!(
+        text.contains("no response within 300ms (the rule's backendRequest timeout): answered 504"),
+        "{text}"
+    );
+}
+
 #[test]
 fn grpc_and_tcp_routes_split_by_weight_and_route_grpc_methods() {
     let g = Gamma::up(&[]);

@@ -213,6 +213,12 @@ fn explain_service(
                 if let Some(split) = rule.name.strip_prefix("TrafficSplit ") {
                     print_split_weights(snap, split, out);
                 }
+                if let Some((limit, which)) = rule.filters.timeouts.limit() {
+                    let _ = writeln!(
+                        out,
+                        "  no response within {limit:?} (the rule's {which} timeout): answered 504 by the agent"
+                    );
+                }
                 if let Some(r) = &rule.filters.redirect {
                     let _ = writeln!(
                         out,

@@ -78,6 +78,7 @@ async fn forward(
     flow_id: u64,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let received = std::time::Instant::now();
     let grpc = is_grpc(&req);
     let headers: Vec<(String, String)> = req
         .headers()
@@ -136,6 +137,72 @@ async fn forward(
         }
     };
     tracing::debug!(%method, %path, %endpoint, route = label, version = ?req.version(), "request routed");
+    let reach = to_endpoint(
+        outbound,
+        tunnels,
+        split,
+        upstreams,
+        workload_id,
+        flow_id,
+        endpoint,
+        Routed {
+            grpc,
+            label,
+            filters,
+            method: &method,
+            query: &query,
+        },
+        req,
+    );
+    let Some((limit, which)) = filters.and_then(|f| f.timeouts.limit()) else {
+        return reach.await;
+    };
+    match tokio::time::timeout(limit.saturating_sub(received.elapsed()), reach).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            // The attempt is abandoned mid-exchange: its connection is not reused.
+            upstreams.lock().await.remove(&endpoint);
+            tunnels.metrics.split_request(&split.source, "timeout");
+            tracing::info!(%method, %path, %endpoint, timeout = ?limit, setting = which, "request timed out");
+            answer(
+                grpc,
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("mesh: no response from {endpoint} within the route's {which} timeout of {limit:?}\n"),
+            )
+        }
+    }
+}
+
+/// What routing decided about a request, for the attempt at its endpoint.
+struct Routed<'a> {
+    grpc: bool,
+    label: &'static str,
+    filters: Option<&'a Filters>,
+    method: &'a str,
+    query: &'a str,
+}
+
+/// One attempt: the endpoint's connection (opened on first use), the
+/// rule's request edits, the destination's HTTP rules, the response.
+#[allow(clippy::too_many_arguments)]
+async fn to_endpoint(
+    outbound: &Outbound,
+    tunnels: &Tunnels,
+    split: &HttpRoutes,
+    upstreams: &Upstreams,
+    workload_id: u32,
+    flow_id: u64,
+    endpoint: SocketAddr,
+    routed: Routed<'_>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let Routed {
+        grpc,
+        label,
+        filters,
+        method,
+        query,
+    } = routed;
     let upstream = {
         let mut upstreams = upstreams.lock().await;
         let usable = upstreams
@@ -169,9 +236,9 @@ async fn forward(
         .collect();
     if let Some(check) = &upstream.check
         && let Err(denial) = check.check(&HttpRequest {
-            method: &method,
+            method,
             path: &edited_path,
-            query: &query,
+            query,
             headers: &edited_headers,
         })
     {
