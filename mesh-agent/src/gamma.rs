@@ -29,7 +29,7 @@ use regex::Regex;
 
 use crate::{
     gateway::{self, BackendRef, HttpFilter, ParentRef},
-    routes::{Filters, GatewayMatch, HeaderEdits, PathEdit, PathMatch, Redirect, Timeouts, ValueMatch},
+    routes::{Filters, GatewayMatch, HeaderEdits, PathEdit, PathMatch, Redirect, Retry, Timeouts, ValueMatch},
     state::{Named, Snapshot},
 };
 
@@ -398,6 +398,27 @@ fn timeouts(t: Option<&gateway::HttpRouteTimeouts>) -> Result<Timeouts, String> 
     Ok(out)
 }
 
+/// GEP-1731 leaves the defaults to the implementation: one retry, 25 ms
+/// apart (Envoy's), and no status retried unless named.
+fn retry(r: &gateway::HttpRouteRetry) -> Result<Retry, String> {
+    if let Some(bad) = r.codes.iter().find(|c| !(400..=599).contains(*c)) {
+        return Err(format!("code {bad} is not a 4xx or 5xx status"));
+    }
+    let backoff = match &r.backoff {
+        Some(b) => gateway::parse_duration(b).map_err(|e| format!("backoff: {e}"))?,
+        None => Duration::from_millis(25),
+    };
+    let attempts = r.attempts.unwrap_or(1);
+    if attempts > 10 {
+        return Err(format!("attempts {attempts}: at most 10 retries are allowed"));
+    }
+    Ok(Retry {
+        codes: r.codes.clone(),
+        attempts,
+        backoff,
+    })
+}
+
 type Bound = Option<(Vec<(String, u16)>, Vec<BoundRule>)>;
 
 fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<Bound, String> {
@@ -410,6 +431,12 @@ fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<
         let what = |mi: usize| format!("HTTPRoute {full} rule {ri} match {mi}");
         let backends = backends(&route.namespace, &rule.backend_refs, snap).map_err(|e| format!("rule {ri}: {e}"))?;
         let timeouts = timeouts(rule.timeouts.as_ref()).map_err(|e| format!("rule {ri}: timeouts: {e}"))?;
+        let retry = rule
+            .retry
+            .as_ref()
+            .map(retry)
+            .transpose()
+            .map_err(|e| format!("rule {ri}: retry: {e}"))?;
         let default = [gateway::HttpRouteMatch::default()];
         let matches = if rule.matches.is_empty() {
             &default[..]
@@ -450,6 +477,7 @@ fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<
             }
             let mut filters = filters(&rule.filters, prefix, false).map_err(|e| format!("rule {ri}: {e}"))?;
             filters.timeouts = timeouts;
+            filters.retry = retry.clone();
             out.push(BoundRule {
                 name: what(mi),
                 rank: (kind_rank, prefix_len, m.method.is_some(), headers.len(), query.len()),
@@ -813,6 +841,49 @@ mod tests {
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         for bad in ["", "10", "1.5s", "-1s", "123456s", "1h1m1s1ms1h", "1d", "1 s", "s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn route_retries_are_read_as_gep_1731_says() {
+        let rule = |r: &str| {
+            format!(
+                "parentRefs: [{{group: \"\", kind: Service, name: echo, port: 80}}]\nrules:\n- retry: {r}\n  backendRefs: [{{name: echo-v1, port: 8080}}]\n"
+            )
+        };
+        for (spec, want) in [
+            (
+                "{codes: [503, 502], attempts: 3, backoff: 100ms}",
+                Retry {
+                    codes: vec![503, 502],
+                    attempts: 3,
+                    backoff: Duration::from_millis(100),
+                },
+            ),
+            (
+                "{}",
+                Retry {
+                    codes: vec![],
+                    attempts: 1,
+                    backoff: Duration::from_millis(25),
+                },
+            ),
+        ] {
+            let c = Splits::default().compile(&snap(&[&rule(spec)]));
+            let routes = c.http.values().next().unwrap();
+            assert_eq!(routes.rules[0].filters.retry.as_ref(), Some(&want), "{spec}");
+        }
+        for (spec, why) in [
+            ("{codes: [200]}", "not a 4xx or 5xx"),
+            ("{attempts: 11}", "at most 10"),
+            ("{backoff: soon}", "not a Gateway API duration"),
+        ] {
+            let c = Splits::default().compile(&snap(&[&rule(spec)]));
+            assert!(
+                c.routes_refused.len() == 1 && c.routes_refused[0].reason.contains(why),
+                "{spec}: {:?}",
+                c.routes_refused
+            );
         }
     }
 }

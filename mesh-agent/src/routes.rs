@@ -275,8 +275,24 @@ pub struct Filters {
     pub redirect: Option<Redirect>,
     pub rewrite_host: Option<String>,
     pub rewrite_path: Option<PathEdit>,
-    /// Not a filter in Gateway API, but applied with them.
+    /// Not filters in Gateway API, but applied with them.
     pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
+}
+
+/// The largest request body kept for retries (a larger one, or one of
+/// unknown length, is sent once).
+pub const RETRY_BODY_LIMIT: u64 = 64 * 1024;
+
+/// An HTTPRoute rule's `retry` (GEP-1731).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retry {
+    /// Responses retried (a connect failure always is).
+    pub codes: Vec<u16>,
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// The wait before each retry.
+    pub backoff: std::time::Duration,
 }
 
 /// An HTTPRoute rule's `timeouts`; None: no limit. With one attempt per

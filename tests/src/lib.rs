@@ -378,26 +378,50 @@ print(json.dumps({"answered": answered, "errors": errors, "details": sorted(deta
 "#;
 
     /// `name port`: Python's HTTP/1.1 server answering every request with
-    /// JSON: the pod's name, method, path (with query) and request headers
-    /// (lowercase names, repeated ones joined with `,`); after
-    /// `x-echo-delay-ms` milliseconds when the request carries it.
+    /// JSON: the pod's name, method, path (with query), request headers
+    /// (lowercase names, repeated ones joined with `,`) and the body's
+    /// length; after `x-echo-delay-ms` milliseconds when the request
+    /// carries it; with a 503 for N of every 10 requests it has counted
+    /// (the first N of each ten) when it carries `x-echo-fail-per-10: N`.
     pub const HTTP_ECHO: &str = r#"
-import json, sys, time
+import json, sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 name, port = sys.argv[1], int(sys.argv[2])
+lock, seen = threading.Lock(), [0]
 class Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are two writes: without this, Nagle holds the body
+    # for the client's delayed ACK (40 ms per keep-alive request).
+    disable_nagle_algorithm = True
     def answer(self):
+        body = b""
         length = int(self.headers.get("content-length", 0) or 0)
         if length:
-            self.rfile.read(length)
+            body = self.rfile.read(length)
+        elif self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                chunk = self.rfile.read(size + 2)[:size]
+                if size == 0:
+                    break
+                body += chunk
         delay = int(self.headers.get("x-echo-delay-ms", 0) or 0)
         if delay:
             time.sleep(delay / 1000)
+        fail = int(self.headers.get("x-echo-fail-per-10", 0) or 0)
+        if fail:
+            with lock:
+                n = seen[0]
+                seen[0] += 1
+            if n % 10 < fail:
+                self.send_response(503)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
         headers = {}
         for k in set(k.lower() for k in self.headers.keys()):
             headers[k] = ",".join(self.headers.get_all(k))
-        body = json.dumps({"pod": name, "method": self.command, "path": self.path, "headers": headers}).encode()
+        body = json.dumps({"pod": name, "method": self.command, "path": self.path, "headers": headers, "body_bytes": len(body)}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))

@@ -213,6 +213,16 @@ fn explain_service(
                 if let Some(split) = rule.name.strip_prefix("TrafficSplit ") {
                     print_split_weights(snap, split, out);
                 }
+                if let Some(r) = &rule.filters.retry {
+                    let _ = writeln!(
+                        out,
+                        "  retried up to {} time(s), {:?} apart, on a failed connect or status {:?} (bodies up to {} bytes are kept for it)",
+                        r.attempts,
+                        r.backoff,
+                        r.codes,
+                        crate::routes::RETRY_BODY_LIMIT
+                    );
+                }
                 if let Some((limit, which)) = rule.filters.timeouts.limit() {
                     let _ = writeln!(
                         out,

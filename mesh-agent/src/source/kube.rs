@@ -404,8 +404,8 @@ mod tests {
                 "backendRefs": [{"name": "nope", "port": 80}]}])
             ),
             route(
-                "retries",
-                serde_json::json!([{"retry": {"attempts": 2}, "backendRefs": [{"name": "web", "port": 80}]}])
+                "sticky",
+                serde_json::json!([{"sessionPersistence": {"type": "Cookie"}, "backendRefs": [{"name": "web", "port": 80}]}])
             ),
         ]);
         let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
@@ -478,7 +478,11 @@ mod tests {
             .unwrap();
         let snap = rx.borrow().clone();
         let names: Vec<&str> = snap.gateway.http_routes.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["good", "unresolved"], "the route with retries is refused alone");
+        assert_eq!(
+            names,
+            ["good", "unresolved"],
+            "the route with sessionPersistence is refused alone"
+        );
         let status_of = |route: &str| {
             let path = format!("/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/{route}/status");
             patches
@@ -489,7 +493,7 @@ mod tests {
                 .map(|(_, b)| b.clone())
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while ["good", "unresolved", "retries"].iter().any(|r| status_of(r).is_none()) {
+        while ["good", "unresolved", "sticky"].iter().any(|r| status_of(r).is_none()) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "status written: {:?}",
@@ -529,9 +533,9 @@ mod tests {
             ("True", "ResolvedRefs", "False"),
             "{unresolved:?}"
         );
-        let refused = conditions("retries");
+        let refused = conditions("sticky");
         assert_eq!((refused[0].0.as_str(), refused[0].1.as_str()), ("Accepted", "False"));
-        assert!(refused[0].2.contains("spec.rules.0.retry"), "{refused:?}");
+        assert!(refused[0].2.contains("spec.rules.0.sessionPersistence"), "{refused:?}");
         task.abort();
     }
 }

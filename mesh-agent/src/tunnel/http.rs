@@ -17,8 +17,8 @@ use tokio::{
     sync::Mutex,
 };
 
-/// A response as the agent sends it downstream: the upstream's body as it
-/// streams, or the agent's own short answer.
+/// A body as the agent sends it on: the peer's as it streams, or one the
+/// agent holds whole (its own short answer, a request kept for retries).
 pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// Serves HTTP/1.1 or HTTP/2 (told apart by the HTTP/2 connection preface)
@@ -41,8 +41,8 @@ where
 /// HTTP/2 streams run side by side, HTTP/1.1 requests take turns.
 #[derive(Clone)]
 pub enum Sender {
-    Http1(Arc<Mutex<conn::http1::SendRequest<Incoming>>>),
-    Http2(conn::http2::SendRequest<Incoming>),
+    Http1(Arc<Mutex<conn::http1::SendRequest<Body>>>),
+    Http2(conn::http2::SendRequest<Body>),
 }
 
 impl Sender {
@@ -87,7 +87,9 @@ impl Sender {
         }
     }
 
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error> {
+    /// Sends a request: the client's body as it streams, or one the agent
+    /// kept (to send again on a retry).
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
         match self {
             Sender::Http1(s) => {
                 let mut s = s.lock().await;

@@ -211,7 +211,7 @@ where
                     StatusCode::BAD_GATEWAY,
                     "upstream: the client changed HTTP version mid-connection\n".into(),
                 ),
-                Ok(s) => match s.send(req).await {
+                Ok(s) => match s.send(req.map(Body::Left)).await {
                     Ok(resp) => resp.map(Body::Left),
                     Err(e) => answer(grpc, StatusCode::BAD_GATEWAY, format!("upstream: {e}\n")),
                 },

@@ -11,7 +11,15 @@
 //! endpoint on this node is reached directly after the same check the
 //! destination side of a tunnel makes; one on another node through a
 //! tunnel, whose far end checks policy as for any flow.
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 
 use hyper::{Request, Response, StatusCode, Version, body::Incoming};
 use tokio::{net::TcpStream, sync::Mutex};
@@ -23,7 +31,7 @@ use super::{
 };
 use crate::{
     authz::{Admission, HttpCheck, HttpRequest},
-    routes::{Filters, HttpRoutes, Redirect, Slot, Way},
+    routes::{Filters, HttpRoutes, RETRY_BODY_LIMIT, Redirect, Slot, Way},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,7 +86,7 @@ async fn forward(
     flow_id: u64,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let received = std::time::Instant::now();
+    let received = Instant::now();
     let grpc = is_grpc(&req);
     let headers: Vec<(String, String)> = req
         .headers()
@@ -137,40 +145,152 @@ async fn forward(
         }
     };
     tracing::debug!(%method, %path, %endpoint, route = label, version = ?req.version(), "request routed");
-    let reach = to_endpoint(
-        outbound,
-        tunnels,
-        split,
-        upstreams,
-        workload_id,
-        flow_id,
-        endpoint,
-        Routed {
-            grpc,
-            label,
-            filters,
-            method: &method,
-            query: &query,
+    let retry = filters.and_then(|f| f.retry.as_ref());
+    let timeouts = filters.map(|f| f.timeouts).unwrap_or_default();
+    let (parts, body) = req.into_parts();
+    // A retried request is sent again whole, so its body must be kept:
+    // only one of known length within the limit is; others go once.
+    let (kept, mut streamed) = match retry {
+        Some(_) if body.size_hint().upper().is_some_and(|n| n <= RETRY_BODY_LIMIT) => match body.collect().await {
+            Ok(b) => (Some(b.to_bytes()), None),
+            Err(e) => {
+                return answer(
+                    grpc,
+                    StatusCode::BAD_REQUEST,
+                    format!("mesh: reading the request body: {e}\n"),
+                );
+            }
         },
-        req,
-    );
-    let Some((limit, which)) = filters.and_then(|f| f.timeouts.limit()) else {
-        return reach.await;
+        _ => (None, Some(body)),
     };
-    match tokio::time::timeout(limit.saturating_sub(received.elapsed()), reach).await {
-        Ok(resp) => resp,
-        Err(_) => {
-            // The attempt is abandoned mid-exchange: its connection is not reused.
-            upstreams.lock().await.remove(&endpoint);
-            tunnels.metrics.split_request(&split.source, "timeout");
-            tracing::info!(%method, %path, %endpoint, timeout = ?limit, setting = which, "request timed out");
-            answer(
+    let retries = match (retry, &kept) {
+        (Some(r), Some(_)) => r.attempts,
+        _ => 0,
+    };
+    let deadline = timeouts.request.map(|t| received + t);
+    let mut endpoint = endpoint;
+    for attempt in 0..=retries {
+        if attempt > 0 {
+            let backoff = retry.map_or(Duration::ZERO, |r| r.backoff);
+            if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            tunnels.metrics.split_request(&split.source, "retry");
+            // Each attempt takes the rule's next endpoint, as the first did.
+            if let Way::Rule(_, Some(Slot::Endpoint(e))) | Way::Otherwise(Some(Slot::Endpoint(e))) = split.route(&http)
+            {
+                endpoint = e;
+            }
+        }
+        let body = match (&kept, streamed.take()) {
+            (Some(bytes), _) => Body::Right(Full::new(bytes.clone())),
+            (None, Some(body)) => Body::Left(body),
+            (None, None) => unreachable!("a streamed body is sent once"),
+        };
+        let req = rebuild(&parts, body);
+        let reach = to_endpoint(
+            outbound,
+            tunnels,
+            split,
+            upstreams,
+            workload_id,
+            flow_id,
+            endpoint,
+            Routed {
                 grpc,
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("mesh: no response from {endpoint} within the route's {which} timeout of {limit:?}\n"),
-            )
+                label,
+                filters,
+                method: &method,
+                query: &query,
+            },
+            req,
+        );
+        // The attempt's limit: its own, within what is left of the request's.
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let limit = match (timeouts.backend_request, left) {
+            (Some(b), Some(l)) if b < l => Some((b, "backendRequest")),
+            (_, Some(l)) => Some((l, "request")),
+            (Some(b), None) => Some((b, "backendRequest")),
+            (None, None) => None,
+        };
+        let (resp, reached) = match limit {
+            None => reach.await,
+            Some((limit, which)) => match tokio::time::timeout(limit, reach).await {
+                Ok(done) => done,
+                Err(_) => {
+                    // Abandoned mid-exchange: its connection is not reused.
+                    upstreams.lock().await.remove(&endpoint);
+                    tunnels.metrics.split_request(&split.source, "timeout");
+                    tracing::info!(%method, %path, %endpoint, timeout = ?limit, setting = which, attempt, "request timed out");
+                    let total = if which == "request" {
+                        timeouts.request.unwrap_or(limit)
+                    } else {
+                        limit
+                    };
+                    let resp = answer(
+                        grpc,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("mesh: no response from {endpoint} within the route's {which} timeout of {total:?}\n"),
+                    );
+                    // Only a backendRequest timeout leaves time to try again.
+                    (
+                        resp,
+                        if which == "request" {
+                            Reached::Final
+                        } else {
+                            Reached::Upstream
+                        },
+                    )
+                }
+            },
+        };
+        let again = attempt < retries
+            && match reached {
+                Reached::Final => false,
+                Reached::NotConnected => true,
+                Reached::Upstream => retry.is_some_and(|r| r.codes.contains(&resp.status().as_u16())),
+            };
+        if !again {
+            return resp;
+        }
+        tracing::debug!(%method, %path, %endpoint, status = resp.status().as_u16(), attempt, "retrying");
+        // Read the refused answer to its end so an HTTP/1.1 connection can
+        // carry the retry; a large or endless one costs the connection.
+        let body = resp.into_body();
+        let small = body.size_hint().upper().is_some_and(|n| n <= RETRY_BODY_LIMIT);
+        if !(small && body.collect().await.is_ok()) {
+            upstreams.lock().await.remove(&endpoint);
         }
     }
+    answer(
+        grpc,
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "mesh: the route's request timeout of {:?} ended before the next retry\n",
+            timeouts.request.unwrap_or_default()
+        ),
+    )
+}
+
+/// What an attempt's answer says about trying again.
+enum Reached {
+    /// The endpoint answered (or its backendRequest timeout passed).
+    Upstream,
+    /// The endpoint could not be reached: the request never left.
+    NotConnected,
+    /// The agent's own final word (a policy denial, a broken exchange).
+    Final,
+}
+
+/// A request from its parts (which are not Clone: extensions are not).
+fn rebuild(parts: &hyper::http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
 }
 
 /// What routing decided about a request, for the attempt at its endpoint.
@@ -194,8 +314,8 @@ async fn to_endpoint(
     flow_id: u64,
     endpoint: SocketAddr,
     routed: Routed<'_>,
-    req: Request<Incoming>,
-) -> Response<Body> {
+    req: Request<Body>,
+) -> (Response<Body>, Reached) {
     let Routed {
         grpc,
         label,
@@ -218,7 +338,8 @@ async fn to_endpoint(
                 Err(reason) => {
                     tunnels.metrics.split_request(&split.source, "upstream_failed");
                     tracing::warn!(%endpoint, reason, "split: cannot reach the endpoint");
-                    return answer(grpc, StatusCode::BAD_GATEWAY, format!("mesh: {endpoint}: {reason}\n"));
+                    let resp = answer(grpc, StatusCode::BAD_GATEWAY, format!("mesh: {endpoint}: {reason}\n"));
+                    return (resp, Reached::NotConnected);
                 }
             },
         }
@@ -243,11 +364,12 @@ async fn to_endpoint(
         })
     {
         tunnels.metrics.split_request(&split.source, "denied");
-        return answer(
+        let resp = answer(
             grpc,
             StatusCode::FORBIDDEN,
             format!("denied by mesh policy: {denial}\n"),
         );
+        return (resp, Reached::Final);
     }
     tunnels.metrics.split_request(&split.source, label);
     match upstream.sender.send(req).await {
@@ -256,21 +378,22 @@ async fn to_endpoint(
             if let Some(f) = filters {
                 f.response_headers.apply(resp.headers_mut());
             }
-            resp
+            (resp, Reached::Upstream)
         }
         Err(e) => {
             upstreams.lock().await.remove(&endpoint);
-            answer(
+            let resp = answer(
                 grpc,
                 StatusCode::BAD_GATEWAY,
                 format!("mesh: upstream {endpoint}: {e}\n"),
-            )
+            );
+            (resp, Reached::Final)
         }
     }
 }
 
 /// RequestHeaderModifier and URLRewrite, applied before the request leaves.
-fn edit_request(f: &Filters, req: &mut Request<Incoming>) {
+fn edit_request<B>(f: &Filters, req: &mut Request<B>) {
     f.request_headers.apply(req.headers_mut());
     if f.rewrite_path.is_none() && f.rewrite_host.is_none() {
         return;
