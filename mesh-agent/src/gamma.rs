@@ -52,6 +52,8 @@ pub struct BoundRule {
     pub matched: GatewayMatch,
     pub filters: Filters,
     pub backends: Vec<Backend>,
+    /// RequestMirror's backend and percent.
+    pub mirror: Option<(Backend, u8)>,
     /// Precedence: larger first.
     rank: (u8, usize, bool, usize, usize),
     /// Ties: route `namespace/name`, rule index, match index; smaller first.
@@ -364,6 +366,8 @@ fn filters(list: &[HttpFilter], prefix: Option<&str>, grpc: bool) -> Result<Filt
                 f.rewrite_host = r.hostname.clone();
                 f.rewrite_path = r.path.as_ref().map(|p| path_edit(p, prefix)).transpose()?;
             }
+            // Resolved with the backends (`mirror`).
+            "RequestMirror" => {}
             other => return Err(format!("filter {other} is not supported by this mesh yet")),
         }
     }
@@ -419,6 +423,31 @@ fn retry(r: &gateway::HttpRouteRetry) -> Result<Retry, String> {
     })
 }
 
+/// A rule's RequestMirror (at most one): its backend, resolved as
+/// backendRefs are, and the percent of requests copied to it.
+fn mirror(list: &[HttpFilter], ns: &str, snap: &Snapshot) -> Result<Option<(Backend, u8)>, String> {
+    let mirrors: Vec<&gateway::RequestMirror> = list
+        .iter()
+        .filter(|f| f.kind == "RequestMirror")
+        .map(|f| f.request_mirror.as_ref().ok_or("RequestMirror needs requestMirror"))
+        .collect::<Result<_, _>>()?;
+    let Some(m) = mirrors.first() else { return Ok(None) };
+    if mirrors.len() > 1 {
+        return Err("more than one RequestMirror in a rule is not supported by this mesh yet".into());
+    }
+    let percent = m.percent.unwrap_or(100);
+    if percent > 100 {
+        return Err(format!("RequestMirror percent {percent} is over 100"));
+    }
+    let mut backend = backends(ns, std::slice::from_ref(&m.backend_ref), snap)?.remove(0);
+    if let Some(why) = backend.invalid.take() {
+        return Err(format!("RequestMirror {why}"));
+    }
+    // A mirror's own weight means nothing; every copy goes to it.
+    backend.weight = 1;
+    Ok(Some((backend, percent)))
+}
+
 type Bound = Option<(Vec<(String, u16)>, Vec<BoundRule>)>;
 
 fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<Bound, String> {
@@ -431,6 +460,7 @@ fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<
         let what = |mi: usize| format!("HTTPRoute {full} rule {ri} match {mi}");
         let backends = backends(&route.namespace, &rule.backend_refs, snap).map_err(|e| format!("rule {ri}: {e}"))?;
         let timeouts = timeouts(rule.timeouts.as_ref()).map_err(|e| format!("rule {ri}: timeouts: {e}"))?;
+        let mirror = mirror(&rule.filters, &route.namespace, snap).map_err(|e| format!("rule {ri}: {e}"))?;
         let retry = rule
             .retry
             .as_ref()
@@ -490,6 +520,7 @@ fn http_rules(route: &Named<gateway::HTTPRouteSpec>, snap: &Snapshot) -> Result<
                 },
                 filters,
                 backends: backends.clone(),
+                mirror: mirror.clone(),
             });
         }
     }
@@ -505,6 +536,7 @@ fn grpc_rules(route: &Named<gateway::GRPCRouteSpec>, snap: &Snapshot) -> Result<
     for (ri, rule) in route.spec.rules.iter().enumerate() {
         let backends = backends(&route.namespace, &rule.backend_refs, snap).map_err(|e| format!("rule {ri}: {e}"))?;
         let filters = filters(&rule.filters, None, true).map_err(|e| format!("rule {ri}: {e}"))?;
+        let mirror = mirror(&rule.filters, &route.namespace, snap).map_err(|e| format!("rule {ri}: {e}"))?;
         let default = [gateway::GrpcRouteMatch::default()];
         let matches = if rule.matches.is_empty() {
             &default[..]
@@ -552,6 +584,7 @@ fn grpc_rules(route: &Named<gateway::GRPCRouteSpec>, snap: &Snapshot) -> Result<
                 },
                 filters: filters.clone(),
                 backends: backends.clone(),
+                mirror: mirror.clone(),
             });
         }
     }
@@ -882,6 +915,38 @@ mod tests {
             assert!(
                 c.routes_refused.len() == 1 && c.routes_refused[0].reason.contains(why),
                 "{spec}: {:?}",
+                c.routes_refused
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_mirror_is_resolved_like_a_backend_and_refused_when_it_cannot_be() {
+        let rule = |mirrors: &str| {
+            format!(
+                "parentRefs: [{{group: \"\", kind: Service, name: echo, port: 80}}]\nrules:\n- filters: [{mirrors}]\n  backendRefs: [{{name: echo-v1, port: 8080}}]\n"
+            )
+        };
+        let m = |to: &str, extra: &str| {
+            format!("{{type: RequestMirror, requestMirror: {{backendRef: {{name: {to}, port: 8080}}{extra}}}}}")
+        };
+        let c = Splits::default().compile(&snap(&[&rule(&m("echo-v2", ", percent: 30"))]));
+        let routes = c.http.values().next().unwrap();
+        let mirror = routes.rules[0].mirror.as_ref().unwrap();
+        assert_eq!((mirror.service.as_str(), mirror.percent), ("m/echo-v2:8080", 30));
+        assert!(mirror.pool.slots.iter().all(|s| matches!(s, Slot::Endpoint(_))) && !mirror.pool.slots.is_empty());
+        for (filters, why) in [
+            (
+                format!("{}, {}", m("echo-v2", ""), m("echo-v1", "")),
+                "more than one RequestMirror",
+            ),
+            (m("echo-v2", ", percent: 101"), "over 100"),
+            (m("missing", ""), "RequestMirror backendRef m/missing: no such Service"),
+        ] {
+            let c = Splits::default().compile(&snap(&[&rule(&filters)]));
+            assert!(
+                c.routes_refused.len() == 1 && c.routes_refused[0].reason.contains(why),
+                "{filters}: {:?}",
                 c.routes_refused
             );
         }

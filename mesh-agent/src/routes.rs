@@ -323,6 +323,18 @@ pub struct Rule {
     pub matches: Vec<RequestMatch>,
     pub pool: Pool,
     pub filters: Filters,
+    /// RequestMirror: a copy of each request (of `percent` of them) goes
+    /// to this pool, and its answer is dropped.
+    pub mirror: Option<Mirror>,
+}
+
+#[derive(Debug)]
+pub struct Mirror {
+    /// `namespace/name:port` of the mirror's Service.
+    pub service: String,
+    pub pool: Pool,
+    /// 0-100.
+    pub percent: u8,
 }
 
 /// One service port's routing.

@@ -34,7 +34,7 @@ pub use crate::tables::ServiceTable;
 use crate::{
     gamma::{Backend, Gamma},
     policy::HttpMatch,
-    routes::{HttpRoutes, Pool, RequestMatch, Rule, Slot},
+    routes::{HttpRoutes, Mirror, Pool, RequestMatch, Rule, Slot},
     smi::TrafficSplitSpec,
     state::{Named, Service, ServicePort, Snapshot},
 };
@@ -180,6 +180,11 @@ impl Splits {
                                     matches: vec![RequestMatch::Gateway(r.matched.clone())],
                                     pool: Pool::new(backend_slots(&r.backends, vip, snap)),
                                     filters: r.filters.clone(),
+                                    mirror: r.mirror.as_ref().map(|(b, percent)| Mirror {
+                                        service: format!("{}:{}", b.service, b.port),
+                                        pool: Pool::new(backend_slots(std::slice::from_ref(b), vip, snap)),
+                                        percent: *percent,
+                                    }),
                                 })
                                 .collect(),
                             otherwise: None,
@@ -216,6 +221,7 @@ impl Splits {
                                         matches: matches.into_iter().map(RequestMatch::Smi).collect(),
                                         pool: Pool::new(backends.iter().map(endpoint).collect()),
                                         filters: Default::default(),
+                                        mirror: None,
                                     }],
                                     otherwise: Some(Pool::new(table.slots.iter().map(endpoint).collect())),
                                 }),

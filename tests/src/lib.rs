@@ -383,17 +383,29 @@ print(json.dumps({"answered": answered, "errors": errors, "details": sorted(deta
     /// length; after `x-echo-delay-ms` milliseconds when the request
     /// carries it; with a 503 for N of every 10 requests it has counted
     /// (the first N of each ten) when it carries `x-echo-fail-per-10: N`.
+    /// `GET /echo-stats` answers how many requests it got per path.
     pub const HTTP_ECHO: &str = r#"
 import json, sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 name, port = sys.argv[1], int(sys.argv[2])
-lock, seen = threading.Lock(), [0]
+lock, seen, paths = threading.Lock(), [0], {}
 class Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Headers and body are two writes: without this, Nagle holds the body
     # for the client's delayed ACK (40 ms per keep-alive request).
     disable_nagle_algorithm = True
     def answer(self):
+        if self.path == "/echo-stats":
+            with lock:
+                stats = json.dumps(paths).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(stats)))
+            self.end_headers()
+            self.wfile.write(stats)
+            return
+        with lock:
+            p = self.path.split("?")[0]
+            paths[p] = paths.get(p, 0) + 1
         body = b""
         length = int(self.headers.get("content-length", 0) or 0)
         if length:

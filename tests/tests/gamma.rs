@@ -189,6 +189,12 @@ impl Gamma {
         (code.parse().unwrap_or(0), location.to_string(), body.to_string())
     }
 
+    /// GET a URL from `client`: (status, JSON or body text).
+    fn get_from(&self, url: &str) -> (u16, Value) {
+        let (code, _, body) = self.curl(&[url]);
+        (code, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    }
+
     fn get(&self, path: &str, headers: &[&str]) -> (u16, Value) {
         let mut args: Vec<String> = headers.iter().flat_map(|h| ["-H".to_string(), h.to_string()]).collect();
         args.push(format!("http://{ECHO_VIP}{path}"));
@@ -619,6 +625,80 @@ print(json.dumps({"statuses": statuses, "bodies": sorted(set(bodies))}))
     let (_, _, text) = g.policy_check(80, "GET", "/retry", &[]);
     assert!(
         text.contains("retried up to 3 time(s), 1ms apart, on a failed connect or status [503]"),
+        "{text}"
+    );
+}
+
+/// RequestMirror: every request to echo-v1 is also sent to echo-v2 across
+/// the tunnel, POSTs with their bodies included; the client sees only
+/// echo-v1's answers; percent 0 copies nothing.
+#[test]
+fn a_request_mirror_gets_every_request_and_the_client_only_the_primarys_answers() {
+    let g = Gamma::up(&[]);
+    let mirrored = |path: &str, to: &str, percent: &str| {
+        format!(
+            "  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    filters:\n    - type: RequestMirror\n      \
+             requestMirror: {{backendRef: {{name: {to}, port: 8080}}{percent}}}\n    backendRefs: [{{name: echo-v1, port: 8080}}]\n"
+        )
+    };
+    g.apply(
+        "HTTPRoute gateway-conformance-mesh/mirror",
+        &route(
+            "HTTPRoute",
+            "mirror",
+            &format!(
+                "{PARENT_80}  rules:\n{}{}",
+                mirrored("/copied", "echo-v2", ""),
+                mirrored("/never", "echo-v2", ", percent: 0"),
+            ),
+        ),
+    );
+    let script = r#"
+import http.client, json, sys
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=5)
+pods = {}
+for i in range(200):
+    path = "/copied/%d" % (i % 2) if i < 100 else "/never/%d" % (i % 2)
+    if i % 2:
+        c.request("POST", path, body=b"x" * 1000, headers={"x-echo-fail-per-10": "0"})
+    else:
+        c.request("GET", path)
+    r = c.getresponse()
+    got = json.loads(r.read())
+    pods[got["pod"]] = pods.get(got["pod"], 0) + 1
+print(json.dumps(pods))
+"#;
+    let out =
+        g.t.lab
+            .exec("client", PYTHON)
+            .unwrap()
+            .args(["-c", script, ECHO_VIP])
+            .output()
+            .unwrap();
+    let pods: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("client: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        pods,
+        serde_json::json!({"echo-v1": 200}),
+        "the client sees only the primary"
+    );
+    let stats = |pod: &str| -> Value {
+        let (_, body) = g.get_from(&format!("http://{}:8080/echo-stats", g.ip(pod)));
+        body
+    };
+    wait_for("echo-v2 got every copy", Duration::from_secs(5), || {
+        let s = stats("echo-v2");
+        s["/copied/0"] == 50 && s["/copied/1"] == 50
+    });
+    let (v1, v2) = (stats("echo-v1"), stats("echo-v2"));
+    assert_eq!(v1["/copied/0"], 50, "{v1}");
+    assert!(
+        v2.get("/never/0").is_none() && v2.get("/never/1").is_none(),
+        "percent 0 copies nothing: {v2}"
+    );
+    let (_, _, text) = g.policy_check(80, "GET", "/copied/0", &[]);
+    assert!(
+        text.contains("100% of requests also copied to gateway-conformance-mesh/echo-v2:8080 (RequestMirror"),
         "{text}"
     );
 }

@@ -223,6 +223,13 @@ fn explain_service(
                         crate::routes::RETRY_BODY_LIMIT
                     );
                 }
+                if let Some(m) = &rule.mirror {
+                    let _ = writeln!(
+                        out,
+                        "  {}% of requests also copied to {} (RequestMirror; its answers are dropped)",
+                        m.percent, m.service
+                    );
+                }
                 if let Some((limit, which)) = rule.filters.timeouts.limit() {
                     let _ = writeln!(
                         out,

@@ -78,9 +78,9 @@ pub async fn serve(
 }
 
 async fn forward(
-    outbound: &Outbound,
-    tunnels: &Tunnels,
-    split: &HttpRoutes,
+    outbound: &Arc<Outbound>,
+    tunnels: &Arc<Tunnels>,
+    split: &Arc<HttpRoutes>,
     upstreams: &Upstreams,
     workload_id: u32,
     flow_id: u64,
@@ -101,9 +101,9 @@ async fn forward(
         query: &query,
         headers: &headers,
     };
-    let (label, slot, filters) = match split.route(&http) {
-        Way::Rule(rule, slot) => ("backend", slot, Some(&rule.filters)),
-        Way::Otherwise(slot) => ("root", slot, None),
+    let (label, slot, filters, mirror) = match split.route(&http) {
+        Way::Rule(rule, slot) => ("backend", slot, Some(&rule.filters), rule.mirror.as_ref()),
+        Way::Otherwise(slot) => ("root", slot, None, None),
         Way::NoRoute => {
             tunnels.metrics.split_request(&split.source, "no_route");
             return answer(
@@ -150,8 +150,8 @@ async fn forward(
     let (parts, body) = req.into_parts();
     // A retried request is sent again whole, so its body must be kept:
     // only one of known length within the limit is; others go once.
-    let (kept, mut streamed) = match retry {
-        Some(_) if body.size_hint().upper().is_some_and(|n| n <= RETRY_BODY_LIMIT) => match body.collect().await {
+    let (kept, mut streamed) = match retry.is_some() || mirror.is_some() {
+        true if body.size_hint().upper().is_some_and(|n| n <= RETRY_BODY_LIMIT) => match body.collect().await {
             Ok(b) => (Some(b.to_bytes()), None),
             Err(e) => {
                 return answer(
@@ -167,6 +167,32 @@ async fn forward(
         (Some(r), Some(_)) => r.attempts,
         _ => 0,
     };
+    if let Some(m) = mirror
+        && rand::random_range(0..100u8) < m.percent
+    {
+        match (&kept, m.pool.next()) {
+            (Some(bytes), Some(Slot::Endpoint(to))) => {
+                let copy = rebuild(&parts, Body::Right(Full::new(bytes.clone())));
+                let (o, t, sp, u) = (outbound.clone(), tunnels.clone(), split.clone(), upstreams.clone());
+                let (method, query, filters) = (method.clone(), query.clone(), filters.cloned());
+                // Its own task: the client's answer never waits for the mirror's.
+                tokio::spawn(async move {
+                    let routed = Routed {
+                        grpc,
+                        label: "mirror",
+                        filters: filters.as_ref(),
+                        method: &method,
+                        query: &query,
+                    };
+                    let (resp, _) = to_endpoint(&o, &t, &sp, &u, workload_id, flow_id, to, routed, copy).await;
+                    tracing::debug!(mirror = %to, status = resp.status().as_u16(), "mirrored request answered; dropped");
+                    let _ = resp.into_body().collect().await;
+                });
+            }
+            // A body of unknown length is not kept, so it cannot be copied.
+            _ => tunnels.metrics.split_request(&split.source, "mirror_skipped"),
+        }
+    }
     let deadline = timeouts.request.map(|t| received + t);
     let mut endpoint = endpoint;
     for attempt in 0..=retries {
