@@ -102,6 +102,28 @@ pub struct TunnelMetrics {
     pub handshake_seconds: Family<TransportLabels, Histogram>,
     pub rejected: Family<RejectLabels, Counter>,
     pub split_requests: Family<SplitLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<RequestRouteLabels, Histogram>,
+}
+
+/// One request served on the L7 path of the client's node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The rule that took it (`HTTPRoute ns/name rule 0 match 0`), `root`
+    /// (a TrafficSplit's unmatched requests) or `no_route`.
+    pub route: String,
+    /// `namespace/name:port` of the Service the client called.
+    pub service: String,
+    /// The client's identity, `namespace/serviceaccount`.
+    pub source: String,
+    /// 1xx .. 5xx of the answer's status (a gRPC status rides in a 200).
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestRouteLabels {
+    pub route: String,
+    pub service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -123,6 +145,12 @@ impl Default for TunnelMetrics {
             }),
             rejected: Family::default(),
             split_requests: Family::default(),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ])
+            }),
         }
     }
 }
@@ -159,6 +187,40 @@ impl TunnelMetrics {
             "Requests of HTTP-matched TrafficSplits, by where they were routed",
             self.split_requests.clone(),
         );
+        r.register(
+            "mesh_http_requests",
+            "Requests served on the client's node's L7 path, by route, Service, client identity and status class",
+            self.requests.clone(),
+        );
+        r.register(
+            "mesh_http_request_duration_seconds",
+            "From when the agent has a request to its answer's headers, by route and Service",
+            self.request_seconds.clone(),
+        );
+    }
+
+    pub fn request(&self, route: &str, service: &str, source: &str, status: u16, took: std::time::Duration) {
+        let status_class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                service: service.to_string(),
+                source: source.to_string(),
+                status_class,
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&RequestRouteLabels {
+                route: route.to_string(),
+                service: service.to_string(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     pub fn split_request(&self, split: &str, route: &'static str) {

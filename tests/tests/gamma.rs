@@ -189,6 +189,27 @@ impl Gamma {
         (code.parse().unwrap_or(0), location.to_string(), body.to_string())
     }
 
+    /// Runs a Python script in `client` and reads the JSON it prints.
+    fn python_json(&self, script: &str, args: &[&str]) -> Value {
+        let out = self
+            .t
+            .lab
+            .exec("client", PYTHON)
+            .unwrap()
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "python printed {:?}: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     /// GET a URL from `client`: (status, JSON or body text).
     fn get_from(&self, url: &str) -> (u16, Value) {
         let (code, _, body) = self.curl(&[url]);
@@ -535,16 +556,12 @@ for delay in (2000, 0, 2000, 0):
     out.append(r.status)
 print(json.dumps(out))
 "#;
-    let out =
-        g.t.lab
-            .exec("client", PYTHON)
-            .unwrap()
-            .args(["-c", script, ECHO_VIP])
-            .output()
-            .unwrap();
-    let statuses: Vec<u16> = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("keep-alive: {}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(statuses, [504, 200, 504, 200], "keep-alive after a timeout");
+    let statuses = g.python_json(script, &[ECHO_VIP]);
+    assert_eq!(
+        statuses,
+        serde_json::json!([504, 200, 504, 200]),
+        "keep-alive after a timeout"
+    );
     let (_, _, text) = g.policy_check(80, "GET", "/v2/x", &[]);
     assert!(
         text.contains("no response within 300ms (the rule's backendRequest timeout): answered 504"),
@@ -591,17 +608,7 @@ for i in range(n):
         bodies.append(json.loads(data)["body_bytes"])
 print(json.dumps({"statuses": statuses, "bodies": sorted(set(bodies))}))
 "#;
-    let run = |path: &str, n: usize, mode: &str| -> Value {
-        let out =
-            g.t.lab
-                .exec("client", PYTHON)
-                .unwrap()
-                .args(["-c", script, ECHO_VIP, path, &n.to_string(), mode])
-                .output()
-                .unwrap();
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|_| panic!("{path} {mode}: {}", String::from_utf8_lossy(&out.stderr)))
-    };
+    let run = |path: &str, n: usize, mode: &str| g.python_json(script, &[ECHO_VIP, path, &n.to_string(), mode]);
     let retried = run("/retry", 2000, "get");
     let ok = retried["statuses"]["200"].as_u64().unwrap_or(0);
     println!("with 3 retries: {retried}");
@@ -627,6 +634,31 @@ print(json.dumps({"statuses": statuses, "bodies": sorted(set(bodies))}))
         text.contains("retried up to 3 time(s), 1ms apart, on a failed connect or status [503]"),
         "{text}"
     );
+    // Request telemetry on the client's node: one count per client request
+    // (not per attempt), by route, Service, client identity, status class.
+    let metrics = mesh_tests::metrics_text(&g.t.lab, "node-a");
+    let count = |rule: usize, class: &str| {
+        mesh_tests::metric(
+            &metrics,
+            "mesh_http_requests_total",
+            &[
+                ("route", &format!("HTTPRoute {NS}/retries rule {rule} match 0")),
+                ("service", &format!("{NS}/echo:80")),
+                ("source", &format!("{NS}/client")),
+                ("status_class", class),
+            ],
+        )
+    };
+    assert_eq!(count(0, "2xx"), (2000 + 20 + 7) as f64, "retried rule, 2xx");
+    assert_eq!(count(0, "5xx"), 3.0, "retried rule, 5xx (the chunked ones)");
+    assert_eq!(count(1, "2xx"), ok as f64, "once rule, 2xx");
+    assert_eq!(count(1, "5xx"), (2000 - ok) as f64, "once rule, 5xx");
+    let timed = mesh_tests::metric(
+        &metrics,
+        "mesh_http_request_duration_seconds_count",
+        &[("route", &format!("HTTPRoute {NS}/retries rule 1 match 0"))],
+    );
+    assert_eq!(timed, 2000.0, "every request of the once rule is timed");
 }
 
 /// RequestMirror: every request to echo-v1 is also sent to echo-v2 across
@@ -668,15 +700,7 @@ for i in range(200):
     pods[got["pod"]] = pods.get(got["pod"], 0) + 1
 print(json.dumps(pods))
 "#;
-    let out =
-        g.t.lab
-            .exec("client", PYTHON)
-            .unwrap()
-            .args(["-c", script, ECHO_VIP])
-            .output()
-            .unwrap();
-    let pods: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("client: {}", String::from_utf8_lossy(&out.stderr)));
+    let pods = g.python_json(script, &[ECHO_VIP]);
     assert_eq!(
         pods,
         serde_json::json!({"echo-v1": 200}),

@@ -60,13 +60,42 @@ pub async fn serve(
     let _ = downstream.set_nodelay(true);
     let upstreams = Upstreams::default();
     let ending = outbound.clone();
+    let source: Arc<str> = outbound
+        .snapshots
+        .borrow()
+        .pod_by_workload_id(workload_id)
+        .map_or_else(
+            || format!("unknown(id={workload_id})"),
+            |p| format!("{}/{}", p.namespace, p.service_account),
+        )
+        .into();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (outbound, tunnels, split, upstreams) =
-            (outbound.clone(), tunnels.clone(), split.clone(), upstreams.clone());
+        let (outbound, tunnels, split, upstreams, source) = (
+            outbound.clone(),
+            tunnels.clone(),
+            split.clone(),
+            upstreams.clone(),
+            source.clone(),
+        );
         async move {
-            Ok::<_, std::convert::Infallible>(
-                forward(&outbound, &tunnels, &split, &upstreams, workload_id, flow_id, req).await,
+            let received = Instant::now();
+            let mut route = String::new();
+            let resp = forward(
+                &outbound,
+                &tunnels,
+                &split,
+                &upstreams,
+                workload_id,
+                flow_id,
+                &mut route,
+                req,
             )
+            .await;
+            let status = resp.status().as_u16();
+            tunnels
+                .metrics
+                .request(&route, &split.service, &source, status, received.elapsed());
+            Ok::<_, std::convert::Infallible>(resp)
         }
     });
     let result = tokio::select! {
@@ -77,6 +106,7 @@ pub async fn serve(
     tracing::info!(error = result.err(), "split connection closed");
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     outbound: &Arc<Outbound>,
     tunnels: &Arc<Tunnels>,
@@ -84,6 +114,7 @@ async fn forward(
     upstreams: &Upstreams,
     workload_id: u32,
     flow_id: u64,
+    route: &mut String,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let received = Instant::now();
@@ -102,9 +133,16 @@ async fn forward(
         headers: &headers,
     };
     let (label, slot, filters, mirror) = match split.route(&http) {
-        Way::Rule(rule, slot) => ("backend", slot, Some(&rule.filters), rule.mirror.as_ref()),
-        Way::Otherwise(slot) => ("root", slot, None, None),
+        Way::Rule(rule, slot) => {
+            route.clone_from(&rule.name);
+            ("backend", slot, Some(&rule.filters), rule.mirror.as_ref())
+        }
+        Way::Otherwise(slot) => {
+            *route = "root".into();
+            ("root", slot, None, None)
+        }
         Way::NoRoute => {
+            *route = "no_route".into();
             tunnels.metrics.split_request(&split.source, "no_route");
             return answer(
                 grpc,
