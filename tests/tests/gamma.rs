@@ -572,7 +572,8 @@ print(json.dumps(out))
 /// HTTPRoute retry (GEP-1731) on the client's node, across the tunnel: a
 /// backend failing 3 of every 10 requests with 503 serves every one of
 /// 2,000 with 3 retries, 70% without; a POST's kept body is sent again
-/// whole; a body of unknown length is not kept, so not retried.
+/// whole; a body of unknown length is not kept, so not retried; a retry
+/// the request timeout would cut short is not made.
 #[test]
 fn an_http_route_retry_turns_a_flaky_backend_into_successes() {
     let g = Gamma::up(&[]);
@@ -584,7 +585,9 @@ fn an_http_route_retry_turns_a_flaky_backend_into_successes() {
             &format!(
                 "{PARENT_80}  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /retry}}}}]\n    \
                  retry: {{codes: [503], attempts: 3, backoff: 1ms}}\n    backendRefs: [{{name: echo-v2, port: 8080}}]\n  \
-                 - matches: [{{path: {{type: PathPrefix, value: /once}}}}]\n    backendRefs: [{{name: echo-v2, port: 8080}}]\n"
+                 - matches: [{{path: {{type: PathPrefix, value: /once}}}}]\n    backendRefs: [{{name: echo-v2, port: 8080}}]\n  \
+                 - matches: [{{path: {{type: PathPrefix, value: /short}}}}]\n    timeouts: {{request: 500ms}}\n    \
+                 retry: {{codes: [503], attempts: 3, backoff: 1s}}\n    backendRefs: [{{name: echo-v2, port: 8080}}]\n"
             ),
         ),
     );
@@ -629,6 +632,11 @@ print(json.dumps({"statuses": statuses, "bodies": sorted(set(bodies))}))
         chunked["statuses"]["503"], 3,
         "a body of unknown length is not kept, so not retried: {chunked}"
     );
+    // A retry the request timeout would cut short is not made: the
+    // client gets the backend's own 503, not a 504.
+    let short = run("/short", 10, "get");
+    assert_eq!(short["statuses"]["503"], 3, "{short}");
+    assert!(short["statuses"].get("504").is_none(), "{short}");
     let (_, _, text) = g.policy_check(80, "GET", "/retry", &[]);
     assert!(
         text.contains("retried up to 3 time(s), 1ms apart, on a failed connect or status [503]"),

@@ -232,13 +232,10 @@ async fn forward(
         }
     }
     let deadline = timeouts.request.map(|t| received + t);
+    let backoff = retry.map_or(Duration::ZERO, |r| r.backoff);
     let mut endpoint = endpoint;
     for attempt in 0..=retries {
         if attempt > 0 {
-            let backoff = retry.map_or(Duration::ZERO, |r| r.backoff);
-            if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
-                break;
-            }
             tokio::time::sleep(backoff).await;
             tunnels.metrics.split_request(&split.source, "retry");
             // Each attempt takes the rule's next endpoint, as the first did.
@@ -309,7 +306,10 @@ async fn forward(
                 }
             },
         };
+        // No retry the request's timeout would cut short: the client gets
+        // the last real answer instead.
         let again = attempt < retries
+            && !deadline.is_some_and(|d| Instant::now() + backoff >= d)
             && match reached {
                 Reached::Final => false,
                 Reached::NotConnected => true,
@@ -327,14 +327,8 @@ async fn forward(
             upstreams.lock().await.remove(&endpoint);
         }
     }
-    answer(
-        grpc,
-        StatusCode::GATEWAY_TIMEOUT,
-        format!(
-            "mesh: the route's request timeout of {:?} ended before the next retry\n",
-            timeouts.request.unwrap_or_default()
-        ),
-    )
+    // Not reached: the last attempt never tries again.
+    answer(grpc, StatusCode::BAD_GATEWAY, "mesh: no attempt answered\n".into())
 }
 
 /// What an attempt's answer says about trying again.
