@@ -32,6 +32,7 @@ pub struct AdminState {
     pub node: String,
     pub snapshots: SnapshotRx,
     pub policy: watch::Receiver<Arc<InForce>>,
+    pub traffic_policies: watch::Receiver<Arc<crate::resilience::InForce>>,
     pub identities: Option<Arc<IdentityManager>>,
     pub trust_domain: String,
     pub redirect: Arc<Redirect>,
@@ -78,6 +79,7 @@ impl AdminState {
                 })
             })
             .collect();
+        let traffic_policies = self.traffic_policies.borrow().clone();
         let capture = self.redirect.capture_stats();
         let fast_path = self.redirect.fast_path_stats();
         serde_json::json!({
@@ -108,6 +110,24 @@ impl AdminState {
                     "http_matches": t.http.iter().map(|m| format!("{}#{}", m.group, m.name)).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "refused": in_force.policy.rejected.iter().map(|r| serde_json::json!({"kind": r.kind, "name": r.name, "reason": r.reason})).collect::<Vec<_>>(),
+            },
+            "traffic_policies": {
+                "client": traffic_policies.client.iter().map(|((svc, port), c)| serde_json::json!({
+                    "policy": c.name,
+                    "service": format!("{svc}:{port}"),
+                    "settings": c.settings.describe(),
+                    "ejected": c.ejections.iter().flat_map(|e| e.ejected()).map(|e| serde_json::json!({
+                        "endpoint": e.endpoint.to_string(), "next_probe_in_ms": e.left.as_millis() as u64, "times": e.times,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "rate_limits": traffic_policies.limits.values().map(|l| serde_json::json!({
+                    "policy": l.name,
+                    "settings": l.settings.describe(),
+                    "rejected": l.rejected.load(std::sync::atomic::Ordering::Relaxed),
+                })).collect::<Vec<_>>(),
+                "refused": traffic_policies.refused.iter().map(|r| serde_json::json!({
+                    "name": r.name, "reason": r.reason, "previous_version_in_force": r.kept_previous,
+                })).collect::<Vec<_>>(),
             },
             "certificates": certificates,
             "kernel": {

@@ -178,12 +178,22 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
             kernel_owner.clone(),
         );
     }
-    let authorizer = Arc::new(PolicyAuthorizer::new(
-        views.policy.clone(),
-        policy_metrics,
-        s.node_name.clone(),
-        audit.clone(),
-    ));
+    let rate_limited = crate::resilience::rate_limit::LimitedMetric::default();
+    registry.register(
+        "mesh_rate_limited_requests",
+        "Requests refused with 429 by a TrafficPolicy rate limit on this node, by policy and client identity",
+        rate_limited.clone(),
+    );
+    let authorizer = Arc::new(crate::resilience::rate_limit::LimitingAuthorizer {
+        inner: Arc::new(PolicyAuthorizer::new(
+            views.policy.clone(),
+            policy_metrics,
+            s.node_name.clone(),
+            audit.clone(),
+        )),
+        in_force: views.traffic_policies.clone(),
+        metric: rate_limited,
+    });
     let drain = Drain::default();
     let identities = start_identities(&s, snapshots.clone(), audit.clone(), &mut registry, &mut tasks)?;
     let tunnels = match &identities {
@@ -234,6 +244,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         node: s.node_name.clone(),
         snapshots: snapshots.clone(),
         policy: views.policy.clone(),
+        traffic_policies: views.traffic_policies.clone(),
         identities: identities.as_ref().map(|(m, _)| m.clone()),
         trust_domain: s.identity.trust_domain.clone(),
         redirect: redirect.clone(),

@@ -44,6 +44,9 @@ pub struct Denial {
     /// The rule that decided (`default-deny`, ...).
     pub rule: String,
     pub reason: String,
+    /// Set when a rate limit refused it: answered 429 with `Retry-After`
+    /// (the wait until a token is there) instead of 403.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 /// How an allowed flow is carried: bytes as they are, or HTTP/1.1 requests

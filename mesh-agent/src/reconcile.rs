@@ -60,6 +60,9 @@ pub struct Views {
     pub policy: watch::Receiver<Arc<InForce>>,
     /// HTTP-matched TrafficSplits (the outbound listener).
     pub http_splits: watch::Receiver<Arc<HttpSplits>>,
+    /// TrafficPolicies in force (the L7 path's routes hold the client
+    /// side; the inbound authorizer and the admin API read this).
+    pub traffic_policies: watch::Receiver<Arc<crate::resilience::InForce>>,
     /// Where the tunnel hands in its UDP relays once it runs.
     pub udp_relays: watch::Sender<Option<Arc<Relays>>>,
 }
@@ -73,16 +76,18 @@ impl Reconciler {
             mode: this.default_mode,
         }));
         let (http_splits_tx, http_splits) = watch::channel(Arc::default());
+        let (traffic_policies_tx, traffic_policies) = watch::channel(Arc::default());
         let (udp_relays, relays_rx) = watch::channel(None);
         tasks.spawn(until_stopped(stop.clone(), this.clone().policy_loop(policy_tx)));
         tasks.spawn(until_stopped(
             stop.clone(),
-            this.clone().sync_loop(http_splits_tx, relays_rx),
+            this.clone().sync_loop(http_splits_tx, traffic_policies_tx, relays_rx),
         ));
         tasks.spawn(until_stopped(stop, this.heartbeat()));
         Views {
             policy,
             http_splits,
+            traffic_policies,
             udp_relays,
         }
     }
@@ -131,6 +136,7 @@ impl Reconciler {
     async fn sync_loop(
         self: Arc<Self>,
         http_splits: watch::Sender<Arc<HttpSplits>>,
+        traffic_policies: watch::Sender<Arc<crate::resilience::InForce>>,
         udp_relays: watch::Receiver<Option<Arc<Relays>>>,
     ) {
         let redirect = &self.redirect;
@@ -138,6 +144,7 @@ impl Reconciler {
         let mut splits = Splits::default();
         let mut last_refused = Vec::new();
         let mut last_routes = (BTreeMap::new(), Vec::new());
+        let (mut last_policies, mut last_policies_refused) = (BTreeMap::new(), Vec::new());
         let mut written: Option<(u64, enrol::Enrolment)> = None;
         let mut tables_at: Option<(u64, tokio::time::Instant)> = None;
         let mut pod_links = Some(crate::pod_net::PodLinks::default());
@@ -178,6 +185,31 @@ impl Reconciler {
                     }
                     last_routes = (compiled.routes_accepted.clone(), compiled.routes_refused.clone());
                 }
+                let policies = std::mem::take(&mut compiled.traffic_policies);
+                if policies.refused != last_policies_refused {
+                    for r in &policies.refused {
+                        tracing::warn!(traffic_policy = %r.name, reason = %r.reason, previous_version_in_force = r.kept_previous, "TrafficPolicy refused");
+                    }
+                    last_policies_refused = policies.refused.clone();
+                }
+                let attached: BTreeMap<String, String> = policies
+                    .client
+                    .iter()
+                    .map(|((svc, port), c)| (format!("{svc}:{port}"), c.name.clone()))
+                    .chain(
+                        policies
+                            .limits
+                            .iter()
+                            .map(|((svc, port), l)| (format!("{svc}:{port}"), l.name.clone())),
+                    )
+                    .collect();
+                if attached != last_policies {
+                    for (port, name) in &attached {
+                        tracing::info!(traffic_policy = %name, service = %port, "TrafficPolicy in force");
+                    }
+                    last_policies = attached;
+                }
+                traffic_policies.send_replace(Arc::new(policies));
                 sync_tables(redirect, compiled, &http_splits);
                 tables_at = Some((snap.generation, tokio::time::Instant::now()));
             }

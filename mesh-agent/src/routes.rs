@@ -28,6 +28,8 @@ pub enum Slot {
     Invalid,
     /// A backend Service without a ready endpoint: its share gets a 503.
     NoEndpoint,
+    /// Every endpoint of the pool is ejected by outlier detection (a 503).
+    AllEjected,
 }
 
 /// Weighted slots (laid out interleaved) and the turns taken through them.
@@ -48,6 +50,18 @@ impl Pool {
     /// The next slot in turn; `None` when the pool is empty.
     pub fn next(&self) -> Option<Slot> {
         (!self.slots.is_empty()).then(|| self.slots[self.turn.fetch_add(1, Ordering::Relaxed) % self.slots.len()])
+    }
+
+    /// The next slot in turn whose endpoint `usable` takes (outlier
+    /// detection); [`Slot::AllEjected`] when it takes none.
+    pub fn next_usable(&self, usable: impl Fn(SocketAddr) -> bool) -> Option<Slot> {
+        for _ in 0..self.slots.len() {
+            match self.next()? {
+                Slot::Endpoint(e) if !usable(e) => continue,
+                slot => return Some(slot),
+            }
+        }
+        self.next().map(|_| Slot::AllEjected)
     }
 }
 
@@ -349,6 +363,8 @@ pub struct HttpRoutes {
     pub rules: Vec<Rule>,
     /// For requests no rule takes: `None` rejects them (404).
     pub otherwise: Option<Pool>,
+    /// The Service port's TrafficPolicy settings for this node's clients.
+    pub resilience: Option<std::sync::Arc<crate::resilience::ClientPolicy>>,
 }
 
 /// Where one request goes.
@@ -363,18 +379,24 @@ pub enum Way<'a> {
 }
 
 impl HttpRoutes {
+    /// Where `req` goes; an endpoint ejected by outlier detection is
+    /// passed over (a due probe is claimed by this request).
     pub fn route(&self, req: &HttpRequest<'_>) -> Way<'_> {
+        let pick = |pool: &Pool| match &self.resilience {
+            Some(r) => pool.next_usable(|e| r.usable(e)),
+            None => pool.next(),
+        };
         match self.rules.iter().find(|r| r.matches.iter().any(|m| m.matches(req))) {
             Some(rule) => {
                 let slot = if rule.filters.redirect.is_some() {
                     None
                 } else {
-                    rule.pool.next()
+                    pick(&rule.pool)
                 };
                 Way::Rule(rule, slot)
             }
             None => match &self.otherwise {
-                Some(pool) => Way::Otherwise(pool.next()),
+                Some(pool) => Way::Otherwise(pick(pool)),
                 None => Way::NoRoute,
             },
         }

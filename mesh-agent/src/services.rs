@@ -59,6 +59,8 @@ pub struct RefusedSplit {
 #[derive(Debug, Default)]
 pub struct Splits {
     accepted: BTreeMap<String, Named<TrafficSplitSpec>>,
+    /// TrafficPolicies' state, kept across compiles.
+    resilience: crate::resilience::Registry,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +72,9 @@ pub struct Compiled {
     /// resolve) and refused: their Accepted and ResolvedRefs conditions.
     pub routes_accepted: BTreeMap<String, Vec<String>>,
     pub routes_refused: Vec<crate::gamma::RefusedRoute>,
+    /// TrafficPolicies in force by Service port, with the endpoint index
+    /// of their rate limits, and those refused.
+    pub traffic_policies: crate::resilience::InForce,
 }
 
 impl Splits {
@@ -129,6 +134,7 @@ impl Splits {
         }
 
         let gamma = Gamma::compile(snap);
+        let mut policies = self.resilience.compile(snap);
         let mut tables = Vec::new();
         let mut http = HttpSplits::new();
         // A dual-stack Service has a ClusterIP per family; each gets its own
@@ -159,6 +165,9 @@ impl Splits {
                     relays: BTreeMap::new(),
                 };
                 let tcp = protocol == mesh_common::PROTO_TCP;
+                let at = (key.clone(), port.port);
+                let client_policy = policies.client.get(&at).filter(|_| tcp).cloned();
+                let limit = policies.limits.get(&at).filter(|_| tcp).cloned();
                 let l4_route = if tcp {
                     gamma.tcp.get(&(key.clone(), port.port))
                 } else {
@@ -188,9 +197,21 @@ impl Splits {
                                 })
                                 .collect(),
                             otherwise: None,
+                            resilience: client_policy.clone(),
                         }),
                     );
                 } else if let Some((route, backends)) = l4_route {
+                    if let Some(name) = client_policy
+                        .as_ref()
+                        .map(|c| &c.name)
+                        .or(limit.as_ref().map(|l| &l.name))
+                    {
+                        policies.refused.push(crate::resilience::Refused {
+                            name: name.clone(),
+                            reason: format!("{name} is not applied to {}: {route} carries it at L4 (TCP), and a TrafficPolicy needs HTTP", table.name),
+                            kept_previous: false,
+                        });
+                    }
                     // At L4 nothing can answer 500: unresolved backends get no share.
                     table.slots = backend_slots(backends, vip, snap)
                         .into_iter()
@@ -224,12 +245,49 @@ impl Splits {
                                         mirror: None,
                                     }],
                                     otherwise: Some(Pool::new(table.slots.iter().map(endpoint).collect())),
+                                    resilience: client_policy.clone(),
                                 }),
                             );
                         }
                         Err(_) => continue,
                     }
                     table.split = Some(split_name);
+                }
+                // A TrafficPolicy needs the agent to read requests: a port
+                // it covers goes via the agent, to its own slots.
+                if let Some(name) = client_policy
+                    .as_ref()
+                    .map(|c| &c.name)
+                    .or(limit.as_ref().map(|l| &l.name))
+                    && !table.via_agent
+                    && l4_route.is_none()
+                {
+                    table.via_agent = true;
+                    table.split.get_or_insert_with(|| name.clone());
+                    let slots = table
+                        .slots
+                        .iter()
+                        .map(|(ip, port)| Slot::Endpoint(SocketAddr::new(*ip, *port)))
+                        .collect();
+                    http.insert(
+                        SocketAddr::new(vip, port.port),
+                        Arc::new(HttpRoutes {
+                            source: name.clone(),
+                            service: table.name.clone(),
+                            rules: Vec::new(),
+                            otherwise: Some(Pool::new(slots)),
+                            resilience: client_policy.clone(),
+                        }),
+                    );
+                }
+                // The destination side finds a port's rate limit by endpoint.
+                if let Some(limit) = limit.filter(|_| l4_route.is_none()) {
+                    for (ip, target) in endpoints(svc, port, vip) {
+                        let at = policies.by_endpoint.entry(SocketAddr::new(ip, target)).or_default();
+                        if !at.iter().any(|l| Arc::ptr_eq(l, &limit)) {
+                            at.push(limit.clone());
+                        }
+                    }
                 }
                 tables.push(table);
             }
@@ -240,6 +298,7 @@ impl Splits {
             http,
             routes_accepted: gamma.accepted,
             routes_refused: gamma.refused,
+            traffic_policies: policies,
         }
     }
 }

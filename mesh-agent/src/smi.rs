@@ -116,7 +116,7 @@ pub struct TrafficSplitSpec {
 }
 
 /// Every CRD this mesh ships, as YAML documents, in a stable order: the SMI
-/// kinds, and GEP-3779's AuthorizationPolicy, which Gateway API does not
+/// kinds, the mesh's own TrafficPolicy, and GEP-3779's AuthorizationPolicy, which Gateway API does not
 /// publish a CRD for yet (the route kinds come with Gateway API's own
 /// install).
 pub fn crds() -> Vec<(&'static str, String)> {
@@ -133,6 +133,10 @@ pub fn crds() -> Vec<(&'static str, String)> {
         (
             "authorizationpolicies.gateway.networking.x-k8s.io.yaml",
             yaml(crate::gateway::AuthorizationPolicy::crd()),
+        ),
+        (
+            "trafficpolicies.mesh.dev.yaml",
+            yaml(crate::traffic_policy::TrafficPolicy::crd()),
         ),
     ]
 }

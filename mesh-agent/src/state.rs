@@ -203,6 +203,8 @@ pub struct GatewaySet {
     pub tcp_routes: Vec<Named<crate::gateway::L4RouteSpec>>,
     pub udp_routes: Vec<Named<crate::gateway::L4RouteSpec>>,
     pub authorization_policies: Vec<Named<crate::gateway::AuthorizationPolicySpec>>,
+    /// The mesh's own policy attachment (`mesh.dev/v1alpha1`), read with them.
+    pub traffic_policies: Vec<Named<crate::traffic_policy::TrafficPolicySpec>>,
 }
 
 /// A Service with its endpoints (from EndpointSlices).

@@ -104,6 +104,14 @@ pub struct TunnelMetrics {
     pub split_requests: Family<SplitLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_seconds: Family<RequestRouteLabels, Histogram>,
+    pub ejections: Family<EjectionLabels, Counter>,
+}
+
+/// An endpoint ejected by a TrafficPolicy's outlier detection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub service: String,
+    pub endpoint: String,
 }
 
 /// One request served on the L7 path of the client's node.
@@ -151,6 +159,7 @@ impl Default for TunnelMetrics {
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
                 ])
             }),
+            ejections: Family::default(),
         }
     }
 }
@@ -197,6 +206,11 @@ impl TunnelMetrics {
             "From when the agent has a request to its answer's headers, by route and Service",
             self.request_seconds.clone(),
         );
+        r.register(
+            "mesh_endpoint_ejections",
+            "Endpoints ejected by a TrafficPolicy's outlier detection on this node, by Service and endpoint",
+            self.ejections.clone(),
+        );
     }
 
     pub fn request(&self, route: &str, service: &str, source: &str, status: u16, took: std::time::Duration) {
@@ -221,6 +235,15 @@ impl TunnelMetrics {
                 service: service.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn ejection(&self, service: &str, endpoint: std::net::SocketAddr) {
+        self.ejections
+            .get_or_create(&EjectionLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .inc();
     }
 
     pub fn split_request(&self, split: &str, route: &'static str) {

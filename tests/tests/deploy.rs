@@ -91,7 +91,8 @@ fn manifests_agree_with_the_code() {
     assert_eq!(listed, present, "kustomization.yaml resources vs deploy/ files");
     // The CRDs are the Rust types' (mesh-agent's unit test checks the
     // files against the types; here: one CRD per SMI kind the agent reads,
-    // and GEP-3779's AuthorizationPolicy, which Gateway API publishes none for).
+    // GEP-3779's AuthorizationPolicy, which Gateway API publishes none for,
+    // and the mesh's own TrafficPolicy).
     let crds: BTreeSet<String> = manifests()
         .iter()
         .flat_map(|p| documents(p))
@@ -102,6 +103,7 @@ fn manifests_agree_with_the_code() {
         "AuthorizationPolicy",
         "HTTPRouteGroup",
         "TCPRoute",
+        "TrafficPolicy",
         "TrafficSplit",
         "TrafficTarget",
         "UDPRoute",

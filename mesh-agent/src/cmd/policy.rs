@@ -188,6 +188,25 @@ fn explain_service(
         .find(|t| t.vip == vip.ip() && t.port == vip.port() && t.protocol == proto_id)
         .with_context(|| format!("{vip}/{protocol} is neither a meshed pod nor a Service port in the source"))?;
     let _ = writeln!(out, "SERVICE {} ({vip}/{protocol})", table.name);
+    for r in &compiled.traffic_policies.refused {
+        eprintln!("warning: {} refused: {}", r.name, r.reason);
+    }
+    // The TrafficPolicy of the port, client side and destination side.
+    let svc_port = table.name.split('/').take(2).collect::<Vec<_>>().join("/");
+    let at = svc_port
+        .rsplit_once(':')
+        .and_then(|(svc, port)| Some((svc.to_string(), port.parse::<u16>().ok()?)));
+    if let Some(at) = at {
+        let client = compiled.traffic_policies.client.get(&at);
+        let limits = compiled.traffic_policies.limits.get(&at);
+        if let Some(name) = client.map(|c| &c.name).or(limits.map(|l| &l.name)) {
+            let settings = client.map(|c| &c.settings).or(limits.map(|l| &l.settings));
+            let _ = writeln!(out, "  {name} applies:");
+            for line in settings.map(|s| s.describe()).unwrap_or_default() {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
+    }
     // The pool the datapath picks from, and how it got there.
     use crate::routes::{Slot, Way};
     let endpoints = |slots: &[(std::net::IpAddr, u16)]| -> Vec<Slot> {
@@ -319,7 +338,7 @@ fn explain_service(
                 let _ = writeln!(out, "  {share:.1}%: a backend that does not resolve: answered 500");
                 continue;
             }
-            Slot::NoEndpoint => {
+            Slot::NoEndpoint | Slot::AllEjected => {
                 all_allowed = false;
                 let _ = writeln!(out, "  {share:.1}%: a backend without a ready endpoint: answered 503");
                 continue;

@@ -66,6 +66,47 @@ pub fn status_text(d: &serde_json::Value) -> String {
             r["reason"].as_str().unwrap_or("")
         );
     }
+    let tp = &d["traffic_policies"];
+    for c in tp["client"].as_array().into_iter().flatten() {
+        let ejected: Vec<String> = c["ejected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{} (next probe in {} ms, ejected {} times in a row)",
+                    e["endpoint"].as_str().unwrap_or(""),
+                    e["next_probe_in_ms"],
+                    e["times"]
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{} on {}: {} endpoints ejected{}{}",
+            c["policy"].as_str().unwrap_or(""),
+            c["service"].as_str().unwrap_or(""),
+            ejected.len(),
+            if ejected.is_empty() { "" } else { ": " },
+            ejected.join(", ")
+        );
+    }
+    for l in tp["rate_limits"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{}: {} requests refused by its rate limits on this node",
+            l["policy"].as_str().unwrap_or(""),
+            l["rejected"]
+        );
+    }
+    for r in tp["refused"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  refused {}: {}",
+            r["name"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
     let workloads: Vec<&serde_json::Value> = d["workloads"].as_array().into_iter().flatten().collect();
     let local: Vec<&&serde_json::Value> = workloads.iter().filter(|w| w["local"] == true).collect();
     let _ = writeln!(

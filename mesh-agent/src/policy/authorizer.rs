@@ -151,6 +151,7 @@ fn denial(d: Decision) -> Denial {
     Denial {
         rule: d.rule,
         reason: d.reason,
+        retry_after: None,
     }
 }
 

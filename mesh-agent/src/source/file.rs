@@ -164,6 +164,7 @@ fn add_doc(docs: &mut FileDocs, value: serde_yaml::Value, file: &Path) -> Result
                 serde_yaml::from_value(value).map_err(|e| format!("bad ServiceAccount: {e}"))?;
             docs.service_accounts.extend(super::k8s::service_account(&sa));
         }
+        (MESH_CONFIG_API, "TrafficPolicy") => docs.gateway.traffic_policies.push(resource_doc(value, kind)?),
         (MESH_CONFIG_API, "MeshConfig") => {
             let cfg: MeshConfigDoc = serde_yaml::from_value(value).map_err(|e| format!("bad MeshConfig: {e}"))?;
             docs.mode = cfg.spec.policy_mode.or(docs.mode);

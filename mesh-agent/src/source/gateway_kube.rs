@@ -50,7 +50,7 @@ struct Kind {
 
 const STANDARD: &str = "gateway.networking.k8s.io";
 
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind {
         kind: "HTTPRoute",
         group: STANDARD,
@@ -86,6 +86,14 @@ const KINDS: [Kind; 5] = [
         versions: &["v1alpha1"],
         route: false,
     },
+    // The mesh's own policy attachment, read the same way.
+    Kind {
+        kind: "TrafficPolicy",
+        group: "mesh.dev",
+        plural: "trafficpolicies",
+        versions: &["v1alpha1"],
+        route: false,
+    },
 ];
 
 struct Watched {
@@ -105,6 +113,7 @@ struct LastGood {
     tcp: BTreeMap<String, L4RouteSpec>,
     udp: BTreeMap<String, L4RouteSpec>,
     authz: BTreeMap<String, AuthorizationPolicySpec>,
+    traffic: BTreeMap<String, crate::traffic_policy::TrafficPolicySpec>,
 }
 
 pub struct GatewayStores {
@@ -206,7 +215,10 @@ impl GatewayStores {
                 "GRPCRoute" => set.grpc_routes = parse_all(w.kind.kind, &objects, &mut last.grpc, &mut refused),
                 "TCPRoute" => set.tcp_routes = parse_all(w.kind.kind, &objects, &mut last.tcp, &mut refused),
                 "UDPRoute" => set.udp_routes = parse_all(w.kind.kind, &objects, &mut last.udp, &mut refused),
-                _ => set.authorization_policies = parse_all(w.kind.kind, &objects, &mut last.authz, &mut refused),
+                "AuthorizationPolicy" => {
+                    set.authorization_policies = parse_all(w.kind.kind, &objects, &mut last.authz, &mut refused)
+                }
+                _ => set.traffic_policies = parse_all(w.kind.kind, &objects, &mut last.traffic, &mut refused),
             }
         }
         snap.gateway = set;

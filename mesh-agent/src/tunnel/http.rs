@@ -122,6 +122,7 @@ pub fn answer(grpc: bool, status: StatusCode, message: String) -> Response<Body>
     if grpc {
         let code = match status {
             StatusCode::FORBIDDEN => 7,
+            StatusCode::TOO_MANY_REQUESTS => 8, // RESOURCE_EXHAUSTED
             StatusCode::NOT_FOUND => 12,
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => 14,
             _ => 2, // UNKNOWN
@@ -139,6 +140,23 @@ pub fn answer(grpc: bool, status: StatusCode, message: String) -> Response<Body>
         .header(hyper::header::CONTENT_TYPE, "text/plain")
         .body(Either::Right(Full::from(message)))
         .expect("valid response")
+}
+
+/// The answer to a refused request: 403 for a policy denial, 429 with
+/// `Retry-After` (whole seconds, rounded up) for a rate limit.
+pub fn deny(grpc: bool, denial: &crate::authz::Denial) -> Response<Body> {
+    let Some(wait) = denial.retry_after else {
+        return answer(
+            grpc,
+            StatusCode::FORBIDDEN,
+            format!("denied by mesh policy: {denial}\n"),
+        );
+    };
+    let mut resp = answer(grpc, StatusCode::TOO_MANY_REQUESTS, format!("mesh: {denial}\n"));
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    resp.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, secs.max(1).into());
+    resp
 }
 
 /// `grpc-message` is percent-encoded: every byte outside 0x20-0x7E, and `%`.

@@ -191,11 +191,7 @@ where
                 headers: &headers,
             });
             if let Err(denial) = verdict {
-                return Ok(answer(
-                    grpc,
-                    StatusCode::FORBIDDEN,
-                    format!("denied by mesh policy: {denial}\n"),
-                ));
+                return Ok(super::http::deny(grpc, &denial));
             }
             let version = req.version();
             let opened = sender

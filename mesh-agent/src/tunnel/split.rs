@@ -31,6 +31,7 @@ use super::{
 };
 use crate::{
     authz::{Admission, HttpCheck, HttpRequest},
+    resilience::{ClientPolicy, outlier::Change},
     routes::{Filters, HttpRoutes, RETRY_BODY_LIMIT, Redirect, Slot, Way},
 };
 
@@ -42,6 +43,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 struct Upstream {
     sender: Sender,
     check: Option<Arc<dyn HttpCheck>>,
+    /// Counts towards the TrafficPolicy's maxConnections while it lives.
+    _permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 type Upstreams = Arc<Mutex<HashMap<SocketAddr, Upstream>>>;
@@ -155,8 +158,49 @@ async fn forward(
         tunnels.metrics.split_request(&split.source, "redirect");
         return redirect_to(redirect, &req, split);
     }
+    let policy = split.resilience.as_deref();
+    // Held until the answer's headers: maxPendingRequests.
+    let _pending = match policy.and_then(|p| p.pending.clone().map(|s| (p, s))) {
+        None => None,
+        Some((p, permits)) => match permits.try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                tunnels.metrics.split_request(&split.source, "overflow");
+                return overflow(grpc, split, p, "maxPendingRequests", "requests in flight");
+            }
+        },
+    };
+    if let Some(p) = policy {
+        if let Some(delay) = p.delay() {
+            tunnels.metrics.split_request(&split.source, "fault_delay");
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(status) = p.abort() {
+            tunnels.metrics.split_request(&split.source, "fault_abort");
+            let mut resp = answer(
+                grpc,
+                StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                format!("mesh: fault injected by {} (abort)\n", p.name),
+            );
+            resp.headers_mut()
+                .insert("x-mesh-fault", hyper::header::HeaderValue::from_static("abort"));
+            return resp;
+        }
+    }
     let endpoint = match slot {
         Some(Slot::Endpoint(e)) => e,
+        Some(Slot::AllEjected) => {
+            tunnels.metrics.split_request(&split.source, "all_ejected");
+            return answer(
+                grpc,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "mesh: every endpoint of {} is ejected by outlier detection ({}); each is probed again when its ejection ends\n",
+                    split.service,
+                    policy.map_or("", |p| p.name.as_str())
+                ),
+            );
+        }
         Some(Slot::Invalid) | None if label == "backend" => {
             tunnels.metrics.split_request(&split.source, "invalid_backend");
             return answer(
@@ -306,12 +350,28 @@ async fn forward(
                 }
             },
         };
+        if let Some(ejections) = policy.and_then(|p| p.ejections.as_ref())
+            && !matches!(reached, Reached::Overflow)
+        {
+            let failed = matches!(reached, Reached::NotConnected) || resp.status().is_server_error();
+            match ejections.record(endpoint, failed) {
+                Change::Ejected(time) => {
+                    tunnels.metrics.ejection(&split.service, endpoint);
+                    tracing::warn!(service = %split.service, %endpoint, ejected_for = ?time, status = resp.status().as_u16(),
+                        "endpoint ejected by outlier detection (TrafficPolicy); it is probed again when the time is up");
+                }
+                Change::Restored => {
+                    tracing::info!(service = %split.service, %endpoint, "ejected endpoint answered its probe: back in service")
+                }
+                Change::None => {}
+            }
+        }
         // No retry the request's timeout would cut short: the client gets
         // the last real answer instead.
         let again = attempt < retries
             && !deadline.is_some_and(|d| Instant::now() + backoff >= d)
             && match reached {
-                Reached::Final => false,
+                Reached::Final | Reached::Overflow => false,
                 Reached::NotConnected => true,
                 Reached::Upstream => retry.is_some_and(|r| r.codes.contains(&resp.status().as_u16())),
             };
@@ -339,6 +399,29 @@ enum Reached {
     NotConnected,
     /// The agent's own final word (a policy denial, a broken exchange).
     Final,
+    /// A TrafficPolicy limit of this node was reached: the request never left.
+    Overflow,
+}
+
+/// The 503 of a full TrafficPolicy limit.
+fn overflow(grpc: bool, split: &HttpRoutes, p: &ClientPolicy, setting: &str, what: &str) -> Response<Body> {
+    let limit = match setting {
+        "maxPendingRequests" => p.settings.max_pending_requests,
+        _ => p.settings.max_connections,
+    };
+    let mut resp = answer(
+        grpc,
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "mesh: {} has {} {what} from this node, the {setting} of {}\n",
+            split.service,
+            limit.unwrap_or(0),
+            p.name
+        ),
+    );
+    resp.headers_mut()
+        .insert("x-mesh-overflow", hyper::header::HeaderValue::from_static("true"));
+    resp
 }
 
 /// A request from its parts (which are not Clone: extensions are not).
@@ -389,7 +472,22 @@ async fn to_endpoint(
         match usable {
             Some(u) => u.clone(),
             None => match connect(outbound, tunnels, workload_id, endpoint, flow_id, req.version()).await {
-                Ok(u) => {
+                Ok(mut u) => {
+                    let policy = split.resilience.as_deref();
+                    if let Some((p, permits)) = policy.and_then(|p| p.connections.clone().map(|s| (p, s))) {
+                        // Any old connection to it is replaced: its permit goes first.
+                        upstreams.remove(&endpoint);
+                        match permits.try_acquire_owned() {
+                            Ok(permit) => u._permit = Some(Arc::new(permit)),
+                            Err(_) => {
+                                tunnels.metrics.split_request(&split.source, "overflow");
+                                return (
+                                    overflow(grpc, split, p, "maxConnections", "connections"),
+                                    Reached::Overflow,
+                                );
+                            }
+                        }
+                    }
                     upstreams.insert(endpoint, u.clone());
                     u
                 }
@@ -421,13 +519,13 @@ async fn to_endpoint(
             headers: &edited_headers,
         })
     {
-        tunnels.metrics.split_request(&split.source, "denied");
-        let resp = answer(
-            grpc,
-            StatusCode::FORBIDDEN,
-            format!("denied by mesh policy: {denial}\n"),
-        );
-        return (resp, Reached::Final);
+        let what = if denial.retry_after.is_some() {
+            "rate_limited"
+        } else {
+            "denied"
+        };
+        tunnels.metrics.split_request(&split.source, what);
+        return (super::http::deny(grpc, &denial), Reached::Final);
     }
     tunnels.metrics.split_request(&split.source, label);
     match upstream.sender.send(req).await {
@@ -565,7 +663,11 @@ async fn connect(
         .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
         let sender = Sender::handshake(stream, version, ()).await?;
-        return Ok(Upstream { sender, check });
+        return Ok(Upstream {
+            sender,
+            check,
+            _permit: None,
+        });
     }
     let key = PeerKey {
         source,
@@ -579,5 +681,9 @@ async fn connect(
     let io = tokio::io::join(stream.read, stream.write);
     // The pooled tunnel connection stays leased while the upstream lives.
     let sender = Sender::handshake(io, version, lease).await?;
-    Ok(Upstream { sender, check: None })
+    Ok(Upstream {
+        sender,
+        check: None,
+        _permit: None,
+    })
 }
