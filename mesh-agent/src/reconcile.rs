@@ -200,7 +200,7 @@ impl Reconciler {
                         policies
                             .limits
                             .iter()
-                            .map(|((svc, port), l)| (format!("{svc}:{port}"), l.name.clone())),
+                            .map(|((svc, port), l)| (format!("{svc}:{port}"), l.policy.clone())),
                     )
                     .collect();
                 if attached != last_policies {

@@ -194,7 +194,11 @@ impl Registry {
                         .filter(|l| l.settings == settings)
                         .cloned()
                         .unwrap_or_else(|| {
-                            Arc::new(RateLimiter::new(format!("{name} on {service}:{port}"), &settings))
+                            Arc::new(RateLimiter::new(
+                                name.clone(),
+                                format!("{name} on {service}:{port}"),
+                                &settings,
+                            ))
                         });
                     limits.insert(id, l.clone());
                     out.limits.insert(at, l);

@@ -226,6 +226,25 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Runs a Python script in `pod` and reads the JSON it prints.
+pub fn python_json(lab: &xtask::lab::Lab, pod: &str, script: &str, args: &[&str]) -> Value {
+    let out = lab
+        .exec(pod, programs::PYTHON)
+        .expect("python")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "python printed {:?}: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// A process the test started, killed and reaped however the test ends.
 pub struct KillOnDrop(pub std::process::Child);
 
@@ -383,20 +402,24 @@ print(json.dumps({"answered": answered, "errors": errors, "details": sorted(deta
     /// length; after `x-echo-delay-ms` milliseconds when the request
     /// carries it; with a 503 for N of every 10 requests it has counted
     /// (the first N of each ten) when it carries `x-echo-fail-per-10: N`.
-    /// `GET /echo-stats` answers how many requests it got per path.
+    /// `GET /echo-stats` answers how many requests it got per path;
+    /// `POST /echo-control` with `x-echo-fail-all: 1` (or `0`) makes it
+    /// answer every other request with a 503 (or stop).
     pub const HTTP_ECHO: &str = r#"
 import json, sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 name, port = sys.argv[1], int(sys.argv[2])
-lock, seen, paths = threading.Lock(), [0], {}
+lock, seen, paths, fail_all = threading.Lock(), [0], {}, [False]
 class Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Headers and body are two writes: without this, Nagle holds the body
     # for the client's delayed ACK (40 ms per keep-alive request).
     disable_nagle_algorithm = True
     def answer(self):
-        if self.path == "/echo-stats":
+        if self.path in ("/echo-stats", "/echo-control"):
             with lock:
+                if self.path == "/echo-control":
+                    fail_all[0] = self.headers.get("x-echo-fail-all") == "1"
                 stats = json.dumps(paths).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(stats)))
@@ -406,6 +429,15 @@ class Echo(BaseHTTPRequestHandler):
         with lock:
             p = self.path.split("?")[0]
             paths[p] = paths.get(p, 0) + 1
+            failing = fail_all[0]
+        if failing:
+            length = int(self.headers.get("content-length", 0) or 0)
+            if length:
+                self.rfile.read(length)
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
         body = b""
         length = int(self.headers.get("content-length", 0) or 0)
         if length:

@@ -191,23 +191,7 @@ impl Gamma {
 
     /// Runs a Python script in `client` and reads the JSON it prints.
     fn python_json(&self, script: &str, args: &[&str]) -> Value {
-        let out = self
-            .t
-            .lab
-            .exec("client", PYTHON)
-            .unwrap()
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-            panic!(
-                "python printed {:?}: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        mesh_tests::python_json(&self.t.lab, "client", script, args)
     }
 
     /// GET a URL from `client`: (status, JSON or body text).

@@ -265,6 +265,14 @@ fn explain_service(
                 }
                 rule.pool.slots.clone()
             }
+            Way::Otherwise(_) if routes.rules.is_empty() => {
+                let _ = writeln!(
+                    out,
+                    "  {} {}: the Service's own endpoints serve it (the agent reads each request for {})",
+                    req.method, req.path, routes.source
+                );
+                routes.otherwise.as_ref().map(|p| p.slots.clone()).unwrap_or_default()
+            }
             Way::Otherwise(_) => {
                 let _ = writeln!(
                     out,

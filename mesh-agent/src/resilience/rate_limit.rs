@@ -73,6 +73,8 @@ impl Authorizer for LimitingAuthorizer {
 }
 
 pub struct RateLimiter {
+    /// `TrafficPolicy ns/name`.
+    pub policy: String,
     /// `TrafficPolicy ns/name on ns/svc:port`.
     pub name: String,
     pub settings: Settings,
@@ -97,8 +99,9 @@ impl std::fmt::Debug for RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(name: String, settings: &Settings) -> RateLimiter {
+    pub fn new(policy: String, name: String, settings: &Settings) -> RateLimiter {
         RateLimiter {
+            policy,
             name,
             settings: settings.clone(),
             total: settings
@@ -198,7 +201,11 @@ mod tests {
             }),
             ..Default::default()
         };
-        let l = RateLimiter::new("TrafficPolicy t/x on t/web:80".into(), &settings);
+        let l = RateLimiter::new(
+            "TrafficPolicy t/x".into(),
+            "TrafficPolicy t/x on t/web:80".into(),
+            &settings,
+        );
         assert!(l.admit("a").is_ok() && l.admit("a").is_ok());
         let (wait, which) = l.admit("a").unwrap_err();
         assert_eq!(which, "identity");

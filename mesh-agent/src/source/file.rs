@@ -339,6 +339,7 @@ impl Reader {
             g.udp_routes.extend(docs.gateway.udp_routes.iter().cloned());
             g.authorization_policies
                 .extend(docs.gateway.authorization_policies.iter().cloned());
+            g.traffic_policies.extend(docs.gateway.traffic_policies.iter().cloned());
             snapshot.mode = docs.mode.or(snapshot.mode);
             snapshot.admission = docs.admission.or(snapshot.admission);
             snapshot.namespace_admission.extend(docs.namespaces.iter().cloned());
