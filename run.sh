@@ -20,7 +20,8 @@ LLVM=22                     # an eBPF toolchain on LLVM 23 fails with "Invalid r
 PACKAGES=(gcc bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump python3-venv gnuplot-nox default-jdk-headless nginx-light redis-server postgresql wget nghttp2-client tshark)
 KUBERNETES_VALIDATE_VERSION=1.37.0
 GRPCIO_VERSION=1.85.3          # gRPC's own Python implementation, a real client and server in the L7 tests
-TOOLS=/opt/mesh-tools          # a venv for kubernetes-validate (checks deploy/) and grpcio
+OTEL_PROTO_VERSION=1.39.1      # the OTLP protobufs and gRPC stubs, for the tests' trace receiver
+TOOLS=/opt/mesh-tools          # a venv for kubernetes-validate (checks deploy/), grpcio and opentelemetry-proto
 
 say() { printf '\n=== %s\n' "$*" >&2; }
 
@@ -100,12 +101,14 @@ setup_promtool() {
 setup_python_tools() {
     local bin="$TOOLS/venv/bin/kubernetes-validate" py="$TOOLS/venv/bin/python"
     if [[ -x $bin ]] && "$bin" --version | grep -qx "$KUBERNETES_VALIDATE_VERSION" \
-        && "$py" -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null; then
+        && "$py" -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null \
+        && "$TOOLS/venv/bin/pip" show opentelemetry-proto 2>/dev/null | grep -qx "Version: $OTEL_PROTO_VERSION"; then
         return
     fi
-    say "setup: installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} and grpcio ${GRPCIO_VERSION} (PyPI) in $TOOLS/venv"
+    say "setup: installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION}, grpcio ${GRPCIO_VERSION} and opentelemetry-proto ${OTEL_PROTO_VERSION} (PyPI) in $TOOLS/venv"
     python3 -m venv "$TOOLS/venv"
-    "$TOOLS/venv/bin/pip" install -q "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" "grpcio==${GRPCIO_VERSION}"
+    "$TOOLS/venv/bin/pip" install -q "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" "grpcio==${GRPCIO_VERSION}" \
+        "opentelemetry-proto==${OTEL_PROTO_VERSION}"
 }
 
 setup_packages

@@ -195,6 +195,14 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
         metric: rate_limited,
     });
     let drain = Drain::default();
+    let traces = match &s.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let t = crate::traces::Traces::start(endpoint, &s.node_name).map_err(anyhow::Error::msg)?;
+            tracing::info!(otlp_endpoint = %endpoint, "exporting request spans of the L7 path");
+            Some(Arc::new(t))
+        }
+    };
     let identities = start_identities(&s, snapshots.clone(), audit.clone(), &mut registry, &mut tasks)?;
     let tunnels = match &identities {
         Some((manager, roots)) => {
@@ -210,6 +218,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Bound> {
                 post_quantum: s.tunnel.post_quantum,
                 addr: s.tunnel.addr,
                 port: s.tunnel.port,
+                traces: traces.clone(),
             };
             let started = crate::tunnel::start::start(
                 &settings,

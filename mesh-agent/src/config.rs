@@ -336,6 +336,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: std::net::SocketAddr,
 
+    /// An OTLP/gRPC collector (`http://host:4317`) to export a span per
+    /// request on the L7 path to (W3C traceparent propagated); none when unset.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Forward the kernel programs' aya-log debug lines to the agent log.
     #[arg(long, env = "MESH_KERNEL_DEBUG", default_value_t = false)]
     pub kernel_debug: bool,
@@ -406,6 +411,7 @@ pub struct Settings {
     pub admin_addr: std::net::SocketAddr,
     pub health_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
+    pub otlp_endpoint: Option<String>,
     pub worker_threads: usize,
     pub log: LogSettings,
     pub handoff_socket: PathBuf,
@@ -559,6 +565,7 @@ impl Settings {
             admin_addr: a.admin_addr,
             health_addr: a.health_addr,
             metrics_addr: a.metrics_addr,
+            otlp_endpoint: a.otlp_endpoint,
             worker_threads,
             log: LogSettings {
                 level: a.log_level,

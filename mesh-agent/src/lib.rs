@@ -34,5 +34,6 @@ pub mod smi;
 pub mod source;
 pub mod state;
 pub mod tables;
+pub mod traces;
 pub mod traffic_policy;
 pub mod tunnel;

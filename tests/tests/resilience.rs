@@ -2,7 +2,9 @@
 //! http.client as the client and Python's http.server echoing each
 //! request: outlier detection ejecting a failing endpoint and probing it
 //! back, a per-identity rate limit on the destination's node, fault
-//! injection shares, and a pending-request limit.
+//! injection shares, and a pending-request limit; and the L7 path's
+//! request spans, received by a Python OTLP/gRPC collector built on the
+//! opentelemetry-proto definitions (PyPI).
 use std::{path::PathBuf, time::Duration};
 
 use mesh_tests::{KillOnDrop, TestLab, log_records, programs::HTTP_ECHO, programs::PYTHON, wait_for};
@@ -35,11 +37,15 @@ struct Shop {
 
 impl Shop {
     fn up() -> Shop {
+        Shop::up_with(&[])
+    }
+
+    fn up_with(agent_args: &[&str]) -> Shop {
         assert!(
             std::path::Path::new(PYTHON).exists(),
             "{PYTHON} is missing: run `./run.sh setup`"
         );
-        let t = TestLab::up_with(TOPOLOGY, &[], LABTOOL);
+        let t = TestLab::up_with(TOPOLOGY, agent_args, LABTOOL);
         let servers = WEBS
             .iter()
             .map(|pod| {
@@ -400,4 +406,133 @@ print(json.dumps({"statuses": sorted(statuses), "overflow": sorted(o or "" for o
         serde_json::json!(["", "", "true", "true", "true"]),
         "{r}"
     );
+}
+
+/// node-a's fabric address: where the tests' collector listens.
+const COLLECTOR: &str = "198.18.0.11:4317";
+
+/// An OTLP/gRPC trace receiver (opentelemetry-proto's generated service on
+/// grpcio): for `secs` seconds it takes every export, then prints the spans
+/// it got as JSON (ids in hex, the resource's node, the kind).
+const OTLP_RECEIVER: &str = r#"
+import json, sys, threading, time
+from concurrent import futures
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+addr, secs = sys.argv[1], float(sys.argv[2])
+spans, lock = [], threading.Lock()
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def Export(self, request, context):
+        with lock:
+            for rs in request.resource_spans:
+                res = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for s in ss.spans:
+                        spans.append({
+                            "trace": s.trace_id.hex(), "span": s.span_id.hex(), "parent": s.parent_span_id.hex(),
+                            "name": s.name, "kind": s.kind, "node": res.get("k8s.node.name"),
+                            "service": res.get("service.name"),
+                            "attributes": {a.key: a.value.string_value or a.value.int_value for a in s.attributes},
+                        })
+        return trace_service_pb2.ExportTraceServiceResponse()
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
+server.add_insecure_port(addr)
+server.start()
+time.sleep(secs)
+server.stop(0)
+with lock:
+    print(json.dumps(spans))
+"#;
+
+/// Must-show 6: a cross-node request on the L7 path leaves a client span
+/// (node-a) and a server span (node-b) in one trace, parent and child,
+/// under the application's own traceparent; the pod gets the server
+/// span's context.
+#[test]
+fn a_cross_node_request_leaves_client_and_server_spans_of_one_trace() {
+    let s = Shop::up_with(&["--otlp-endpoint", &format!("http://{COLLECTOR}")]);
+    let lab = &s.t.lab;
+    let receiver = lab
+        .node_exec("node-a", PYTHON)
+        .unwrap()
+        .args(["-c", OTLP_RECEIVER, COLLECTOR, "8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut receiver = KillOnDrop(receiver);
+    // The L7 path for `limited` (web-1, on node-b): an HTTPRoute to itself.
+    std::fs::write(
+        s.source_dir().join("route-limited.yaml"),
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: limited, namespace: {NS}}}\nspec:\n  \
+             parentRefs: [{{group: \"\", kind: Service, name: limited, port: 80}}]\n  rules:\n  - backendRefs: [{{name: limited, port: 80}}]\n"
+        ),
+    )
+    .unwrap();
+    wait_for("the route in force", Duration::from_secs(5), || {
+        log_records(&lab.agent_log("node-a"))
+            .iter()
+            .any(|r| r["message"] == "Gateway API route in force" && r["route"] == format!("HTTPRoute {NS}/limited"))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let script = r#"
+import http.client, json, sys
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=5)
+c.request("GET", "/traced", headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+r = c.getresponse()
+got = json.loads(r.read())
+c.request("GET", "/untraced")
+r2 = c.getresponse()
+r2.read()
+print(json.dumps({"status": [r.status, r2.status], "traceparent": got["headers"].get("traceparent")}))
+"#;
+    let answer = s.python("client", script, &[LIMITED_VIP]);
+    assert_eq!(answer["status"], serde_json::json!([200, 200]), "{answer}");
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    use std::io::Read as _;
+    receiver.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    receiver.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let spans: Vec<Value> =
+        serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("receiver printed {stdout:?}: {stderr}"));
+    println!("{}", serde_json::to_string_pretty(&spans).unwrap());
+    let find = |node: &str, path: &str| -> &Value {
+        spans
+            .iter()
+            .find(|s| s["node"] == node && s["attributes"]["url.path"] == path)
+            .unwrap_or_else(|| panic!("no span of {node} for {path}: {spans:?}"))
+    };
+    let (client, server) = (find("node-a", "/traced"), find("node-b", "/traced"));
+    // SpanKind in OTLP: 2 server, 3 client.
+    assert_eq!((client["kind"].as_i64(), server["kind"].as_i64()), (Some(3), Some(2)));
+    assert_eq!(
+        client["trace"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the application's trace"
+    );
+    assert_eq!(
+        client["parent"], "00f067aa0ba902b7",
+        "the application's span is the client span's parent"
+    );
+    assert_eq!(server["trace"], client["trace"]);
+    assert_eq!(
+        server["parent"], client["span"],
+        "the server span is the client span's child"
+    );
+    assert_eq!(server["service"], "mesh-agent");
+    assert_eq!(client["attributes"]["http.response.status_code"], 200);
+    let to_pod = answer["traceparent"].as_str().unwrap();
+    assert_eq!(
+        to_pod,
+        format!(
+            "00-{}-{}-01",
+            server["trace"].as_str().unwrap(),
+            server["span"].as_str().unwrap()
+        ),
+        "the pod sees the server span as its parent"
+    );
+    let (client2, server2) = (find("node-a", "/untraced"), find("node-b", "/untraced"));
+    assert_eq!(client2["parent"], "", "a request without traceparent starts a trace");
+    assert_eq!(server2["parent"], client2["span"]);
+    assert_ne!(client2["trace"], client["trace"]);
 }

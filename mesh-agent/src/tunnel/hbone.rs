@@ -29,6 +29,8 @@ use super::{
 
 const TRANSPORT: &str = "tcp";
 pub const FLOW_ID_HEADER: &str = "mesh-flow-id";
+/// `1` when the source agent serves the flow as HTTP (`FlowHeader.http`).
+pub const HTTP_HEADER: &str = "mesh-http";
 pub const REFUSAL_HEADER: &str = "mesh-refusal";
 
 impl PooledConn for SendRequest<Empty<Bytes>> {
@@ -58,6 +60,7 @@ impl Hbone {
         key: &PeerKey,
         dst: SocketAddr,
         flow_id: u64,
+        http: bool,
     ) -> Result<(TokioIo<Upgraded>, Lease<SendRequest<Empty<Bytes>>>), TunnelError> {
         let addr = key.node_addr;
         // A pooled connection whose peer agent is draining answers a new
@@ -71,6 +74,7 @@ impl Hbone {
                 .method(Method::CONNECT)
                 .uri(dst.to_string())
                 .header(FLOW_ID_HEADER, flow_id.to_string())
+                .header(HTTP_HEADER, if http { "1" } else { "0" })
                 .body(Empty::new())
                 .expect("valid request");
             let mut sender = (*lease).clone();
@@ -275,6 +279,7 @@ fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let http = req.headers().get(HTTP_HEADER).is_some_and(|v| v == "1");
     let admission = match inbound.check(&peer, dst) {
         Ok(a) => a,
         Err(refusal) => {
@@ -299,6 +304,7 @@ fn handle(
                             dst,
                             flow_id,
                             admission,
+                            http,
                         },
                         r,
                         w,

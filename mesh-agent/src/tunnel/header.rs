@@ -72,6 +72,7 @@ mod tests {
             destination: "198.18.2.10:8080".into(),
             protocol: Protocol::Tcp as i32,
             flow_id: 7,
+            http: true,
         };
         let mut buf = Vec::new();
         write(&mut buf, &h).await.unwrap();

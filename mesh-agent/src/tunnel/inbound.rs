@@ -43,6 +43,8 @@ pub struct Flow<'a> {
     pub dst: SocketAddr,
     pub flow_id: u64,
     pub admission: Admission,
+    /// The source agent serves it as HTTP (`FlowHeader.http`).
+    pub http: bool,
 }
 
 pub struct Inbound {
@@ -55,6 +57,8 @@ pub struct Inbound {
     pub drain: Drain,
     /// Where the agent vouches for the flows it opens to pods (inbound admission).
     pub voucher: Arc<dyn super::deliver::Voucher>,
+    /// Server spans for the HTTP flows it serves, when exported.
+    pub traces: crate::traces::TracesHandle,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -102,6 +106,7 @@ impl Inbound {
             dst,
             flow_id,
             admission,
+            http,
         } = flow;
         let started = Instant::now();
         let _flow = self.drain.flow();
@@ -125,9 +130,15 @@ impl Inbound {
             }
         };
         let _ = upstream.set_nodelay(true);
-        if let Admission::Http(check) = admission {
+        // Requests are read when HTTP rules apply, or for their spans.
+        let check = match admission {
+            Admission::Http(check) => Some(check),
+            Admission::Open => None,
+        };
+        if check.is_some() || (http && self.traces.is_some()) {
+            let spans = self.traces.clone().map(|t| (t, peer.to_string(), dst));
             let result = tokio::select! {
-                result = serve_http(r, w, upstream, check) => result,
+                result = serve_http(r, w, upstream, check, spans) => result,
                 // Dropping hyper's connections closes both sockets (FIN).
                 () = self.drain.ending() => Ok(()),
             };
@@ -164,7 +175,13 @@ impl Inbound {
 /// with a short reason and never reaches the pod; allowed ones pass
 /// untouched, to the pod in the version the client spoke (hyper on both
 /// sides; the pod connection is opened in that version on the first request).
-async fn serve_http<R, W>(r: R, w: W, upstream: TcpStream, check: Arc<dyn HttpCheck>) -> Result<(), String>
+async fn serve_http<R, W>(
+    r: R,
+    w: W,
+    upstream: TcpStream,
+    check: Option<Arc<dyn HttpCheck>>,
+    spans: Option<(Arc<crate::traces::Traces>, String, SocketAddr)>,
+) -> Result<(), String>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -175,23 +192,46 @@ where
 
     let pod = Arc::new(tokio::sync::Mutex::new(Some(upstream)));
     let sender: Arc<tokio::sync::OnceCell<Sender>> = Arc::default();
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (check, pod, sender) = (check.clone(), pod.clone(), sender.clone());
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let (check, pod, sender, spans) = (check.clone(), pod.clone(), sender.clone(), spans.clone());
         async move {
             let grpc = is_grpc(&req);
+            // The server span: the child of the client agent's span, and
+            // the parent of whatever the pod does with the request.
+            let span = spans.as_ref().map(|(traces, peer, dst)| {
+                let name = req.method().as_str().to_string();
+                let attributes = vec![
+                    opentelemetry::KeyValue::new("http.request.method", name.clone()),
+                    opentelemetry::KeyValue::new("url.path", req.uri().path().to_string()),
+                    opentelemetry::KeyValue::new("mesh.source", peer.clone()),
+                    opentelemetry::KeyValue::new("mesh.endpoint", dst.to_string()),
+                ];
+                traces.request_span(
+                    req.headers_mut(),
+                    opentelemetry::trace::SpanKind::Server,
+                    name,
+                    attributes,
+                )
+            });
             let headers: Vec<(String, String)> = req
                 .headers()
                 .iter()
                 .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
                 .collect();
-            let verdict = check.check(&HttpRequest {
-                method: req.method().as_str(),
-                path: req.uri().path(),
-                query: req.uri().query().unwrap_or(""),
-                headers: &headers,
+            let verdict = check.as_ref().map_or(Ok(()), |c| {
+                c.check(&HttpRequest {
+                    method: req.method().as_str(),
+                    path: req.uri().path(),
+                    query: req.uri().query().unwrap_or(""),
+                    headers: &headers,
+                })
             });
             if let Err(denial) = verdict {
-                return Ok(super::http::deny(grpc, &denial));
+                let resp = super::http::deny(grpc, &denial);
+                if let Some(s) = span {
+                    s.finish(resp.status().as_u16(), vec![]);
+                }
+                return Ok(resp);
             }
             let version = req.version();
             let opened = sender
@@ -212,6 +252,9 @@ where
                     Err(e) => answer(grpc, StatusCode::BAD_GATEWAY, format!("upstream: {e}\n")),
                 },
             };
+            if let Some(s) = span {
+                s.finish(resp.status().as_u16(), vec![]);
+            }
             Ok::<_, std::convert::Infallible>(resp)
         }
     });

@@ -68,6 +68,8 @@ pub struct Tunnels {
     /// Same-node flows the kernel sends here (HTTP rules apply) are
     /// served as if they had arrived through a tunnel.
     pub inbound: Arc<super::inbound::Inbound>,
+    /// Request spans of the L7 path, when exported.
+    pub traces: crate::traces::TracesHandle,
 }
 
 pub struct Outbound {
@@ -216,6 +218,7 @@ impl Outbound {
                             dst,
                             flow_id,
                             admission,
+                            http: false,
                         },
                         r,
                         w,
@@ -232,7 +235,7 @@ impl Outbound {
             node_addr: SocketAddr::from((node_ip, tunnels.port)),
         };
         let (mut down_r, mut down_w) = downstream.into_split();
-        let result = match Box::pin(open_tunnel(tunnels, &key, route.dst, flow_id)).await {
+        let result = match Box::pin(open_tunnel(tunnels, &key, route.dst, flow_id, false)).await {
             Ok(mut t) => {
                 let copied =
                     copy::bidirectional(&mut down_r, &mut down_w, &mut t.read, &mut t.write, self.drain.ending()).await;
@@ -301,12 +304,14 @@ pub(super) async fn open_tunnel(
     key: &PeerKey,
     dst: SocketAddr,
     flow_id: u64,
+    http: bool,
 ) -> Result<TunnelStream, TunnelError> {
     if tunnels.transport == Transport::Quic {
         let header = FlowHeader {
             destination: dst.to_string(),
             protocol: Protocol::Tcp as i32,
             flow_id,
+            http,
         };
         match tunnels.quic.open(key, &header).await {
             Ok((send, recv, lease)) => {
@@ -324,7 +329,7 @@ pub(super) async fn open_tunnel(
             Err(e) => return Err(e),
         }
     }
-    let (io, lease) = tunnels.hbone.open(key, dst, flow_id).await?;
+    let (io, lease) = tunnels.hbone.open(key, dst, flow_id, http).await?;
     let (read, write) = tokio::io::split(io);
     Ok(TunnelStream {
         read: Box::new(read),

@@ -474,6 +474,7 @@ async fn serve_stream(
                 dst,
                 flow_id: header.flow_id,
                 admission,
+                http: header.http,
             },
             recv,
             send,

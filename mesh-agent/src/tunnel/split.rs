@@ -83,6 +83,24 @@ pub async fn serve(
         async move {
             let received = Instant::now();
             let mut route = String::new();
+            let mut req = req;
+            // The client span: the request leaves (every attempt, a
+            // mirror's copy) with its traceparent.
+            let span = tunnels.traces.as_ref().map(|t| {
+                let method = req.method().as_str().to_string();
+                let attributes = vec![
+                    opentelemetry::KeyValue::new("http.request.method", method.clone()),
+                    opentelemetry::KeyValue::new("url.path", req.uri().path().to_string()),
+                    opentelemetry::KeyValue::new("server.address", split.service.clone()),
+                    opentelemetry::KeyValue::new("mesh.source", source.to_string()),
+                ];
+                t.request_span(
+                    req.headers_mut(),
+                    opentelemetry::trace::SpanKind::Client,
+                    format!("{method} {}", split.service),
+                    attributes,
+                )
+            });
             let resp = forward(
                 &outbound,
                 &tunnels,
@@ -95,6 +113,9 @@ pub async fn serve(
             )
             .await;
             let status = resp.status().as_u16();
+            if let Some(span) = span {
+                span.finish(status, vec![opentelemetry::KeyValue::new("mesh.route", route.clone())]);
+            }
             tunnels
                 .metrics
                 .request(&route, &split.service, &source, status, received.elapsed());
@@ -674,7 +695,7 @@ async fn connect(
         destination,
         node_addr: SocketAddr::from((node_ip, tunnels.port)),
     };
-    let stream = Box::pin(open_tunnel(tunnels, &key, endpoint, flow_id))
+    let stream = Box::pin(open_tunnel(tunnels, &key, endpoint, flow_id, true))
         .await
         .map_err(|e| e.to_string())?;
     let lease = stream.lease;

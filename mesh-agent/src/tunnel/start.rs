@@ -46,6 +46,8 @@ pub struct TunnelSettings {
     /// The address both transports listen on (and dial from).
     pub addr: std::net::Ipv4Addr,
     pub port: u16,
+    /// Where request spans of the L7 path go, if anywhere.
+    pub traces: crate::traces::TracesHandle,
 }
 
 /// The built tunnels, and what starts their QUIC server later.
@@ -79,6 +81,7 @@ pub fn start(
         metrics: metrics.clone(),
         drain: drain.clone(),
         voucher: redirect,
+        traces: settings.traces.clone(),
     });
     let client_addr = SocketAddr::from((settings.addr, 0));
     let quic = Quic::client(client_addr, tls.clone(), metrics.clone())
@@ -93,6 +96,7 @@ pub fn start(
         port: settings.port,
         metrics: metrics.clone(),
         inbound: inbound.clone(),
+        traces: settings.traces.clone(),
     });
     let (server, _) = watch::channel(None);
     Ok(Started {

@@ -148,6 +148,7 @@ async fn main() {
                         destination: dst.to_string(),
                         protocol: Protocol::Tcp as i32,
                         flow_id: 1,
+                        http: false,
                     };
                     let (mut send, mut recv, _g) = quic.open(&key, &header).await.map_err(|e| e.to_string())?;
                     send.write_all(b"ROGUE BYTES").await.map_err(|e| e.to_string())?;
@@ -159,7 +160,7 @@ async fn main() {
                     Ok(())
                 } else {
                     let hbone = Hbone::new(tls, metrics);
-                    let (io, _g) = hbone.open(&key, dst, 1).await.map_err(|e| e.to_string())?;
+                    let (io, _g) = hbone.open(&key, dst, 1, false).await.map_err(|e| e.to_string())?;
                     let (mut r, mut w) = tokio::io::split(io);
                     w.write_all(b"ROGUE BYTES").await.map_err(|e| e.to_string())?;
                     w.shutdown().await.map_err(|e| e.to_string())?;
@@ -185,6 +186,7 @@ async fn main() {
                 metrics: metrics.clone(),
                 drain: Drain::default(),
                 voucher: Arc::new(mesh_agent::tunnel::deliver::NoVoucher),
+                traces: None,
             });
             // An impostor presents its (valid) certificate whatever
             // identity the client asks for.
