@@ -26,6 +26,18 @@ fn the_bench_measures_every_path_and_writes_json_and_png() {
     let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
     let paths = json["paths"].as_object().unwrap();
     assert_eq!(paths.len(), 5, "{paths:?}");
+    // The L7 path against the L4 path: both measured each round.
+    for key in ["rr_p50_us", "rr_p99_us"] {
+        let f = &json["l7_vs_l4"][key];
+        for side in ["l4_samples", "l7_samples"] {
+            let v = f[side].as_array().unwrap_or_else(|| panic!("l7_vs_l4 {key}: {f}"));
+            assert!(
+                v.len() == 2 && v.iter().all(|x| x.as_f64().unwrap() > 0.0),
+                "{key} {side}: {f}"
+            );
+        }
+        assert!(f["added_us"].is_number(), "{f}");
+    }
     for (path, p) in paths {
         let figures = p["figures"].as_object().unwrap();
         for key in [

@@ -7,7 +7,11 @@
 //!   mesh does not know (`plain-load`, `plain-near`, `plain-far`);
 //! - mesh same: meshed, same node, with the default settings (policy at
 //!   connect(), then plain TCP, delivered veth to veth by the fast path);
-//! - quic, tcp: meshed, cross node, through each tunnel transport.
+//! - quic, tcp: meshed, cross node, through each tunnel transport;
+//! - and, per round, the L7 path against the L4 path: HTTP/1.1 GETs at
+//!   1,000/s to nginx on the far node through the default transport, once
+//!   by a Service with an HTTPRoute (the agent reads each request on both
+//!   nodes) and once by one without (bytes through the tunnel).
 //!
 //! Node A (agent, client, near server) is pinned to CPU 0 and node B (agent,
 //! far server) to CPU 1, so the ratios are stable on two cores (README, "Benchmark").
@@ -68,6 +72,10 @@ const ECHO_PORT: u16 = 7000;
 /// Requests per second of the latency runs (the issue's fixed rate).
 const RR_RATE: u32 = 1000;
 const RR_SIZE: usize = 1024;
+/// nginx in the far pod, for the L7 against L4 figures.
+const HTTP_PORT: u16 = 8080;
+const L4_VIP: &str = "198.19.0.40";
+const L7_VIP: &str = "198.19.0.41";
 
 fn policy(allow_far: bool) -> String {
     let target = |name: &str| {
@@ -79,7 +87,7 @@ fn policy(allow_far: bool) -> String {
     };
     let mut p = format!(
         "# Written by cargo xtask bench.\napiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {{name: bench-ports, namespace: bench}}\n\
-         spec: {{matches: {{ports: [{IPERF_PORT}, {ECHO_PORT}]}}}}\n"
+         spec: {{matches: {{ports: [{IPERF_PORT}, {ECHO_PORT}, {HTTP_PORT}]}}}}\n"
     );
     p.push_str(&target("near"));
     if allow_far {
@@ -265,12 +273,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         opts: opts.clone(),
         servers: Vec::new(),
         step: 0,
-        // 4 per path per round; idle RSS, holding, and two policy changes per round.
-        steps: opts.rounds * PATHS.len() * 4 + 2 + 2 * opts.rounds,
+        // 4 per path per round, 2 for L7 against L4; idle RSS, holding,
+        // and two policy changes per round.
+        steps: opts.rounds * PATHS.len() * 4 + 2 + 4 * opts.rounds,
         started,
         transport: "quic",
         peak_rss_kib: BTreeMap::new(),
     };
+    bench.write_http_services()?;
     bench.lab.start_ca()?;
     bench.start_pinned_agents()?;
     bench.widen_client_ports()?;
@@ -281,6 +291,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     bench.progress("idle agent RSS measured");
 
     let mut samples: BTreeMap<&'static str, Samples> = BTreeMap::new();
+    let mut l7: BTreeMap<&'static str, Samples> = BTreeMap::new();
     for round in 0..opts.rounds {
         // Alternate which transport goes first, so neither always follows a restart.
         let mut order = PATHS.to_vec();
@@ -292,6 +303,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
             let s = samples.entry(path.key()).or_default();
             bench.measure(path, round, s)?;
         }
+        bench.measure_l7(round, &mut l7)?;
     }
     bench.use_transport(Quic)?;
     let rss_held = bench.hold_connections()?;
@@ -300,6 +312,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
 
     let report = Report {
         samples,
+        l7,
         rss_idle,
         rss_held,
         rss_peak: bench.peak_rss_kib.clone(),

@@ -50,6 +50,10 @@ enum Cmd {
         /// A new connection per request (else a few persistent ones).
         #[arg(long)]
         new_conn: bool,
+        /// HTTP/1.1 instead: each request a `GET /` with this Host, its
+        /// answer read whole (by Content-Length); `size` is not used.
+        #[arg(long)]
+        http_host: Option<String>,
     },
     /// `concurrency` loops of connect, 1-byte round trip, close, for `secs`.
     /// Prints {"connections", "per_sec", "errors"}.
@@ -116,7 +120,8 @@ fn main() -> anyhow::Result<()> {
                 secs,
                 size,
                 new_conn,
-            } => rr(to, rate, secs, size, new_conn).await,
+                http_host,
+            } => rr(to, rate, secs, size, new_conn, http_host).await,
             Cmd::ConnRate { to, secs, concurrency } => conn_rate(to, secs, concurrency).await,
             Cmd::Hold { to, count } => hold(to, count).await,
             Cmd::Churn { to, rate } => churn(to, rate).await,
@@ -184,8 +189,63 @@ async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-async fn rr(to: SocketAddr, rate: u32, secs: f64, size: usize, new_conn: bool) -> anyhow::Result<()> {
-    let req: Rc<Vec<u8>> = Rc::new((0..size).map(|i| (i % 251) as u8).collect());
+/// One HTTP/1.1 request and its whole answer (a 200 with Content-Length).
+async fn http_round_trip(s: &mut TcpStream, req: &[u8]) -> std::io::Result<()> {
+    s.write_all(req).await?;
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before the answer",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Err(std::io::Error::other(format!(
+            "answer: {}",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("answer without content-length"))?;
+    let mut have = buf.len() - head_end;
+    while have < length {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed mid-body",
+            ));
+        }
+        have += n;
+    }
+    Ok(())
+}
+
+async fn rr(
+    to: SocketAddr,
+    rate: u32,
+    secs: f64,
+    size: usize,
+    new_conn: bool,
+    http_host: Option<String>,
+) -> anyhow::Result<()> {
+    let req: Rc<Vec<u8>> = Rc::new(match &http_host {
+        Some(host) => format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes(),
+        None => (0..size).map(|i| (i % 251) as u8).collect(),
+    });
+    let http = http_host.is_some();
     // Persistent connections, reused by whichever request comes next; more
     // are opened only when a request finds them all busy.
     let idle: Rc<std::cell::RefCell<Vec<TcpStream>>> = Rc::default();
@@ -205,7 +265,11 @@ async fn rr(to: SocketAddr, rate: u32, secs: f64, size: usize, new_conn: bool) -
                 Some(s) => s,
                 None => connect(to).await?,
             };
-            round_trip(&mut s, &req, &mut reply).await?;
+            if http {
+                http_round_trip(&mut s, &req).await?;
+            } else {
+                round_trip(&mut s, &req, &mut reply).await?;
+            }
             let took = began.elapsed();
             if !new_conn {
                 idle.borrow_mut().push(s);

@@ -69,6 +69,32 @@ impl Bench {
         Ok(())
     }
 
+    /// The L7 path against the L4 path in one round: HTTP GETs at
+    /// RR_RATE to nginx on the far node, by the Service without a route
+    /// and by the one with an HTTPRoute (default transport).
+    pub(super) fn measure_l7(&mut self, round: usize, s: &mut BTreeMap<&'static str, Samples>) -> anyhow::Result<()> {
+        self.use_transport(Quic)?;
+        for (key, vip) in [("l4", L4_VIP), ("l7", L7_VIP)] {
+            self.progress(&format!(
+                "round {}/{} HTTP GETs by the {} path",
+                round + 1,
+                self.opts.rounds,
+                key.to_uppercase()
+            ));
+            let (rate, secs) = (RR_RATE.to_string(), self.opts.short_secs.to_string());
+            let mut cmd = self.in_pod("load", true, &self.benchtool.to_string_lossy())?;
+            cmd.args(["rr", "--to", &format!("{vip}:80"), "--rate", &rate, "--secs", &secs])
+                .args(["--http-host", vip]);
+            let rr = self.json_of(&mut cmd, "benchtool rr --http-host")?;
+            ensure!(num(&rr, "errors")? == 0.0, "{key} HTTP run had errors: {rr}");
+            let samples = s.entry(key).or_default();
+            for k in ["rr_p50_us", "rr_p90_us", "rr_p99_us"] {
+                push(samples, k, num(&rr, &k[3..])?);
+            }
+        }
+        Ok(())
+    }
+
     /// One `benchtool rr` run from the load pod: 1 KiB at RR_RATE for
     /// short_secs, persistent or a new connection per request; no errors.
     pub(super) fn request_response(&self, path: Route, to: &str, new_conn: bool, tag: &str) -> anyhow::Result<Value> {

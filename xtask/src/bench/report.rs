@@ -3,6 +3,8 @@ use super::*;
 
 pub(super) struct Report {
     pub(super) samples: BTreeMap<&'static str, Samples>,
+    /// `l4` and `l7`: HTTP GETs through a Service without and with an HTTPRoute.
+    pub(super) l7: BTreeMap<&'static str, Samples>,
     pub(super) rss_idle: BTreeMap<String, u64>,
     pub(super) rss_held: BTreeMap<String, u64>,
     pub(super) rss_peak: BTreeMap<String, u64>,
@@ -25,6 +27,13 @@ impl Report {
         let (_, m, _) = self.figure(path, key)?;
         let (_, b, _) = self.figure(path.baseline()?, key)?;
         (b != 0.0).then_some(m / b)
+    }
+
+    /// L7 against L4 for one percentile: (L4 median, L7 median, added).
+    pub(super) fn l7_added(&self, key: &str) -> Option<(f64, f64, f64)> {
+        let (_, l4, _) = spread(self.l7.get("l4")?.get(key)?);
+        let (_, l7, _) = spread(self.l7.get("l7")?.get(key)?);
+        Some((l4, l7, l7 - l4))
     }
 
     pub(super) fn json(&self) -> Value {
@@ -62,6 +71,17 @@ impl Report {
                 )
             })
             .collect();
+        let l7_vs_l4: serde_json::Map<_, _> = ["rr_p50_us", "rr_p90_us", "rr_p99_us"]
+            .iter()
+            .filter_map(|k| {
+                let (l4, l7, added) = self.l7_added(k)?;
+                Some((
+                    k.to_string(),
+                    json!({"l4_median_us": l4, "l7_median_us": l7, "added_us": added,
+                        "l4_samples": self.l7["l4"][k], "l7_samples": self.l7["l7"][k]}),
+                ))
+            })
+            .collect();
         json!({
             "machine": machine(),
             "settings": {
@@ -74,6 +94,7 @@ impl Report {
             "paths": paths,
             "agent_rss_mib": {"idle": mib(&self.rss_idle), "peak": mib(&self.rss_peak), "holding_connections": mib(&self.rss_held)},
             "policy_change_to_enforcement_ms": policy,
+            "l7_vs_l4": l7_vs_l4,
         })
     }
 
@@ -108,6 +129,15 @@ impl Report {
                     fmt(min),
                     fmt(max)
                 );
+            }
+        }
+        let _ = writeln!(
+            t,
+            "\nL7 path against L4 path: HTTP/1.1 GET, 1 KiB answers from nginx, {RR_RATE}/s persistent, cross node (QUIC) (us)"
+        );
+        for (key, label) in [("rr_p50_us", "p50"), ("rr_p90_us", "p90"), ("rr_p99_us", "p99")] {
+            if let Some((l4, l7, added)) = self.l7_added(key) {
+                let _ = writeln!(t, "  {label}: L4 {} L7 {} added {}", fmt(l4), fmt(l7), fmt(added));
             }
         }
         let _ = writeln!(t, "\nagent RSS (MiB)");

@@ -142,7 +142,53 @@ impl Bench {
         Ok(())
     }
 
+    /// Two Services on the far pod's nginx: one plain (L4, through the
+    /// tunnel as bytes), one with an HTTPRoute (the L7 path).
+    pub(super) fn write_http_services(&self) -> anyhow::Result<()> {
+        let far = self.lab.pod("far")?.ip;
+        let svc = |name: &str, vip: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\n\
+                 spec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: 80, targetPort: {HTTP_PORT}}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+                 metadata: {{name: {name}-1, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 ports: [{{name: http, port: {HTTP_PORT}}}]\nendpoints: [{{addresses: [{far}]}}]\n"
+            )
+        };
+        let route = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-l7, namespace: bench}\n\
+                     spec:\n  parentRefs: [{group: \"\", kind: Service, name: web-l7, port: 80}]\n  \
+                     rules: [{backendRefs: [{name: web-l7, port: 80}]}]\n";
+        let text = format!(
+            "# Written by cargo xtask bench.\n{}{}{route}",
+            svc("web-l4", L4_VIP),
+            svc("web-l7", L7_VIP)
+        );
+        fs::write(self.lab.source_dir.join("http-services.yaml"), text)?;
+        Ok(())
+    }
+
     pub(super) fn start_servers(&mut self) -> anyhow::Result<()> {
+        // nginx answering 1 KiB on every keep-alive request, for the L7 figures.
+        let conf = self.opts.out_dir.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "daemon off; worker_processes 1; pid {0}/nginx.pid; error_log stderr;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{ access_log off; client_body_temp_path {0}; keepalive_requests 10000000; keepalive_timeout 600s;\n\
+                   server {{ listen {HTTP_PORT}; location / {{ return 200 \"{1}\"; }} }} }}\n",
+                self.opts.out_dir.canonicalize()?.display(),
+                "x".repeat(1024)
+            ),
+        )?;
+        let nginx = self
+            .in_pod("far", true, "nginx")?
+            .args(["-e", "stderr", "-c"])
+            .arg(conf.canonicalize()?)
+            .stdin(Stdio::null())
+            .spawn()?;
+        self.servers.push(nginx);
+        crate::probe::wait_listening(&self.lab.pod("far")?.netns, HTTP_PORT)?;
         for pod in ["near", "far"] {
             for meshed in [true, false] {
                 let port = |base: u16| if meshed { base } else { base + 1 };
