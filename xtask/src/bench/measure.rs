@@ -85,14 +85,39 @@ impl Bench {
             let mut cmd = self.in_pod("load", true, &self.benchtool.to_string_lossy())?;
             cmd.args(["rr", "--to", &format!("{vip}:80"), "--rate", &rate, "--secs", &secs])
                 .args(["--http-host", vip]);
+            let served_before = self.l7_requests_served()?;
             let rr = self.json_of(&mut cmd, "benchtool rr --http-host")?;
             ensure!(num(&rr, "errors")? == 0.0, "{key} HTTP run had errors: {rr}");
+            // The L7 run really took the L7 path, and the L4 run did not.
+            let served = self.l7_requests_served()? - served_before;
+            let want = if key == "l7" { num(&rr, "requests")? } else { 0.0 };
+            ensure!(
+                served == want,
+                "{key} HTTP run: node-a's L7 path served {served} requests, not {want}"
+            );
             let samples = s.entry(key).or_default();
             for k in ["rr_p50_us", "rr_p90_us", "rr_p99_us"] {
                 push(samples, k, num(&rr, &k[3..])?);
             }
         }
         Ok(())
+    }
+
+    /// Requests node-a's agent served on its L7 path for web-l7
+    /// (`mesh_http_requests_total`).
+    fn l7_requests_served(&self) -> anyhow::Result<f64> {
+        let addr = format!("http://{}:15020/metrics", self.lab.node("node-a")?.fabric_ip);
+        let out = self
+            .lab
+            .node_exec("node-a", "curl")?
+            .args(["-sf", "--max-time", "5", &addr])
+            .output()?;
+        ensure!(out.status.success(), "cannot read node-a's metrics at {addr}");
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("mesh_http_requests_total{") && l.contains("service=\"bench/web-l7:80\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum())
     }
 
     /// One `benchtool rr` run from the load pod: 1 KiB at RR_RATE for
