@@ -78,7 +78,13 @@ impl Hbone {
                 .body(Empty::new())
                 .expect("valid request");
             let mut sender = (*lease).clone();
-            match sender.send_request(req).await {
+            // A peer that never answers the CONNECT (its end broken after
+            // the handshake) fails the flow rather than holding it forever.
+            let answered = match tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.send_request(req)).await {
+                Ok(answer) => answer.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer to CONNECT within {HANDSHAKE_TIMEOUT:?}")),
+            };
+            match answered {
                 Ok(resp) => break (resp, lease),
                 Err(e) if !retried => {
                     tracing::debug!(peer = %addr, error = %e, "tunnel: HTTP/2 connection refused a stream; retrying on a new one");

@@ -141,7 +141,7 @@ async fn main() {
                 destination: peer_identity,
                 node_addr: peer,
             };
-            let result: Result<(), String> = async {
+            let attempt = async {
                 if cli.transport == "quic" {
                     let quic = Quic::client("0.0.0.0:0".parse().unwrap(), tls, metrics).map_err(|e| e.to_string())?;
                     let header = FlowHeader {
@@ -170,8 +170,12 @@ async fn main() {
                         .map_err(|e| e.to_string())?;
                     Ok(())
                 }
-            }
-            .await;
+            };
+            // A rogue left waiting has not got through either; say so
+            // rather than hold the test.
+            let result: Result<(), String> = tokio::time::timeout(std::time::Duration::from_secs(30), attempt)
+                .await
+                .unwrap_or_else(|_| Err("no answer within 30 s".into()));
             println!("{}", serde_json::json!({"ok": result.is_ok(), "error": result.err()}));
         }
         Cmd::Server { listen, seconds } => {
