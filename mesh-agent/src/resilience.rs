@@ -121,7 +121,8 @@ pub struct InForce {
 pub struct Registry {
     client: BTreeMap<(String, String, u16), Arc<ClientPolicy>>,
     limits: BTreeMap<(String, String, u16), Arc<RateLimiter>>,
-    accepted: BTreeMap<String, Settings>,
+    /// The last version that validated, whole (its target with it).
+    accepted: BTreeMap<String, (TrafficPolicySpec, Settings)>,
 }
 
 impl Registry {
@@ -147,25 +148,28 @@ impl Registry {
                 .and_then(|s| ports(&p.spec, &p.namespace, snap).map(|ports| (s, ports)))
             {
                 Ok((s, ports)) => {
-                    self.accepted.insert(key.clone(), s.clone());
-                    (s, ports)
+                    self.accepted.insert(key.clone(), (p.spec.clone(), s.clone()));
+                    (p.spec.clone(), s, ports)
                 }
                 Err(reason) => {
-                    let previous = self.accepted.get(&key).cloned();
-                    let ports = ports(&p.spec, &p.namespace, snap).ok().filter(|_| previous.is_some());
+                    // The last good version, on its own target and ports.
+                    let kept = self.accepted.get(&key).cloned().and_then(|(spec, s)| {
+                        let ports = ports(&spec, &p.namespace, snap).ok()?;
+                        Some((spec, s, ports))
+                    });
                     out.refused.push(Refused {
                         name: name.clone(),
                         reason,
-                        kept_previous: previous.is_some() && ports.is_some(),
+                        kept_previous: kept.is_some(),
                     });
-                    match (previous, ports) {
-                        (Some(s), Some(ports)) => (s, ports),
-                        _ => continue,
+                    match kept {
+                        Some(kept) => kept,
+                        None => continue,
                     }
                 }
             };
-            let (settings, ports) = settings;
-            let service = format!("{}/{}", p.namespace, p.spec.target_ref.name);
+            let (spec, settings, ports) = settings;
+            let service = format!("{}/{}", p.namespace, spec.target_ref.name);
             for port in ports {
                 let at = (service.clone(), port);
                 if out.client.contains_key(&at) || out.limits.contains_key(&at) {

@@ -580,6 +580,58 @@ mod tests {
     }
 
     #[test]
+    fn a_traffic_policy_takes_its_port_via_the_agent_and_a_bad_edit_keeps_the_last_good_one() {
+        let policy = |yaml: &str| Named {
+            namespace: "t".into(),
+            name: "p".into(),
+            spec: serde_yaml::from_str::<crate::traffic_policy::TrafficPolicySpec>(yaml).unwrap(),
+        };
+        let mut splits = Splits::default();
+        let mut s = snap(vec![]);
+        s.gateway.traffic_policies = vec![policy(
+            "targetRef: {kind: Service, name: web-v1}\nrateLimit: {identity: {requestsPerSecond: 5}}\n\
+             outlierDetection: {consecutiveFailures: 2}\n",
+        )];
+        let c = splits.compile(&s);
+        let t = c.tables.iter().find(|t| t.name == "t/web-v1:80").unwrap();
+        assert!(t.via_agent, "its port goes via the agent");
+        let routes = &c.http[&"10.96.0.11:80".parse().unwrap()];
+        assert!(routes.rules.is_empty() && routes.otherwise.as_ref().unwrap().slots.len() == 2);
+        assert!(routes.resilience.is_some());
+        let limited: Vec<String> = c.traffic_policies.by_endpoint.keys().map(|a| a.to_string()).collect();
+        assert_eq!(
+            limited,
+            ["198.18.1.10:8080", "198.18.2.10:8080"],
+            "rate limits by endpoint"
+        );
+        assert!(!c.tables.iter().find(|t| t.name == "t/web:80").unwrap().via_agent);
+        let limiter = c.traffic_policies.limits[&("t/web-v1".to_string(), 80)].clone();
+
+        // A bad edit that also moves the target: the last good version
+        // stays on its own target, with its state.
+        s.gateway.traffic_policies = vec![policy(
+            "targetRef: {kind: Service, name: web-v2}\nfaultInjection: {abort: {percent: 101, httpStatus: 503}}\n",
+        )];
+        let c = splits.compile(&s);
+        assert_eq!(c.traffic_policies.refused.len(), 1);
+        assert!(
+            c.traffic_policies.refused[0].kept_previous,
+            "{:?}",
+            c.traffic_policies.refused
+        );
+        let kept = &c.traffic_policies.limits[&("t/web-v1".to_string(), 80)];
+        assert!(Arc::ptr_eq(kept, &limiter), "the same buckets");
+        assert!(!c.tables.iter().find(|t| t.name == "t/web-v2:80").unwrap().via_agent);
+
+        s.gateway.traffic_policies.clear();
+        let c = splits.compile(&s);
+        assert!(
+            c.traffic_policies.limits.is_empty() && c.http.is_empty(),
+            "deleted: gone"
+        );
+    }
+
+    #[test]
     fn a_plain_service_has_one_slot_per_ready_endpoint_with_the_target_port() {
         let c = Splits::default().compile(&snap(vec![]));
         let web = c.tables.iter().find(|t| t.name == "t/web:80").unwrap();
