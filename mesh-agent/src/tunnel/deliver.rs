@@ -6,10 +6,11 @@
 //! does the SYN (or the first datagram) leave. TCP source ports are
 //! chosen by `source_port`.
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
 };
 
 use mesh_common::{AdmitKey, PROTO_TCP, PROTO_UDP};
@@ -65,7 +66,7 @@ const CONNECT_VOUCH: Duration = Duration::from_secs(130);
 /// Connects to `dst` (a pod of this node), vouched for, from a source
 /// port chosen by `source_port` (why: see there).
 pub async fn connect_tcp(redirect: &Arc<dyn Voucher>, dst: SocketAddr) -> io::Result<TcpStream> {
-    let source = source_for(dst)?;
+    let mut source = source_for(dst)?;
     let ports = SourcePorts::global();
     for _ in 0..source_port::ATTEMPTS {
         let Some(claim) = ports.claim(source, dst) else { break };
@@ -78,6 +79,16 @@ pub async fn connect_tcp(redirect: &Arc<dyn Voucher>, dst: SocketAddr) -> io::Re
         match socket.bind(SocketAddr::new(source, claim.port())) {
             // A listener or a socket without SO_REUSEADDR has the port.
             Err(err) if err.kind() == io::ErrorKind::AddrInUse => continue,
+            // The remembered source address has gone from the node.
+            Err(err) if err.kind() == io::ErrorKind::AddrNotAvailable => {
+                forget_source(dst);
+                let fresh = source_for(dst)?;
+                if fresh == source {
+                    return Err(err);
+                }
+                source = fresh;
+                continue;
+            }
             other => other?,
         }
         let key = admit_key(socket.local_addr()?, dst, PROTO_TCP);
@@ -117,8 +128,41 @@ pub fn udp_socket(redirect: &Arc<dyn Voucher>, dst: SocketAddr) -> io::Result<(s
 }
 
 /// The local address the kernel would send to `dst` from: a UDP socket's
-/// connect() picks it by route, and sends nothing.
+/// connect() picks it by route, and sends nothing. Remembered per
+/// destination for `SOURCE_TTL`: the lookup is five syscalls, and a
+/// connection-per-request client pays them on every connect (the bench's
+/// connection-rate run). A route change takes effect within the TTL, and
+/// a source address that has gone (bind fails) is looked up again at once.
 fn source_for(dst: SocketAddr) -> io::Result<IpAddr> {
+    let now = Instant::now();
+    let cache = SOURCES.get_or_init(Mutex::default);
+    if let Some((src, at)) = cache.lock().expect("source cache").get(&dst.ip())
+        && now.duration_since(*at) < SOURCE_TTL
+    {
+        return Ok(*src);
+    }
+    let src = route_source(dst)?;
+    let mut c = cache.lock().expect("source cache");
+    if c.len() >= SOURCE_CACHE_MAX {
+        c.clear();
+    }
+    c.insert(dst.ip(), (src, now));
+    Ok(src)
+}
+
+/// Forgets `dst`'s remembered source address (it could not be bound).
+fn forget_source(dst: SocketAddr) {
+    if let Some(c) = SOURCES.get() {
+        c.lock().expect("source cache").remove(&dst.ip());
+    }
+}
+
+const SOURCE_TTL: Duration = Duration::from_secs(2);
+/// Pods of one node: far more than any node runs.
+const SOURCE_CACHE_MAX: usize = 4096;
+static SOURCES: OnceLock<Mutex<HashMap<IpAddr, (IpAddr, Instant)>>> = OnceLock::new();
+
+fn route_source(dst: SocketAddr) -> io::Result<IpAddr> {
     let any: SocketAddr = if dst.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
