@@ -38,6 +38,17 @@ fn the_bench_measures_every_path_and_writes_json_and_png() {
         }
         assert!(f["added_us"].is_number(), "{f}");
     }
+    // The tunnel handshake with and without post-quantum key exchange.
+    for key in ["x25519", "x25519mlkem768"] {
+        let h = &json["tunnel_handshake_cpu_us"][key];
+        let v = h["samples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("handshake {key}: {h}"));
+        assert!(
+            v.len() == 2 && v.iter().all(|x| x.as_f64().unwrap() > 0.0),
+            "handshake {key}: {h}"
+        );
+    }
     for (path, p) in paths {
         let figures = p["figures"].as_object().unwrap();
         for key in [

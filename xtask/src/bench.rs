@@ -106,6 +106,9 @@ enum Route {
 }
 
 use Route::*;
+/// The agent's default transport (`--tunnel-transport`): the L7 figures,
+/// the held connections and the policy changes go through it.
+const DEFAULT: Route = Tcp;
 const PATHS: [Route; 5] = [NoMeshSame, SameNode, NoMeshCross, Quic, Tcp];
 
 impl Route {
@@ -266,22 +269,26 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         },
     )?;
     // Whatever happens next, leave no lab behind.
-    let _down = LabDown;
+    let mut down = LabDown {
+        logs_to: Some(opts.out_dir.join("failed-run-logs")),
+    };
     let mut bench = Bench {
         lab,
         benchtool,
         opts: opts.clone(),
         servers: Vec::new(),
         step: 0,
-        // 4 per path per round, 2 for L7 against L4; idle RSS, holding,
-        // and two policy changes per round.
-        steps: opts.rounds * PATHS.len() * 4 + 2 + 4 * opts.rounds,
+        // 4 per path per round, 2 for L7 against L4 and 1 for handshakes;
+        // idle RSS, holding, and two policy changes per round.
+        steps: opts.rounds * PATHS.len() * 4 + 2 + 5 * opts.rounds,
         started,
         transport: "quic",
         peak_rss_kib: BTreeMap::new(),
     };
     bench.write_http_services()?;
     bench.lab.start_ca()?;
+    // Explicit, so the paths do not depend on the agent's default.
+    bench.lab.agent_args = vec![format!("--tunnel-transport={}", bench.transport)];
     bench.start_pinned_agents()?;
     bench.widen_client_ports()?;
     bench.start_servers()?;
@@ -292,6 +299,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
 
     let mut samples: BTreeMap<&'static str, Samples> = BTreeMap::new();
     let mut l7: BTreeMap<&'static str, Samples> = BTreeMap::new();
+    let mut handshakes = Samples::new();
     for round in 0..opts.rounds {
         // Alternate which transport goes first, so neither always follows a restart.
         let mut order = PATHS.to_vec();
@@ -304,15 +312,18 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
             bench.measure(path, round, s)?;
         }
         bench.measure_l7(round, &mut l7)?;
+        bench.measure_handshakes(round, &mut handshakes)?;
     }
-    bench.use_transport(Quic)?;
+    bench.use_transport(DEFAULT)?;
     let rss_held = bench.hold_connections()?;
     let policy_ms = bench.policy_latency()?;
     bench.record_peak_rss()?;
 
+    down.logs_to = None;
     let report = Report {
         samples,
         l7,
+        handshakes,
         rss_idle,
         rss_held,
         rss_peak: bench.peak_rss_kib.clone(),
@@ -334,10 +345,22 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct LabDown;
+/// Removes the lab however the run ends; a run that failed first keeps the
+/// agents' logs (in `logs_to`), which the lab's removal would delete.
+struct LabDown {
+    logs_to: Option<PathBuf>,
+}
 
 impl Drop for LabDown {
     fn drop(&mut self) {
+        if let Some(dir) = &self.logs_to {
+            let _ = fs::create_dir_all(dir);
+            for node in ["node-a", "node-b"] {
+                let name = format!("agent-{node}.log");
+                let _ = fs::copy(Path::new(lab::STATE_DIR).join(&name), dir.join(&name));
+            }
+            eprintln!("bench: the failed run's agent logs are in {}", dir.display());
+        }
         if let Err(e) = lab::down() {
             eprintln!("bench: lab down failed: {e:#}");
         }

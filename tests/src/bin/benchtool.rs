@@ -105,6 +105,14 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// `count` full tunnel handshakes per key exchange, both ends in this
+    /// process on one thread, alternating X25519 and X25519MLKEM768: the
+    /// CPU a new tunnel connection costs both agents. Prints {"x25519":
+    /// {"p50_us", "p90_us", "group"}, "x25519mlkem768": {...}}.
+    Handshakes {
+        #[arg(long, default_value_t = 400)]
+        count: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -127,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Churn { to, rate } => churn(to, rate).await,
             Cmd::Long { to, count } => long(to, count).await,
             Cmd::WaitVerdict { to, want, timeout_secs } => wait_verdict(to, want == "denied", timeout_secs),
+            Cmd::Handshakes { count } => handshakes(count).await,
         }
     })
 }
@@ -524,4 +533,122 @@ fn wait_verdict(to: SocketAddr, want_denied: bool, timeout_secs: f64) -> anyhow:
         json!({"reached": reached, "at_unix_us": at, "attempts": attempts})
     );
     Ok(())
+}
+
+/// The agents' own tunnel TLS (mesh-agent's `TunnelTls`: its crypto
+/// provider, certificate resolvers and SPIFFE verifiers, TLS 1.3, no
+/// resumption) with workload certificates from a throwaway CA; client and
+/// server exchange their flights in memory, so each figure is CPU only.
+async fn handshakes(count: usize) -> anyhow::Result<()> {
+    use std::{collections::BTreeSet, sync::Arc};
+
+    use anyhow::Context as _;
+    use mesh_agent::{
+        identity::{
+            SpiffeId,
+            authority::Authority,
+            manager::{IdentityManager, Timing},
+            provider::LocalCa,
+            verify::TrustBundle,
+        },
+        tunnel::tls::{ALPN_H2, TunnelTls, sni_for},
+    };
+
+    let dir = std::env::temp_dir().join(format!("benchtool-handshakes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    Authority::init(&dir, "bench.local")?;
+    let authority = Arc::new(Authority::load(&dir)?);
+    let _ = std::fs::remove_dir_all(&dir);
+    let bundle = Arc::new(TrustBundle::new(&[authority.root().clone()], "bench.local")?);
+    let (src, dst): (SpiffeId, SpiffeId) = (
+        "spiffe://bench.local/ns/bench/sa/load".parse()?,
+        "spiffe://bench.local/ns/bench/sa/far".parse()?,
+    );
+    let manager = IdentityManager::new(
+        Arc::new(LocalCa::new(authority)),
+        Timing::for_ttl(Duration::from_secs(600)),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(BTreeSet::from([src.clone(), dst.clone()]));
+    tokio::spawn(manager.clone().run(rx));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while manager.current(&src).is_none() || manager.current(&dst).is_none() {
+        anyhow::ensure!(Instant::now() < deadline, "no workload certificates from the local CA");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let configs = |post_quantum: bool| {
+        let tls = TunnelTls {
+            manager: manager.clone(),
+            bundle: bundle.clone(),
+            post_quantum,
+        };
+        (
+            Arc::new(tls.client_config(&src, &dst, ALPN_H2)),
+            Arc::new(tls.server_config(ALPN_H2)),
+        )
+    };
+    let settings = [("x25519", configs(false)), ("x25519mlkem768", configs(true))];
+    let name = rustls::pki_types::ServerName::try_from(sni_for(&dst))?;
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut groups = [String::new(), String::new()];
+    // Warm-up, then alternate, so drift hits both alike.
+    for i in 0..count * 2 + 20 {
+        let k = i % 2;
+        let (client, server) = &settings[k].1;
+        let started = Instant::now();
+        let group = handshake(client.clone(), server.clone(), name.clone())
+            .with_context(|| format!("{} handshake", settings[k].0))?;
+        let us = started.elapsed().as_secs_f64() * 1e6;
+        if i >= 20 {
+            times[k].push(us);
+        }
+        groups[k] = group;
+    }
+    let mut out = serde_json::Map::new();
+    for (k, (key, _)) in settings.iter().enumerate() {
+        let t = &mut times[k];
+        t.sort_by(f64::total_cmp);
+        let at = |q: f64| t[((t.len() as f64 * q) as usize).min(t.len() - 1)];
+        out.insert(
+            key.to_string(),
+            json!({"p50_us": at(0.5), "p90_us": at(0.9), "group": groups[k], "count": t.len()}),
+        );
+    }
+    println!("{}", serde_json::Value::Object(out));
+    Ok(())
+}
+
+/// One client/server handshake to completion; the key exchange group agreed.
+fn handshake(
+    client: std::sync::Arc<rustls::ClientConfig>,
+    server: std::sync::Arc<rustls::ServerConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+) -> anyhow::Result<String> {
+    let mut c = rustls::ClientConnection::new(client, name)?;
+    let mut s = rustls::ServerConnection::new(server)?;
+    let mut flight = Vec::new();
+    for _ in 0..10 {
+        if !c.is_handshaking() && !s.is_handshaking() {
+            let group = c.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
+            return Ok(group.unwrap_or_default());
+        }
+        flight.clear();
+        while c.wants_write() {
+            c.write_tls(&mut flight)?;
+        }
+        let mut rd = &flight[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd)?;
+            s.process_new_packets()?;
+        }
+        flight.clear();
+        while s.wants_write() {
+            s.write_tls(&mut flight)?;
+        }
+        let mut rd = &flight[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd)?;
+            c.process_new_packets()?;
+        }
+    }
+    anyhow::bail!("the handshake did not finish in 10 exchanges")
 }

@@ -73,7 +73,7 @@ impl Bench {
     /// RR_RATE to nginx on the far node, by the Service without a route
     /// and by the one with an HTTPRoute (default transport).
     pub(super) fn measure_l7(&mut self, round: usize, s: &mut BTreeMap<&'static str, Samples>) -> anyhow::Result<()> {
-        self.use_transport(Quic)?;
+        self.use_transport(DEFAULT)?;
         for (key, vip) in [("l4", L4_VIP), ("l7", L7_VIP)] {
             self.progress(&format!(
                 "round {}/{} HTTP GETs by the {} path",
@@ -99,6 +99,31 @@ impl Bench {
             for k in ["rr_p50_us", "rr_p90_us", "rr_p99_us"] {
                 push(samples, k, num(&rr, &k[3..])?);
             }
+        }
+        Ok(())
+    }
+
+    /// The CPU of one tunnel handshake with and without the post-quantum
+    /// key exchange (`benchtool handshakes`: the agents' TLS settings, both
+    /// ends in one process on CPU 0); checks each agreed the group asked for.
+    pub(super) fn measure_handshakes(&mut self, round: usize, s: &mut Samples) -> anyhow::Result<()> {
+        self.progress(&format!(
+            "round {}/{} tunnel handshakes, X25519 and X25519MLKEM768",
+            round + 1,
+            self.opts.rounds
+        ));
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "0"])
+            .arg(&self.benchtool)
+            .args(["handshakes", "--count", "300"]);
+        let hs = self.json_of(&mut cmd, "benchtool handshakes")?;
+        for (key, group) in [("x25519", "X25519"), ("x25519mlkem768", "X25519MLKEM768")] {
+            ensure!(
+                hs[key]["group"] == group,
+                "the {key} handshakes agreed on {} instead of {group}",
+                hs[key]["group"]
+            );
+            push(s, key, num(&hs[key], "p50_us")?);
         }
         Ok(())
     }
@@ -145,8 +170,8 @@ impl Bench {
     /// transport) and reads both agents' RSS while they are open.
     pub(super) fn hold_connections(&mut self) -> anyhow::Result<BTreeMap<String, u64>> {
         let n = self.opts.hold;
-        self.progress(&format!("holding {n} idle captured connections (QUIC)"));
-        let to = self.target(Quic, ECHO_PORT)?;
+        self.progress(&format!("holding {n} idle captured connections ({})", DEFAULT.short()));
+        let to = self.target(DEFAULT, ECHO_PORT)?;
         let mut child = self
             .in_pod("load", true, &self.benchtool.to_string_lossy())?
             .args(["hold", "--to", &to, "--count", &n.to_string()])
@@ -175,7 +200,7 @@ impl Bench {
     /// it at connect(): deny load -> far, then allow it again, per round.
     pub(super) fn policy_latency(&mut self) -> anyhow::Result<BTreeMap<&'static str, Vec<f64>>> {
         let file = self.lab.source_dir.join("bench.yaml");
-        let to = self.target(Quic, ECHO_PORT)?;
+        let to = self.target(DEFAULT, ECHO_PORT)?;
         let mut out: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
         for round in 0..self.opts.rounds {
             for (allow, want, key) in [(false, "denied", "deny_ms"), (true, "allowed", "allow_ms")] {

@@ -5,6 +5,8 @@ pub(super) struct Report {
     pub(super) samples: BTreeMap<&'static str, Samples>,
     /// `l4` and `l7`: HTTP GETs through a Service without and with an HTTPRoute.
     pub(super) l7: BTreeMap<&'static str, Samples>,
+    /// `x25519` and `x25519mlkem768`: one tunnel handshake's CPU (p50 per round).
+    pub(super) handshakes: Samples,
     pub(super) rss_idle: BTreeMap<String, u64>,
     pub(super) rss_held: BTreeMap<String, u64>,
     pub(super) rss_peak: BTreeMap<String, u64>,
@@ -82,6 +84,17 @@ impl Report {
                 ))
             })
             .collect();
+        let handshakes: serde_json::Map<_, _> = self
+            .handshakes
+            .iter()
+            .map(|(k, v)| {
+                let (min, median, max) = spread(v);
+                (
+                    k.to_string(),
+                    json!({"min_us": min, "median_us": median, "max_us": max, "samples": v}),
+                )
+            })
+            .collect();
         json!({
             "machine": machine(),
             "settings": {
@@ -95,6 +108,7 @@ impl Report {
             "agent_rss_mib": {"idle": mib(&self.rss_idle), "peak": mib(&self.rss_peak), "holding_connections": mib(&self.rss_held)},
             "policy_change_to_enforcement_ms": policy,
             "l7_vs_l4": l7_vs_l4,
+            "tunnel_handshake_cpu_us": handshakes,
         })
     }
 
@@ -133,12 +147,25 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "\nL7 path against L4 path: HTTP/1.1 GET, 1 KiB answers from nginx, {RR_RATE}/s persistent, cross node (QUIC) (us)"
+            "\nL7 path against L4 path: HTTP/1.1 GET, 1 KiB answers from nginx, {RR_RATE}/s persistent, cross node ({}) (us)",
+            DEFAULT.short()
         );
         for (key, label) in [("rr_p50_us", "p50"), ("rr_p90_us", "p90"), ("rr_p99_us", "p99")] {
             if let Some((l4, l7, added)) = self.l7_added(key) {
                 let _ = writeln!(t, "  {label}: L4 {} L7 {} added {}", fmt(l4), fmt(l7), fmt(added));
             }
+        }
+        if let (Some(classic), Some(pq)) = (self.handshakes.get("x25519"), self.handshakes.get("x25519mlkem768")) {
+            let ((_, c, _), (_, q, _)) = (spread(classic), spread(pq));
+            let _ = writeln!(
+                t,
+                "\ntunnel handshake (mutual TLS 1.3, the agents' config, both ends on one core; once per tunnel connection, not per pod connection) (us)\n  \
+                 X25519 {} X25519MLKEM768 {} added {} ({:.2}x)",
+                fmt(c),
+                fmt(q),
+                fmt(q - c),
+                q / c
+            );
         }
         let _ = writeln!(t, "\nagent RSS (MiB)");
         for (node, _) in NODES {

@@ -231,8 +231,43 @@ impl Bench {
         }
         self.start_pinned_agents()?;
         self.transport = want;
-        // Let the agents enrol the pods before measuring.
-        std::thread::sleep(Duration::from_millis(500));
+        // Measure once a round trip crosses the restarted pair, so a path
+        // never starts while its agents are still enrolling pods and
+        // fetching certificates (they fail closed meanwhile).
+        let to = self.target(path, ECHO_PORT)?;
+        let tool = self.benchtool.to_string_lossy().to_string();
+        let started = Instant::now();
+        for attempt in 1.. {
+            let rr = self.json_of(
+                self.in_pod("load", true, &tool)?.args([
+                    "rr",
+                    "--to",
+                    &to,
+                    "--rate",
+                    "20",
+                    "--secs",
+                    "0.1",
+                    "--new-conn",
+                ]),
+                "benchtool rr (warm-up)",
+            )?;
+            if num(&rr, "errors")? == 0.0 && num(&rr, "requests")? > 0.0 {
+                if attempt > 1 {
+                    eprintln!(
+                        "bench: {} carried its first round trips {:.1} s after the agents restarted",
+                        path.name(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                break;
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(15),
+                "{}: no round trip through the restarted agents within 15 s: {rr}",
+                path.name()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Ok(())
     }
 
