@@ -101,7 +101,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     step(
         2,
         TOTAL,
-        "cross node, allowed (TrafficTarget web-to-db): web (node-a) -> db (node-b), captured at connect(), carried in a mutual-TLS QUIC tunnel",
+        "cross node, allowed (TrafficTarget web-to-db): web (node-a) -> db (node-b), captured at connect(), carried in a mutual-TLS tunnel (HTTP/2 CONNECT over TCP, the default transport)",
     );
     let r = t.send("web", db_addr, SIZE)?;
     report(&r)?;
