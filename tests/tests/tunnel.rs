@@ -212,41 +212,60 @@ fn rogue_peers_are_refused_and_no_byte_reaches_the_pod() {
     );
 
     // 2. A server at node-b's address holding a valid certificate, but for
-    //    sa-b, not for sa-c whom node-a must reach.
+    //    sa-b, not for sa-c whom node-a must reach: node-a dials it with
+    //    each transport in turn.
     lab.stop_agent("node-b").unwrap();
-    let mut server = lab
-        .node_exec("node-b", ROGUE)
-        .unwrap()
-        .args([
-            "--ca-dir",
-            lab.ca_dir().to_str().unwrap(),
-            "--identity",
-            &spiffe("sa-b"),
-        ])
-        .args(["server", "--listen", "0.0.0.0:15008", "--seconds", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    let r = t.traffic().send("pod-a", t.addr("pod-c"), 4096).unwrap();
-    assert_eq!(r["ok"], false, "traffic went to an impostor: {r}");
-    let _ = server.kill();
-    let out = server.wait_with_output().unwrap();
-    let rogue_log = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !rogue_log.contains("flow refused") && !rogue_log.contains("inbound flow"),
-        "the impostor got a stream:\n{rogue_log}"
-    );
-    let why = log_records(&lab.agent_log("node-a"))
-        .into_iter()
-        .find(|r| r["message"] == "tunnel failed; resetting the client")
-        .expect("node-a logged the refusal");
-    let err = why["error"].as_str().unwrap();
-    assert!(
-        err.contains("sa/sa-b") && err.contains("sa/sa-c") && err.contains("198.18.0.12"),
-        "{err}"
-    );
+    let mut t = t;
+    let args = t.lab.agent_args.clone();
+    for transport in ["tcp", "quic"] {
+        t.lab.agent_args = args
+            .iter()
+            .cloned()
+            .chain([format!("--tunnel-transport={transport}")])
+            .collect();
+        t.lab.stop_agent("node-a").unwrap();
+        t.lab.start_agent("node-a").unwrap();
+        let lab = &t.lab;
+        let mut server = lab
+            .node_exec("node-b", ROGUE)
+            .unwrap()
+            .args([
+                "--ca-dir",
+                lab.ca_dir().to_str().unwrap(),
+                "--identity",
+                &spiffe("sa-b"),
+                "--transport",
+                transport,
+            ])
+            .args(["server", "--listen", "0.0.0.0:15008", "--seconds", "20"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        let r = t.traffic().send("pod-a", t.addr("pod-c"), 4096).unwrap();
+        assert_eq!(r["ok"], false, "{transport}: traffic went to an impostor: {r}");
+        let _ = server.kill();
+        let out = server.wait_with_output().unwrap();
+        let rogue_log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !rogue_log.contains("flow refused") && !rogue_log.contains("inbound flow"),
+            "{transport}: the impostor got a stream:\n{rogue_log}"
+        );
+        let why = log_records(&lab.agent_log("node-a"))
+            .into_iter()
+            .rev()
+            .find(|r| r["message"] == "tunnel failed; resetting the client")
+            .expect("node-a logged the refusal");
+        let err = why["error"].as_str().unwrap();
+        assert!(
+            why["span"]["transport"] == transport
+                && err.contains("sa/sa-b")
+                && err.contains("sa/sa-c")
+                && err.contains("198.18.0.12"),
+            "{transport}: {why}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&foreign);
 }
 

@@ -623,32 +623,30 @@ fn handshake(
     server: std::sync::Arc<rustls::ServerConfig>,
     name: rustls::pki_types::ServerName<'static>,
 ) -> anyhow::Result<String> {
-    let mut c = rustls::ClientConnection::new(client, name)?;
-    let mut s = rustls::ServerConnection::new(server)?;
+    let mut c = rustls::Connection::Client(rustls::ClientConnection::new(client, name)?);
+    let mut s = rustls::Connection::Server(rustls::ServerConnection::new(server)?);
     let mut flight = Vec::new();
     for _ in 0..10 {
         if !c.is_handshaking() && !s.is_handshaking() {
             let group = c.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
             return Ok(group.unwrap_or_default());
         }
-        flight.clear();
-        while c.wants_write() {
-            c.write_tls(&mut flight)?;
-        }
-        let mut rd = &flight[..];
-        while !rd.is_empty() {
-            s.read_tls(&mut rd)?;
-            s.process_new_packets()?;
-        }
-        flight.clear();
-        while s.wants_write() {
-            s.write_tls(&mut flight)?;
-        }
-        let mut rd = &flight[..];
-        while !rd.is_empty() {
-            c.read_tls(&mut rd)?;
-            c.process_new_packets()?;
-        }
+        deliver(&mut c, &mut s, &mut flight)?;
+        deliver(&mut s, &mut c, &mut flight)?;
     }
     anyhow::bail!("the handshake did not finish in 10 exchanges")
+}
+
+/// Everything `from` has to send, read and processed by `to`.
+fn deliver(from: &mut rustls::Connection, to: &mut rustls::Connection, flight: &mut Vec<u8>) -> anyhow::Result<()> {
+    flight.clear();
+    while from.wants_write() {
+        from.write_tls(flight)?;
+    }
+    let mut rd = &flight[..];
+    while !rd.is_empty() {
+        to.read_tls(&mut rd)?;
+        to.process_new_packets()?;
+    }
+    Ok(())
 }
