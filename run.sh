@@ -17,7 +17,7 @@ TOOLCHAIN=1.98.0            # must match rust-toolchain.toml and mesh-agent/buil
 BPF_LINKER_VERSION=0.13.0
 LLVM=22                     # an eBPF toolchain on LLVM 23 fails with "Invalid record"
 # gcc: the linker for Rust and the C parts of ring and aws-lc-sys (no cmake or nasm needed).
-PACKAGES=(gcc bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump python3-venv gnuplot-nox default-jdk-headless nginx-light redis-server postgresql wget nghttp2-client tshark)
+PACKAGES=(gcc bpftool "llvm-${LLVM}-dev" iproute2 util-linux procps iperf3 socat protobuf-compiler strace curl tcpdump python3-venv gnuplot-nox default-jdk-headless nginx-light redis-server postgresql wget nghttp2-client tshark linux-perf)
 KUBERNETES_VALIDATE_VERSION=1.37.0
 GRPCIO_VERSION=1.85.3          # gRPC's own Python implementation, a real client and server in the L7 tests
 OTEL_PROTO_VERSION=1.39.1      # the OTLP protobufs and gRPC stubs, for the tests' trace receiver

@@ -15,6 +15,7 @@ fn the_bench_measures_every_path_and_writes_json_and_png() {
         short_secs: 0.3,
         hold: 300,
         debug: true,
+        profile: false,
         out_dir: out.clone(),
     })
     .expect("bench run");

@@ -16,6 +16,7 @@
 //! Node A (agent, client, near server) is pinned to CPU 0 and node B (agent,
 //! far server) to CPU 1, so the ratios are stable on two cores (README, "Benchmark").
 mod measure;
+mod profile;
 mod report;
 mod session;
 
@@ -50,6 +51,9 @@ pub struct BenchOptions {
     pub hold: usize,
     /// Build and run debug binaries (for the smoke test; figures meaningless).
     pub debug: bool,
+    /// Flame graphs of both agents during round 1's cross-node throughput
+    /// and connection-rate runs (`perf record`; see bench/profile.rs).
+    pub profile: bool,
     pub out_dir: PathBuf,
 }
 

@@ -45,6 +45,10 @@ enum Cmd {
         /// Debug build (quick smoke run; the figures mean nothing).
         #[arg(long)]
         debug: bool,
+        /// Flame graphs (SVG, in --out) of both agents during round 1's
+        /// cross-node throughput and connection-rate runs; needs perf.
+        #[arg(long)]
+        profile: bool,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
@@ -113,6 +117,7 @@ fn main() -> anyhow::Result<()> {
             short_secs,
             hold,
             debug,
+            profile,
             out,
         } => xtask::bench::run(&xtask::bench::BenchOptions {
             rounds,
@@ -120,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             short_secs,
             hold,
             debug,
+            profile,
             out_dir: out,
         })
         .context("bench failed"),

@@ -9,6 +9,7 @@ impl Bench {
         self.progress(&format!("{tag}: iperf3 {} s", self.opts.throughput_secs));
         let (server_ip, port) = (self.lab.pod(path.server())?.ip, path.port(IPERF_PORT));
         let cpu0 = self.agents_cpu()?;
+        let recording = self.start_profile(round, path, "throughput")?;
         let iperf = self.json_of(
             self.in_pod("load", path.meshed(), "iperf3")?.args([
                 "-c",
@@ -22,6 +23,7 @@ impl Bench {
             "iperf3",
         )?;
         let cpu = self.agents_cpu()? - cpu0;
+        self.flame_graph(recording)?;
         let bytes = iperf["end"]["sum_received"]["bytes"]
             .as_f64()
             .with_context(|| format!("{tag}: iperf3 gave no result; its error: {}", iperf["error"]))?;
@@ -55,17 +57,27 @@ impl Bench {
         }
 
         self.progress(&format!("{tag}: connection rate"));
+        let recording = self.start_profile(round, path, "conn-rate")?;
         let cr = self.json_of(
             self.in_pod("load", path.meshed(), &tool)?
                 .args(["conn-rate", "--to", &to, "--secs", &short]),
             "benchtool conn-rate",
         )?;
+        self.flame_graph(recording)?;
         ensure!(
             num(&cr, "errors")? == 0.0,
             "{tag}: connection-rate run had errors: {cr}"
         );
         self.assert_ports_left(&tag)?;
         push(s, "conn_per_sec", num(&cr, "per_sec")?);
+        Ok(())
+    }
+
+    fn flame_graph(&self, recording: Option<profile::Recording>) -> anyhow::Result<()> {
+        if let Some(r) = recording {
+            let svg = r.finish()?;
+            eprintln!("bench: flame graph {}", svg.display());
+        }
         Ok(())
     }
 
