@@ -172,3 +172,24 @@ fn route_source(dst: SocketAddr) -> io::Result<IpAddr> {
     probe.connect(dst)?;
     Ok(probe.local_addr()?.ip())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The route's source is looked up once, remembered, and forgotten on
+    /// demand (loopback: no lab needed).
+    #[test]
+    fn the_source_toward_a_destination_is_remembered_and_can_be_forgotten() {
+        let dst: SocketAddr = "127.0.0.53:9".parse().unwrap();
+        let cached = || {
+            SOURCES
+                .get()
+                .and_then(|c| c.lock().unwrap().get(&dst.ip()).map(|(s, _)| *s))
+        };
+        assert_eq!(source_for(dst).unwrap(), IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(cached(), Some(IpAddr::from([127, 0, 0, 1])));
+        forget_source(dst);
+        assert_eq!(cached(), None);
+    }
+}
