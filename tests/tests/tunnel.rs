@@ -156,7 +156,7 @@ fn rogue(lab: &Lab, node: &str, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn rogue_peers_are_refused_and_no_byte_reaches_the_pod() {
-    let t = TestLab::up(&[], LABTOOL);
+    let mut t = TestLab::up(&[], LABTOOL);
     let lab = &t.lab;
     let foreign = std::env::temp_dir().join(format!("mesh-foreign-ca-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&foreign);
@@ -215,7 +215,6 @@ fn rogue_peers_are_refused_and_no_byte_reaches_the_pod() {
     //    sa-b, not for sa-c whom node-a must reach: node-a dials it with
     //    each transport in turn.
     lab.stop_agent("node-b").unwrap();
-    let mut t = t;
     let args = t.lab.agent_args.clone();
     for transport in ["tcp", "quic"] {
         t.lab.agent_args = args

@@ -359,7 +359,7 @@ impl Drop for LabDown {
     fn drop(&mut self) {
         if let Some(dir) = &self.logs_to {
             let _ = fs::create_dir_all(dir);
-            for node in ["node-a", "node-b"] {
+            for (node, _) in NODES {
                 let name = format!("agent-{node}.log");
                 let _ = fs::copy(Path::new(lab::STATE_DIR).join(&name), dir.join(&name));
             }

@@ -14,7 +14,7 @@ pub(super) struct Recording {
 impl Bench {
     /// Starts sampling both agents when `--profile` is on (round 1 only).
     pub(super) fn start_profile(&self, round: usize, path: Route, phase: &str) -> anyhow::Result<Option<Recording>> {
-        if !self.opts.profile || round != 0 || !path.meshed() || path == SameNode {
+        if !self.opts.profile || round != 0 || !matches!(path, Quic | Tcp) {
             return Ok(None);
         }
         let pids: Vec<String> = self.agent_pids()?.into_iter().map(|(_, p)| p.to_string()).collect();
